@@ -1,0 +1,3 @@
+//! Applications that ship with the framework.
+
+pub mod health;

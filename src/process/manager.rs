@@ -1,0 +1,499 @@
+//! The manager process: forks the workers and task workers, reaps them,
+//! respawns the ones that die, and performs rolling reloads.
+//!
+//! The process table is plain data ([`Child`] rows), nginx-style: the
+//! mechanism (spawn, reap, signal) is apart from the policy (when to respawn,
+//! when to stop a predecessor). The loop sleeps in `poll(2)` on its signal
+//! pipe and the workers' readiness pipe and handles, in this order: reaped
+//! children, terminate, reloads, log reopen, readiness reports, deadlines.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+
+use crate::config::Settings;
+use crate::event::{App, ServerInfo, WorkerFailure};
+use crate::logging;
+use crate::process::ipc::{Dest, Mailboxes};
+use crate::process::scoreboard::{Role, Scoreboard};
+use crate::process::signals::{self, Control};
+use crate::reactor::{self, WorkerContext, WorkerExit};
+
+/// A worker that lived less than this before dying counts as crash-looping.
+const QUICK_EXIT: Duration = Duration::from_secs(1);
+/// First respawn delay of a crash-looping slot; doubles per quick exit.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+/// Longest respawn delay: a broken worker is retried, never in a fork storm.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Exit code of a worker whose loop failed (panics and I/O errors).
+const EXIT_FAILED: i32 = 70;
+
+/// A slot in the worker pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// Event worker `id`.
+    Worker(usize),
+    /// Task worker `id`.
+    Task(usize),
+}
+
+impl Slot {
+    fn dest(self) -> Dest {
+        match self {
+            Slot::Worker(i) => Dest::Worker(i),
+            Slot::Task(i) => Dest::TaskWorker(i),
+        }
+    }
+    fn id(self) -> usize {
+        match self {
+            Slot::Worker(i) | Slot::Task(i) => i,
+        }
+    }
+    fn label(self) -> String {
+        match self {
+            Slot::Worker(i) => format!("worker#{i}"),
+            Slot::Task(i) => format!("task#{i}"),
+        }
+    }
+}
+
+/// One row of the process table.
+#[derive(Debug)]
+struct Child {
+    pid: Pid,
+    slot: Slot,
+    row: usize,
+    spawned: Instant,
+    ready: bool,
+    /// Set when we asked it to stop (reload or shutdown).
+    stopping_since: Option<Instant>,
+    /// The predecessor to stop once this one serves (rolling reload).
+    replaces: Option<Pid>,
+}
+
+/// Per-slot respawn policy state.
+#[derive(Debug, Default, Clone)]
+struct SlotPolicy {
+    quick_exits: u32,
+    respawn_at: Option<Instant>,
+}
+
+/// What the manager needs from the master.
+pub struct ManagerArgs {
+    /// Settings.
+    pub settings: Arc<Settings>,
+    /// One listener per worker slot.
+    pub listeners: Vec<TcpListener>,
+    /// The shared scoreboard.
+    pub scoreboard: Scoreboard,
+    /// The master's pid (for parent-death checks).
+    pub master_pid: Pid,
+    /// Where the manager reports `READY` or `FAIL reason` to the master.
+    pub status: std::fs::File,
+}
+
+struct Manager<'a, A: App> {
+    args: ManagerArgs,
+    app: &'a mut A,
+    mailboxes: Mailboxes,
+    ready_r: OwnedFd,
+    ready_w: OwnedFd,
+    table: Vec<Child>,
+    policy: Vec<SlotPolicy>,
+    reload_queue: VecDeque<Slot>,
+    reported_ready: bool,
+    stopping: Option<Instant>,
+}
+
+/// Runs the manager until the tree stops; returns the process exit code.
+pub fn run<A: App>(args: ManagerArgs, app: &mut A) -> i32 {
+    let ws = args.settings.worker_num;
+    let ts = args.settings.task_worker_num;
+    let mailboxes = match Mailboxes::create(ws, ts) {
+        Ok(m) => m,
+        Err(e) => return fail_early(args, &format!("creating worker mailboxes: {e}")),
+    };
+    let (ready_r, ready_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK) {
+        Ok(p) => p,
+        Err(e) => return fail_early(args, &format!("creating the readiness pipe: {e}")),
+    };
+    let mut m = Manager {
+        policy: vec![SlotPolicy::default(); ws + ts],
+        args,
+        app,
+        mailboxes,
+        ready_r,
+        ready_w,
+        table: Vec::new(),
+        reload_queue: VecDeque::new(),
+        reported_ready: false,
+        stopping: None,
+    };
+    let info = info_of(&m.args);
+    m.app.on_manager_start(&info);
+    let slots: Vec<Slot> = (0..ws).map(Slot::Worker).chain((0..ts).map(Slot::Task)).collect();
+    for slot in slots {
+        if let Err(e) = m.spawn(slot, None) {
+            m.report(&format!("FAIL cannot start {}: {e}", slot.label()));
+            m.begin_stop();
+            break;
+        }
+    }
+    m.run_loop()
+}
+
+fn info_of(args: &ManagerArgs) -> ServerInfo<'_> {
+    ServerInfo { settings: &args.settings, master_pid: args.master_pid.as_raw(), manager_pid: std::process::id() as i32 }
+}
+
+fn fail_early(mut args: ManagerArgs, why: &str) -> i32 {
+    log::error!("{why}");
+    let _ = writeln!(args.status, "FAIL {why}");
+    1
+}
+
+impl<A: App> Manager<'_, A> {
+    fn report(&mut self, line: &str) {
+        let _ = writeln!(self.args.status, "{line}");
+    }
+
+    fn slot_index(&self, slot: Slot) -> usize {
+        match slot {
+            Slot::Worker(i) => i,
+            Slot::Task(i) => self.args.settings.worker_num + i,
+        }
+    }
+
+    /// Forks a worker for `slot`. The child never returns.
+    fn spawn(&mut self, slot: Slot, replaces: Option<Pid>) -> std::io::Result<Pid> {
+        let role = if matches!(slot, Slot::Worker(_)) { Role::Worker } else { Role::TaskWorker };
+        let row = self
+            .args
+            .scoreboard
+            .claim(role, slot.id() as u32)
+            .ok_or_else(|| std::io::Error::other("scoreboard full"))?;
+        let mask = signals::block_all();
+        // SAFETY: the manager is single-threaded (it never starts threads),
+        // so the child may run arbitrary code after fork.
+        match unsafe { fork() } {
+            Err(e) => {
+                signals::restore(&mask);
+                self.args.scoreboard.release(row);
+                Err(std::io::Error::other(format!("fork for {}: {e}", slot.label())))
+            }
+            Ok(ForkResult::Child) => {
+                let code = self.child_main(slot, row, &mask);
+                std::process::exit(code);
+            }
+            Ok(ForkResult::Parent { child }) => {
+                signals::restore(&mask);
+                self.args.scoreboard.row(row).pid.store(child.as_raw(), std::sync::atomic::Ordering::Relaxed);
+                log::debug!("spawned {} pid {child}", slot.label());
+                self.table.push(Child { pid: child, slot, row, spawned: Instant::now(), ready: false, stopping_since: None, replaces });
+                Ok(child)
+            }
+        }
+    }
+
+    /// Body of a freshly forked worker: set up, run the reactor, exit code.
+    fn child_main(&mut self, slot: Slot, row: usize, mask: &nix::sys::signal::SigSet) -> i32 {
+        logging::set_role(slot.label());
+        if let Err(e) = signals::reset_after_fork() {
+            log::error!("{e}");
+            return EXIT_FAILED;
+        }
+        signals::ignore(Signal::SIGINT);
+        signals::restore(mask);
+        let manager = Pid::from_raw(nix::unistd::getppid().as_raw());
+        if signals::die_with_parent(Signal::SIGTERM, manager) {
+            return 0;
+        }
+        let r = self.args.scoreboard.row(row);
+        r.pid.store(std::process::id() as i32, std::sync::atomic::Ordering::Relaxed);
+        let listener = match slot {
+            Slot::Worker(i) => std::mem::take(&mut self.args.listeners).into_iter().nth(i),
+            Slot::Task(_) => {
+                self.args.listeners.clear();
+                None
+            }
+        };
+        let postbox = match self.mailboxes.postbox(slot.dest()) {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("mailbox for {}: {e}", slot.label());
+                return EXIT_FAILED;
+            }
+        };
+        let ready_fd = match self.ready_w.try_clone() {
+            Ok(fd) => fd,
+            Err(e) => {
+                log::error!("readiness pipe: {e}");
+                return EXIT_FAILED;
+            }
+        };
+        let ctx = WorkerContext {
+            worker_id: slot.id(),
+            task_worker: matches!(slot, Slot::Task(_)),
+            settings: self.args.settings.clone(),
+            listener,
+            postbox,
+            row: r,
+            scoreboard: self.args.scoreboard,
+            on_ready: Some(Box::new(move || {
+                let pid = (std::process::id() as i32).to_le_bytes();
+                let _ = nix::unistd::write(ready_fd.as_fd(), &pid);
+            })),
+            watch_signals: true,
+        };
+        let app = &mut *self.app;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reactor::run_worker(ctx, app))) {
+            Ok(Ok(WorkerExit::Stopped)) => 0,
+            Ok(Ok(WorkerExit::MaxRequest)) => {
+                log::info!("reached max_request; leaving to be replaced");
+                0
+            }
+            Ok(Err(e)) => {
+                log::error!("worker loop failed: {e}");
+                EXIT_FAILED
+            }
+            Err(_) => {
+                log::error!("worker loop panicked");
+                EXIT_FAILED
+            }
+        }
+    }
+
+    fn run_loop(&mut self) -> i32 {
+        loop {
+            let timeout = self.poll_timeout();
+            let mut fds = [
+                nix::poll::PollFd::new(borrow(signals::wake_fd()), nix::poll::PollFlags::POLLIN),
+                nix::poll::PollFd::new(self.ready_r.as_fd(), nix::poll::PollFlags::POLLIN),
+            ];
+            let _ = nix::poll::poll(&mut fds, timeout);
+            for ev in signals::take_pending() {
+                match ev {
+                    Control::Child => self.reap(),
+                    Control::Terminate => self.begin_stop(),
+                    Control::Reload => self.queue_reload(true),
+                    Control::ReloadTasks => self.queue_reload(false),
+                    Control::ReopenLog => {
+                        logging::reopen();
+                        self.signal_all(Signal::SIGHUP);
+                    }
+                }
+            }
+            self.reap();
+            self.read_ready();
+            if self.stopping.is_none() && nix::unistd::getppid() != self.args.master_pid {
+                log::warn!("the master is gone; stopping");
+                self.begin_stop();
+            }
+            self.deadlines();
+            self.advance_reload();
+            if self.stopping.is_some() && self.table.is_empty() {
+                let info = info_of(&self.args);
+                self.app.on_manager_stop(&info);
+                log::info!("all workers stopped; manager exits");
+                return 0;
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> nix::poll::PollTimeout {
+        let busy = self.stopping.is_some()
+            || self.policy.iter().any(|p| p.respawn_at.is_some())
+            || self.table.iter().any(|c| c.stopping_since.is_some());
+        nix::poll::PollTimeout::from(if busy { 50u16 } else { 500u16 })
+    }
+
+    fn reap(&mut self) {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => self.exited(pid, code, 0),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => self.exited(pid, 0, sig as i32),
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    fn exited(&mut self, pid: Pid, code: i32, signal: i32) {
+        let Some(pos) = self.table.iter().position(|c| c.pid == pid) else { return };
+        let child = self.table.swap_remove(pos);
+        self.args.scoreboard.release(child.row);
+        let how = if signal != 0 { format!("exited on signal {signal}") } else { format!("exited with code {code}") };
+        let label = child.slot.label();
+        if self.stopping.is_some() || child.stopping_since.is_some() {
+            log::info!("{label} (pid {pid}) {how}");
+            return;
+        }
+        // A replacement spawned by a reload that died before serving: the
+        // predecessor keeps its slot.
+        if child.replaces.is_some() && !child.ready {
+            log::error!("replacement {label} (pid {pid}) {how} before serving; keeping its predecessor");
+            return;
+        }
+        if !self.reported_ready {
+            self.report(&format!("FAIL {label} (pid {pid}) {how} during start-up (see the log)"));
+            log::error!("{label} (pid {pid}) {how} during start-up; stopping");
+            self.begin_stop();
+            return;
+        }
+        let idx = self.slot_index(child.slot);
+        if signal == 0 && code == 0 {
+            log::info!("{label} (pid {pid}) left cleanly (max_request); replacing it");
+            self.args.scoreboard.totals().worker_replacements.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.policy[idx] = SlotPolicy { quick_exits: 0, respawn_at: Some(Instant::now()) };
+            return;
+        }
+        log::error!("{label} (pid {pid}) {how}; respawning");
+        self.args.scoreboard.totals().worker_restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let failure = WorkerFailure { worker_id: child.slot.id(), pid: pid.as_raw(), exit_code: code, signal };
+        let info = info_of(&self.args);
+        let app = &mut *self.app;
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| app.on_worker_error(&info, &failure))).is_err() {
+            log::error!("on_worker_error panicked");
+        }
+        let p = &mut self.policy[idx];
+        p.quick_exits = if child.spawned.elapsed() < QUICK_EXIT { p.quick_exits + 1 } else { 0 };
+        let delay = if p.quick_exits <= 1 {
+            Duration::ZERO
+        } else {
+            BACKOFF_START.saturating_mul(1 << (p.quick_exits - 2).min(10)).min(BACKOFF_MAX)
+        };
+        if !delay.is_zero() {
+            log::warn!("{label} is crash-looping ({} quick exits); respawning in {} ms", p.quick_exits, delay.as_millis());
+        }
+        p.respawn_at = Some(Instant::now() + delay);
+    }
+
+    fn read_ready(&mut self) {
+        let mut buf = [0u8; 4 * 64];
+        loop {
+            match nix::unistd::read(self.ready_r.as_fd(), &mut buf) {
+                Ok(n) if n > 0 => {
+                    for chunk in buf[..n].chunks_exact(4) {
+                        let pid = Pid::from_raw(i32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]));
+                        self.mark_ready(pid);
+                    }
+                }
+                _ => break,
+            }
+        }
+        if !self.reported_ready && self.stopping.is_none() && !self.table.is_empty() && self.table.iter().all(|c| c.ready) {
+            self.reported_ready = true;
+            self.report("READY");
+        }
+    }
+
+    fn mark_ready(&mut self, pid: Pid) {
+        let Some(c) = self.table.iter_mut().find(|c| c.pid == pid) else { return };
+        c.ready = true;
+        let (label, old) = (c.slot.label(), c.replaces);
+        if let Some(old) = old {
+            if let Some(o) = self.table.iter_mut().find(|c| c.pid == old && c.stopping_since.is_none()) {
+                log::info!("{label} (pid {pid}) serves; stopping its predecessor pid {old}");
+                o.stopping_since = Some(Instant::now());
+                self.args.scoreboard.row(o.row).stopping.store(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = kill(old, Signal::SIGTERM);
+            }
+        }
+    }
+
+    fn begin_stop(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        log::info!("stopping {} workers", self.table.len());
+        self.stopping = Some(Instant::now());
+        self.reload_queue.clear();
+        for c in &mut self.table {
+            c.stopping_since.get_or_insert_with(Instant::now);
+        }
+        self.signal_all(Signal::SIGTERM);
+    }
+
+    fn signal_all(&self, sig: Signal) {
+        for c in &self.table {
+            let _ = kill(c.pid, sig);
+        }
+    }
+
+    /// SIGKILLs workers that overran `max_wait_time`, respawns slots whose
+    /// backoff elapsed.
+    fn deadlines(&mut self) {
+        let grace = Duration::from_secs_f64(self.args.settings.max_wait_time);
+        for c in &self.table {
+            if c.stopping_since.is_some_and(|t| t.elapsed() > grace) {
+                log::warn!("{} (pid {}) did not stop within {:.1}s; killing it", c.slot.label(), c.pid, grace.as_secs_f64());
+                let _ = kill(c.pid, Signal::SIGKILL);
+            }
+        }
+        if self.stopping.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        let ws = self.args.settings.worker_num;
+        for idx in 0..self.policy.len() {
+            if self.policy[idx].respawn_at.is_some_and(|t| t <= now) {
+                self.policy[idx].respawn_at = None;
+                let slot = if idx < ws { Slot::Worker(idx) } else { Slot::Task(idx - ws) };
+                if let Err(e) = self.spawn(slot, None) {
+                    log::error!("respawning {}: {e}; retrying", slot.label());
+                    self.policy[idx].respawn_at = Some(now + BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    fn queue_reload(&mut self, workers: bool) {
+        if self.stopping.is_some() {
+            return;
+        }
+        let slots: Vec<Slot> = if workers {
+            (0..self.args.settings.worker_num).map(Slot::Worker).collect()
+        } else {
+            (0..self.args.settings.task_worker_num).map(Slot::Task).collect()
+        };
+        log::info!("reloading {} {}", slots.len(), if workers { "workers" } else { "task workers" });
+        self.args.scoreboard.totals().reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for s in slots {
+            if !self.reload_queue.contains(&s) {
+                self.reload_queue.push_back(s);
+            }
+        }
+    }
+
+    /// Starts the next replacement when the previous one serves
+    /// (`reload_async`), or all at once otherwise.
+    fn advance_reload(&mut self) {
+        while let Some(&slot) = self.reload_queue.front() {
+            let in_flight = self.table.iter().any(|c| c.replaces.is_some() && !c.ready);
+            if in_flight && self.args.settings.reload_async {
+                return;
+            }
+            self.reload_queue.pop_front();
+            let Some(old) = self.table.iter().find(|c| c.slot == slot && c.stopping_since.is_none()).map(|c| c.pid) else {
+                continue; // the slot is being respawned anyway
+            };
+            if let Err(e) = self.spawn(slot, Some(old)) {
+                log::error!("reload of {}: {e}; keeping pid {old}", slot.label());
+            }
+        }
+    }
+}
+
+/// Borrows a raw fd owned elsewhere for the duration of a poll call.
+pub(crate) fn borrow(fd: std::os::fd::RawFd) -> std::os::fd::BorrowedFd<'static> {
+    // SAFETY: the signal self-pipe is owned by `signals` for the life of the
+    // process and is only replaced right after fork, never during a poll.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+}
