@@ -21,7 +21,6 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Parser, Debug)]
 #[command(about = "tokio-tungstenite WebSocket echo server (benchmark peer)")]
@@ -100,16 +99,13 @@ async fn handle(mut stream: TcpStream, config: WebSocketConfig) {
     let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
         return;
     };
+    // Pings are answered and Closes replied to by tungstenite itself.
     while let Some(Ok(msg)) = ws.next().await {
-        match msg {
-            Message::Text(_) | Message::Binary(_) => {
-                if ws.send(msg).await.is_err() {
-                    return;
-                }
-            }
-            // Pings are answered and Closes replied to by tungstenite.
-            Message::Close(_) => break,
-            _ => {}
+        if msg.is_close() {
+            break;
+        }
+        if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+            return;
         }
     }
 }
