@@ -1,0 +1,720 @@
+//! Shared helpers for the integration tests (`mod common;` in each test file).
+//!
+//! This module owns everything a test needs to drive real processes over
+//! loopback without an async runtime:
+//!
+//! * ports and temporary directories: [`free_port`], [`free_port_on`],
+//!   [`temp_dir`], [`assert_port_free`], [`port_accepts`];
+//! * a private, throw-away Redis: [`RedisServer`];
+//! * polling: [`wait_until`], [`wait_for`];
+//! * a tiny blocking HTTP/1.1 client: [`http_get`], [`http_request`];
+//! * a blocking WebSocket client with timeouts: [`ws_connect`],
+//!   [`ws_connect_from`], [`WsClient`];
+//! * process inspection and cleanup: [`Proc`], [`pid_alive`],
+//!   [`children_of`], [`descendants_of`], [`proc_cmdline`].
+//!
+//! Every helper talks to 127.0.0.0/8 only. Each test binary compiles this
+//! module separately and uses a different subset, hence the blanket
+//! `dead_code` allowance. The WebSocket helpers return `tungstenite::Error`
+//! unboxed, exactly as tungstenite does, hence `result_large_err`.
+#![allow(dead_code, clippy::result_large_err)]
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
+use tungstenite::client::IntoClientRequest;
+use tungstenite::handshake::HandshakeError;
+use tungstenite::{Message, WebSocket};
+
+/// Default timeout for the blocking network helpers.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Interval at which [`wait_until`] and [`wait_for`] poll.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+// ---------------------------------------------------------------------------
+// Ports and directories
+// ---------------------------------------------------------------------------
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+///
+/// The port is found by binding port 0 and dropping the listener, so another
+/// process may grab it before the caller does; callers that spawn servers
+/// should be prepared to retry on "address in use".
+pub fn free_port() -> u16 {
+    free_port_on(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+/// A TCP port on `ip` that was free a moment ago (see [`free_port`]).
+pub fn free_port_on(ip: IpAddr) -> u16 {
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .unwrap_or_else(|e| panic!("cannot bind {ip}:0 to find a free port: {e}"))
+        .port()
+}
+
+/// A fresh temporary directory, removed when the returned guard drops.
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("swocloud-test-")
+        .tempdir()
+        .expect("cannot create a temporary directory")
+}
+
+/// Panics unless 127.0.0.1:`port` can be bound by a plain listener.
+///
+/// The std listener sets `SO_REUSEADDR` (so lingering TIME_WAIT sockets do not
+/// count) but not `SO_REUSEPORT`, so this fails while any socket still
+/// listens on the port, including one that was opened with `SO_REUSEPORT`.
+#[track_caller]
+pub fn assert_port_free(port: u16) {
+    if let Err(e) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+        panic!("port {port} is still in use: {e}");
+    }
+}
+
+/// Whether something accepts TCP connections on 127.0.0.1:`port` right now.
+pub fn port_accepts(port: u16) -> bool {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+// ---------------------------------------------------------------------------
+// Polling
+// ---------------------------------------------------------------------------
+
+/// Polls `cond` every 20 ms until it returns true; panics with `what` after
+/// `timeout`.
+#[track_caller]
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, and returns that value;
+/// panics with `what` after `timeout`.
+#[track_caller]
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Private Redis
+// ---------------------------------------------------------------------------
+
+/// A private `redis-server` on a free loopback port, without persistence,
+/// killed when dropped.
+pub struct RedisServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server and waits until it answers PING.
+    ///
+    /// Panics if `redis-server` is not installed, or if it does not come up.
+    #[track_caller]
+    pub fn start() -> Self {
+        let mut dir = temp_dir();
+        let mut last_error = String::new();
+        // A free port can be taken between finding it and redis binding it:
+        // retry a few times with a new one.
+        for _ in 0..5 {
+            let port = free_port();
+            let mut server = RedisServer {
+                port,
+                dir,
+                child: None,
+            };
+            match server.spawn_and_wait() {
+                Ok(()) => return server,
+                Err(e) => {
+                    last_error = e;
+                    dir = std::mem::replace(&mut server.dir, temp_dir());
+                }
+            }
+        }
+        panic!("redis-server did not start: {last_error}");
+    }
+
+    /// `redis://127.0.0.1:PORT/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server (SIGKILL) and reaps it. Idempotent.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the server and starts a new, empty one on the same port.
+    #[track_caller]
+    pub fn restart(&mut self) {
+        self.stop();
+        if let Err(e) = self.spawn_and_wait() {
+            panic!("redis-server did not restart on port {}: {e}", self.port);
+        }
+    }
+
+    /// A new synchronous connection to this server.
+    #[track_caller]
+    pub fn client(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection_with_timeout(IO_TIMEOUT))
+            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.url()))
+    }
+
+    /// Whether the server currently answers PING.
+    pub fn is_up(&self) -> bool {
+        redis_ping(self.port)
+    }
+
+    fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let log_path = self.dir.path().join("redis.log");
+        let log = fs::File::create(&log_path).map_err(|e| e.to_string())?;
+        let log_err = log.try_clone().map_err(|e| e.to_string())?;
+        let spawned = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--bind", "127.0.0.1", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn();
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => panic!(
+                "redis-server is not on PATH: run scripts/setup.sh to install the test dependencies"
+            ),
+            Err(e) => panic!("cannot spawn redis-server: {e}"),
+        };
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if redis_ping(self.port) {
+                return Ok(());
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.child = None;
+                return Err(format!(
+                    "exited with {status} on port {}: {}",
+                    self.port,
+                    read_tail(&log_path)
+                ));
+            }
+            if Instant::now() >= deadline {
+                self.stop();
+                return Err(format!(
+                    "no PONG within 10 s on port {}: {}",
+                    self.port,
+                    read_tail(&log_path)
+                ));
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Raw RESP `PING` on 127.0.0.1:`port`, true on `+PONG`.
+fn redis_ping(port: u16) -> bool {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut buf = [0u8; 64];
+    s.write_all(b"PING\r\n").is_ok()
+        && matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+}
+
+fn read_tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------
+// Blocking HTTP/1.1 client
+// ---------------------------------------------------------------------------
+
+/// Status, headers in order, and body (decoded from chunked if needed, lossy
+/// UTF-8).
+pub type HttpResponse = (u16, Vec<(String, String)>, String);
+
+/// `GET path` with `Connection: close`; see [`http_request`].
+pub fn http_get(addr: impl ToSocketAddrs, path: &str) -> io::Result<HttpResponse> {
+    http_request(addr, "GET", path, &[], b"")
+}
+
+/// Sends one HTTP/1.1 request with `Connection: close` and reads the whole
+/// response, with a 5 s timeout on connect and on each read and write.
+///
+/// `Host`, `Connection` and (for a non-empty body) `Content-Length` are added
+/// unless given in `headers`. Connection and protocol failures are returned
+/// as errors, never panics, so load-style tests can count them.
+pub fn http_request(
+    addr: impl ToSocketAddrs,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> io::Result<HttpResponse> {
+    let addr = resolve(addr)?;
+    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+
+    let has = |name: &str| headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name));
+    let mut req = format!("{method} {path} HTTP/1.1\r\n");
+    if !has("host") {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
+    if !has("connection") {
+        req.push_str("Connection: close\r\n");
+    }
+    if !body.is_empty() && !has("content-length") {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    stream.write_all(&bytes)?;
+
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_http_response(&raw)
+}
+
+fn parse_http_response(raw: &[u8]) -> io::Result<HttpResponse> {
+    let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidData, msg);
+    let mut header_buf = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut header_buf);
+    let head_len = match resp.parse(raw) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return Err(invalid(format!(
+                "incomplete HTTP response ({} bytes): {:?}",
+                raw.len(),
+                String::from_utf8_lossy(raw)
+            )))
+        }
+        Err(e) => return Err(invalid(format!("bad HTTP response: {e}"))),
+    };
+    let status = resp.code.unwrap_or(0);
+    let headers: Vec<(String, String)> = resp
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_string(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    let mut body = &raw[head_len..];
+    let decoded;
+    if header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+        decoded = decode_chunked(body).ok_or_else(|| invalid("bad chunked body".into()))?;
+        body = &decoded;
+    } else if let Some(len) = header("content-length").and_then(|v| v.trim().parse().ok()) {
+        if body.len() < len {
+            return Err(invalid(format!(
+                "body truncated: {} of {len} bytes",
+                body.len()
+            )));
+        }
+        body = &body[..len];
+    }
+    Ok((status, headers, String::from_utf8_lossy(body).into_owned()))
+}
+
+fn decode_chunked(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
+        let size_str = std::str::from_utf8(&data[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_str.split(';').next()?.trim(), 16).ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}
+
+fn resolve(addr: impl ToSocketAddrs) -> io::Result<SocketAddr> {
+    addr.to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "address resolves to nothing"))
+}
+
+// ---------------------------------------------------------------------------
+// Blocking WebSocket client
+// ---------------------------------------------------------------------------
+
+/// Result type of the WebSocket helpers.
+pub type WsResult<T> = Result<T, tungstenite::Error>;
+
+/// A blocking WebSocket client over a plain `TcpStream` whose reads and writes
+/// time out (5 s unless changed with [`WsClient::set_timeout`]).
+pub struct WsClient {
+    ws: WebSocket<TcpStream>,
+    response: tungstenite::handshake::client::Response,
+}
+
+/// Connects to `url` (`ws://127.0.0.1:PORT/path`) and completes the handshake.
+pub fn ws_connect(url: &str) -> WsResult<WsClient> {
+    ws_connect_inner(None, url)
+}
+
+/// Like [`ws_connect`], but binds the client socket to `local_ip` (any
+/// 127.0.0.x) first, so the server sees that source address.
+pub fn ws_connect_from(local_ip: Ipv4Addr, url: &str) -> WsResult<WsClient> {
+    ws_connect_inner(Some(local_ip), url)
+}
+
+fn ws_connect_inner(local_ip: Option<Ipv4Addr>, url: &str) -> WsResult<WsClient> {
+    let request = url.into_client_request()?;
+    let host = request.uri().host().unwrap_or("127.0.0.1").to_string();
+    let port = request.uri().port_u16().unwrap_or(80);
+    let addr = resolve((host.as_str(), port))?;
+    let stream = tcp_connect_from(local_ip, addr)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    stream.set_nodelay(true)?;
+    match tungstenite::client(request, stream) {
+        Ok((ws, response)) => Ok(WsClient { ws, response }),
+        Err(HandshakeError::Failure(e)) => Err(e),
+        Err(HandshakeError::Interrupted(_)) => Err(tungstenite::Error::Io(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "WebSocket handshake timed out",
+        ))),
+    }
+}
+
+fn tcp_connect_from(local_ip: Option<Ipv4Addr>, addr: SocketAddr) -> io::Result<TcpStream> {
+    let Some(ip) = local_ip else {
+        return TcpStream::connect_timeout(&addr, IO_TIMEOUT);
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.bind(&SocketAddr::from((ip, 0)).into())?;
+    socket.connect_timeout(&addr.into(), IO_TIMEOUT)?;
+    Ok(socket.into())
+}
+
+impl WsClient {
+    /// The server's handshake response (status, headers).
+    pub fn response(&self) -> &tungstenite::handshake::client::Response {
+        &self.response
+    }
+
+    /// The client socket's local address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.ws.get_ref().local_addr().expect("local_addr")
+    }
+
+    /// Changes the read and write timeout of the underlying socket.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        let s = self.ws.get_ref();
+        s.set_read_timeout(Some(timeout)).expect("set_read_timeout");
+        s.set_write_timeout(Some(timeout))
+            .expect("set_write_timeout");
+    }
+
+    pub fn send_text(&mut self, text: impl Into<String>) -> WsResult<()> {
+        self.ws.send(Message::text(text.into()))
+    }
+
+    pub fn send_binary(&mut self, data: impl Into<Vec<u8>>) -> WsResult<()> {
+        self.ws.send(Message::binary(data.into()))
+    }
+
+    /// Serialises `value` and sends it as a text message.
+    pub fn send_json(&mut self, value: &serde_json::Value) -> WsResult<()> {
+        self.send_text(value.to_string())
+    }
+
+    /// Sends any message, including control frames.
+    pub fn send(&mut self, msg: Message) -> WsResult<()> {
+        self.ws.send(msg)
+    }
+
+    /// The next Text, Binary or Close message. Pings are answered
+    /// automatically and, like pongs, skipped. A timeout is an `Io` error of
+    /// kind `WouldBlock` or `TimedOut`.
+    pub fn recv(&mut self) -> WsResult<Message> {
+        loop {
+            match self.ws.read()? {
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+                m => return Ok(m),
+            }
+        }
+    }
+
+    /// The next message of any kind, control frames included.
+    pub fn recv_any(&mut self) -> WsResult<Message> {
+        self.ws.read()
+    }
+
+    /// Like [`recv`](Self::recv) with a one-off timeout.
+    pub fn recv_timeout(&mut self, timeout: Duration) -> WsResult<Message> {
+        self.ws.get_ref().set_read_timeout(Some(timeout))?;
+        let res = self.recv();
+        self.ws.get_ref().set_read_timeout(Some(IO_TIMEOUT))?;
+        res
+    }
+
+    /// The next message, which must be a text message holding JSON.
+    #[track_caller]
+    pub fn recv_text_json(&mut self) -> serde_json::Value {
+        match self.recv() {
+            Ok(Message::Text(t)) => serde_json::from_str(t.as_str())
+                .unwrap_or_else(|e| panic!("text message is not JSON ({e}): {t}")),
+            Ok(other) => panic!("expected a JSON text message, got {other:?}"),
+            Err(e) => panic!("expected a JSON text message, got error: {e}"),
+        }
+    }
+
+    /// Whether the connection is closed by the peer within `timeout`: a Close
+    /// frame, EOF or a reset, after skipping any data messages still queued.
+    pub fn wait_closed(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let _ = self.ws.get_ref().set_read_timeout(Some(timeout));
+        loop {
+            match self.ws.read() {
+                Ok(Message::Close(_)) => return true,
+                Ok(_) if Instant::now() < deadline => continue,
+                Ok(_) => return false,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return false
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+
+    /// Sends a Close frame and waits (bounded by the socket timeout) for the
+    /// server's Close in reply.
+    pub fn close(mut self) -> WsResult<()> {
+        match self.ws.close(None) {
+            Ok(()) | Err(tungstenite::Error::ConnectionClosed) => {}
+            Err(e) => return Err(e),
+        }
+        loop {
+            match self.ws.read() {
+                Ok(_) => continue,
+                Err(tungstenite::Error::ConnectionClosed)
+                | Err(tungstenite::Error::AlreadyClosed) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The underlying tungstenite socket, for anything not covered here.
+    pub fn inner(&mut self) -> &mut WebSocket<TcpStream> {
+        &mut self.ws
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------
+
+/// A child process that is killed (SIGKILL), together with all its
+/// descendants, and reaped when dropped.
+pub struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    /// Spawns `cmd` (its stdio settings are kept as given).
+    #[track_caller]
+    pub fn spawn(cmd: &mut Command) -> Self {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+        Proc { child }
+    }
+
+    /// Wraps an already spawned child.
+    pub fn from_child(child: Child) -> Self {
+        Proc { child }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn child_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// Sends `sig` to the process (not to its descendants).
+    pub fn signal(&self, sig: Signal) -> nix::Result<()> {
+        signal::kill(Pid::from_raw(self.pid()), sig)
+    }
+
+    /// The exit status if the process has exited (reaping it).
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// SIGKILLs the process and all its descendants, then reaps it.
+    pub fn kill(&mut self) {
+        if self.try_wait().is_none() {
+            // Collect the tree first: once the parent dies its children are
+            // re-parented and can no longer be found through it.
+            let tree = descendants_of(self.pid());
+            let _ = self.child.kill();
+            for pid in tree {
+                let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether `pid` exists and is not a zombie.
+pub fn pid_alive(pid: i32) -> bool {
+    match signal::kill(Pid::from_raw(pid), None) {
+        Ok(()) | Err(nix::errno::Errno::EPERM) => {}
+        Err(_) => return false,
+    }
+    match proc_stat(pid) {
+        Some((state, _)) => state != 'Z',
+        None => false,
+    }
+}
+
+/// State character and parent pid from `/proc/PID/stat`.
+fn proc_stat(pid: i32) -> Option<(char, i32)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may itself contain spaces or
+    // parentheses: the fields we want follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// Live (non-zombie) direct children of `pid`, found by scanning `/proc`.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out: Vec<i32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| matches!(proc_stat(p), Some((state, ppid)) if ppid == pid && state != 'Z'))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// All live descendants of `pid`, parents before their children.
+pub fn descendants_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for child in children_of(p) {
+            out.push(child);
+            frontier.push(child);
+        }
+    }
+    out
+}
+
+/// The command line of `pid`, arguments joined by spaces, or `None` if the
+/// process is gone.
+pub fn proc_cmdline(pid: i32) -> Option<String> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = raw
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    Some(args.join(" "))
+}
