@@ -19,6 +19,8 @@
 //! unboxed, exactly as tungstenite does, hence `result_large_err`.
 #![allow(dead_code, clippy::result_large_err)]
 
+pub mod daemon;
+
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};

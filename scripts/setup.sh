@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what swocloud needs on a Debian machine, only what is missing:
+# redis-server (tests start private instances; the demo uses one), a C
+# compiler for crates with C parts, python3 for the metrics check, and curl.
+# Rust itself (>= 1.80, with cargo) must already be installed (rustup).
+set -euo pipefail
+
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
+command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo not found; install Rust >= 1.80 (https://rustup.rs) and re-run" >&2
+  exit 1
+fi
+echo "setup: ok ($(cargo --version), $(redis-server --version | cut -d' ' -f1-3))"

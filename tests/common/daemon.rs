@@ -1,0 +1,135 @@
+//! Driving a swocloud daemon binary from tests: a private directory with a
+//! settings file, a free port, `start -d` / `stop` / `reload` / `status`,
+//! and a guard that kills the whole tree if a test fails half-way.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use super::{descendants_of, free_port, pid_alive, temp_dir, wait_until};
+
+/// A daemon under test. Dropping it stops it (SIGKILL of the tree).
+pub struct Daemon {
+    pub bin: PathBuf,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub host: String,
+    pub config: PathBuf,
+}
+
+impl Daemon {
+    /// Prepares (does not start) a daemon of `bin` with `settings` (TOML
+    /// lines) plus host, port, pid_file and log_file in a private dir.
+    pub fn new(bin: &str, settings: &str) -> Daemon {
+        Daemon::on_host(bin, "127.0.0.1", settings)
+    }
+
+    /// As [`Daemon::new`] on a chosen loopback address.
+    pub fn on_host(bin: &str, host: &str, settings: &str) -> Daemon {
+        let dir = temp_dir();
+        let port = free_port();
+        let config = dir.path().join("swocloud.toml");
+        let text = format!(
+            "host = \"{host}\"\nport = {port}\npid_file = \"{}\"\nlog_file = \"{}\"\nmax_wait_time = 2.0\n{settings}\n",
+            dir.path().join("swocloud.pid").display(),
+            dir.path().join("swocloud.log").display()
+        );
+        std::fs::write(&config, text).unwrap();
+        Daemon { bin: PathBuf::from(bin), dir, port, host: host.to_string(), config }
+    }
+
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.path().join("swocloud.pid")
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.dir.path().join("swocloud.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_file()).unwrap_or_default()
+    }
+
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// Runs `bin VERB -c config ARGS…` and returns its output.
+    pub fn run(&self, verb: &str, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .arg(verb)
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()))
+    }
+
+    /// `start -d`, asserting success; returns the master pid.
+    #[track_caller]
+    pub fn start(&self) -> i32 {
+        let out = self.run("start", &["-d"]);
+        assert!(
+            out.status.success(),
+            "start -d failed: {}\n{}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        self.master_pid().expect("pid file after start -d")
+    }
+
+    pub fn master_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.pid_file()).ok()?.trim().parse().ok()
+    }
+
+    /// The manager (the master's only child).
+    #[track_caller]
+    pub fn manager_pid(&self) -> i32 {
+        let m = self.master_pid().expect("running");
+        let kids = super::children_of(m);
+        assert_eq!(kids.len(), 1, "master {m} should have exactly one child (the manager): {kids:?}");
+        kids[0]
+    }
+
+    /// The manager's children (workers and task workers).
+    pub fn worker_pids(&self) -> Vec<i32> {
+        super::children_of(self.manager_pid())
+    }
+
+    /// `status --json`.
+    #[track_caller]
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.run("status", &["--json"]);
+        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+    }
+
+    /// `stop`, asserting success and that the tree is gone.
+    #[track_caller]
+    pub fn stop(&self) {
+        let tree: Vec<i32> = self.master_pid().into_iter().flat_map(|m| std::iter::once(m).chain(descendants_of(m))).collect();
+        let out = self.run("stop", &[]);
+        assert!(out.status.success(), "stop failed: {}\nlog:\n{}", String::from_utf8_lossy(&out.stderr), self.log());
+        wait_until(Duration::from_secs(5), "every process of the tree gone", || tree.iter().all(|&p| !pid_alive(p)));
+        assert!(!self.pid_file().exists(), "pid file removed by stop");
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(m) = self.master_pid() {
+            if pid_alive(m) && super::proc_cmdline(m).is_some_and(|c| c.contains(self.bin.to_str().unwrap_or("?"))) {
+                let tree = descendants_of(m);
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(m), nix::sys::signal::Signal::SIGKILL);
+                for p in tree {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
+    }
+}
