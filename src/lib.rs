@@ -7,3 +7,5 @@ pub mod event;
 pub mod logging;
 pub mod process;
 pub mod reactor;
+pub mod auth;
+pub mod route;
