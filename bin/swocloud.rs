@@ -1,14 +1,18 @@
 //! `swocloud`: the Route daemon — start [-d] | stop | reload | status.
+//!
+//! The Route is the IM cluster's registry: IM servers register over
+//! WebSocket, the Route keeps the live set in Redis and answers lookups
+//! over HTTP. See the crate docs and the README.
 
-use swocloud::apps::health::HealthApp;
-use swocloud::config::NoAppSettings;
+use swocloud::route::settings::{framework_defaults, RouteSettings};
+use swocloud::route::RouteApp;
 
 fn main() {
     let code = swocloud::cli::main(
         "swocloud",
         "The swocloud Route: registry, balancer and message router of an IM cluster",
-        toml::Table::new(),
-        |_settings, _app: NoAppSettings| Ok(HealthApp::default()),
+        framework_defaults(),
+        |settings, cfg: RouteSettings| Ok(RouteApp::new(cfg, &settings.redis_prefix)),
     );
     std::process::exit(code);
 }

@@ -1,4 +1,5 @@
-//! The process model end to end, with the real `swocloud` binary: daemon
+//! The process model end to end, with a real daemon binary (the framework's
+//! `health_daemon` example, the same CLI and process tree as `swocloud`): daemon
 //! start and stop, the process tree, SO_REUSEPORT spreading, respawn after
 //! SIGKILL, rolling reload under load, parent-death cleanup, max_request,
 //! task round trips, and every refused start.
@@ -15,7 +16,12 @@ use common::{assert_port_free, descendants_of, http_get, pid_alive, wait_for, wa
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_swocloud");
+/// The framework's minimal daemon (`examples/health_daemon.rs`), built by
+/// `cargo test` beside the test binaries.
+fn bin() -> String {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("examples").join("health_daemon").display().to_string()
+}
 
 /// GET /health on a fresh connection; the serving worker's pid.
 fn health_pid(addr: &str) -> std::io::Result<i64> {
@@ -29,7 +35,7 @@ fn health_pid(addr: &str) -> std::io::Result<i64> {
 
 #[test]
 fn daemon_start_builds_the_tree_and_stop_removes_it() {
-    let d = Daemon::new(BIN, "worker_num = 3\ntask_worker_num = 1");
+    let d = Daemon::new(&bin(), "worker_num = 3\ntask_worker_num = 1");
     let master = d.start();
     assert!(pid_alive(master));
     let manager = d.manager_pid();
@@ -55,7 +61,7 @@ fn daemon_start_builds_the_tree_and_stop_removes_it() {
 
 #[test]
 fn connections_are_spread_over_several_workers() {
-    let d = Daemon::new(BIN, "worker_num = 4");
+    let d = Daemon::new(&bin(), "worker_num = 4");
     d.start();
     let pids: HashSet<i64> = (0..64).map(|_| health_pid(&d.addr()).expect("health")).collect();
     assert!(pids.len() > 1, "64 connections all served by one worker: {pids:?}");
@@ -66,7 +72,7 @@ fn connections_are_spread_over_several_workers() {
 
 #[test]
 fn a_killed_worker_is_respawned_and_reported() {
-    let d = Daemon::new(BIN, "worker_num = 2");
+    let d = Daemon::new(&bin(), "worker_num = 2");
     d.start();
     let before = d.worker_pids();
     let victim = before[0];
@@ -93,7 +99,7 @@ fn a_killed_worker_is_respawned_and_reported() {
 
 #[test]
 fn rolling_reload_replaces_every_worker_without_a_failed_request() {
-    let d = Daemon::new(BIN, "worker_num = 2");
+    let d = Daemon::new(&bin(), "worker_num = 2");
     let master = d.start();
     let manager = d.manager_pid();
     let before = d.worker_pids();
@@ -136,7 +142,7 @@ fn rolling_reload_replaces_every_worker_without_a_failed_request() {
 
 #[test]
 fn killing_the_master_takes_the_whole_tree_down() {
-    let d = Daemon::new(BIN, "worker_num = 2\ntask_worker_num = 1");
+    let d = Daemon::new(&bin(), "worker_num = 2\ntask_worker_num = 1");
     let master = d.start();
     let tree = descendants_of(master);
     assert_eq!(tree.len(), 4, "manager + 2 workers + 1 task worker: {tree:?}");
@@ -149,7 +155,7 @@ fn killing_the_master_takes_the_whole_tree_down() {
 
 #[test]
 fn max_request_replaces_a_worker() {
-    let d = Daemon::new(BIN, "worker_num = 1\nmax_request = 5");
+    let d = Daemon::new(&bin(), "worker_num = 1\nmax_request = 5");
     d.start();
     let first = d.worker_pids();
     let mut served_by = Vec::new();
@@ -165,7 +171,7 @@ fn max_request_replaces_a_worker() {
 
 #[test]
 fn a_task_goes_to_a_task_worker_and_its_result_comes_back() {
-    let d = Daemon::new(BIN, "worker_num = 2\ntask_worker_num = 2");
+    let d = Daemon::new(&bin(), "worker_num = 2\ntask_worker_num = 2");
     d.start();
     let status = d.status();
     let task_pids: Vec<i64> = status["task_workers"].as_array().unwrap().iter().map(|w| w["pid"].as_i64().unwrap()).collect();
@@ -183,21 +189,21 @@ fn a_task_goes_to_a_task_worker_and_its_result_comes_back() {
 #[test]
 fn refused_starts_say_why() {
     // Unknown key: names the key and the file.
-    let d = Daemon::new(BIN, "wroker_num = 2");
+    let d = Daemon::new(&bin(), "wroker_num = 2");
     let out = d.run("start", &["-d"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("wroker_num") && err.contains(d.config.to_str().unwrap()), "{err}");
 
     // Bad value.
-    let d = Daemon::new(BIN, "worker_num = \"many\"");
+    let d = Daemon::new(&bin(), "worker_num = \"many\"");
     let out = d.run("start", &["-d"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("`worker_num`") && err.contains(d.config.to_str().unwrap()), "{err}");
 
     // Port in use.
-    let d = Daemon::new(BIN, "worker_num = 1");
+    let d = Daemon::new(&bin(), "worker_num = 1");
     let squatter = std::net::TcpListener::bind(("127.0.0.1", d.port)).unwrap();
     let out = d.run("start", &["-d"]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -215,7 +221,7 @@ fn refused_starts_say_why() {
     d.stop();
 
     // Stale pid file: reported and replaced, pid 1 never signalled.
-    let d = Daemon::new(BIN, "worker_num = 1");
+    let d = Daemon::new(&bin(), "worker_num = 1");
     std::fs::write(d.pid_file(), "1\n").unwrap();
     let out = d.run("stop", &[]);
     assert_eq!(out.status.code(), Some(3));
@@ -229,7 +235,7 @@ fn refused_starts_say_why() {
     d.stop();
 
     // Unwritable log path.
-    let d = Daemon::new(BIN, "worker_num = 1");
+    let d = Daemon::new(&bin(), "worker_num = 1");
     let out = d.run("start", &["-d", "--log-file", "/proc/swocloud-cannot-write-here.log"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open log file /proc/swocloud-cannot-write-here.log"));

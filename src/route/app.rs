@@ -1,0 +1,344 @@
+//! The Route application: IM servers register over WebSocket, stay alive by
+//! pinging, and are removed from Redis when they close, fall silent, or
+//! their Route worker dies (lease expiry).
+//!
+//! Per connection the app keeps a [`Peer`]: its bad-frame count and, once
+//! registered, the entry it holds in Redis. A sweep on the timer wheel every
+//! `heartbeat_check_interval` seconds: disconnects silent peers, renews the
+//! leases of live ones (re-registering any that Redis lost, so a Redis
+//! restarted empty is rebuilt within one sweep), stores registrations that
+//! arrived while Redis was away, retries removals, and reaps expired
+//! leases left by dead workers or nodes.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::auth;
+use crate::event::{App, ServerInfo};
+use crate::process::scoreboard::now_ms;
+use crate::reactor::{Fd, Message, Request, Response, Server};
+use crate::route::cache::{self, SharedCache};
+use crate::route::protocol::{self, code, Command, ProtocolError, Registration};
+use crate::route::registry::{Registry, Renewal, ServerEntry};
+use crate::route::settings::RouteSettings;
+use crate::route::stats::RouteStats;
+
+/// One IM server's registration as this worker holds it.
+#[derive(Debug, Clone)]
+pub(crate) struct Held {
+    pub(crate) entry: ServerEntry,
+    /// Whether Redis has it (false while Redis is away).
+    pub(crate) stored: bool,
+}
+
+/// What the app knows of one WebSocket connection.
+#[derive(Debug, Default)]
+pub(crate) struct Peer {
+    bad_frames: u32,
+    pub(crate) held: Option<Held>,
+    /// Why the sweep closed it, for the removal's cause.
+    closing_cause: Option<&'static str>,
+}
+
+/// The Route.
+#[derive(Debug)]
+pub struct RouteApp {
+    pub(crate) cfg: RouteSettings,
+    pub(crate) registry: Registry,
+    pub(crate) node: String,
+    pub(crate) cache: Option<SharedCache>,
+    pub(crate) peers: HashMap<Fd, Peer>,
+    pending_removals: Vec<(String, String, &'static str)>,
+    redis_outage_logged: bool,
+    pub(crate) stats: RouteStats,
+}
+
+impl RouteApp {
+    /// A Route with its settings; the Redis prefix comes from the
+    /// framework's `redis_prefix`.
+    pub fn new(cfg: RouteSettings, redis_prefix: &str) -> RouteApp {
+        RouteApp {
+            cfg,
+            registry: Registry::new(redis_prefix),
+            node: String::new(),
+            cache: None,
+            peers: HashMap::new(),
+            pending_removals: Vec::new(),
+            redis_outage_logged: false,
+            stats: RouteStats::default(),
+        }
+    }
+
+    /// Lease length: a holder renews every sweep; three missed sweeps (or
+    /// the idle time, whichever is longer) and any worker may reap it.
+    pub(crate) fn lease(srv: &Server<Self>) -> Duration {
+        let s = srv.settings();
+        let sweep = Self::sweep_every(srv);
+        Duration::from_secs_f64(s.heartbeat_idle_time.max(2.0 * sweep.as_secs_f64())) + sweep
+    }
+
+    fn sweep_every(srv: &Server<Self>) -> Duration {
+        let i = srv.settings().heartbeat_check_interval;
+        Duration::from_secs_f64(if i > 0.0 { i } else { 3.0 })
+    }
+
+    fn idle(srv: &Server<Self>) -> Duration {
+        let s = srv.settings();
+        Duration::from_secs_f64(if s.heartbeat_idle_time > 0.0 { s.heartbeat_idle_time } else { 3.0 * Self::sweep_every(srv).as_secs_f64() })
+    }
+
+    fn reply_error(&mut self, srv: &mut Server<Self>, fd: Fd, e: &ProtocolError) {
+        self.stats.protocol_errors += 1;
+        log::warn!("route: refused a frame from fd {fd} ({:?}): {} {}", srv.connection_info(fd).map(|i| i.peer), e.code, e.message);
+        srv.push(fd, Message::Text(e.to_frame()));
+        let Some(p) = self.peers.get_mut(&fd) else { return };
+        p.bad_frames += 1;
+        if p.bad_frames >= self.cfg.max_bad_frames {
+            log::warn!("route: closing fd {fd} after {} bad frames", p.bad_frames);
+            srv.disconnect(fd, 1008, "too many bad frames");
+        }
+    }
+
+    fn register(&mut self, srv: &mut Server<Self>, fd: Fd, reg: Registration) {
+        if !self.cfg.auth_secret.is_empty() {
+            let token = reg.token.as_deref().unwrap_or("");
+            if let Err(e) = auth::verify(self.cfg.auth_secret.as_bytes(), token, "register", Some(&reg.service_name)) {
+                self.stats.auth_failures += 1;
+                log::warn!("route: unauthorized register of {} from fd {fd}: {e}", reg.service_name);
+                srv.push(fd, Message::Text(ProtocolError::new(code::UNAUTHORIZED, e.to_string()).to_frame()));
+                srv.disconnect(fd, 1008, "unauthorized");
+                return;
+            }
+        }
+        let owner = format!("{}/{}/{fd}", self.node, std::process::id());
+        let entry = ServerEntry::new(&reg, &self.node, srv.worker_id() as u32, &owner, now_ms());
+        // A connection that registers again under another address drops its old entry.
+        let old = self.peers.get(&fd).and_then(|p| p.held.clone());
+        if let Some(old) = old.filter(|o| o.stored && o.entry.member() != entry.member()) {
+            self.remove_entry(srv, &old.entry, "replaced");
+        }
+        let lease_until = now_ms() + Self::lease(srv).as_millis() as u64;
+        let stored = srv.redis_cmd(|c| self.registry.register(c, &entry, lease_until)).is_some();
+        if stored {
+            self.stats.registrations += 1;
+            log::info!("route: registered {} at {} (fd {fd})", entry.service_name, entry.member());
+            srv.push(fd, Message::Text(registered_frame(&entry, Self::lease(srv))));
+        } else {
+            self.note_outage();
+            srv.push(
+                fd,
+                Message::Text(
+                    ProtocolError::new(code::UNAVAILABLE, "Redis is unreachable: the registration is kept and will be stored and acknowledged when it returns")
+                        .to_frame(),
+                ),
+            );
+        }
+        if let Some(p) = self.peers.get_mut(&fd) {
+            p.held = Some(Held { entry, stored });
+        }
+    }
+
+    fn note_outage(&mut self) {
+        if !self.redis_outage_logged {
+            self.redis_outage_logged = true;
+            log::warn!("route: Redis is unreachable; serving from memory and retrying");
+        }
+    }
+
+    fn remove_entry(&mut self, srv: &mut Server<Self>, e: &ServerEntry, cause: &'static str) {
+        let (member, owner) = (e.member(), e.owner.clone());
+        match srv.redis_cmd(|c| self.registry.remove(c, &member, &owner, cause)) {
+            Some(removed) => {
+                if removed {
+                    self.stats.removed(cause);
+                    log::info!("route: removed {} at {member} ({cause})", e.service_name);
+                }
+            }
+            None => {
+                self.note_outage();
+                self.pending_removals.push((member, owner, cause));
+            }
+        }
+    }
+
+    /// The periodic sweep (see the module doc).
+    fn sweep(&mut self, srv: &mut Server<Self>) {
+        let now = now_ms();
+        let idle_ms = Self::idle(srv).as_millis() as u64;
+        let silent: Vec<Fd> = self
+            .peers
+            .iter()
+            .filter(|(fd, p)| p.held.is_some() && srv.connection_info(**fd).is_some_and(|i| now.saturating_sub(i.last_active_ms) > idle_ms))
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in silent {
+            log::warn!("route: fd {fd} silent for more than {idle_ms} ms; closing it");
+            if let Some(p) = self.peers.get_mut(&fd) {
+                p.closing_cause = Some("silent");
+            }
+            srv.disconnect(fd, 1001, "heartbeat timeout");
+            self.on_close(srv, fd);
+        }
+        if !srv.redis_ok() {
+            self.note_outage();
+            return;
+        }
+        if std::mem::take(&mut self.redis_outage_logged) {
+            log::info!("route: Redis is back");
+        }
+        for (member, owner, cause) in std::mem::take(&mut self.pending_removals) {
+            match srv.redis_cmd(|c| self.registry.remove(c, &member, &owner, cause)) {
+                Some(true) => self.stats.removed(cause),
+                Some(false) => {}
+                None => self.pending_removals.push((member, owner, cause)),
+            }
+        }
+        let lease = Self::lease(srv);
+        let until = now + lease.as_millis() as u64;
+        let fds: Vec<Fd> = self.peers.keys().copied().collect();
+        for fd in fds {
+            let Some(held) = self.peers.get(&fd).and_then(|p| p.held.clone()) else { continue };
+            let load = held.entry.load;
+            let outcome = if held.stored {
+                srv.redis_cmd(|c| self.registry.renew(c, &held.entry.member(), &held.entry.owner, until, Some(load), None, now))
+            } else {
+                Some(Renewal::Missing)
+            };
+            match outcome {
+                Some(Renewal::Renewed) => {}
+                Some(Renewal::Missing) => {
+                    let mut entry = held.entry.clone();
+                    entry.last_seen_ms = now;
+                    if srv.redis_cmd(|c| self.registry.register(c, &entry, until)).is_some() {
+                        if held.stored {
+                            self.stats.rebuilt += 1;
+                            log::info!("route: re-registered {} (Redis had lost it)", entry.service_name);
+                        } else {
+                            self.stats.registrations += 1;
+                            log::info!("route: stored the pending registration of {}", entry.service_name);
+                            srv.push(fd, Message::Text(registered_frame(&entry, lease)));
+                        }
+                        if let Some(p) = self.peers.get_mut(&fd) {
+                            p.held = Some(Held { entry, stored: true });
+                        }
+                    }
+                }
+                Some(Renewal::Superseded) => {
+                    log::info!("route: {} re-registered elsewhere; fd {fd} no longer holds it", held.entry.service_name);
+                    if let Some(p) = self.peers.get_mut(&fd) {
+                        p.held = None;
+                    }
+                }
+                None => return,
+            }
+        }
+        if let Some(reaped) = srv.redis_cmd(|c| self.registry.reap(c, now)) {
+            for m in reaped {
+                self.stats.removed("lease");
+                log::warn!("route: reaped {m}: its lease expired (its Route worker or node is gone)");
+            }
+        }
+    }
+
+    /// The live servers: from the cache when warm, else from Redis, else
+    /// from this worker's own connections.
+    pub(crate) fn servers(&mut self, srv: &mut Server<Self>, fresh: bool) -> (Vec<ServerEntry>, &'static str) {
+        if !fresh {
+            if let Some(c) = &self.cache {
+                let g = c.lock().unwrap_or_else(|p| p.into_inner());
+                if g.refreshed_at.is_some() {
+                    return (g.entries.clone(), if g.connected { "cache" } else { "stale-cache" });
+                }
+            }
+        }
+        if let Some(list) = srv.redis_cmd(|c| self.registry.list(c)) {
+            return (list, "redis");
+        }
+        let mut own: Vec<ServerEntry> = self.peers.values().filter_map(|p| p.held.as_ref().map(|h| h.entry.clone())).collect();
+        own.sort_by(|a, b| a.service_name.cmp(&b.service_name));
+        (own, "local")
+    }
+}
+
+fn registered_frame(e: &ServerEntry, lease: Duration) -> String {
+    json!({
+        "method": "registered",
+        "serviceName": e.service_name,
+        "ip": e.ip,
+        "port": e.port,
+        "node": e.node,
+        "lease_ms": lease.as_millis() as u64,
+    })
+    .to_string()
+}
+
+impl App for RouteApp {
+    fn on_start(&mut self, info: &ServerInfo) {
+        if self.cfg.auth_secret.is_empty() {
+            log::warn!("auth_secret is not set: any program that reaches {} can register an IM server", info.settings.listen_addr());
+        }
+        if self.cfg.api_key.is_empty() {
+            log::warn!("api_key is not set: the HTTP API is open to anyone who reaches it");
+        }
+    }
+
+    fn on_worker_start(&mut self, srv: &mut Server<Self>) {
+        if srv.is_task_worker() {
+            return;
+        }
+        if self.node.is_empty() {
+            self.node = if self.cfg.node_id.is_empty() {
+                let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "route".into());
+                format!("{host}:{}", srv.settings().port)
+            } else {
+                self.cfg.node_id.clone()
+            };
+        }
+        if let Some(url) = srv.settings().redis_url.clone() {
+            let refresh = Duration::from_secs_f64(self.cfg.cache_refresh.max(0.1));
+            self.cache = Some(cache::spawn(url, srv.settings().redis_prefix.clone(), refresh, srv.worker_id()));
+        }
+        let every = Self::sweep_every(srv).as_millis() as u64;
+        srv.tick(every, |app: &mut RouteApp, srv, _| app.sweep(srv));
+    }
+
+    fn on_open(&mut self, _srv: &mut Server<Self>, fd: Fd, _req: &Request) {
+        self.peers.insert(fd, Peer::default());
+    }
+
+    fn on_message(&mut self, srv: &mut Server<Self>, fd: Fd, msg: Message) {
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Binary(_) => {
+                self.reply_error(srv, fd, &ProtocolError::new(code::BAD_FRAME, "binary frames are not part of the protocol"));
+                return;
+            }
+        };
+        match protocol::parse(&text) {
+            Err(e) => self.reply_error(srv, fd, &e),
+            Ok(Command::Register(reg)) => self.register(srv, fd, reg),
+            Ok(Command::Heartbeat { load }) => match self.peers.get_mut(&fd).and_then(|p| p.held.as_mut()) {
+                Some(h) => {
+                    if let Some(l) = load {
+                        h.entry.load = l;
+                    }
+                }
+                None => self.reply_error(srv, fd, &ProtocolError::new(code::NOT_REGISTERED, "register first")),
+            },
+            Ok(Command::Unknown(m)) => self.reply_error(srv, fd, &ProtocolError::new(code::UNKNOWN_METHOD, format!("unknown method {m:?}"))),
+        }
+    }
+
+    fn on_close(&mut self, srv: &mut Server<Self>, fd: Fd) {
+        let Some(peer) = self.peers.remove(&fd) else { return };
+        if let Some(held) = peer.held.filter(|h| h.stored) {
+            self.remove_entry(srv, &held.entry, peer.closing_cause.unwrap_or("closed"));
+        }
+    }
+
+    fn on_request(&mut self, srv: &mut Server<Self>, req: &Request) -> Response {
+        crate::route::api::handle(self, srv, req)
+    }
+}

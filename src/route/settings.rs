@@ -1,0 +1,60 @@
+//! The Route's own settings keys (beside the framework's), and its
+//! defaults for framework keys.
+
+use serde::{Deserialize, Serialize};
+
+/// How `/route` picks an IM server for a user.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balancer {
+    /// The server with the fewest users (from the reported loads).
+    #[default]
+    LeastLoaded,
+    /// Each server in turn.
+    RoundRobin,
+    /// A uid always maps to the same server while the set is unchanged.
+    ConsistentHash,
+}
+
+/// The Route's settings keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteSettings {
+    /// Shared secret for IM-server registration tokens (and user tokens);
+    /// empty: the cluster runs open (a warning is logged).
+    pub auth_secret: String,
+    /// Bearer key for the HTTP API; empty: the API is open.
+    pub api_key: String,
+    /// This Route node's name in the registry (default: `hostname:port`).
+    pub node_id: String,
+    /// Seconds between full cache refreshes when no change arrives.
+    pub cache_refresh: f64,
+    /// Bad frames a peer may send before it is disconnected.
+    pub max_bad_frames: u32,
+    /// User→server selection.
+    pub balancer: Balancer,
+}
+
+impl Default for RouteSettings {
+    fn default() -> Self {
+        RouteSettings {
+            auth_secret: String::new(),
+            api_key: String::new(),
+            node_id: String::new(),
+            cache_refresh: 5.0,
+            max_bad_frames: 5,
+            balancer: Balancer::LeastLoaded,
+        }
+    }
+}
+
+/// The Route daemon's defaults for framework keys.
+pub fn framework_defaults() -> toml::Table {
+    let mut t = toml::Table::new();
+    t.insert("port".into(), toml::Value::Integer(9500));
+    t.insert("pid_file".into(), toml::Value::String("swocloud.pid".into()));
+    t.insert("redis_url".into(), toml::Value::String("redis://127.0.0.1:6379".into()));
+    t.insert("heartbeat_check_interval".into(), toml::Value::Float(3.0));
+    t.insert("heartbeat_idle_time".into(), toml::Value::Float(10.0));
+    t
+}
