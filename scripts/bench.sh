@@ -131,7 +131,7 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT TERM
+trap 'trap - INT TERM; log "interrupted"; exit 130' INT TERM
 
 # ---------------------------------------------------------------------------
 # Measurements from /proc
@@ -265,7 +265,19 @@ bench_echo() {
     lg_pid=$!
     LOADGEN_PIDS+=("$lg_pid")
     : >"$logf"
-    while IFS= read -r -u "$fd" line; do
+    # Read with a timeout so that a trapped INT/TERM is handled within a
+    # second (bash defers traps while a plain read blocks).
+    local partial="" rc
+    while :; do
+        rc=0
+        IFS= read -r -t 1 -u "$fd" line || rc=$?
+        if ((rc > 128)); then # timed out, maybe mid-line
+            partial+=$line
+            continue
+        fi
+        line=$partial$line
+        partial=""
+        ((rc == 0)) || [[ -n $line ]] || break # EOF
         echo "$line" >>"$logf"
         case $line in
         MEASURE_START) cpu0=$(cpu_ticks "$SERVER_PID") ;;
@@ -273,6 +285,7 @@ bench_echo() {
         RESULT\ *) json=${line#RESULT } ;;
         *) log "  $line" ;;
         esac
+        ((rc == 0)) || break
     done
     exec {fd}<&-
     wait "$lg_pid" || log "loadgen exited with $? (log: $logf)"
