@@ -25,7 +25,7 @@ fn free_port_is_bindable() {
     assert_port_free(port);
 
     let ip = Ipv4Addr::new(127, 0, 0, 3);
-    let port = free_port_on(ip.into());
+    let port = free_port_on(ip);
     TcpListener::bind((ip, port)).expect("free port on 127.0.0.3 must be bindable");
 }
 
