@@ -399,7 +399,7 @@ async fn echo(args: EchoArgs) -> Result<serde_json::Value, String> {
         "size": args.size,
         "duration_s": args.duration,
         "msgs": msgs,
-        "msgs_per_s": rate.round(),
+        "msgs_per_s": rate.round() as u64,
         "p50_us": p50,
         "p99_us": p99,
         "p999_us": p999,
@@ -524,7 +524,7 @@ async fn idle(args: IdleArgs) -> Result<serde_json::Value, String> {
         "failed": failed,
         "dropped": dropped_n,
         "connect_s": (connect_s * 1000.0).round() / 1000.0,
-        "conns_per_s": (ok as f64 / connect_s).round(),
+        "conns_per_s": (ok as f64 / connect_s).round() as u64,
         "errors": failed + dropped_n,
     }))
 }
@@ -603,7 +603,7 @@ async fn storm(args: StormArgs) -> Result<serde_json::Value, String> {
         "ok": ok,
         "failed": failed,
         "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
-        "handshakes_per_s": rate.round(),
+        "handshakes_per_s": rate.round() as u64,
         "p50_us": p50,
         "p99_us": p99,
         "errors": failed,

@@ -40,6 +40,10 @@ struct Args {
     /// Listen backlog.
     #[arg(long, default_value_t = 4096)]
     backlog: u32,
+    /// Set SO_REUSEPORT, so several processes can share the port (to stand
+    /// in for a multi-process server when testing the bench plumbing).
+    #[arg(long)]
+    reuseport: bool,
 }
 
 /// Largest accepted message.
@@ -62,6 +66,7 @@ async fn serve(args: Args) -> std::io::Result<()> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.port));
     let socket = TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(args.reuseport)?;
     socket.bind(addr)?;
     let listener = socket.listen(args.backlog)?;
     let config = WebSocketConfig::default()

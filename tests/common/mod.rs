@@ -55,7 +55,8 @@ pub fn free_port() -> u16 {
 }
 
 /// A TCP port on `ip` that was free a moment ago (see [`free_port`]).
-pub fn free_port_on(ip: IpAddr) -> u16 {
+pub fn free_port_on(ip: impl Into<IpAddr>) -> u16 {
+    let ip = ip.into();
     TcpListener::bind((ip, 0))
         .and_then(|l| l.local_addr())
         .unwrap_or_else(|e| panic!("cannot bind {ip}:0 to find a free port: {e}"))
