@@ -87,7 +87,15 @@ pub struct Row {
     pub tasks: AtomicU64,
     /// Resident memory in KiB, refreshed by the process now and then.
     pub rss_kib: AtomicU64,
+    /// HTTP responses by status class: index 0 = 1xx … 4 = 5xx.
+    pub http_status: [AtomicU64; 5],
+    /// Application-defined counters (the Route and the IM server name their
+    /// indices), summed by `/metrics` like the framework's.
+    pub app: [AtomicU64; APP_COUNTERS],
 }
+
+/// Number of application-defined counters per row.
+pub const APP_COUNTERS: usize = 32;
 
 /// Counters that outlive any one process (kept by the manager).
 #[repr(C)]
@@ -102,6 +110,10 @@ pub struct Totals {
     /// Counters of processes that have exited, so sums never go backwards:
     /// accepted, closed, requests, messages_in, messages_out.
     pub retired: [AtomicU64; 5],
+    /// Retired `http_status` counters.
+    pub retired_http: [AtomicU64; 5],
+    /// Retired application counters.
+    pub retired_app: [AtomicU64; APP_COUNTERS],
 }
 
 /// The shared table.
@@ -199,6 +211,9 @@ impl Scoreboard {
         for c in [&r.connections, &r.accepted, &r.closed, &r.requests, &r.messages_in, &r.messages_out, &r.tasks, &r.rss_kib] {
             c.store(0, Relaxed);
         }
+        for c in r.http_status.iter().chain(r.app.iter()) {
+            c.store(0, Relaxed);
+        }
         r.pid.store(0, Relaxed);
         r.stopping.store(0, Relaxed);
         r.worker_id.store(worker_id, Relaxed);
@@ -216,6 +231,12 @@ impl Scoreboard {
         t[2].fetch_add(r.requests.load(Relaxed), Relaxed);
         t[3].fetch_add(r.messages_in.load(Relaxed), Relaxed);
         t[4].fetch_add(r.messages_out.load(Relaxed), Relaxed);
+        for (dst, src) in self.totals.retired_http.iter().zip(&r.http_status) {
+            dst.fetch_add(src.load(Relaxed), Relaxed);
+        }
+        for (dst, src) in self.totals.retired_app.iter().zip(&r.app) {
+            dst.fetch_add(src.load(Relaxed), Relaxed);
+        }
         r.pid.store(0, Relaxed);
         r.role.store(Role::Free.as_u32(), Relaxed);
     }
@@ -249,6 +270,21 @@ impl Scoreboard {
                 })
             })
             .collect()
+    }
+
+    /// An application counter summed over every live process of `role`
+    /// plus the retired ones (monotonic: it never goes down when a worker
+    /// is replaced).
+    pub fn app_total(&self, index: usize) -> u64 {
+        let live: u64 = self.rows.iter().filter(|r| r.pid.load(Relaxed) != 0).map(|r| r.app[index].load(Relaxed)).sum();
+        live + self.totals.retired_app[index].load(Relaxed)
+    }
+
+    /// HTTP responses of status class `class` (1..=5), live plus retired.
+    pub fn http_total(&self, class: usize) -> u64 {
+        let i = class.clamp(1, 5) - 1;
+        let live: u64 = self.rows.iter().filter(|r| r.pid.load(Relaxed) != 0).map(|r| r.http_status[i].load(Relaxed)).sum();
+        live + self.totals.retired_http[i].load(Relaxed)
     }
 
     /// The role stored in a row.
