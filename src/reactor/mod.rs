@@ -1,5 +1,29 @@
-//! The worker reactor (API stub: the implementation lands with the reactor
-//! work). One mio event loop per worker process.
+//! The worker reactor: one mio event loop per worker process serving HTTP
+//! and WebSocket on one port, with a timer wheel, the worker's mailboxes
+//! and its Redis link.
+//!
+//! Layout:
+//! - `event_loop` — the loop itself: tokens, accept, read, flush, stop;
+//! - `dispatch` — calling hooks (panic-guarded), teardown, timers, IPC;
+//! - `server` — [`Server`], the handle hooks get, with Swoole's verbs;
+//! - `conn` — a connection: phase, owned buffers, the protocol step;
+//! - `http` — requests, responses, the two-phase parser;
+//! - `websocket` — handshakes and the frame codec (tungstenite framing);
+//! - `timer` — the hashed timer wheel;
+//! - `redis_link` — the worker's Redis connection with backoff.
+//!
+//! Entry points: [`run_worker`] (what a forked worker calls) and
+//! [`run_worker_until`] (the same with a [`StopHandle`], for running a
+//! reactor on a thread in tests).
+
+pub mod conn;
+mod dispatch;
+pub mod event_loop;
+pub mod http;
+pub mod redis_link;
+pub mod server;
+pub mod timer;
+pub mod websocket;
 
 use std::sync::Arc;
 
@@ -8,47 +32,16 @@ use crate::event::App;
 use crate::process::ipc::Postbox;
 use crate::process::scoreboard::{Row, Scoreboard};
 
-/// A connection id, unique within a worker and never reused.
+pub use conn::{ConnKind, ConnSnapshot, ConnectionInfo, PhaseName};
+pub use event_loop::StopHandle;
+pub use http::{Request, Response};
+pub use server::{Server, TimerCallback, WorkerStats};
+pub use timer::TimerId;
+pub use websocket::Message;
+
+/// A connection id, unique within a worker and never reused (a serial
+/// number above the slab key bits).
 pub type Fd = u64;
-
-/// A WebSocket message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Message {
-    /// Text.
-    Text(String),
-    /// Binary.
-    Binary(Vec<u8>),
-}
-
-/// An HTTP request.
-#[derive(Debug, Clone, Default)]
-pub struct Request {
-    /// Method.
-    pub method: String,
-    /// Path with query.
-    pub path: String,
-}
-
-/// An HTTP response.
-#[derive(Debug, Clone)]
-pub struct Response {
-    /// Status.
-    pub status: u16,
-    /// Body.
-    pub body: Vec<u8>,
-}
-
-impl Response {
-    /// A text response.
-    pub fn text(status: u16, body: &str) -> Response {
-        Response { status, body: body.as_bytes().to_vec() }
-    }
-}
-
-/// The handle applications get.
-pub struct Server<A: App> {
-    _a: std::marker::PhantomData<A>,
-}
 
 /// Everything a worker process hands its reactor.
 pub struct WorkerContext {
@@ -58,7 +51,9 @@ pub struct WorkerContext {
     pub task_worker: bool,
     /// Settings.
     pub settings: Arc<Settings>,
-    /// The slot's listening socket (event workers).
+    /// The slot's listening socket (event workers). The reactor makes it
+    /// non-blocking, and on stop deregisters and drops its copy (never
+    /// shuts it down: the manager keeps the socket).
     pub listener: Option<std::net::TcpListener>,
     /// Mailboxes.
     pub postbox: Postbox,
@@ -68,22 +63,45 @@ pub struct WorkerContext {
     pub scoreboard: Scoreboard,
     /// Called once when the loop is about to serve.
     pub on_ready: Option<Box<dyn FnOnce()>>,
-    /// Watch the process's signal self-pipe.
+    /// Watch the process's signal self-pipe (SIGTERM: graceful stop).
     pub watch_signals: bool,
+}
+
+impl std::fmt::Debug for WorkerContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerContext")
+            .field("worker_id", &self.worker_id)
+            .field("task_worker", &self.task_worker)
+            .field("listener", &self.listener)
+            .field("watch_signals", &self.watch_signals)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How the worker's loop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerExit {
-    /// Asked to stop.
+    /// Asked to stop (signal, `Server::stop`, or a [`StopHandle`]).
     Stopped,
-    /// max_request reached.
+    /// `max_request` reached: the manager replaces this worker.
     MaxRequest,
 }
 
-/// Runs a worker's loop until it stops.
-pub fn run_worker<A: App>(_ctx: WorkerContext, _app: &mut A) -> std::io::Result<WorkerExit> {
-    Ok(WorkerExit::Stopped)
+/// Runs a worker's loop until it stops: `on_worker_start`, serve, then the
+/// graceful stop and `on_worker_stop`.
+pub fn run_worker<A: App>(ctx: WorkerContext, app: &mut A) -> std::io::Result<WorkerExit> {
+    run_worker_until(ctx, app, StopHandle::new())
+}
+
+/// [`run_worker`] that also stops when `stop` is triggered (from any
+/// thread).
+pub fn run_worker_until<A: App>(
+    ctx: WorkerContext,
+    app: &mut A,
+    stop: StopHandle,
+) -> std::io::Result<WorkerExit> {
+    let (reactor, on_ready) = event_loop::Reactor::<A>::new(ctx, stop)?;
+    reactor.run(app, on_ready)
 }
 
 impl Response {

@@ -1,0 +1,431 @@
+//! One connection: its socket, its protocol phase, and the read and write
+//! buffers it owns. Buffers are plain `Vec<u8>`s released (capacity freed)
+//! whenever they empty, so an idle connection holds no buffer memory.
+//!
+//! [`Conn::decode_next`] is the protocol step: it consumes bytes from the
+//! front of the input and answers what the loop must do next as an
+//! [`Inbound`] value (a request for `on_request`, an upgrade for `on_open`,
+//! a message for `on_message`, …). Protocol-level answers (101, pong, close
+//! echo, 4xx on bad input) are queued into the write buffer right here; the
+//! application's answers are queued by the loop after the hook returns, so
+//! output keeps request order.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::reactor::http::{self, Parsed, Request};
+use crate::reactor::timer::TimerId;
+use crate::reactor::websocket::{
+    self as ws, ClientHandshake, Decoded, Fragments, Message, Role, WsEvent, WsState,
+};
+use crate::reactor::Fd;
+
+/// What kind of connection this is, for `connection_info`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConnKind {
+    /// Plain HTTP (not upgraded).
+    Http,
+    /// An accepted WebSocket connection.
+    WebSocket,
+    /// An outbound WebSocket connection (`ws_connect`).
+    Client,
+}
+
+/// Where a connection is in its life.
+#[derive(Debug)]
+pub enum Phase {
+    /// Outbound: the TCP connect is in progress.
+    Connecting {
+        /// `Host` header to send.
+        host: String,
+        /// Request path.
+        path: String,
+    },
+    /// Outbound: the upgrade request is sent; waiting for the 101.
+    ClientHandshake {
+        /// Our `Sec-WebSocket-Key`.
+        key: String,
+    },
+    /// Inbound HTTP: reading requests.
+    Http,
+    /// Upgraded.
+    WebSocket(WsState),
+    /// Going away: flush output, shut our write side, discard input until
+    /// EOF or the linger timer.
+    Closing,
+}
+
+/// The phase as plain data, for snapshots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PhaseName {
+    /// See [`Phase::Connecting`].
+    Connecting,
+    /// See [`Phase::ClientHandshake`].
+    ClientHandshake,
+    /// See [`Phase::Http`].
+    Http,
+    /// See [`Phase::WebSocket`].
+    WebSocket,
+    /// See [`Phase::Closing`].
+    Closing,
+}
+
+/// What the application may learn about a connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    /// The connection id.
+    pub fd: Fd,
+    /// The worker that holds it.
+    pub worker_id: usize,
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// Kind.
+    pub kind: ConnKind,
+    /// Path of the upgrade request (WebSocket) or of the dial (client).
+    pub path: Option<String>,
+    /// When it connected, milliseconds since the Unix epoch.
+    pub connected_ms: u64,
+    /// When it last sent us bytes, milliseconds since the Unix epoch.
+    pub last_active_ms: u64,
+}
+
+/// A connection described as data at a frame boundary, so that a later
+/// change can move it to another worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnSnapshot {
+    /// Connection facts.
+    pub info: ConnectionInfo,
+    /// Protocol phase.
+    pub phase: PhaseName,
+    /// WebSocket role, when upgraded.
+    pub role: Option<Role>,
+    /// A fragmented message being reassembled.
+    pub fragments: Option<Fragments>,
+    /// We already sent a close frame.
+    pub close_sent: bool,
+    /// Received bytes not yet consumed (a partial frame or request).
+    pub read_buffer: Vec<u8>,
+    /// Bytes queued for the peer.
+    pub write_buffer: Vec<u8>,
+    /// The application's attributes.
+    pub attrs: HashMap<String, Value>,
+}
+
+/// What the loop must do after [`Conn::decode_next`].
+#[derive(Debug)]
+pub enum Inbound {
+    /// The input holds no complete unit: keep it and read more.
+    NeedMore,
+    /// Bytes used with nothing for the application (pong, fragment…).
+    Consumed,
+    /// An HTTP request for `on_request`.
+    Request(Request),
+    /// An accepted upgrade for `on_open` (the 101 is queued).
+    Open(Request),
+    /// Our outbound handshake completed: `on_connect`.
+    Connected,
+    /// A WebSocket message for `on_message`.
+    Message(Message),
+    /// The connection is now closing; ignore further input.
+    Closing,
+}
+
+/// One connection of the worker.
+#[derive(Debug)]
+pub struct Conn {
+    /// Public id.
+    pub fd: Fd,
+    /// The socket.
+    pub stream: TcpStream,
+    /// The peer.
+    pub peer: SocketAddr,
+    /// Kind (changes from Http to WebSocket on upgrade).
+    pub kind: ConnKind,
+    /// Phase.
+    pub phase: Phase,
+    /// Unconsumed input (empty and capacity-free when idle).
+    pub rbuf: Vec<u8>,
+    /// Pending output from `wpos` on.
+    pub wbuf: Vec<u8>,
+    /// Bytes of `wbuf` already written.
+    pub wpos: usize,
+    /// Connect time, ms since the epoch.
+    pub connected_ms: u64,
+    /// Last time the peer sent bytes.
+    pub last_active: Instant,
+    /// Upgrade or dial path.
+    pub path: Option<String>,
+    /// Application attributes (boxed: most connections have none).
+    pub attrs: Option<Box<HashMap<String, Value>>>,
+    /// Handshake-deadline or linger timer.
+    pub timer: Option<TimerId>,
+    /// `on_open`/`on_connect` ran, so `on_close` is due at the end.
+    pub opened: bool,
+    /// Queued in the loop's flush list.
+    pub dirty: bool,
+    /// Our write side is shut down (lingering close).
+    pub write_shut: bool,
+}
+
+impl Conn {
+    /// A connection in `phase`.
+    pub fn new(fd: Fd, stream: TcpStream, peer: SocketAddr, kind: ConnKind, phase: Phase) -> Conn {
+        Conn {
+            fd,
+            stream,
+            peer,
+            kind,
+            phase,
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
+            wpos: 0,
+            connected_ms: crate::process::scoreboard::now_ms(),
+            last_active: Instant::now(),
+            path: None,
+            attrs: None,
+            timer: None,
+            opened: false,
+            dirty: false,
+            write_shut: false,
+        }
+    }
+
+    /// Bytes waiting to be written.
+    pub fn pending_out(&self) -> usize {
+        self.wbuf.len() - self.wpos
+    }
+
+    /// Whether the connection is on its way out.
+    pub fn is_closing(&self) -> bool {
+        matches!(self.phase, Phase::Closing)
+    }
+
+    /// Whether application messages may be pushed to it.
+    pub fn is_open_websocket(&self) -> bool {
+        matches!(&self.phase, Phase::WebSocket(st) if !st.close_sent)
+    }
+
+    /// Enters the closing phase (output already queued still goes out).
+    pub fn begin_close(&mut self) {
+        self.phase = Phase::Closing;
+        self.rbuf = Vec::new();
+    }
+
+    /// Queues a WebSocket message; false if not an open WebSocket.
+    pub fn queue_message(&mut self, msg: &Message) -> bool {
+        match &self.phase {
+            Phase::WebSocket(st) if !st.close_sent => {
+                ws::encode_message(&mut self.wbuf, st.role, msg);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Queues a close frame and marks it sent; false if not an open
+    /// WebSocket.
+    pub fn queue_close(&mut self, code: u16, reason: &str) -> bool {
+        match &mut self.phase {
+            Phase::WebSocket(st) if !st.close_sent => {
+                st.close_sent = true;
+                ws::encode_close(&mut self.wbuf, st.role, code, reason);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Writes pending output until done or the socket is full. Ok(true):
+    /// everything written (and the buffer released); Ok(false): blocked.
+    pub fn flush(&mut self) -> io::Result<bool> {
+        while self.wpos < self.wbuf.len() {
+            match self.stream.write(&self.wbuf[self.wpos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.wpos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.wpos > 64 * 1024 && self.wpos * 2 > self.wbuf.len() {
+                        self.wbuf.drain(..self.wpos);
+                        self.wpos = 0;
+                    }
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.wbuf = Vec::new();
+        self.wpos = 0;
+        Ok(true)
+    }
+
+    /// Consumes at most one unit (request, frame, handshake response) from
+    /// the front of `input`, which may be unmasked in place. Returns what
+    /// the loop must do and how many bytes were used. Never panics on bad
+    /// input; `stopping` refuses new upgrades with 503.
+    pub fn decode_next(
+        &mut self,
+        input: &mut [u8],
+        max_len: usize,
+        stopping: bool,
+    ) -> (Inbound, usize) {
+        match &mut self.phase {
+            Phase::Http => self.decode_http(input, max_len, stopping),
+            Phase::WebSocket(st) => {
+                let decoded = ws::decode_one(st, input, max_len);
+                let role = st.role;
+                let close_sent = st.close_sent;
+                match decoded {
+                    Decoded::NeedMore => (Inbound::NeedMore, 0),
+                    Decoded::Absorbed(n) => (Inbound::Consumed, n),
+                    Decoded::Event(WsEvent::Message(_), n) if close_sent => (Inbound::Consumed, n),
+                    Decoded::Event(WsEvent::Message(m), n) => (Inbound::Message(m), n),
+                    Decoded::Event(WsEvent::Ping(p), n) => {
+                        if !close_sent {
+                            ws::encode_frame(&mut self.wbuf, role, ws_pong(), &p);
+                        }
+                        (Inbound::Consumed, n)
+                    }
+                    Decoded::Event(WsEvent::Pong, n) => (Inbound::Consumed, n),
+                    Decoded::Event(WsEvent::Close(code, reason), n) => {
+                        log::debug!(
+                            "fd {} ({}): peer closed with {:?} {reason:?}",
+                            self.fd,
+                            self.peer,
+                            code
+                        );
+                        // Echo the peer's code (1000 when it sent none).
+                        self.queue_close(code.unwrap_or(ws::close::NORMAL), "");
+                        self.begin_close();
+                        (Inbound::Closing, n)
+                    }
+                    Decoded::Fail(code, why) => {
+                        log::info!(
+                            "fd {} ({}): websocket protocol error, closing with {code}: {why}",
+                            self.fd,
+                            self.peer
+                        );
+                        self.queue_close(code, why);
+                        self.begin_close();
+                        (Inbound::Closing, input.len())
+                    }
+                }
+            }
+            Phase::ClientHandshake { key } => match ws::check_response(input, key) {
+                ClientHandshake::Partial => (Inbound::NeedMore, 0),
+                ClientHandshake::Done(n) => {
+                    self.phase = Phase::WebSocket(WsState::new(Role::Client));
+                    self.opened = true;
+                    (Inbound::Connected, n)
+                }
+                ClientHandshake::Fail(why) => {
+                    log::warn!(
+                        "fd {} ({}): websocket client handshake failed: {why}",
+                        self.fd,
+                        self.peer
+                    );
+                    self.begin_close();
+                    (Inbound::Closing, input.len())
+                }
+            },
+            Phase::Connecting { .. } => (Inbound::NeedMore, 0),
+            Phase::Closing => (Inbound::Closing, input.len()),
+        }
+    }
+
+    fn decode_http(&mut self, input: &[u8], max_len: usize, stopping: bool) -> (Inbound, usize) {
+        match http::parse_request(input, max_len) {
+            Parsed::Partial => (Inbound::NeedMore, 0),
+            Parsed::Reject(status, why) => {
+                log::info!("fd {} ({}): HTTP {status}: {why}", self.fd, self.peer);
+                self.reject(status, why);
+                (Inbound::Closing, input.len())
+            }
+            Parsed::Complete(mut req, n) => {
+                req.fd = self.fd;
+                req.peer = Some(self.peer);
+                if !ws::wants_upgrade(&req) {
+                    return (Inbound::Request(req), n);
+                }
+                if stopping {
+                    self.reject(503, "server is stopping");
+                    return (Inbound::Closing, input.len());
+                }
+                match ws::accept_upgrade(&req) {
+                    Ok(resp) => {
+                        self.wbuf.extend_from_slice(&resp);
+                        self.phase = Phase::WebSocket(WsState::new(Role::Server));
+                        self.kind = ConnKind::WebSocket;
+                        self.path = Some(req.path.clone());
+                        self.opened = true;
+                        (Inbound::Open(req), n)
+                    }
+                    Err(why) => {
+                        log::info!("fd {} ({}): upgrade refused: {why}", self.fd, self.peer);
+                        self.reject(400, why);
+                        (Inbound::Closing, input.len())
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues an HTTP error answer and starts closing.
+    pub fn reject(&mut self, status: u16, why: &str) {
+        self.wbuf
+            .extend_from_slice(&http::error_response(status, why));
+        self.begin_close();
+    }
+
+    /// The connection's public facts.
+    pub fn info(&self, worker_id: usize) -> ConnectionInfo {
+        let idle_ms = self.last_active.elapsed().as_millis() as u64;
+        ConnectionInfo {
+            fd: self.fd,
+            worker_id,
+            peer: self.peer,
+            kind: self.kind,
+            path: self.path.clone(),
+            connected_ms: self.connected_ms,
+            last_active_ms: crate::process::scoreboard::now_ms().saturating_sub(idle_ms),
+        }
+    }
+
+    /// The connection as data (see [`ConnSnapshot`]).
+    pub fn snapshot(&self, worker_id: usize) -> ConnSnapshot {
+        let (phase, role, fragments, close_sent) = match &self.phase {
+            Phase::Connecting { .. } => (PhaseName::Connecting, Some(Role::Client), None, false),
+            Phase::ClientHandshake { .. } => {
+                (PhaseName::ClientHandshake, Some(Role::Client), None, false)
+            }
+            Phase::Http => (PhaseName::Http, None, None, false),
+            Phase::WebSocket(st) => (
+                PhaseName::WebSocket,
+                Some(st.role),
+                st.frag.as_deref().cloned(),
+                st.close_sent,
+            ),
+            Phase::Closing => (PhaseName::Closing, None, None, true),
+        };
+        ConnSnapshot {
+            info: self.info(worker_id),
+            phase,
+            role,
+            fragments,
+            close_sent,
+            read_buffer: self.rbuf.clone(),
+            write_buffer: self.wbuf[self.wpos..].to_vec(),
+            attrs: self.attrs.as_deref().cloned().unwrap_or_default(),
+        }
+    }
+}
+
+fn ws_pong() -> tungstenite::protocol::frame::coding::OpCode {
+    use tungstenite::protocol::frame::coding::{Control, OpCode};
+    OpCode::Control(Control::Pong)
+}
