@@ -12,7 +12,15 @@ use swocloud::config::NoAppSettings;
 
 fn main() {
     let mut defaults = toml::Table::new();
-    defaults.insert("pid_file".into(), toml::Value::String("health_daemon.pid".into()));
-    let code = swocloud::cli::main("health_daemon", "A minimal swocloud server", defaults, |_s, _x: NoAppSettings| Ok(HealthApp::default()));
+    defaults.insert(
+        "pid_file".into(),
+        toml::Value::String("health_daemon.pid".into()),
+    );
+    let code = swocloud::cli::main(
+        "health_daemon",
+        "A minimal swocloud server",
+        defaults,
+        |_s, _x: NoAppSettings| Ok(HealthApp::default()),
+    );
     std::process::exit(code);
 }

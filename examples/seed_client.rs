@@ -77,11 +77,19 @@ fn main() {
                 let _ = std::io::stdout().flush();
             }
             Ok(Message::Close(c)) => {
-                println!("CLOSED {}", c.map(|c| format!("{} {}", u16::from(c.code), c.reason)).unwrap_or_default());
+                println!(
+                    "CLOSED {}",
+                    c.map(|c| format!("{} {}", u16::from(c.code), c.reason))
+                        .unwrap_or_default()
+                );
                 let _ = std::io::stdout().flush();
             }
             Ok(_) => {}
-            Err(tungstenite::Error::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => {
                 eprintln!("connection ended: {e}");
                 break;

@@ -93,7 +93,9 @@ impl std::error::Error for AuthError {}
 
 /// Unix time in seconds.
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn mac(secret: &[u8]) -> HmacSha256 {
@@ -104,7 +106,11 @@ fn mac(secret: &[u8]) -> HmacSha256 {
 /// Mints a token for `sub`/`aud` valid for `ttl_secs`.
 pub fn mint(secret: &[u8], sub: &str, aud: &str, ttl_secs: u64) -> String {
     let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-    let claims = Claims { sub: sub.to_string(), aud: aud.to_string(), exp: unix_now() + ttl_secs };
+    let claims = Claims {
+        sub: sub.to_string(),
+        aud: aud.to_string(),
+        exp: unix_now() + ttl_secs,
+    };
     let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap_or_default());
     let signing_input = format!("{header}.{body}");
     let mut m = mac(secret);
@@ -119,7 +125,12 @@ struct Header {
 }
 
 /// Verifies `token` for audience `aud` and, when given, subject `sub`.
-pub fn verify(secret: &[u8], token: &str, aud: &str, sub: Option<&str>) -> Result<Claims, AuthError> {
+pub fn verify(
+    secret: &[u8],
+    token: &str,
+    aud: &str,
+    sub: Option<&str>,
+) -> Result<Claims, AuthError> {
     if token.is_empty() {
         return Err(AuthError::Missing);
     }
@@ -127,7 +138,9 @@ pub fn verify(secret: &[u8], token: &str, aud: &str, sub: Option<&str>) -> Resul
         return Err(AuthError::Malformed);
     }
     let mut parts = token.split('.');
-    let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(h), Some(c), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(AuthError::Malformed);
     };
     let header: Header = URL_SAFE_NO_PAD
@@ -138,7 +151,9 @@ pub fn verify(secret: &[u8], token: &str, aud: &str, sub: Option<&str>) -> Resul
     if header.alg != "HS256" {
         return Err(AuthError::Algorithm);
     }
-    let sig = URL_SAFE_NO_PAD.decode(s).map_err(|_| AuthError::Malformed)?;
+    let sig = URL_SAFE_NO_PAD
+        .decode(s)
+        .map_err(|_| AuthError::Malformed)?;
     let mut m = mac(secret);
     m.update(h.as_bytes());
     m.update(b".");
@@ -186,31 +201,65 @@ mod tests {
     #[test]
     fn every_kind_of_bad_token_is_refused() {
         let t = mint(b"s3cret", "IM_1", "register", 60);
-        assert_eq!(verify(b"other", &t, "register", None), Err(AuthError::Signature));
-        assert_eq!(verify(b"s3cret", &t, "user", None), Err(AuthError::Audience));
-        assert_eq!(verify(b"s3cret", &t, "register", Some("IM_2")), Err(AuthError::Subject));
-        assert_eq!(verify(b"s3cret", "", "register", None), Err(AuthError::Missing));
-        assert_eq!(verify(b"s3cret", "a.b", "register", None), Err(AuthError::Malformed));
-        assert_eq!(verify(b"s3cret", "a.b.c.d", "register", None), Err(AuthError::Malformed));
+        assert_eq!(
+            verify(b"other", &t, "register", None),
+            Err(AuthError::Signature)
+        );
+        assert_eq!(
+            verify(b"s3cret", &t, "user", None),
+            Err(AuthError::Audience)
+        );
+        assert_eq!(
+            verify(b"s3cret", &t, "register", Some("IM_2")),
+            Err(AuthError::Subject)
+        );
+        assert_eq!(
+            verify(b"s3cret", "", "register", None),
+            Err(AuthError::Missing)
+        );
+        assert_eq!(
+            verify(b"s3cret", "a.b", "register", None),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(
+            verify(b"s3cret", "a.b.c.d", "register", None),
+            Err(AuthError::Malformed)
+        );
         // alg=none with the same claims.
         let claims = t.split('.').nth(1).unwrap();
         let none = format!("{}.{claims}.", URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#));
-        assert_eq!(verify(b"s3cret", &none, "register", None), Err(AuthError::Algorithm));
+        assert_eq!(
+            verify(b"s3cret", &none, "register", None),
+            Err(AuthError::Algorithm)
+        );
         // Tampered claims keep the old signature.
-        let forged_claims = URL_SAFE_NO_PAD.encode(br#"{"sub":"IM_9","aud":"register","exp":99999999999}"#);
+        let forged_claims =
+            URL_SAFE_NO_PAD.encode(br#"{"sub":"IM_9","aud":"register","exp":99999999999}"#);
         let parts: Vec<&str> = t.split('.').collect();
         let forged = format!("{}.{forged_claims}.{}", parts[0], parts[2]);
-        assert_eq!(verify(b"s3cret", &forged, "register", None), Err(AuthError::Signature));
+        assert_eq!(
+            verify(b"s3cret", &forged, "register", None),
+            Err(AuthError::Signature)
+        );
     }
 
     #[test]
     fn expired_tokens_are_refused_after_the_leeway() {
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-        let body = URL_SAFE_NO_PAD.encode(format!(r#"{{"sub":"u1","aud":"user","exp":{}}}"#, unix_now() - LEEWAY_SECS - 5));
+        let body = URL_SAFE_NO_PAD.encode(format!(
+            r#"{{"sub":"u1","aud":"user","exp":{}}}"#,
+            unix_now() - LEEWAY_SECS - 5
+        ));
         let mut m = mac(b"k");
         m.update(format!("{header}.{body}").as_bytes());
-        let t = format!("{header}.{body}.{}", URL_SAFE_NO_PAD.encode(m.finalize().into_bytes()));
-        assert_eq!(verify(b"k", &t, "user", Some("u1")), Err(AuthError::Expired));
+        let t = format!(
+            "{header}.{body}.{}",
+            URL_SAFE_NO_PAD.encode(m.finalize().into_bytes())
+        );
+        assert_eq!(
+            verify(b"k", &t, "user", Some("u1")),
+            Err(AuthError::Expired)
+        );
     }
 
     #[test]

@@ -105,12 +105,20 @@ struct StatusArgs {
 /// Runs the CLI for a program whose application is built by `make_app`
 /// from the settings. `defaults` holds the program's own defaults for
 /// framework keys (port, pid_file, …). Returns the process exit code.
-pub fn main<X, A>(program: &'static str, about: &'static str, defaults: toml::Table, make_app: impl FnOnce(&Settings, X) -> Result<A, String>) -> i32
+pub fn main<X, A>(
+    program: &'static str,
+    about: &'static str,
+    defaults: toml::Table,
+    make_app: impl FnOnce(&Settings, X) -> Result<A, String>,
+) -> i32
 where
     X: DeserializeOwned + Serialize + Default,
     A: App,
 {
-    let cmd = <Cli as clap::CommandFactory>::command().name(program).bin_name(program).about(about);
+    let cmd = <Cli as clap::CommandFactory>::command()
+        .name(program)
+        .bin_name(program)
+        .about(about);
     let cli = match Cli::from_arg_matches(&cmd.get_matches()) {
         Ok(c) => c,
         Err(e) => e.exit(),
@@ -128,12 +136,16 @@ where
         }
     }
     if let Some(p) = &common.pid_file {
-        overrides.push(("pid_file".into(), toml::Value::String(p.display().to_string())));
+        overrides.push((
+            "pid_file".into(),
+            toml::Value::String(p.display().to_string()),
+        ));
     }
-    let (settings, app_settings): (Settings, X) = match config::load(defaults, common.config.as_deref(), &overrides) {
-        Ok(v) => v,
-        Err(e) => return fail(program, &e.to_string()),
-    };
+    let (settings, app_settings): (Settings, X) =
+        match config::load(defaults, common.config.as_deref(), &overrides) {
+            Ok(v) => v,
+            Err(e) => return fail(program, &e.to_string()),
+        };
     match cli.cmd {
         Cmd::Start(_) => match make_app(&settings, app_settings) {
             Ok(app) => master::start(settings, app),
@@ -185,11 +197,17 @@ fn running(program: &str, settings: &Settings) -> Result<i32, i32> {
     match pidfile::inspect(&settings.pid_file) {
         PidState::Running(pid) => Ok(pid),
         PidState::Absent => {
-            eprintln!("{program}: not running (no pid file at {})", settings.pid_file.display());
+            eprintln!(
+                "{program}: not running (no pid file at {})",
+                settings.pid_file.display()
+            );
             Err(EXIT_NOT_RUNNING)
         }
         PidState::Stale { why, .. } => {
-            eprintln!("{program}: not running (stale pid file {}: {why}); nothing signalled", settings.pid_file.display());
+            eprintln!(
+                "{program}: not running (stale pid file {}: {why}); nothing signalled",
+                settings.pid_file.display()
+            );
             Err(EXIT_NOT_RUNNING)
         }
     }
@@ -213,7 +231,10 @@ fn stop(program: &str, settings: &Settings) -> i32 {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    eprintln!("{program}: pid {pid} did not stop within {:.1}s", limit.as_secs_f64());
+    eprintln!(
+        "{program}: pid {pid} did not stop within {:.1}s",
+        limit.as_secs_f64()
+    );
     1
 }
 
@@ -222,10 +243,17 @@ fn reload(program: &str, settings: &Settings, tasks: bool) -> i32 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let sig = if tasks { Signal::SIGUSR2 } else { Signal::SIGUSR1 };
+    let sig = if tasks {
+        Signal::SIGUSR2
+    } else {
+        Signal::SIGUSR1
+    };
     match kill(Pid::from_raw(pid), sig) {
         Ok(()) => {
-            println!("reload requested (pid {pid}, {})", if tasks { "task workers" } else { "workers" });
+            println!(
+                "reload requested (pid {pid}, {})",
+                if tasks { "task workers" } else { "workers" }
+            );
             0
         }
         Err(e) => {
@@ -285,7 +313,11 @@ pub fn render_table(program: &str, doc: &Value) -> String {
             if with_load { n("id") } else { "-".into() },
             n("pid"),
             human_uptime(r["uptime_s"].as_u64().unwrap_or(0)),
-            if with_load { n("connections") } else { "-".into() },
+            if with_load {
+                n("connections")
+            } else {
+                "-".into()
+            },
             if with_load { n("requests") } else { "-".into() },
             n("rss_kib"),
         ));
@@ -293,7 +325,15 @@ pub fn render_table(program: &str, doc: &Value) -> String {
     line("master", &doc["master"], false);
     line("manager", &doc["manager"], false);
     for w in doc["workers"].as_array().into_iter().flatten() {
-        line(if w["stopping"].as_bool() == Some(true) { "worker*" } else { "worker" }, w, true);
+        line(
+            if w["stopping"].as_bool() == Some(true) {
+                "worker*"
+            } else {
+                "worker"
+            },
+            w,
+            true,
+        );
     }
     for w in doc["task_workers"].as_array().into_iter().flatten() {
         line("task_worker", w, true);

@@ -188,11 +188,25 @@ pub enum ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConfigError::Read { path, error } => write!(f, "cannot read settings file {}: {error}", path.display()),
-            ConfigError::Syntax { path, message } => write!(f, "settings file {} is not valid TOML: {message}", path.display()),
-            ConfigError::UnknownKey { key, source } => write!(f, "unknown setting `{key}` in {source}"),
-            ConfigError::BadValue { key, source, message } => write!(f, "bad value for setting `{key}` in {source}: {message}"),
-            ConfigError::BadOverride(s) => write!(f, "bad --set argument `{s}`: expected KEY=VALUE"),
+            ConfigError::Read { path, error } => {
+                write!(f, "cannot read settings file {}: {error}", path.display())
+            }
+            ConfigError::Syntax { path, message } => write!(
+                f,
+                "settings file {} is not valid TOML: {message}",
+                path.display()
+            ),
+            ConfigError::UnknownKey { key, source } => {
+                write!(f, "unknown setting `{key}` in {source}")
+            }
+            ConfigError::BadValue {
+                key,
+                source,
+                message,
+            } => write!(f, "bad value for setting `{key}` in {source}: {message}"),
+            ConfigError::BadOverride(s) => {
+                write!(f, "bad --set argument `{s}`: expected KEY=VALUE")
+            }
         }
     }
 }
@@ -207,7 +221,9 @@ pub struct NoAppSettings {}
 /// Parses `key=value` into a TOML value: a TOML literal when it parses as
 /// one (`8`, `true`, `"x"`), else the raw text as a string.
 pub fn parse_override(arg: &str) -> Result<(String, toml::Value), ConfigError> {
-    let (k, v) = arg.split_once('=').ok_or_else(|| ConfigError::BadOverride(arg.into()))?;
+    let (k, v) = arg
+        .split_once('=')
+        .ok_or_else(|| ConfigError::BadOverride(arg.into()))?;
     let k = k.trim();
     if k.is_empty() {
         return Err(ConfigError::BadOverride(arg.into()));
@@ -222,7 +238,11 @@ pub fn parse_override(arg: &str) -> Result<(String, toml::Value), ConfigError> {
 /// The framework's key names.
 fn framework_keys() -> Vec<String> {
     match toml::Value::try_from(Settings::default()) {
-        Ok(toml::Value::Table(t)) => t.keys().cloned().chain(["log_file", "redis_url", "control_socket"].map(String::from)).collect(),
+        Ok(toml::Value::Table(t)) => t
+            .keys()
+            .cloned()
+            .chain(["log_file", "redis_url", "control_socket"].map(String::from))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -237,7 +257,10 @@ fn app_keys<X: Serialize + Default>() -> Vec<String> {
 
 /// Deserializes `table` into `T`; on failure, finds the key at fault by
 /// trying each one alone, so the error can name it.
-fn typed<T: DeserializeOwned>(table: &toml::Table, sources: &dyn Fn(&str) -> Source) -> Result<T, ConfigError> {
+fn typed<T: DeserializeOwned>(
+    table: &toml::Table,
+    sources: &dyn Fn(&str) -> Source,
+) -> Result<T, ConfigError> {
     match toml::Value::Table(table.clone()).try_into::<T>() {
         Ok(v) => Ok(v),
         Err(whole) => {
@@ -245,10 +268,18 @@ fn typed<T: DeserializeOwned>(table: &toml::Table, sources: &dyn Fn(&str) -> Sou
                 let mut one = toml::Table::new();
                 one.insert(k.clone(), v.clone());
                 if let Err(e) = toml::Value::Table(one).try_into::<T>() {
-                    return Err(ConfigError::BadValue { key: k.clone(), source: sources(k), message: e.message().trim().to_string() });
+                    return Err(ConfigError::BadValue {
+                        key: k.clone(),
+                        source: sources(k),
+                        message: e.message().trim().to_string(),
+                    });
                 }
             }
-            Err(ConfigError::BadValue { key: "?".into(), source: Source::Default, message: whole.message().trim().to_string() })
+            Err(ConfigError::BadValue {
+                key: "?".into(),
+                source: Source::Default,
+                message: whole.message().trim().to_string(),
+            })
         }
     }
 }
@@ -257,15 +288,28 @@ fn typed<T: DeserializeOwned>(table: &toml::Table, sources: &dyn Fn(&str) -> Sou
 /// `--set`/flag overrides, each key checked against the framework's and the
 /// application's known keys. Returns the framework settings and the
 /// application's.
-pub fn load<X>(defaults: toml::Table, file: Option<&Path>, overrides: &[(String, toml::Value)]) -> Result<(Settings, X), ConfigError>
+pub fn load<X>(
+    defaults: toml::Table,
+    file: Option<&Path>,
+    overrides: &[(String, toml::Value)],
+) -> Result<(Settings, X), ConfigError>
 where
     X: DeserializeOwned + Serialize + Default,
 {
     let mut merged = defaults;
-    let mut origin: std::collections::HashMap<String, Source> = merged.keys().map(|k| (k.clone(), Source::Default)).collect();
+    let mut origin: std::collections::HashMap<String, Source> = merged
+        .keys()
+        .map(|k| (k.clone(), Source::Default))
+        .collect();
     if let Some(path) = file {
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_path_buf(), error })?;
-        let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Syntax { path: path.to_path_buf(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         for (k, v) in table {
             origin.insert(k.clone(), Source::File(abs.clone()));
@@ -287,7 +331,10 @@ where
         } else if ap_keys.contains(&k) {
             app.insert(k, v);
         } else {
-            return Err(ConfigError::UnknownKey { source: source_of(&k), key: k });
+            return Err(ConfigError::UnknownKey {
+                source: source_of(&k),
+                key: k,
+            });
         }
     }
     let mut settings: Settings = typed(&fw, &source_of)?;
@@ -299,9 +346,16 @@ where
 
 impl Settings {
     fn validate(&mut self, source_of: &dyn Fn(&str) -> Source) -> Result<(), ConfigError> {
-        let bad = |key: &str, message: &str| ConfigError::BadValue { key: key.into(), source: source_of(key), message: message.into() };
+        let bad = |key: &str, message: &str| ConfigError::BadValue {
+            key: key.into(),
+            source: source_of(key),
+            message: message.into(),
+        };
         if self.host.parse::<std::net::IpAddr>().is_err() {
-            return Err(bad("host", "expected an IP address such as 0.0.0.0 or 127.0.0.1"));
+            return Err(bad(
+                "host",
+                "expected an IP address such as 0.0.0.0 or 127.0.0.1",
+            ));
         }
         if self.worker_num == 0 || self.worker_num > 1024 {
             return Err(bad("worker_num", "expected 1..=1024"));
@@ -343,17 +397,25 @@ impl Settings {
         let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
         self.pid_file = abs(&self.pid_file);
         self.log_file = self.log_file.as_deref().map(abs);
-        self.control_socket = Some(abs(&self.control_socket.clone().unwrap_or_else(|| self.pid_file.with_extension("sock"))));
+        self.control_socket = Some(abs(&self
+            .control_socket
+            .clone()
+            .unwrap_or_else(|| self.pid_file.with_extension("sock"))));
     }
 
     /// The control socket path (always set after [`load`]).
     pub fn control_path(&self) -> PathBuf {
-        self.control_socket.clone().unwrap_or_else(|| self.pid_file.with_extension("sock"))
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| self.pid_file.with_extension("sock"))
     }
 
     /// `host:port` as a socket address.
     pub fn listen_addr(&self) -> std::net::SocketAddr {
-        let ip: std::net::IpAddr = self.host.parse().unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        let ip: std::net::IpAddr = self
+            .host
+            .parse()
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
         std::net::SocketAddr::new(ip, self.port)
     }
 }
@@ -377,9 +439,20 @@ mod tests {
     #[test]
     fn file_then_flags_win_and_app_keys_are_split() {
         let dir = tempfile::tempdir().unwrap();
-        let p = write(dir.path(), "port = 7000\nworker_num = 3\nbalancer = \"round_robin\"\n");
-        let (s, a): (Settings, App) = load(toml::Table::new(), Some(&p), &[parse_override("port=7001").unwrap()]).unwrap();
-        assert_eq!((s.port, s.worker_num, a.balancer.as_str()), (7001, 3, "round_robin"));
+        let p = write(
+            dir.path(),
+            "port = 7000\nworker_num = 3\nbalancer = \"round_robin\"\n",
+        );
+        let (s, a): (Settings, App) = load(
+            toml::Table::new(),
+            Some(&p),
+            &[parse_override("port=7001").unwrap()],
+        )
+        .unwrap();
+        assert_eq!(
+            (s.port, s.worker_num, a.balancer.as_str()),
+            (7001, 3, "round_robin")
+        );
         assert!(s.pid_file.is_absolute());
     }
 
@@ -387,7 +460,9 @@ mod tests {
     fn unknown_key_names_key_and_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "port = 7000\nwroker_num = 3\n");
-        let e = load::<App>(toml::Table::new(), Some(&p), &[]).unwrap_err().to_string();
+        let e = load::<App>(toml::Table::new(), Some(&p), &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("wroker_num") && e.contains("s.toml"), "{e}");
     }
 
@@ -395,20 +470,32 @@ mod tests {
     fn bad_value_names_key_and_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "port = \"high\"\nworker_num = 3\n");
-        let e = load::<App>(toml::Table::new(), Some(&p), &[]).unwrap_err().to_string();
+        let e = load::<App>(toml::Table::new(), Some(&p), &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`port`") && e.contains("s.toml"), "{e}");
         let p = write(dir.path(), "worker_num = 0\n");
-        let e = load::<App>(toml::Table::new(), Some(&p), &[]).unwrap_err().to_string();
+        let e = load::<App>(toml::Table::new(), Some(&p), &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`worker_num`") && e.contains("1..=1024"), "{e}");
         let p = write(dir.path(), "log_level = \"loud\"\n");
-        let e = load::<App>(toml::Table::new(), Some(&p), &[]).unwrap_err().to_string();
+        let e = load::<App>(toml::Table::new(), Some(&p), &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`log_level`"), "{e}");
     }
 
     #[test]
     fn overrides_parse_toml_literals_or_strings() {
-        assert_eq!(parse_override("worker_num=4").unwrap().1, toml::Value::Integer(4));
-        assert_eq!(parse_override("host=127.0.0.1").unwrap().1, toml::Value::String("127.0.0.1".into()));
+        assert_eq!(
+            parse_override("worker_num=4").unwrap().1,
+            toml::Value::Integer(4)
+        );
+        assert_eq!(
+            parse_override("host=127.0.0.1").unwrap().1,
+            toml::Value::String("127.0.0.1".into())
+        );
         assert!(parse_override("novalue").is_err());
     }
 }

@@ -83,7 +83,13 @@ pub trait App: Sized + 'static {
     fn on_pipe_message(&mut self, srv: &mut Server<Self>, from_worker: usize, data: Vec<u8>) {}
     /// Task worker: run a job and return its result (sent back to the
     /// worker that asked, as `on_finish`).
-    fn on_task(&mut self, srv: &mut Server<Self>, task_id: u64, from_worker: usize, data: Vec<u8>) -> Vec<u8> {
+    fn on_task(
+        &mut self,
+        srv: &mut Server<Self>,
+        task_id: u64,
+        from_worker: usize,
+        data: Vec<u8>,
+    ) -> Vec<u8> {
         Vec::new()
     }
     /// A task's result came back.
@@ -112,13 +118,17 @@ pub struct EventBus<C> {
 
 impl<C: 'static> std::fmt::Debug for EventBus<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventBus").field("events", &self.events()).finish()
+        f.debug_struct("EventBus")
+            .field("events", &self.events())
+            .finish()
     }
 }
 
 impl<C> Default for EventBus<C> {
     fn default() -> Self {
-        EventBus { listeners: HashMap::new() }
+        EventBus {
+            listeners: HashMap::new(),
+        }
     }
 }
 
@@ -130,7 +140,10 @@ impl<C: 'static> EventBus<C> {
 
     /// Adds a listener for `event`; several may listen to one name.
     pub fn register(&mut self, event: &str, f: impl FnMut(&mut C, &[Value]) + 'static) {
-        self.listeners.entry(event.to_lowercase()).or_default().push(Box::new(f));
+        self.listeners
+            .entry(event.to_lowercase())
+            .or_default()
+            .push(Box::new(f));
     }
 
     /// Adds a [`Listen`] object under its own name.

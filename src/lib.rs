@@ -1,11 +1,11 @@
 //! swocloud: a Swoole-style multi-process server framework, and the IM cluster built on it.
 
 pub mod apps;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod event;
 pub mod logging;
 pub mod process;
 pub mod reactor;
-pub mod auth;
 pub mod route;

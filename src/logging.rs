@@ -22,7 +22,11 @@ struct State {
     capture_stdio: bool,
 }
 
-static STATE: Mutex<State> = Mutex::new(State { role: String::new(), file: None, capture_stdio: false });
+static STATE: Mutex<State> = Mutex::new(State {
+    role: String::new(),
+    file: None,
+    capture_stdio: false,
+});
 
 struct Logger;
 
@@ -59,7 +63,11 @@ impl log::Log for Logger {
 
 /// Installs the logger (once per process tree) at `level`, writing to
 /// `file` when given, else stderr.
-pub fn init(level: log::LevelFilter, file: Option<&Path>, capture_stdio: bool) -> std::io::Result<()> {
+pub fn init(
+    level: log::LevelFilter,
+    file: Option<&Path>,
+    capture_stdio: bool,
+) -> std::io::Result<()> {
     let _ = log::set_logger(&Logger);
     log::set_max_level(level);
     let mut st = STATE.lock().unwrap_or_else(|p| p.into_inner());
@@ -82,7 +90,12 @@ pub fn open(p: &Path) -> std::io::Result<File> {
         .create(true)
         .append(true)
         .open(p)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot open log file {}: {e}", p.display())))
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot open log file {}: {e}", p.display()),
+            )
+        })
 }
 
 fn redirect_stdio(f: &File) {
@@ -112,7 +125,14 @@ pub fn reopen() {
                 }
             }
             Err(e) => {
-                let _ = (&*file).write_all(format!("{} ERROR [reopen {}] {e}\n", utc_timestamp(), std::process::id()).as_bytes());
+                let _ = (&*file).write_all(
+                    format!(
+                        "{} ERROR [reopen {}] {e}\n",
+                        utc_timestamp(),
+                        std::process::id()
+                    )
+                    .as_bytes(),
+                );
             }
         }
     }
@@ -124,7 +144,12 @@ pub fn utc_timestamp() -> String {
     let (secs, millis) = ((ms / 1000) as i64, ms % 1000);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, rem / 60 % 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's

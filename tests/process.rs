@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::daemon::Daemon;
-use common::{assert_port_free, descendants_of, http_get, pid_alive, wait_for, wait_until, ws_connect};
+use common::{
+    assert_port_free, descendants_of, http_get, pid_alive, wait_for, wait_until, ws_connect,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -20,7 +22,14 @@ use nix::unistd::Pid;
 /// `cargo test` beside the test binaries.
 fn bin() -> String {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("examples").join("health_daemon").display().to_string()
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("health_daemon")
+        .display()
+        .to_string()
 }
 
 /// GET /health on a fresh connection; the serving worker's pid.
@@ -30,7 +39,9 @@ fn health_pid(addr: &str) -> std::io::Result<i64> {
         return Err(std::io::Error::other(format!("status {status}: {body}")));
     }
     let v: serde_json::Value = serde_json::from_str(&body).map_err(std::io::Error::other)?;
-    v["pid"].as_i64().ok_or_else(|| std::io::Error::other("no pid"))
+    v["pid"]
+        .as_i64()
+        .ok_or_else(|| std::io::Error::other("no pid"))
 }
 
 #[test]
@@ -40,15 +51,28 @@ fn daemon_start_builds_the_tree_and_stop_removes_it() {
     assert!(pid_alive(master));
     let manager = d.manager_pid();
     let workers = d.worker_pids();
-    assert_eq!(workers.len(), 4, "3 workers + 1 task worker under the manager {manager}: {workers:?}");
+    assert_eq!(
+        workers.len(),
+        4,
+        "3 workers + 1 task worker under the manager {manager}: {workers:?}"
+    );
     let status = d.status();
     assert_eq!(status["master"]["pid"], master);
     assert_eq!(status["manager"]["pid"], manager);
     assert_eq!(status["workers"].as_array().unwrap().len(), 3);
     assert_eq!(status["task_workers"].as_array().unwrap().len(), 1);
-    let mut listed: Vec<i64> = status["workers"].as_array().unwrap().iter().chain(status["task_workers"].as_array().unwrap()).map(|w| w["pid"].as_i64().unwrap()).collect();
+    let mut listed: Vec<i64> = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(status["task_workers"].as_array().unwrap())
+        .map(|w| w["pid"].as_i64().unwrap())
+        .collect();
     listed.sort();
-    assert_eq!(listed, workers.iter().map(|&p| p as i64).collect::<Vec<_>>());
+    assert_eq!(
+        listed,
+        workers.iter().map(|&p| p as i64).collect::<Vec<_>>()
+    );
     // The table form names every role too.
     let table = String::from_utf8(d.run("status", &[]).stdout).unwrap();
     for role in ["master", "manager", "worker", "task_worker"] {
@@ -63,10 +87,18 @@ fn daemon_start_builds_the_tree_and_stop_removes_it() {
 fn connections_are_spread_over_several_workers() {
     let d = Daemon::new(&bin(), "worker_num = 4");
     d.start();
-    let pids: HashSet<i64> = (0..64).map(|_| health_pid(&d.addr()).expect("health")).collect();
-    assert!(pids.len() > 1, "64 connections all served by one worker: {pids:?}");
+    let pids: HashSet<i64> = (0..64)
+        .map(|_| health_pid(&d.addr()).expect("health"))
+        .collect();
+    assert!(
+        pids.len() > 1,
+        "64 connections all served by one worker: {pids:?}"
+    );
     let workers: HashSet<i64> = d.worker_pids().into_iter().map(i64::from).collect();
-    assert!(pids.is_subset(&workers), "answers come from the workers: {pids:?} vs {workers:?}");
+    assert!(
+        pids.is_subset(&workers),
+        "answers come from the workers: {pids:?} vs {workers:?}"
+    );
     d.stop();
 }
 
@@ -78,19 +110,30 @@ fn a_killed_worker_is_respawned_and_reported() {
     let victim = before[0];
     kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
     let t0 = std::time::Instant::now();
-    let after = wait_for(Duration::from_secs(1), "a replacement worker within 1 s", || {
-        let now = d.worker_pids();
-        (now.len() == 2 && !now.contains(&victim)).then_some(now)
-    });
+    let after = wait_for(
+        Duration::from_secs(1),
+        "a replacement worker within 1 s",
+        || {
+            let now = d.worker_pids();
+            (now.len() == 2 && !now.contains(&victim)).then_some(now)
+        },
+    );
     let new_pid = *after.iter().find(|p| !before.contains(p)).unwrap();
     // The replacement serves: some fresh connection lands on it.
-    wait_until(Duration::from_secs(1).saturating_sub(t0.elapsed()).max(Duration::from_millis(500)), "the new worker serves", || {
-        (0..16).any(|_| health_pid(&d.addr()).ok() == Some(new_pid as i64))
-    });
+    wait_until(
+        Duration::from_secs(1)
+            .saturating_sub(t0.elapsed())
+            .max(Duration::from_millis(500)),
+        "the new worker serves",
+        || (0..16).any(|_| health_pid(&d.addr()).ok() == Some(new_pid as i64)),
+    );
     let log = d.log();
     assert!(
-        log.contains(&format!("on_worker_error: worker_id=0 pid={victim} exit_code=0 signal=9"))
-            || log.contains(&format!("on_worker_error: worker_id=1 pid={victim} exit_code=0 signal=9")),
+        log.contains(&format!(
+            "on_worker_error: worker_id=0 pid={victim} exit_code=0 signal=9"
+        )) || log.contains(&format!(
+            "on_worker_error: worker_id=1 pid={victim} exit_code=0 signal=9"
+        )),
         "on_worker_error saw signal 9:\n{log}"
     );
     assert_eq!(d.status()["totals"]["worker_restarts"], 1);
@@ -121,7 +164,9 @@ fn rolling_reload_replaces_every_worker_without_a_failed_request() {
             })
         })
         .collect();
-    wait_until(Duration::from_secs(2), "load running", || ok.load(Ordering::Relaxed) > 20);
+    wait_until(Duration::from_secs(2), "load running", || {
+        ok.load(Ordering::Relaxed) > 20
+    });
     let out = d.run("reload", &[]);
     assert!(out.status.success());
     wait_until(Duration::from_secs(10), "every worker replaced", || {
@@ -129,12 +174,21 @@ fn rolling_reload_replaces_every_worker_without_a_failed_request() {
         now.len() == 2 && now.iter().all(|p| !before.contains(p))
     });
     let served_before = ok.load(Ordering::Relaxed);
-    wait_until(Duration::from_secs(2), "load continues after the reload", || ok.load(Ordering::Relaxed) > served_before + 20);
+    wait_until(
+        Duration::from_secs(2),
+        "load continues after the reload",
+        || ok.load(Ordering::Relaxed) > served_before + 20,
+    );
     stop.store(true, Ordering::Relaxed);
     for l in loaders {
         l.join().unwrap();
     }
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during the reload ({} served)", ok.load(Ordering::Relaxed));
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the reload ({} served)",
+        ok.load(Ordering::Relaxed)
+    );
     assert_eq!(d.master_pid(), Some(master), "master keeps its pid");
     assert_eq!(d.manager_pid(), manager, "manager keeps its pid");
     d.stop();
@@ -145,12 +199,20 @@ fn killing_the_master_takes_the_whole_tree_down() {
     let d = Daemon::new(&bin(), "worker_num = 2\ntask_worker_num = 1");
     let master = d.start();
     let tree = descendants_of(master);
-    assert_eq!(tree.len(), 4, "manager + 2 workers + 1 task worker: {tree:?}");
+    assert_eq!(
+        tree.len(),
+        4,
+        "manager + 2 workers + 1 task worker: {tree:?}"
+    );
     kill(Pid::from_raw(master), Signal::SIGKILL).unwrap();
-    wait_until(Duration::from_secs(3), "no swocloud process left 3 s after the master's SIGKILL", || {
-        tree.iter().all(|&p| !pid_alive(p))
+    wait_until(
+        Duration::from_secs(3),
+        "no swocloud process left 3 s after the master's SIGKILL",
+        || tree.iter().all(|&p| !pid_alive(p)),
+    );
+    wait_until(Duration::from_secs(1), "the port is free", || {
+        std::net::TcpListener::bind(("127.0.0.1", d.port)).is_ok()
     });
-    wait_until(Duration::from_secs(1), "the port is free", || std::net::TcpListener::bind(("127.0.0.1", d.port)).is_ok());
 }
 
 #[test]
@@ -160,12 +222,21 @@ fn max_request_replaces_a_worker() {
     let first = d.worker_pids();
     let mut served_by = Vec::new();
     for _ in 0..12 {
-        let pid = wait_for(Duration::from_secs(2), "request served", || health_pid(&d.addr()).ok());
+        let pid = wait_for(Duration::from_secs(2), "request served", || {
+            health_pid(&d.addr()).ok()
+        });
         served_by.push(pid);
     }
     let distinct: HashSet<i64> = served_by.iter().copied().collect();
-    assert!(distinct.len() >= 2, "12 requests with max_request=5 were all served by one process: {served_by:?}");
-    assert_eq!(served_by.iter().filter(|&&p| p == first[0] as i64).count(), 5, "the first worker served exactly max_request: {served_by:?}");
+    assert!(
+        distinct.len() >= 2,
+        "12 requests with max_request=5 were all served by one process: {served_by:?}"
+    );
+    assert_eq!(
+        served_by.iter().filter(|&&p| p == first[0] as i64).count(),
+        5,
+        "the first worker served exactly max_request: {served_by:?}"
+    );
     d.stop();
 }
 
@@ -174,14 +245,24 @@ fn a_task_goes_to_a_task_worker_and_its_result_comes_back() {
     let d = Daemon::new(&bin(), "worker_num = 2\ntask_worker_num = 2");
     d.start();
     let status = d.status();
-    let task_pids: Vec<i64> = status["task_workers"].as_array().unwrap().iter().map(|w| w["pid"].as_i64().unwrap()).collect();
+    let task_pids: Vec<i64> = status["task_workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_i64().unwrap())
+        .collect();
     let mut ws = ws_connect(&format!("ws://{}/", d.addr())).expect("websocket");
     for i in 0..4 {
         ws.send_text(format!("task:job{i}")).unwrap();
         let reply = ws.recv().unwrap().into_text().unwrap().to_string();
-        let rest = reply.strip_prefix(&format!("done:job{i}:")).unwrap_or_else(|| panic!("unexpected reply {reply}"));
+        let rest = reply
+            .strip_prefix(&format!("done:job{i}:"))
+            .unwrap_or_else(|| panic!("unexpected reply {reply}"));
         let pid: i64 = rest.parse().unwrap();
-        assert!(task_pids.contains(&pid), "task ran in a task worker ({pid} not in {task_pids:?})");
+        assert!(
+            task_pids.contains(&pid),
+            "task ran in a task worker ({pid} not in {task_pids:?})"
+        );
     }
     d.stop();
 }
@@ -193,14 +274,20 @@ fn refused_starts_say_why() {
     let out = d.run("start", &["-d"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("wroker_num") && err.contains(d.config.to_str().unwrap()), "{err}");
+    assert!(
+        err.contains("wroker_num") && err.contains(d.config.to_str().unwrap()),
+        "{err}"
+    );
 
     // Bad value.
     let d = Daemon::new(&bin(), "worker_num = \"many\"");
     let out = d.run("start", &["-d"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("`worker_num`") && err.contains(d.config.to_str().unwrap()), "{err}");
+    assert!(
+        err.contains("`worker_num`") && err.contains(d.config.to_str().unwrap()),
+        "{err}"
+    );
 
     // Port in use.
     let d = Daemon::new(&bin(), "worker_num = 1");
@@ -217,7 +304,10 @@ fn refused_starts_say_why() {
     let out = d.run("start", &["-d"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains(&format!("already running (pid {master}")), "{err}");
+    assert!(
+        err.contains(&format!("already running (pid {master}")),
+        "{err}"
+    );
     d.stop();
 
     // Stale pid file: reported and replaced, pid 1 never signalled.
@@ -228,7 +318,10 @@ fn refused_starts_say_why() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("stale pid file"));
     let out = d.run("start", &["-d"]);
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("stale pid file"), "the stale pid file is reported");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stale pid file"),
+        "the stale pid file is reported"
+    );
     let master = d.master_pid().unwrap();
     assert_ne!(master, 1);
     assert!(pid_alive(1), "pid 1 untouched");
@@ -236,7 +329,11 @@ fn refused_starts_say_why() {
 
     // Unwritable log path.
     let d = Daemon::new(&bin(), "worker_num = 1");
-    let out = d.run("start", &["-d", "--log-file", "/proc/swocloud-cannot-write-here.log"]);
+    let out = d.run(
+        "start",
+        &["-d", "--log-file", "/proc/swocloud-cannot-write-here.log"],
+    );
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open log file /proc/swocloud-cannot-write-here.log"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("cannot open log file /proc/swocloud-cannot-write-here.log"));
 }

@@ -8,7 +8,14 @@ use swocloud::route::protocol::Registration;
 use swocloud::route::registry::{Registry, Renewal, ServerEntry};
 
 fn reg(name: &str, ip: &str, port: u16) -> Registration {
-    Registration { service_name: name.into(), ip: ip.into(), port, token: None, load: Some(3), epoch: Some("e1".into()) }
+    Registration {
+        service_name: name.into(),
+        ip: ip.into(),
+        port,
+        token: None,
+        load: Some(3),
+        epoch: Some("e1".into()),
+    }
 }
 
 fn members(c: &mut redis::Connection, key: &str) -> Vec<String> {
@@ -22,32 +29,91 @@ fn registry_scripts_keep_the_seed_set_and_their_invariants() {
     let redis = common::RedisServer::start();
     let mut c = redis.client();
     let r = Registry::new("");
-    let a = ServerEntry::new(&reg("IM_1", "192.168.100.153", 9000), "node", 0, "node/1/1", 1_000);
+    let a = ServerEntry::new(
+        &reg("IM_1", "192.168.100.153", 9000),
+        "node",
+        0,
+        "node/1/1",
+        1_000,
+    );
     r.register(&mut c, &a, 10_000).unwrap();
-    assert_eq!(members(&mut c, "im_server"), vec![r#"{"ip":"192.168.100.153","port":9000}"#]);
+    assert_eq!(
+        members(&mut c, "im_server"),
+        vec![r#"{"ip":"192.168.100.153","port":9000}"#]
+    );
     assert_eq!(r.list(&mut c).unwrap(), vec![a.clone()]);
 
     // Same serviceName from a new address (restart elsewhere): replaced atomically.
-    let a2 = ServerEntry::new(&reg("IM_1", "127.0.0.2", 9001), "node", 1, "node/2/7", 2_000);
+    let a2 = ServerEntry::new(
+        &reg("IM_1", "127.0.0.2", 9001),
+        "node",
+        1,
+        "node/2/7",
+        2_000,
+    );
     r.register(&mut c, &a2, 10_000).unwrap();
-    assert_eq!(members(&mut c, "im_server"), vec![r#"{"ip":"127.0.0.2","port":9001}"#]);
+    assert_eq!(
+        members(&mut c, "im_server"),
+        vec![r#"{"ip":"127.0.0.2","port":9001}"#]
+    );
 
     // The old owner's late close removes nothing.
-    assert!(!r.remove(&mut c, &a2.member(), "node/1/1", "closed").unwrap());
-    assert_eq!(r.renew(&mut c, &a2.member(), "node/1/1", 20_000, Some(9), None, 3_000).unwrap(), Renewal::Superseded);
-    assert_eq!(r.renew(&mut c, &a2.member(), "node/2/7", 20_000, Some(9), Some(true), 3_000).unwrap(), Renewal::Renewed);
+    assert!(!r
+        .remove(&mut c, &a2.member(), "node/1/1", "closed")
+        .unwrap());
+    assert_eq!(
+        r.renew(
+            &mut c,
+            &a2.member(),
+            "node/1/1",
+            20_000,
+            Some(9),
+            None,
+            3_000
+        )
+        .unwrap(),
+        Renewal::Superseded
+    );
+    assert_eq!(
+        r.renew(
+            &mut c,
+            &a2.member(),
+            "node/2/7",
+            20_000,
+            Some(9),
+            Some(true),
+            3_000
+        )
+        .unwrap(),
+        Renewal::Renewed
+    );
     let listed = r.list(&mut c).unwrap();
-    assert_eq!((listed[0].load, listed[0].draining, listed[0].last_seen_ms), (9, true, 3_000));
+    assert_eq!(
+        (listed[0].load, listed[0].draining, listed[0].last_seen_ms),
+        (9, true, 3_000)
+    );
 
     // A second server, then leases: only the expired one is reaped.
-    let b = ServerEntry::new(&reg("IM_2", "127.0.0.3", 9000), "node", 0, "node/1/2", 1_000);
+    let b = ServerEntry::new(
+        &reg("IM_2", "127.0.0.3", 9000),
+        "node",
+        0,
+        "node/1/2",
+        1_000,
+    );
     r.register(&mut c, &b, 5_000).unwrap();
     assert_eq!(r.reap(&mut c, 6_000).unwrap(), vec![b.member()]);
     assert_eq!(members(&mut c, "im_server"), vec![a2.member()]);
-    assert_eq!(r.renew(&mut c, &b.member(), "node/1/2", 9_000, None, None, 6_000).unwrap(), Renewal::Missing);
+    assert_eq!(
+        r.renew(&mut c, &b.member(), "node/1/2", 9_000, None, None, 6_000)
+            .unwrap(),
+        Renewal::Missing
+    );
 
     // The owner's close removes it and every trace of it.
-    assert!(r.remove(&mut c, &a2.member(), "node/2/7", "closed").unwrap());
+    assert!(r
+        .remove(&mut c, &a2.member(), "node/2/7", "closed")
+        .unwrap());
     assert!(members(&mut c, "im_server").is_empty());
     let n: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
     assert_eq!(n, 0, "no key left behind");
@@ -62,5 +128,13 @@ fn a_prefix_moves_every_key() {
     r.register(&mut c, &a, 10).unwrap();
     let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut c).unwrap();
     keys.sort();
-    assert_eq!(keys, vec!["app1:im_server", "app1:im_server:by_name", "app1:im_server:details", "app1:im_server:lease"]);
+    assert_eq!(
+        keys,
+        vec![
+            "app1:im_server",
+            "app1:im_server:by_name",
+            "app1:im_server:details",
+            "app1:im_server:lease"
+        ]
+    );
 }

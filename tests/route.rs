@@ -24,14 +24,25 @@ const SEED: &str = r#"{"ip":"192.168.100.153","port":9000}"#;
 const FAST: &str = "heartbeat_check_interval = 0.5\nheartbeat_idle_time = 1.5\ncache_refresh = 1.0";
 
 fn route(redis: &RedisServer, extra: &str) -> Daemon {
-    let d = Daemon::new(BIN, &format!("worker_num = 2\nredis_url = \"{}\"\n{FAST}\n{extra}", redis.url()));
+    let d = Daemon::new(
+        BIN,
+        &format!(
+            "worker_num = 2\nredis_url = \"{}\"\n{FAST}\n{extra}",
+            redis.url()
+        ),
+    );
     d.start();
     d
 }
 
 fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("examples").join(name)
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name)
 }
 
 /// A seed client process and the lines it prints.
@@ -43,7 +54,13 @@ struct SeedClient {
 impl SeedClient {
     fn start(d: &Daemon, args: &[&str]) -> SeedClient {
         let mut cmd = Command::new(example("seed_client"));
-        cmd.arg("--url").arg(format!("ws://{}/", d.addr())).arg("--ping-ms").arg("300").args(args).stdout(Stdio::piped()).stderr(Stdio::null());
+        cmd.arg("--url")
+            .arg(format!("ws://{}/", d.addr()))
+            .arg("--ping-ms")
+            .arg("300")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
         let mut proc = Proc::spawn(&mut cmd);
         let out = proc.child_mut().stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
@@ -57,18 +74,27 @@ impl SeedClient {
 
     /// The next printed line.
     fn line(&self) -> String {
-        self.lines.recv_timeout(Duration::from_secs(5)).expect("the client printed a reply")
+        self.lines
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the client printed a reply")
     }
 }
 
 fn members(redis: &RedisServer) -> Vec<String> {
-    let mut v: Vec<String> = redis::cmd("SMEMBERS").arg("im_server").query(&mut redis.client()).unwrap_or_default();
+    let mut v: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("im_server")
+        .query(&mut redis.client())
+        .unwrap_or_default();
     v.sort();
     v
 }
 
 fn details(redis: &RedisServer, member: &str) -> Option<serde_json::Value> {
-    let j: Option<String> = redis::cmd("HGET").arg("im_server:details").arg(member).query(&mut redis.client()).ok()?;
+    let j: Option<String> = redis::cmd("HGET")
+        .arg("im_server:details")
+        .arg(member)
+        .query(&mut redis.client())
+        .ok()?;
     j.and_then(|j| serde_json::from_str(&j).ok())
 }
 
@@ -82,17 +108,23 @@ fn api_servers(d: &Daemon) -> serde_json::Value {
 fn the_seed_register_is_stored_in_the_seed_encoding_and_removed_on_sigkill() {
     let redis = RedisServer::start();
     let d = route(&redis, "");
-    let mut im = SeedClient::start(&d, &[]);
+    let im = SeedClient::start(&d, &[]);
     let reply: serde_json::Value = serde_json::from_str(&im.line()).unwrap();
     assert_eq!(reply["method"], "registered");
     assert_eq!(members(&redis), vec![SEED]);
     let entry = details(&redis, SEED).unwrap();
     assert_eq!(entry["serviceName"], "IM_1");
-    wait_until(Duration::from_secs(3), "the cache lists it", || api_servers(&d)["servers"][0]["serviceName"] == "IM_1");
+    wait_until(Duration::from_secs(3), "the cache lists it", || {
+        api_servers(&d)["servers"][0]["serviceName"] == "IM_1"
+    });
 
     im.proc.signal(Signal::SIGKILL).unwrap();
     let t0 = Instant::now();
-    wait_until(Duration::from_secs(1), "entry gone within 1 s of the IM server's SIGKILL", || members(&redis).is_empty());
+    wait_until(
+        Duration::from_secs(1),
+        "entry gone within 1 s of the IM server's SIGKILL",
+        || members(&redis).is_empty(),
+    );
     eprintln!("detection after SIGKILL: {} ms", t0.elapsed().as_millis());
     assert_eq!(details(&redis, SEED), None);
     d.stop();
@@ -102,14 +134,21 @@ fn the_seed_register_is_stored_in_the_seed_encoding_and_removed_on_sigkill() {
 fn a_frozen_im_server_is_dropped_after_the_idle_time() {
     let redis = RedisServer::start();
     let d = route(&redis, "");
-    let im = SeedClient::start(&d, &["--name", "IM_F", "--ip", "127.0.0.2", "--port", "9100"]);
+    let im = SeedClient::start(
+        &d,
+        &["--name", "IM_F", "--ip", "127.0.0.2", "--port", "9100"],
+    );
     assert!(im.line().contains("registered"));
     // Alive and pinging: still there after more than the idle time.
     std::thread::sleep(Duration::from_millis(2000));
     assert_eq!(members(&redis).len(), 1, "a pinging server is kept");
     im.proc.signal(Signal::SIGSTOP).unwrap();
     let t0 = Instant::now();
-    wait_until(Duration::from_millis(1500 + 500 + 700), "a frozen server gone within idle time + one sweep", || members(&redis).is_empty());
+    wait_until(
+        Duration::from_millis(1500 + 500 + 700),
+        "a frozen server gone within idle time + one sweep",
+        || members(&redis).is_empty(),
+    );
     eprintln!("detection after SIGSTOP: {} ms", t0.elapsed().as_millis());
     im.proc.signal(Signal::SIGCONT).unwrap();
     d.stop();
@@ -120,15 +159,37 @@ fn a_dead_route_worker_leaves_nothing_stale_and_touches_no_other_entry() {
     let redis = RedisServer::start();
     let d = route(&redis, "");
     // Two IM servers held by two different Route workers.
-    let a = SeedClient::start(&d, &["--name", "IM_A", "--ip", "127.0.0.2", "--port", "9001"]);
+    let a = SeedClient::start(
+        &d,
+        &["--name", "IM_A", "--ip", "127.0.0.2", "--port", "9001"],
+    );
     assert!(a.line().contains("registered"));
     let a_member = r#"{"ip":"127.0.0.2","port":9001}"#;
-    let owner_pid = |m: &str| -> i32 { details(&redis, m).unwrap()["owner"].as_str().unwrap().split('/').nth(1).unwrap().parse().unwrap() };
+    let owner_pid = |m: &str| -> i32 {
+        details(&redis, m).unwrap()["owner"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
     let a_pid = owner_pid(a_member);
     let mut b = None;
     for i in 0..40 {
         let port = format!("{}", 9100 + i);
-        let c = SeedClient::start(&d, &["--name", &format!("IM_B{i}"), "--ip", "127.0.0.3", "--port", &port]);
+        let c = SeedClient::start(
+            &d,
+            &[
+                "--name",
+                &format!("IM_B{i}"),
+                "--ip",
+                "127.0.0.3",
+                "--port",
+                &port,
+            ],
+        );
         assert!(c.line().contains("registered"));
         let m = format!(r#"{{"ip":"127.0.0.3","port":{port}}}"#);
         if owner_pid(&m) != a_pid {
@@ -141,13 +202,26 @@ fn a_dead_route_worker_leaves_nothing_stale_and_touches_no_other_entry() {
     kill(Pid::from_raw(a_pid), Signal::SIGKILL).unwrap();
     let t0 = Instant::now();
     // Lease 2 s + one sweep of the surviving worker.
-    wait_until(Duration::from_millis(2000 + 500 + 700), "A's entry reaped after its lease", || {
-        assert!(members(&redis).contains(&b_member), "B must stay registered throughout");
-        !members(&redis).contains(&a_member.to_string())
-    });
-    eprintln!("lease reap after a Route worker's SIGKILL: {} ms", t0.elapsed().as_millis());
+    wait_until(
+        Duration::from_millis(2000 + 500 + 700),
+        "A's entry reaped after its lease",
+        || {
+            assert!(
+                members(&redis).contains(&b_member),
+                "B must stay registered throughout"
+            );
+            !members(&redis).contains(&a_member.to_string())
+        },
+    );
+    eprintln!(
+        "lease reap after a Route worker's SIGKILL: {} ms",
+        t0.elapsed().as_millis()
+    );
     let b_after = details(&redis, &b_member).unwrap();
-    assert_eq!(b_after["registered_at_ms"], b_before["registered_at_ms"], "B untouched");
+    assert_eq!(
+        b_after["registered_at_ms"], b_before["registered_at_ms"],
+        "B untouched"
+    );
     assert_eq!(b_after["owner"], b_before["owner"]);
     d.stop();
 }
@@ -162,8 +236,13 @@ fn redis_restarted_empty_is_rebuilt_within_one_sweep() {
     assert!(members(&redis).is_empty(), "the restarted Redis is empty");
     let t0 = Instant::now();
     // One sweep (0.5 s) plus the worker's reconnect backoff.
-    wait_until(Duration::from_millis(2000), "registry rebuilt", || members(&redis) == vec![SEED.to_string()]);
-    eprintln!("rebuilt after an empty Redis restart in {} ms", t0.elapsed().as_millis());
+    wait_until(Duration::from_millis(2000), "registry rebuilt", || {
+        members(&redis) == vec![SEED.to_string()]
+    });
+    eprintln!(
+        "rebuilt after an empty Redis restart in {} ms",
+        t0.elapsed().as_millis()
+    );
     assert_eq!(details(&redis, SEED).unwrap()["serviceName"], "IM_1");
     d.stop();
 }
@@ -172,12 +251,24 @@ fn redis_restarted_empty_is_rebuilt_within_one_sweep() {
 fn without_redis_the_route_serves_from_cache_and_recovers() {
     let mut redis = RedisServer::start();
     let d = route(&redis, "");
-    let _a = SeedClient::start(&d, &["--name", "IM_1", "--ip", "127.0.0.2", "--port", "9001"]);
-    let _b = SeedClient::start(&d, &["--name", "IM_2", "--ip", "127.0.0.3", "--port", "9001"]);
-    wait_until(Duration::from_secs(5), "both listed", || api_servers(&d)["count"] == 2);
-    wait_until(Duration::from_secs(3), "ready", || http_get(d.addr(), "/ready").map(|r| r.0).ok() == Some(200));
+    let _a = SeedClient::start(
+        &d,
+        &["--name", "IM_1", "--ip", "127.0.0.2", "--port", "9001"],
+    );
+    let _b = SeedClient::start(
+        &d,
+        &["--name", "IM_2", "--ip", "127.0.0.3", "--port", "9001"],
+    );
+    wait_until(Duration::from_secs(5), "both listed", || {
+        api_servers(&d)["count"] == 2
+    });
+    wait_until(Duration::from_secs(3), "ready", || {
+        http_get(d.addr(), "/ready").map(|r| r.0).ok() == Some(200)
+    });
     redis.stop();
-    wait_until(Duration::from_secs(4), "/ready turns 503", || http_get(d.addr(), "/ready").map(|r| r.0).ok() == Some(503));
+    wait_until(Duration::from_secs(4), "/ready turns 503", || {
+        http_get(d.addr(), "/ready").map(|r| r.0).ok() == Some(503)
+    });
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(2) {
         let v = api_servers(&d);
@@ -186,11 +277,24 @@ fn without_redis_the_route_serves_from_cache_and_recovers() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let master = d.master_pid().unwrap();
-    assert!(pid_alive(master) && d.worker_pids().len() == 2, "nothing crashed");
+    assert!(
+        pid_alive(master) && d.worker_pids().len() == 2,
+        "nothing crashed"
+    );
     redis.restart();
-    wait_until(Duration::from_secs(5), "both re-registered in the new Redis", || members(&redis).len() == 2);
-    wait_until(Duration::from_secs(5), "/ready back to 200", || http_get(d.addr(), "/ready").map(|r| r.0).ok() == Some(200));
-    assert!(d.log().matches("Redis is unreachable").count() <= 2, "logged once per outage per worker:\n{}", d.log());
+    wait_until(
+        Duration::from_secs(5),
+        "both re-registered in the new Redis",
+        || members(&redis).len() == 2,
+    );
+    wait_until(Duration::from_secs(5), "/ready back to 200", || {
+        http_get(d.addr(), "/ready").map(|r| r.0).ok() == Some(200)
+    });
+    assert!(
+        d.log().matches("Redis is unreachable").count() <= 2,
+        "logged once per outage per worker:\n{}",
+        d.log()
+    );
     d.stop();
 }
 
@@ -201,11 +305,19 @@ fn registration_needs_a_valid_token_when_auth_is_on() {
     let good = swocloud::auth::mint(b"s3cret", "IM_1", "register", 60);
     let forged = swocloud::auth::mint(b"guess", "IM_1", "register", 60);
     let other = swocloud::auth::mint(b"s3cret", "IM_2", "register", 60);
-    for args in [vec![], vec!["--token", forged.as_str()], vec!["--token", other.as_str()], vec!["--token", "garbage"]] {
+    for args in [
+        vec![],
+        vec!["--token", forged.as_str()],
+        vec!["--token", other.as_str()],
+        vec!["--token", "garbage"],
+    ] {
         let c = SeedClient::start(&d, &args);
         let reply: serde_json::Value = serde_json::from_str(&c.line()).unwrap();
         assert_eq!(reply["error"]["code"], "unauthorized", "{args:?}: {reply}");
-        assert!(c.line().starts_with("CLOSED 1008"), "closed after unauthorized");
+        assert!(
+            c.line().starts_with("CLOSED 1008"),
+            "closed after unauthorized"
+        );
         assert!(members(&redis).is_empty(), "nothing stored for {args:?}");
     }
     let c = SeedClient::start(&d, &["--token", good.as_str()]);
@@ -226,13 +338,24 @@ fn bad_frames_get_error_frames_and_nothing_is_stored() {
         assert_eq!(v["error"]["code"], code, "{v}");
     };
     expect(Message::text("{nope"), "bad_json");
-    expect(Message::text(r#"{"method":"__destruct"}"#), "unknown_method");
-    expect(Message::text(r#"{"method":"register","serviceName":"IM_1","ip":"127.0.0.2","port":"9000"}"#), "bad_request");
+    expect(
+        Message::text(r#"{"method":"__destruct"}"#),
+        "unknown_method",
+    );
+    expect(
+        Message::text(
+            r#"{"method":"register","serviceName":"IM_1","ip":"127.0.0.2","port":"9000"}"#,
+        ),
+        "bad_request",
+    );
     expect(Message::binary(vec![1, 2, 3]), "bad_frame");
     // The fifth bad frame closes the connection (policy violation).
     ws.send(Message::text("[]")).unwrap();
     assert_eq!(ws.recv_text_json()["error"]["code"], "bad_json");
-    assert!(ws.wait_closed(Duration::from_secs(2)), "a peer that keeps sending garbage is closed");
+    assert!(
+        ws.wait_closed(Duration::from_secs(2)),
+        "a peer that keeps sending garbage is closed"
+    );
     assert!(members(&redis).is_empty());
 
     // Oversize frame: closed with 1009; the worker still serves.
@@ -248,7 +371,8 @@ fn bad_frames_get_error_frames_and_nothing_is_stored() {
     assert_eq!(closed, 1009);
     assert_eq!(http_get(d.addr(), "/health").unwrap().0, 200);
     let mut ok = ws_connect(&url).unwrap();
-    ok.send_text(r#"{"method":"register","serviceName":"IM_9","ip":"127.0.0.9","port":9000}"#).unwrap();
+    ok.send_text(r#"{"method":"register","serviceName":"IM_9","ip":"127.0.0.9","port":9000}"#)
+        .unwrap();
     assert_eq!(ok.recv_text_json()["method"], "registered");
     d.stop();
 }

@@ -23,11 +23,20 @@ pub struct HealthApp {
 
 impl App for HealthApp {
     fn on_worker_error(&mut self, _info: &ServerInfo, f: &WorkerFailure) {
-        log::warn!("on_worker_error: worker_id={} pid={} exit_code={} signal={}", f.worker_id, f.pid, f.exit_code, f.signal);
+        log::warn!(
+            "on_worker_error: worker_id={} pid={} exit_code={} signal={}",
+            f.worker_id,
+            f.pid,
+            f.exit_code,
+            f.signal
+        );
     }
 
     fn on_request(&mut self, srv: &mut Server<Self>, req: &Request) -> Response {
-        match (req.method.as_str(), req.path.split('?').next().unwrap_or("")) {
+        match (
+            req.method.as_str(),
+            req.path.split('?').next().unwrap_or(""),
+        ) {
             ("GET", "/health") => Response::json(
                 200,
                 &json!({"status": "ok", "worker_id": srv.worker_id(), "pid": std::process::id()}),
@@ -61,13 +70,27 @@ impl App for HealthApp {
         self.pending.retain(|_, f| *f != fd);
     }
 
-    fn on_task(&mut self, _srv: &mut Server<Self>, _id: u64, _from: usize, data: Vec<u8>) -> Vec<u8> {
-        format!("done:{}:{}", String::from_utf8_lossy(&data), std::process::id()).into_bytes()
+    fn on_task(
+        &mut self,
+        _srv: &mut Server<Self>,
+        _id: u64,
+        _from: usize,
+        data: Vec<u8>,
+    ) -> Vec<u8> {
+        format!(
+            "done:{}:{}",
+            String::from_utf8_lossy(&data),
+            std::process::id()
+        )
+        .into_bytes()
     }
 
     fn on_finish(&mut self, srv: &mut Server<Self>, id: u64, result: Vec<u8>) {
         if let Some(fd) = self.pending.remove(&id) {
-            srv.push(fd, Message::Text(String::from_utf8_lossy(&result).into_owned()));
+            srv.push(
+                fd,
+                Message::Text(String::from_utf8_lossy(&result).into_owned()),
+            );
         }
     }
 }

@@ -16,8 +16,12 @@ use crate::process::scoreboard::Scoreboard;
 /// Binds the control socket, replacing a stale socket file.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind control socket {}: {e}", path.display())))?;
+    let l = UnixListener::bind(path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot bind control socket {}: {e}", path.display()),
+        )
+    })?;
     l.set_nonblocking(true)?;
     Ok(l)
 }
@@ -25,7 +29,11 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 /// The `status` document.
 pub fn status(sb: &Scoreboard, listen: &str, phase: &str) -> Value {
     let rows = sb.snapshot();
-    let one = |role: &str| rows.iter().find(|r| r.role == role).map(|r| json!({"pid": r.pid, "uptime_s": r.uptime_s, "rss_kib": r.rss_kib}));
+    let one = |role: &str| {
+        rows.iter()
+            .find(|r| r.role == role)
+            .map(|r| json!({"pid": r.pid, "uptime_s": r.uptime_s, "rss_kib": r.rss_kib}))
+    };
     let mut workers: Vec<_> = rows.iter().filter(|r| r.role == "worker").collect();
     workers.sort_by_key(|r| (r.id, r.pid));
     let mut tasks: Vec<_> = rows.iter().filter(|r| r.role == "task_worker").collect();
@@ -69,11 +77,16 @@ use std::io::Read as _;
 
 /// Client side: asks the master at `path` and returns its JSON answer.
 pub fn request(path: &Path, what: &str) -> std::io::Result<Value> {
-    let mut s = UnixStream::connect(path)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot reach the master on {}: {e}", path.display())))?;
+    let mut s = UnixStream::connect(path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot reach the master on {}: {e}", path.display()),
+        )
+    })?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
     writeln!(s, "{what}")?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
-    serde_json::from_str(text.trim()).map_err(|e| std::io::Error::other(format!("bad answer from {}: {e}", path.display())))
+    serde_json::from_str(text.trim())
+        .map_err(|e| std::io::Error::other(format!("bad answer from {}: {e}", path.display())))
 }

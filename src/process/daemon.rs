@@ -9,7 +9,7 @@
 //! launcher prints the outcome and exits with it. A master that dies without
 //! a word closes the pipe, which the launcher reports as a failure too.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::unistd::{fork, setsid, ForkResult};
@@ -58,8 +58,8 @@ pub enum Outcome {
 ///
 /// Must be called while the process is single-threaded.
 pub fn daemonize() -> Result<Readiness, Outcome> {
-    let (r, w): (OwnedFd, OwnedFd) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Outcome::Failed(format!("pipe: {e}")))?;
+    let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| Outcome::Failed(format!("pipe: {e}")))?;
     // SAFETY: the process is single-threaded here (documented contract), so
     // the child may run arbitrary code after fork.
     match unsafe { fork() } {
@@ -67,13 +67,19 @@ pub fn daemonize() -> Result<Readiness, Outcome> {
         Ok(ForkResult::Parent { child }) => {
             drop(w);
             let _ = nix::sys::wait::waitpid(child, None);
+            // One line, not EOF: the daemon's children inherit the write end.
             let mut text = String::new();
-            let _ = std::fs::File::from(r).read_to_string(&mut text);
-            let line = text.lines().next().unwrap_or("").trim().to_string();
+            let _ = std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(std::fs::File::from(r)),
+                &mut text,
+            );
+            let line = text.trim().to_string();
             Err(match line.split_once(' ') {
                 Some(("OK", pid)) => Outcome::Ready(pid.parse().unwrap_or(0)),
                 Some(("ERR", why)) => Outcome::Failed(why.to_string()),
-                _ => Outcome::Failed("the daemon exited during start-up without a report (see log_file)".into()),
+                _ => Outcome::Failed(
+                    "the daemon exited during start-up without a report (see log_file)".into(),
+                ),
             })
         }
         Ok(ForkResult::Child) => {
@@ -91,7 +97,11 @@ pub fn daemonize() -> Result<Readiness, Outcome> {
             }
             nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
             let _ = std::env::set_current_dir("/");
-            if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+            if let Ok(null) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
                 // SAFETY: dup2 of a valid fd onto the standard descriptors.
                 unsafe {
                     libc::dup2(null.as_raw_fd(), 0);

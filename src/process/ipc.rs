@@ -131,8 +131,12 @@ impl Mailboxes {
     /// Creates the pairs for `workers` event workers and `tasks` task workers.
     pub fn create(workers: usize, tasks: usize) -> io::Result<Mailboxes> {
         Ok(Mailboxes {
-            workers: (0..workers).map(|i| pair(&format!("worker {i}"))).collect::<io::Result<_>>()?,
-            tasks: (0..tasks).map(|i| pair(&format!("task worker {i}"))).collect::<io::Result<_>>()?,
+            workers: (0..workers)
+                .map(|i| pair(&format!("worker {i}")))
+                .collect::<io::Result<_>>()?,
+            tasks: (0..tasks)
+                .map(|i| pair(&format!("task worker {i}")))
+                .collect::<io::Result<_>>()?,
         })
     }
 
@@ -146,8 +150,16 @@ impl Mailboxes {
         Ok(Postbox {
             me,
             inbox,
-            workers: self.workers.iter().map(|p| dup(&p.outbox)).collect::<io::Result<_>>()?,
-            tasks: self.tasks.iter().map(|p| dup(&p.outbox)).collect::<io::Result<_>>()?,
+            workers: self
+                .workers
+                .iter()
+                .map(|p| dup(&p.outbox))
+                .collect::<io::Result<_>>()?,
+            tasks: self
+                .tasks
+                .iter()
+                .map(|p| dup(&p.outbox))
+                .collect::<io::Result<_>>()?,
             queued: VecDeque::new(),
             recv_buf: vec![0u8; HEADER + MAX_MESSAGE + 1],
         })
@@ -186,8 +198,13 @@ impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SendError::NoSuchDestination(d) => write!(f, "no such destination {d:?}"),
-            SendError::TooLarge(n) => write!(f, "message of {n} bytes exceeds the {MAX_MESSAGE}-byte IPC limit"),
-            SendError::Backlogged(d) => write!(f, "destination {d:?} has {MAX_QUEUED} messages queued"),
+            SendError::TooLarge(n) => write!(
+                f,
+                "message of {n} bytes exceeds the {MAX_MESSAGE}-byte IPC limit"
+            ),
+            SendError::Backlogged(d) => {
+                write!(f, "destination {d:?} has {MAX_QUEUED} messages queued")
+            }
         }
     }
 }
@@ -257,7 +274,11 @@ impl Postbox {
 
     /// Ok(true) sent, Ok(false) would block.
     fn try_send(&self, to: Dest, bytes: &[u8]) -> io::Result<bool> {
-        match socket::send(self.fd(to), bytes, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL) {
+        match socket::send(
+            self.fd(to),
+            bytes,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        ) {
             Ok(_) => Ok(true),
             Err(nix::errno::Errno::EAGAIN) => Ok(false),
             Err(e) => Err(io::Error::other(format!("send to {to:?}: {e}"))),
@@ -295,7 +316,11 @@ impl Postbox {
     /// Receives one message if any is waiting (non-blocking).
     pub fn recv(&mut self) -> io::Result<Option<Envelope>> {
         loop {
-            match socket::recv(self.inbox.as_raw_fd(), &mut self.recv_buf, MsgFlags::MSG_DONTWAIT) {
+            match socket::recv(
+                self.inbox.as_raw_fd(),
+                &mut self.recv_buf,
+                MsgFlags::MSG_DONTWAIT,
+            ) {
                 Ok(0) => return Ok(None),
                 Ok(n) if n > HEADER + MAX_MESSAGE => {
                     log::warn!("ipc: dropping an oversize message on {:?}", self.me);
@@ -304,13 +329,21 @@ impl Postbox {
                 Ok(n) => match Envelope::decode(&self.recv_buf[..n]) {
                     Some(env) => return Ok(Some(env)),
                     None => {
-                        log::warn!("ipc: dropping a malformed {n}-byte message on {:?}", self.me);
+                        log::warn!(
+                            "ipc: dropping a malformed {n}-byte message on {:?}",
+                            self.me
+                        );
                         continue;
                     }
                 },
                 Err(nix::errno::Errno::EAGAIN) => return Ok(None),
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(io::Error::other(format!("recv on {:?} inbox: {e}", self.me))),
+                Err(e) => {
+                    return Err(io::Error::other(format!(
+                        "recv on {:?} inbox: {e}",
+                        self.me
+                    )))
+                }
             }
         }
     }
@@ -326,14 +359,47 @@ mod tests {
         let mut w0 = mb.postbox(Dest::Worker(0)).unwrap();
         let mut w1 = mb.postbox(Dest::Worker(1)).unwrap();
         let mut t0 = mb.postbox(Dest::TaskWorker(0)).unwrap();
-        w0.send(Dest::Worker(1), &Envelope::Pipe { from: 0, data: b"hi".to_vec() }).unwrap();
-        assert_eq!(w1.recv().unwrap(), Some(Envelope::Pipe { from: 0, data: b"hi".to_vec() }));
+        w0.send(
+            Dest::Worker(1),
+            &Envelope::Pipe {
+                from: 0,
+                data: b"hi".to_vec(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            w1.recv().unwrap(),
+            Some(Envelope::Pipe {
+                from: 0,
+                data: b"hi".to_vec()
+            })
+        );
         assert_eq!(w1.recv().unwrap(), None);
-        w1.send(Dest::TaskWorker(0), &Envelope::Task { id: 9, from: 1, data: vec![1; 1000] }).unwrap();
-        assert!(matches!(t0.recv().unwrap(), Some(Envelope::Task { id: 9, from: 1, .. })));
-        assert!(matches!(w0.send(Dest::Worker(5), &Envelope::Unknown(0)), Err(SendError::NoSuchDestination(_))));
+        w1.send(
+            Dest::TaskWorker(0),
+            &Envelope::Task {
+                id: 9,
+                from: 1,
+                data: vec![1; 1000],
+            },
+        )
+        .unwrap();
         assert!(matches!(
-            w0.send(Dest::Worker(1), &Envelope::Pipe { from: 0, data: vec![0; MAX_MESSAGE + 1] }),
+            t0.recv().unwrap(),
+            Some(Envelope::Task { id: 9, from: 1, .. })
+        ));
+        assert!(matches!(
+            w0.send(Dest::Worker(5), &Envelope::Unknown(0)),
+            Err(SendError::NoSuchDestination(_))
+        ));
+        assert!(matches!(
+            w0.send(
+                Dest::Worker(1),
+                &Envelope::Pipe {
+                    from: 0,
+                    data: vec![0; MAX_MESSAGE + 1]
+                }
+            ),
             Err(SendError::TooLarge(_))
         ));
     }
@@ -345,7 +411,14 @@ mod tests {
         let mut w1 = mb.postbox(Dest::Worker(1)).unwrap();
         let n = 400;
         for i in 0..n {
-            w0.send(Dest::Worker(1), &Envelope::Pipe { from: 0, data: vec![(i % 251) as u8; 8192] }).unwrap();
+            w0.send(
+                Dest::Worker(1),
+                &Envelope::Pipe {
+                    from: 0,
+                    data: vec![(i % 251) as u8; 8192],
+                },
+            )
+            .unwrap();
         }
         assert!(w0.has_queued(), "the socket buffer should have filled");
         let mut got = 0;

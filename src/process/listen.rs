@@ -11,13 +11,19 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 
-use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
+};
 
 /// Accept backlog per slot.
 const BACKLOG: i32 = 4096;
 
 fn new_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
-    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
     socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(io::Error::from)
 }
 
@@ -25,28 +31,49 @@ fn new_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
 /// when anything else (another server, or a swocloud already running)
 /// holds the port. Port 0 picks a free port shared by all slots.
 pub fn bind_slots(addr: SocketAddr, count: usize) -> io::Result<Vec<TcpListener>> {
-    let ctx = |what: &str, e: nix::Error| io::Error::new(io::Error::from(e).kind(), format!("{what} {addr}: {e}"));
+    let ctx = |what: &str, e: nix::Error| {
+        io::Error::new(io::Error::from(e).kind(), format!("{what} {addr}: {e}"))
+    };
     // Probe without SO_REUSEPORT: fails if any socket already listens there.
     let probe = new_socket(addr)?;
     socket::setsockopt(&probe, sockopt::ReuseAddr, &true).map_err(|e| ctx("SO_REUSEADDR on", e))?;
-    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&probe), &SockaddrStorage::from(addr)).map_err(|e| match e {
-        nix::Error::EADDRINUSE => io::Error::new(io::ErrorKind::AddrInUse, format!("cannot listen on {addr}: address already in use")),
+    socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&probe),
+        &SockaddrStorage::from(addr),
+    )
+    .map_err(|e| match e {
+        nix::Error::EADDRINUSE => io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("cannot listen on {addr}: address already in use"),
+        ),
         e => ctx("cannot bind", e),
     })?;
     let mut addr = addr;
     if addr.port() == 0 {
-        let local: SockaddrStorage = socket::getsockname(std::os::fd::AsRawFd::as_raw_fd(&probe)).map_err(|e| ctx("getsockname", e))?;
-        let port = local.as_sockaddr_in().map(|a| a.port()).or_else(|| local.as_sockaddr_in6().map(|a| a.port())).unwrap_or(0);
+        let local: SockaddrStorage = socket::getsockname(std::os::fd::AsRawFd::as_raw_fd(&probe))
+            .map_err(|e| ctx("getsockname", e))?;
+        let port = local
+            .as_sockaddr_in()
+            .map(|a| a.port())
+            .or_else(|| local.as_sockaddr_in6().map(|a| a.port()))
+            .unwrap_or(0);
         addr.set_port(port);
     }
     drop(probe);
     (0..count)
         .map(|_| {
             let fd = new_socket(addr)?;
-            socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| ctx("SO_REUSEADDR on", e))?;
-            socket::setsockopt(&fd, sockopt::ReusePort, &true).map_err(|e| ctx("SO_REUSEPORT on", e))?;
-            socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(addr)).map_err(|e| ctx("cannot bind", e))?;
-            socket::listen(&fd, Backlog::new(BACKLOG).unwrap_or(Backlog::MAXCONN)).map_err(|e| ctx("cannot listen on", e))?;
+            socket::setsockopt(&fd, sockopt::ReuseAddr, &true)
+                .map_err(|e| ctx("SO_REUSEADDR on", e))?;
+            socket::setsockopt(&fd, sockopt::ReusePort, &true)
+                .map_err(|e| ctx("SO_REUSEPORT on", e))?;
+            socket::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &SockaddrStorage::from(addr),
+            )
+            .map_err(|e| ctx("cannot bind", e))?;
+            socket::listen(&fd, Backlog::new(BACKLOG).unwrap_or(Backlog::MAXCONN))
+                .map_err(|e| ctx("cannot listen on", e))?;
             Ok(TcpListener::from(fd))
         })
         .collect()

@@ -120,10 +120,11 @@ pub fn run<A: App>(args: ManagerArgs, app: &mut A) -> i32 {
         Ok(m) => m,
         Err(e) => return fail_early(args, &format!("creating worker mailboxes: {e}")),
     };
-    let (ready_r, ready_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK) {
-        Ok(p) => p,
-        Err(e) => return fail_early(args, &format!("creating the readiness pipe: {e}")),
-    };
+    let (ready_r, ready_w) =
+        match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK) {
+            Ok(p) => p,
+            Err(e) => return fail_early(args, &format!("creating the readiness pipe: {e}")),
+        };
     let mut m = Manager {
         policy: vec![SlotPolicy::default(); ws + ts],
         args,
@@ -138,7 +139,10 @@ pub fn run<A: App>(args: ManagerArgs, app: &mut A) -> i32 {
     };
     let info = info_of(&m.args);
     m.app.on_manager_start(&info);
-    let slots: Vec<Slot> = (0..ws).map(Slot::Worker).chain((0..ts).map(Slot::Task)).collect();
+    let slots: Vec<Slot> = (0..ws)
+        .map(Slot::Worker)
+        .chain((0..ts).map(Slot::Task))
+        .collect();
     for slot in slots {
         if let Err(e) = m.spawn(slot, None) {
             m.report(&format!("FAIL cannot start {}: {e}", slot.label()));
@@ -150,7 +154,11 @@ pub fn run<A: App>(args: ManagerArgs, app: &mut A) -> i32 {
 }
 
 fn info_of(args: &ManagerArgs) -> ServerInfo<'_> {
-    ServerInfo { settings: &args.settings, master_pid: args.master_pid.as_raw(), manager_pid: std::process::id() as i32 }
+    ServerInfo {
+        settings: &args.settings,
+        master_pid: args.master_pid.as_raw(),
+        manager_pid: std::process::id() as i32,
+    }
 }
 
 fn fail_early(mut args: ManagerArgs, why: &str) -> i32 {
@@ -173,7 +181,11 @@ impl<A: App> Manager<'_, A> {
 
     /// Forks a worker for `slot`. The child never returns.
     fn spawn(&mut self, slot: Slot, replaces: Option<Pid>) -> std::io::Result<Pid> {
-        let role = if matches!(slot, Slot::Worker(_)) { Role::Worker } else { Role::TaskWorker };
+        let role = if matches!(slot, Slot::Worker(_)) {
+            Role::Worker
+        } else {
+            Role::TaskWorker
+        };
         let row = self
             .args
             .scoreboard
@@ -186,7 +198,10 @@ impl<A: App> Manager<'_, A> {
             Err(e) => {
                 signals::restore(&mask);
                 self.args.scoreboard.release(row);
-                Err(std::io::Error::other(format!("fork for {}: {e}", slot.label())))
+                Err(std::io::Error::other(format!(
+                    "fork for {}: {e}",
+                    slot.label()
+                )))
             }
             Ok(ForkResult::Child) => {
                 let code = self.child_main(slot, row, &mask);
@@ -194,9 +209,21 @@ impl<A: App> Manager<'_, A> {
             }
             Ok(ForkResult::Parent { child }) => {
                 signals::restore(&mask);
-                self.args.scoreboard.row(row).pid.store(child.as_raw(), std::sync::atomic::Ordering::Relaxed);
+                self.args
+                    .scoreboard
+                    .row(row)
+                    .pid
+                    .store(child.as_raw(), std::sync::atomic::Ordering::Relaxed);
                 log::debug!("spawned {} pid {child}", slot.label());
-                self.table.push(Child { pid: child, slot, row, spawned: Instant::now(), ready: false, stopping_since: None, replaces });
+                self.table.push(Child {
+                    pid: child,
+                    slot,
+                    row,
+                    spawned: Instant::now(),
+                    ready: false,
+                    stopping_since: None,
+                    replaces,
+                });
                 Ok(child)
             }
         }
@@ -216,7 +243,10 @@ impl<A: App> Manager<'_, A> {
             return 0;
         }
         let r = self.args.scoreboard.row(row);
-        r.pid.store(std::process::id() as i32, std::sync::atomic::Ordering::Relaxed);
+        r.pid.store(
+            std::process::id() as i32,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let listener = match slot {
             Slot::Worker(i) => std::mem::take(&mut self.args.listeners).into_iter().nth(i),
             Slot::Task(_) => {
@@ -253,7 +283,9 @@ impl<A: App> Manager<'_, A> {
             watch_signals: true,
         };
         let app = &mut *self.app;
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reactor::run_worker(ctx, app))) {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            reactor::run_worker(ctx, app)
+        })) {
             Ok(Ok(WorkerExit::Stopped)) => 0,
             Ok(Ok(WorkerExit::MaxRequest)) => {
                 log::info!("reached max_request; leaving to be replaced");
@@ -292,6 +324,7 @@ impl<A: App> Manager<'_, A> {
             }
             self.reap();
             self.read_ready();
+            self.refresh_own_rss();
             if self.stopping.is_none() && nix::unistd::getppid() != self.args.master_pid {
                 log::warn!("the master is gone; stopping");
                 self.begin_stop();
@@ -304,6 +337,16 @@ impl<A: App> Manager<'_, A> {
                 log::info!("all workers stopped; manager exits");
                 return 0;
             }
+        }
+    }
+
+    fn refresh_own_rss(&self) {
+        let me = std::process::id() as i32;
+        if let Some(r) = self.args.scoreboard.snapshot().iter().find(|r| r.pid == me) {
+            self.args.scoreboard.row(r.index).rss_kib.store(
+                crate::process::scoreboard::self_rss_kib(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
     }
 
@@ -326,10 +369,16 @@ impl<A: App> Manager<'_, A> {
     }
 
     fn exited(&mut self, pid: Pid, code: i32, signal: i32) {
-        let Some(pos) = self.table.iter().position(|c| c.pid == pid) else { return };
+        let Some(pos) = self.table.iter().position(|c| c.pid == pid) else {
+            return;
+        };
         let child = self.table.swap_remove(pos);
         self.args.scoreboard.release(child.row);
-        let how = if signal != 0 { format!("exited on signal {signal}") } else { format!("exited with code {code}") };
+        let how = if signal != 0 {
+            format!("exited on signal {signal}")
+        } else {
+            format!("exited with code {code}")
+        };
         let label = child.slot.label();
         if self.stopping.is_some() || child.stopping_since.is_some() {
             log::info!("{label} (pid {pid}) {how}");
@@ -338,11 +387,15 @@ impl<A: App> Manager<'_, A> {
         // A replacement spawned by a reload that died before serving: the
         // predecessor keeps its slot.
         if child.replaces.is_some() && !child.ready {
-            log::error!("replacement {label} (pid {pid}) {how} before serving; keeping its predecessor");
+            log::error!(
+                "replacement {label} (pid {pid}) {how} before serving; keeping its predecessor"
+            );
             return;
         }
         if !self.reported_ready {
-            self.report(&format!("FAIL {label} (pid {pid}) {how} during start-up (see the log)"));
+            self.report(&format!(
+                "FAIL {label} (pid {pid}) {how} during start-up (see the log)"
+            ));
             log::error!("{label} (pid {pid}) {how} during start-up; stopping");
             self.begin_stop();
             return;
@@ -350,27 +403,57 @@ impl<A: App> Manager<'_, A> {
         let idx = self.slot_index(child.slot);
         if signal == 0 && code == 0 {
             log::info!("{label} (pid {pid}) left cleanly (max_request); replacing it");
-            self.args.scoreboard.totals().worker_replacements.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.policy[idx] = SlotPolicy { quick_exits: 0, respawn_at: Some(Instant::now()) };
+            self.args
+                .scoreboard
+                .totals()
+                .worker_replacements
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.policy[idx] = SlotPolicy {
+                quick_exits: 0,
+                respawn_at: Some(Instant::now()),
+            };
             return;
         }
         log::error!("{label} (pid {pid}) {how}; respawning");
-        self.args.scoreboard.totals().worker_restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let failure = WorkerFailure { worker_id: child.slot.id(), pid: pid.as_raw(), exit_code: code, signal };
+        self.args
+            .scoreboard
+            .totals()
+            .worker_restarts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let failure = WorkerFailure {
+            worker_id: child.slot.id(),
+            pid: pid.as_raw(),
+            exit_code: code,
+            signal,
+        };
         let info = info_of(&self.args);
         let app = &mut *self.app;
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| app.on_worker_error(&info, &failure))).is_err() {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            app.on_worker_error(&info, &failure)
+        }))
+        .is_err()
+        {
             log::error!("on_worker_error panicked");
         }
         let p = &mut self.policy[idx];
-        p.quick_exits = if child.spawned.elapsed() < QUICK_EXIT { p.quick_exits + 1 } else { 0 };
+        p.quick_exits = if child.spawned.elapsed() < QUICK_EXIT {
+            p.quick_exits + 1
+        } else {
+            0
+        };
         let delay = if p.quick_exits <= 1 {
             Duration::ZERO
         } else {
-            BACKOFF_START.saturating_mul(1 << (p.quick_exits - 2).min(10)).min(BACKOFF_MAX)
+            BACKOFF_START
+                .saturating_mul(1 << (p.quick_exits - 2).min(10))
+                .min(BACKOFF_MAX)
         };
         if !delay.is_zero() {
-            log::warn!("{label} is crash-looping ({} quick exits); respawning in {} ms", p.quick_exits, delay.as_millis());
+            log::warn!(
+                "{label} is crash-looping ({} quick exits); respawning in {} ms",
+                p.quick_exits,
+                delay.as_millis()
+            );
         }
         p.respawn_at = Some(Instant::now() + delay);
     }
@@ -381,28 +464,44 @@ impl<A: App> Manager<'_, A> {
             match nix::unistd::read(self.ready_r.as_fd(), &mut buf) {
                 Ok(n) if n > 0 => {
                     for chunk in buf[..n].chunks_exact(4) {
-                        let pid = Pid::from_raw(i32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]));
+                        let pid = Pid::from_raw(i32::from_le_bytes([
+                            chunk[0], chunk[1], chunk[2], chunk[3],
+                        ]));
                         self.mark_ready(pid);
                     }
                 }
                 _ => break,
             }
         }
-        if !self.reported_ready && self.stopping.is_none() && !self.table.is_empty() && self.table.iter().all(|c| c.ready) {
+        if !self.reported_ready
+            && self.stopping.is_none()
+            && !self.table.is_empty()
+            && self.table.iter().all(|c| c.ready)
+        {
             self.reported_ready = true;
             self.report("READY");
         }
     }
 
     fn mark_ready(&mut self, pid: Pid) {
-        let Some(c) = self.table.iter_mut().find(|c| c.pid == pid) else { return };
+        let Some(c) = self.table.iter_mut().find(|c| c.pid == pid) else {
+            return;
+        };
         c.ready = true;
         let (label, old) = (c.slot.label(), c.replaces);
         if let Some(old) = old {
-            if let Some(o) = self.table.iter_mut().find(|c| c.pid == old && c.stopping_since.is_none()) {
+            if let Some(o) = self
+                .table
+                .iter_mut()
+                .find(|c| c.pid == old && c.stopping_since.is_none())
+            {
                 log::info!("{label} (pid {pid}) serves; stopping its predecessor pid {old}");
                 o.stopping_since = Some(Instant::now());
-                self.args.scoreboard.row(o.row).stopping.store(1, std::sync::atomic::Ordering::Relaxed);
+                self.args
+                    .scoreboard
+                    .row(o.row)
+                    .stopping
+                    .store(1, std::sync::atomic::Ordering::Relaxed);
                 let _ = kill(old, Signal::SIGTERM);
             }
         }
@@ -433,7 +532,12 @@ impl<A: App> Manager<'_, A> {
         let grace = Duration::from_secs_f64(self.args.settings.max_wait_time);
         for c in &self.table {
             if c.stopping_since.is_some_and(|t| t.elapsed() > grace) {
-                log::warn!("{} (pid {}) did not stop within {:.1}s; killing it", c.slot.label(), c.pid, grace.as_secs_f64());
+                log::warn!(
+                    "{} (pid {}) did not stop within {:.1}s; killing it",
+                    c.slot.label(),
+                    c.pid,
+                    grace.as_secs_f64()
+                );
                 let _ = kill(c.pid, Signal::SIGKILL);
             }
         }
@@ -445,7 +549,11 @@ impl<A: App> Manager<'_, A> {
         for idx in 0..self.policy.len() {
             if self.policy[idx].respawn_at.is_some_and(|t| t <= now) {
                 self.policy[idx].respawn_at = None;
-                let slot = if idx < ws { Slot::Worker(idx) } else { Slot::Task(idx - ws) };
+                let slot = if idx < ws {
+                    Slot::Worker(idx)
+                } else {
+                    Slot::Task(idx - ws)
+                };
                 if let Err(e) = self.spawn(slot, None) {
                     log::error!("respawning {}: {e}; retrying", slot.label());
                     self.policy[idx].respawn_at = Some(now + BACKOFF_MAX);
@@ -459,12 +567,24 @@ impl<A: App> Manager<'_, A> {
             return;
         }
         let slots: Vec<Slot> = if workers {
-            (0..self.args.settings.worker_num).map(Slot::Worker).collect()
+            (0..self.args.settings.worker_num)
+                .map(Slot::Worker)
+                .collect()
         } else {
-            (0..self.args.settings.task_worker_num).map(Slot::Task).collect()
+            (0..self.args.settings.task_worker_num)
+                .map(Slot::Task)
+                .collect()
         };
-        log::info!("reloading {} {}", slots.len(), if workers { "workers" } else { "task workers" });
-        self.args.scoreboard.totals().reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        log::info!(
+            "reloading {} {}",
+            slots.len(),
+            if workers { "workers" } else { "task workers" }
+        );
+        self.args
+            .scoreboard
+            .totals()
+            .reloads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for s in slots {
             if !self.reload_queue.contains(&s) {
                 self.reload_queue.push_back(s);
@@ -481,7 +601,12 @@ impl<A: App> Manager<'_, A> {
                 return;
             }
             self.reload_queue.pop_front();
-            let Some(old) = self.table.iter().find(|c| c.slot == slot && c.stopping_since.is_none()).map(|c| c.pid) else {
+            let Some(old) = self
+                .table
+                .iter()
+                .find(|c| c.slot == slot && c.stopping_since.is_none())
+                .map(|c| c.pid)
+            else {
                 continue; // the slot is being respawned anyway
             };
             if let Err(e) = self.spawn(slot, Some(old)) {

@@ -60,15 +60,25 @@ pub fn start<A: App>(settings: Settings, app: A) -> i32 {
     let _ = logging::init(settings.log_level.filter(), None, false);
     match pidfile::inspect(&settings.pid_file) {
         PidState::Running(pid) => {
-            eprintln!("already running (pid {pid}, pid file {})", settings.pid_file.display());
+            eprintln!(
+                "already running (pid {pid}, pid file {})",
+                settings.pid_file.display()
+            );
             return 1;
         }
         PidState::Stale { why, .. } => {
-            log::warn!("stale pid file {} ({why}); replacing it", settings.pid_file.display());
+            log::warn!(
+                "stale pid file {} ({why}); replacing it",
+                settings.pid_file.display()
+            );
         }
         PidState::Absent => {}
     }
-    let log_file = settings.log_file.clone().or_else(|| settings.daemonize.then(|| settings.pid_file.with_extension("log")));
+    let log_file = settings.log_file.clone().or_else(|| {
+        settings
+            .daemonize
+            .then(|| settings.pid_file.with_extension("log"))
+    });
     let checks = pidfile::check_writable(&settings.pid_file).and_then(|_| match &log_file {
         Some(p) => logging::open(p).map(drop),
         None => Ok(()),
@@ -89,7 +99,10 @@ pub fn start<A: App>(settings: Settings, app: A) -> i32 {
         match daemon::daemonize() {
             Ok(r) => readiness = r,
             Err(Outcome::Ready(pid)) => {
-                println!("started (pid {pid}), listening on {}", settings.listen_addr());
+                println!(
+                    "started (pid {pid}), listening on {}",
+                    settings.listen_addr()
+                );
                 return 0;
             }
             Err(Outcome::Failed(why)) => {
@@ -98,7 +111,11 @@ pub fn start<A: App>(settings: Settings, app: A) -> i32 {
             }
         }
     }
-    if let Err(e) = logging::init(settings.log_level.filter(), log_file.as_deref(), settings.daemonize) {
+    if let Err(e) = logging::init(
+        settings.log_level.filter(),
+        log_file.as_deref(),
+        settings.daemonize,
+    ) {
         readiness.failed(&e.to_string());
         eprintln!("cannot start: {e}");
         return 1;
@@ -125,10 +142,15 @@ struct Master {
     phase: Phase,
     stop_deadline: Option<Instant>,
     pid: Pid,
+    row: Option<usize>,
 }
 
 impl Master {
-    fn new(settings: Settings, listeners: Vec<TcpListener>, readiness: Readiness) -> Result<Master, (Readiness, String)> {
+    fn new(
+        settings: Settings,
+        listeners: Vec<TcpListener>,
+        readiness: Readiness,
+    ) -> Result<Master, (Readiness, String)> {
         if let Err(e) = signals::install() {
             return Err((readiness, e.to_string()));
         }
@@ -142,8 +164,12 @@ impl Master {
             Err(e) => return Err((readiness, e.to_string())),
         };
         let pid = nix::unistd::getpid();
-        if let Some(row) = scoreboard.claim(Role::Master, 0) {
-            scoreboard.row(row).pid.store(pid.as_raw(), std::sync::atomic::Ordering::Relaxed);
+        let row = scoreboard.claim(Role::Master, 0);
+        if let Some(row) = row {
+            scoreboard
+                .row(row)
+                .pid
+                .store(pid.as_raw(), std::sync::atomic::Ordering::Relaxed);
         }
         Ok(Master {
             settings: Arc::new(settings),
@@ -156,6 +182,7 @@ impl Master {
             phase: Phase::Starting,
             stop_deadline: None,
             pid,
+            row,
         })
     }
 
@@ -175,9 +202,13 @@ impl Master {
     }
 
     fn spawn_manager<A: App>(&mut self, app: &mut A) -> Result<(), String> {
-        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
-            .map_err(|e| format!("manager status pipe: {e}"))?;
-        let row = self.scoreboard.claim(Role::Manager, 0).ok_or("scoreboard full")?;
+        let (r, w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .map_err(|e| format!("manager status pipe: {e}"))?;
+        let row = self
+            .scoreboard
+            .claim(Role::Manager, 0)
+            .ok_or("scoreboard full")?;
         let mask = signals::block_all();
         // SAFETY: the master is single-threaded, so the child may run
         // arbitrary code after fork.
@@ -188,6 +219,8 @@ impl Master {
                 Err(format!("fork of the manager: {e}"))
             }
             Ok(ForkResult::Child) => {
+                // The launcher's pipe is the master's to answer, not ours.
+                drop(std::mem::take(&mut self.readiness));
                 logging::set_role("manager");
                 let code = match signals::reset_after_fork() {
                     Err(e) => {
@@ -200,10 +233,15 @@ impl Master {
                         if signals::die_with_parent(Signal::SIGTERM, self.pid) {
                             std::process::exit(0);
                         }
-                        self.scoreboard.row(row).pid.store(std::process::id() as i32, std::sync::atomic::Ordering::Relaxed);
+                        self.scoreboard.row(row).pid.store(
+                            std::process::id() as i32,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
                         drop(r);
                         let status = std::fs::File::from(w);
-                        let mut w = nix::fcntl::fcntl(&status, nix::fcntl::FcntlArg::F_GETFL).map(nix::fcntl::OFlag::from_bits_truncate).unwrap_or(nix::fcntl::OFlag::empty());
+                        let mut w = nix::fcntl::fcntl(&status, nix::fcntl::FcntlArg::F_GETFL)
+                            .map(nix::fcntl::OFlag::from_bits_truncate)
+                            .unwrap_or(nix::fcntl::OFlag::empty());
                         w.remove(nix::fcntl::OFlag::O_NONBLOCK);
                         let _ = nix::fcntl::fcntl(&status, nix::fcntl::FcntlArg::F_SETFL(w));
                         let args = ManagerArgs {
@@ -221,7 +259,10 @@ impl Master {
             Ok(ForkResult::Parent { child }) => {
                 signals::restore(&mask);
                 drop(w);
-                self.scoreboard.row(row).pid.store(child.as_raw(), std::sync::atomic::Ordering::Relaxed);
+                self.scoreboard
+                    .row(row)
+                    .pid
+                    .store(child.as_raw(), std::sync::atomic::Ordering::Relaxed);
                 self.manager = Some((child, r));
                 Ok(())
             }
@@ -236,7 +277,11 @@ impl Master {
         }
         let mut exit_code = 0;
         loop {
-            let timeout = if self.stop_deadline.is_some() || self.manager_respawn_at.is_some() { 50u16 } else { 1000 };
+            let timeout = if self.stop_deadline.is_some() || self.manager_respawn_at.is_some() {
+                50u16
+            } else {
+                1000
+            };
             {
                 let mut fds = vec![
                     PollFd::new(borrow(signals::wake_fd()), PollFlags::POLLIN),
@@ -259,6 +304,12 @@ impl Master {
                     }
                 }
             }
+            if let Some(row) = self.row {
+                self.scoreboard.row(row).rss_kib.store(
+                    crate::process::scoreboard::self_rss_kib(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
             if let Some(code) = self.read_manager_status() {
                 exit_code = code;
             }
@@ -270,7 +321,11 @@ impl Master {
                 break;
             }
             if self.phase == Phase::Running {
-                let (sb, listen, phase) = (self.scoreboard, self.settings.listen_addr().to_string(), self.phase.name());
+                let (sb, listen, phase) = (
+                    self.scoreboard,
+                    self.settings.listen_addr().to_string(),
+                    self.phase.name(),
+                );
                 control::serve_pending(&self.control, &|req| match req {
                     "status" => control::status(&sb, &listen, phase),
                     other => serde_json::json!({"error": format!("unknown request {other:?}")}),
@@ -346,7 +401,13 @@ impl Master {
             _ => return None,
         };
         self.manager = None;
-        if let Some(i) = self.scoreboard.snapshot().iter().find(|r| r.pid == pid.as_raw()).map(|r| r.index) {
+        if let Some(i) = self
+            .scoreboard
+            .snapshot()
+            .iter()
+            .find(|r| r.pid == pid.as_raw())
+            .map(|r| r.index)
+        {
             self.scoreboard.release(i);
         }
         if self.phase == Phase::Stopping {
@@ -359,7 +420,10 @@ impl Master {
             self.readiness.failed(&why);
             return Some(1);
         }
-        log::error!("manager (pid {pid}) {how}; starting a new one in {}s", MANAGER_RESPAWN.as_secs());
+        log::error!(
+            "manager (pid {pid}) {how}; starting a new one in {}s",
+            MANAGER_RESPAWN.as_secs()
+        );
         let _ = app;
         self.manager_respawn_at = Some(Instant::now() + MANAGER_RESPAWN);
         None
@@ -380,7 +444,9 @@ impl Master {
         self.set_phase(Phase::Stopping);
         self.manager_respawn_at = None;
         self.forward(Signal::SIGTERM);
-        self.stop_deadline = Some(Instant::now() + Duration::from_secs_f64(self.settings.max_wait_time) + STOP_SLACK);
+        self.stop_deadline = Some(
+            Instant::now() + Duration::from_secs_f64(self.settings.max_wait_time) + STOP_SLACK,
+        );
         if self.manager.is_none() {
             self.stop_deadline = Some(Instant::now());
         }

@@ -29,16 +29,35 @@ pub fn inspect(path: &Path) -> PidState {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return PidState::Absent,
-        Err(e) => return PidState::Stale { pid: 0, why: format!("unreadable: {e}") },
+        Err(e) => {
+            return PidState::Stale {
+                pid: 0,
+                why: format!("unreadable: {e}"),
+            }
+        }
     };
     let pid = match text.trim().parse::<i32>() {
         Ok(p) if p > 1 => p,
-        _ => return PidState::Stale { pid: 0, why: format!("does not hold a pid: {:?}", text.trim()) },
+        _ => {
+            return PidState::Stale {
+                pid: 0,
+                why: format!("does not hold a pid: {:?}", text.trim()),
+            }
+        }
     };
     match process_state(pid) {
-        None => PidState::Stale { pid, why: format!("no process {pid}") },
-        Some('Z') | Some('X') => PidState::Stale { pid, why: format!("process {pid} is a zombie") },
-        Some(_) if !is_ours(pid) => PidState::Stale { pid, why: format!("process {pid} is not {}", program_name()) },
+        None => PidState::Stale {
+            pid,
+            why: format!("no process {pid}"),
+        },
+        Some('Z') | Some('X') => PidState::Stale {
+            pid,
+            why: format!("process {pid} is a zombie"),
+        },
+        Some(_) if !is_ours(pid) => PidState::Stale {
+            pid,
+            why: format!("process {pid} is not {}", program_name()),
+        },
         Some(_) => PidState::Running(pid),
     }
 }
@@ -65,34 +84,51 @@ fn program_name() -> String {
 /// Whether `pid` runs this program's executable.
 fn is_ours(pid: i32) -> bool {
     let exe: Option<PathBuf> = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-    let name = exe
-        .as_ref()
-        .and_then(|p| p.file_name())
-        .map(|n| n.to_string_lossy().trim_end_matches(" (deleted)").to_string());
+    let name = exe.as_ref().and_then(|p| p.file_name()).map(|n| {
+        n.to_string_lossy()
+            .trim_end_matches(" (deleted)")
+            .to_string()
+    });
     name.is_some_and(|n| n == program_name())
 }
 
 /// Writes `pid` atomically (temp file + rename).
 pub fn write(path: &Path, pid: i32) -> io::Result<()> {
     let tmp = path.with_extension(format!("pid.{pid}.tmp"));
-    std::fs::write(&tmp, format!("{pid}\n")).and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io::Error::new(e.kind(), format!("cannot write pid file {}: {e}", path.display()))
-    })
+    std::fs::write(&tmp, format!("{pid}\n"))
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io::Error::new(
+                e.kind(),
+                format!("cannot write pid file {}: {e}", path.display()),
+            )
+        })
 }
 
 /// Removes the pid file if it still names `pid`.
 pub fn remove_if_ours(path: &Path, pid: i32) {
-    if std::fs::read_to_string(path).ok().and_then(|t| t.trim().parse::<i32>().ok()) == Some(pid) {
+    if std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        == Some(pid)
+    {
         let _ = std::fs::remove_file(path);
     }
 }
 
 /// Checks that the pid file's directory is writable, before anything starts.
 pub fn check_writable(path: &Path) -> io::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK)
-        .map_err(|e| io::Error::other(format!("pid file directory {} is not writable: {e}", dir.display())))
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).map_err(|e| {
+        io::Error::other(format!(
+            "pid file directory {} is not writable: {e}",
+            dir.display()
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -107,7 +143,10 @@ mod tests {
         std::fs::write(&p, "garbage").unwrap();
         assert!(matches!(inspect(&p), PidState::Stale { pid: 0, .. }));
         std::fs::write(&p, "1\n").unwrap();
-        assert!(matches!(inspect(&p), PidState::Stale { .. }), "pid 1 is not this program");
+        assert!(
+            matches!(inspect(&p), PidState::Stale { .. }),
+            "pid 1 is not this program"
+        );
         write(&p, std::process::id() as i32).unwrap();
         assert_eq!(inspect(&p), PidState::Running(std::process::id() as i32));
         remove_if_ours(&p, 42);

@@ -159,7 +159,9 @@ pub struct RowSnapshot {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Scoreboard {
@@ -206,9 +208,21 @@ impl Scoreboard {
     /// Claims a free row for a new process (the manager and master only).
     /// Returns `None` when the table is full.
     pub fn claim(&self, role: Role, worker_id: u32) -> Option<usize> {
-        let index = self.rows.iter().position(|r| Role::from_u32(r.role.load(Relaxed)) == Role::Free)?;
+        let index = self
+            .rows
+            .iter()
+            .position(|r| Role::from_u32(r.role.load(Relaxed)) == Role::Free)?;
         let r = &self.rows[index];
-        for c in [&r.connections, &r.accepted, &r.closed, &r.requests, &r.messages_in, &r.messages_out, &r.tasks, &r.rss_kib] {
+        for c in [
+            &r.connections,
+            &r.accepted,
+            &r.closed,
+            &r.requests,
+            &r.messages_in,
+            &r.messages_out,
+            &r.tasks,
+            &r.rss_kib,
+        ] {
             c.store(0, Relaxed);
         }
         for c in r.http_status.iter().chain(r.app.iter()) {
@@ -276,14 +290,24 @@ impl Scoreboard {
     /// plus the retired ones (monotonic: it never goes down when a worker
     /// is replaced).
     pub fn app_total(&self, index: usize) -> u64 {
-        let live: u64 = self.rows.iter().filter(|r| r.pid.load(Relaxed) != 0).map(|r| r.app[index].load(Relaxed)).sum();
+        let live: u64 = self
+            .rows
+            .iter()
+            .filter(|r| r.pid.load(Relaxed) != 0)
+            .map(|r| r.app[index].load(Relaxed))
+            .sum();
         live + self.totals.retired_app[index].load(Relaxed)
     }
 
     /// HTTP responses of status class `class` (1..=5), live plus retired.
     pub fn http_total(&self, class: usize) -> u64 {
         let i = class.clamp(1, 5) - 1;
-        let live: u64 = self.rows.iter().filter(|r| r.pid.load(Relaxed) != 0).map(|r| r.http_status[i].load(Relaxed)).sum();
+        let live: u64 = self
+            .rows
+            .iter()
+            .filter(|r| r.pid.load(Relaxed) != 0)
+            .map(|r| r.http_status[i].load(Relaxed))
+            .sum();
         live + self.totals.retired_http[i].load(Relaxed)
     }
 
@@ -295,10 +319,18 @@ impl Scoreboard {
 
 /// Reads this process's resident set size in KiB from /proc/self/statm.
 pub fn self_rss_kib() -> u64 {
-    let page_kib = (nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) / 1024) as u64;
+    let page_kib = (nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096)
+        / 1024) as u64;
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .map_or(0, |pages| pages * page_kib)
 }
 
@@ -314,7 +346,10 @@ mod tests {
         sb.row(i).requests.store(7, Relaxed);
         let snap = sb.snapshot();
         assert_eq!(snap.len(), 1);
-        assert_eq!((snap[0].role, snap[0].id, snap[0].pid, snap[0].requests), ("worker", 2, 1234, 7));
+        assert_eq!(
+            (snap[0].role, snap[0].id, snap[0].pid, snap[0].requests),
+            ("worker", 2, 1234, 7)
+        );
         sb.release(i);
         assert!(sb.snapshot().is_empty());
         assert_eq!(sb.totals().retired[2].load(Relaxed), 7);

@@ -83,7 +83,12 @@ pub fn install() -> io::Result<()> {
                 }
             })
         };
-        res.map_err(|e| io::Error::new(e.kind(), format!("installing handler for signal {sig}: {e}")))?;
+        res.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("installing handler for signal {sig}: {e}"),
+            )
+        })?;
     }
     Ok(())
 }
@@ -103,7 +108,11 @@ fn new_pipe() -> io::Result<()> {
 pub fn block_all() -> SigSet {
     let mut old = SigSet::empty();
     // Cannot fail with valid arguments.
-    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old));
+    let _ = nix::sys::signal::sigprocmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut old),
+    );
     old
 }
 

@@ -568,7 +568,12 @@ impl<A: App> Reactor<A> {
             };
             let c = &mut self.srv.conns[key];
             match &c.phase {
-                Phase::Http if c.rbuf.is_empty() => self.srv.close_gracefully(fd),
+                // Idle between keep-alive requests: close. A fresh connection
+                // (its handshake timer still armed) has not sent its first
+                // request yet: it is served (with `Connection: close`).
+                Phase::Http if c.rbuf.is_empty() && c.timer.is_none() => {
+                    self.srv.close_gracefully(fd)
+                }
                 Phase::Http | Phase::Closing => {}
                 Phase::WebSocket(_) => {
                     self.srv.disconnect(

@@ -103,25 +103,3 @@ pub fn run_worker_until<A: App>(
     let (reactor, on_ready) = event_loop::Reactor::<A>::new(ctx, stop)?;
     reactor.run(app, on_ready)
 }
-
-impl Response {
-    /// A JSON response.
-    pub fn json(status: u16, v: &serde_json::Value) -> Response {
-        Response { status, body: v.to_string().into_bytes() }
-    }
-}
-
-impl<A: App> Server<A> {
-    /// Worker id.
-    pub fn worker_id(&self) -> usize {
-        0
-    }
-    /// Hand a job to the task pool.
-    pub fn task(&mut self, _data: Vec<u8>) -> Result<u64, String> {
-        Err("stub".into())
-    }
-    /// Push to a connection.
-    pub fn push(&mut self, _fd: Fd, _m: Message) -> bool {
-        false
-    }
-}

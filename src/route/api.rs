@@ -24,14 +24,24 @@ pub fn handle(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> 
             .with_header("WWW-Authenticate", "Bearer");
     }
     match (req.method.as_str(), path) {
-        ("GET", "/health") => Response::json(200, &json!({"status": "ok", "worker_id": srv.worker_id(), "pid": std::process::id()})),
+        ("GET", "/health") => Response::json(
+            200,
+            &json!({"status": "ok", "worker_id": srv.worker_id(), "pid": std::process::id()}),
+        ),
         ("GET", "/ready") => ready(app, srv),
         ("GET", "/api/servers") => {
-            let fresh = req.query().is_some_and(|q| q.split('&').any(|kv| kv == "fresh=1"));
+            let fresh = req
+                .query()
+                .is_some_and(|q| q.split('&').any(|kv| kv == "fresh=1"));
             let (servers, source) = app.servers(srv, fresh);
-            Response::json(200, &json!({"count": servers.len(), "source": source, "servers": servers}))
+            Response::json(
+                200,
+                &json!({"count": servers.len(), "source": source, "servers": servers}),
+            )
         }
-        (_, "/health" | "/ready" | "/api/servers") => Response::json(405, &json!({"error": "method_not_allowed"})).with_header("Allow", "GET"),
+        (_, "/health" | "/ready" | "/api/servers") => {
+            Response::json(405, &json!({"error": "method_not_allowed"})).with_header("Allow", "GET")
+        }
         _ => Response::json(404, &json!({"error": "not_found", "path": path})),
     }
 }
@@ -40,7 +50,10 @@ fn authorized(app: &RouteApp, req: &Request) -> bool {
     if app.cfg.api_key.is_empty() {
         return true;
     }
-    let given = req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    let given = req
+        .header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
     constant_eq(given.trim().as_bytes(), app.cfg.api_key.as_bytes())
 }
 
@@ -53,7 +66,10 @@ fn ready(app: &RouteApp, srv: &mut Server<RouteApp>) -> Response {
     if let Some(c) = &app.cache {
         let g = c.lock().unwrap_or_else(|p| p.into_inner());
         if !g.fresh(max_age) {
-            reasons.push(format!("registry cache stale ({})", g.last_error.as_deref().unwrap_or("not refreshed yet")));
+            reasons.push(format!(
+                "registry cache stale ({})",
+                g.last_error.as_deref().unwrap_or("not refreshed yet")
+            ));
         }
     }
     if srv.is_stopping() {

@@ -86,14 +86,25 @@ impl RouteApp {
 
     fn idle(srv: &Server<Self>) -> Duration {
         let s = srv.settings();
-        Duration::from_secs_f64(if s.heartbeat_idle_time > 0.0 { s.heartbeat_idle_time } else { 3.0 * Self::sweep_every(srv).as_secs_f64() })
+        Duration::from_secs_f64(if s.heartbeat_idle_time > 0.0 {
+            s.heartbeat_idle_time
+        } else {
+            3.0 * Self::sweep_every(srv).as_secs_f64()
+        })
     }
 
     fn reply_error(&mut self, srv: &mut Server<Self>, fd: Fd, e: &ProtocolError) {
         self.stats.protocol_errors += 1;
-        log::warn!("route: refused a frame from fd {fd} ({:?}): {} {}", srv.connection_info(fd).map(|i| i.peer), e.code, e.message);
+        log::warn!(
+            "route: refused a frame from fd {fd} ({:?}): {} {}",
+            srv.connection_info(fd).map(|i| i.peer),
+            e.code,
+            e.message
+        );
         srv.push(fd, Message::Text(e.to_frame()));
-        let Some(p) = self.peers.get_mut(&fd) else { return };
+        let Some(p) = self.peers.get_mut(&fd) else {
+            return;
+        };
         p.bad_frames += 1;
         if p.bad_frames >= self.cfg.max_bad_frames {
             log::warn!("route: closing fd {fd} after {} bad frames", p.bad_frames);
@@ -104,10 +115,21 @@ impl RouteApp {
     fn register(&mut self, srv: &mut Server<Self>, fd: Fd, reg: Registration) {
         if !self.cfg.auth_secret.is_empty() {
             let token = reg.token.as_deref().unwrap_or("");
-            if let Err(e) = auth::verify(self.cfg.auth_secret.as_bytes(), token, "register", Some(&reg.service_name)) {
+            if let Err(e) = auth::verify(
+                self.cfg.auth_secret.as_bytes(),
+                token,
+                "register",
+                Some(&reg.service_name),
+            ) {
                 self.stats.auth_failures += 1;
-                log::warn!("route: unauthorized register of {} from fd {fd}: {e}", reg.service_name);
-                srv.push(fd, Message::Text(ProtocolError::new(code::UNAUTHORIZED, e.to_string()).to_frame()));
+                log::warn!(
+                    "route: unauthorized register of {} from fd {fd}: {e}",
+                    reg.service_name
+                );
+                srv.push(
+                    fd,
+                    Message::Text(ProtocolError::new(code::UNAUTHORIZED, e.to_string()).to_frame()),
+                );
                 srv.disconnect(fd, 1008, "unauthorized");
                 return;
             }
@@ -120,11 +142,20 @@ impl RouteApp {
             self.remove_entry(srv, &old.entry, "replaced");
         }
         let lease_until = now_ms() + Self::lease(srv).as_millis() as u64;
-        let stored = srv.redis_cmd(|c| self.registry.register(c, &entry, lease_until)).is_some();
+        let stored = srv
+            .redis_cmd(|c| self.registry.register(c, &entry, lease_until))
+            .is_some();
         if stored {
             self.stats.registrations += 1;
-            log::info!("route: registered {} at {} (fd {fd})", entry.service_name, entry.member());
-            srv.push(fd, Message::Text(registered_frame(&entry, Self::lease(srv))));
+            log::info!(
+                "route: registered {} at {} (fd {fd})",
+                entry.service_name,
+                entry.member()
+            );
+            srv.push(
+                fd,
+                Message::Text(registered_frame(&entry, Self::lease(srv))),
+            );
         } else {
             self.note_outage();
             srv.push(
@@ -170,7 +201,12 @@ impl RouteApp {
         let silent: Vec<Fd> = self
             .peers
             .iter()
-            .filter(|(fd, p)| p.held.is_some() && srv.connection_info(**fd).is_some_and(|i| now.saturating_sub(i.last_active_ms) > idle_ms))
+            .filter(|(fd, p)| {
+                p.held.is_some()
+                    && srv
+                        .connection_info(**fd)
+                        .is_some_and(|i| now.saturating_sub(i.last_active_ms) > idle_ms)
+            })
             .map(|(fd, _)| *fd)
             .collect();
         for fd in silent {
@@ -199,10 +235,22 @@ impl RouteApp {
         let until = now + lease.as_millis() as u64;
         let fds: Vec<Fd> = self.peers.keys().copied().collect();
         for fd in fds {
-            let Some(held) = self.peers.get(&fd).and_then(|p| p.held.clone()) else { continue };
+            let Some(held) = self.peers.get(&fd).and_then(|p| p.held.clone()) else {
+                continue;
+            };
             let load = held.entry.load;
             let outcome = if held.stored {
-                srv.redis_cmd(|c| self.registry.renew(c, &held.entry.member(), &held.entry.owner, until, Some(load), None, now))
+                srv.redis_cmd(|c| {
+                    self.registry.renew(
+                        c,
+                        &held.entry.member(),
+                        &held.entry.owner,
+                        until,
+                        Some(load),
+                        None,
+                        now,
+                    )
+                })
             } else {
                 Some(Renewal::Missing)
             };
@@ -211,22 +259,37 @@ impl RouteApp {
                 Some(Renewal::Missing) => {
                     let mut entry = held.entry.clone();
                     entry.last_seen_ms = now;
-                    if srv.redis_cmd(|c| self.registry.register(c, &entry, until)).is_some() {
+                    if srv
+                        .redis_cmd(|c| self.registry.register(c, &entry, until))
+                        .is_some()
+                    {
                         if held.stored {
                             self.stats.rebuilt += 1;
-                            log::info!("route: re-registered {} (Redis had lost it)", entry.service_name);
+                            log::info!(
+                                "route: re-registered {} (Redis had lost it)",
+                                entry.service_name
+                            );
                         } else {
                             self.stats.registrations += 1;
-                            log::info!("route: stored the pending registration of {}", entry.service_name);
+                            log::info!(
+                                "route: stored the pending registration of {}",
+                                entry.service_name
+                            );
                             srv.push(fd, Message::Text(registered_frame(&entry, lease)));
                         }
                         if let Some(p) = self.peers.get_mut(&fd) {
-                            p.held = Some(Held { entry, stored: true });
+                            p.held = Some(Held {
+                                entry,
+                                stored: true,
+                            });
                         }
                     }
                 }
                 Some(Renewal::Superseded) => {
-                    log::info!("route: {} re-registered elsewhere; fd {fd} no longer holds it", held.entry.service_name);
+                    log::info!(
+                        "route: {} re-registered elsewhere; fd {fd} no longer holds it",
+                        held.entry.service_name
+                    );
                     if let Some(p) = self.peers.get_mut(&fd) {
                         p.held = None;
                     }
@@ -237,26 +300,39 @@ impl RouteApp {
         if let Some(reaped) = srv.redis_cmd(|c| self.registry.reap(c, now)) {
             for m in reaped {
                 self.stats.removed("lease");
-                log::warn!("route: reaped {m}: its lease expired (its Route worker or node is gone)");
+                log::warn!(
+                    "route: reaped {m}: its lease expired (its Route worker or node is gone)"
+                );
             }
         }
     }
 
     /// The live servers: from the cache when warm, else from Redis, else
     /// from this worker's own connections.
-    pub(crate) fn servers(&mut self, srv: &mut Server<Self>, fresh: bool) -> (Vec<ServerEntry>, &'static str) {
+    pub(crate) fn servers(
+        &mut self,
+        srv: &mut Server<Self>,
+        fresh: bool,
+    ) -> (Vec<ServerEntry>, &'static str) {
         if !fresh {
             if let Some(c) = &self.cache {
                 let g = c.lock().unwrap_or_else(|p| p.into_inner());
                 if g.refreshed_at.is_some() {
-                    return (g.entries.clone(), if g.connected { "cache" } else { "stale-cache" });
+                    return (
+                        g.entries.clone(),
+                        if g.connected { "cache" } else { "stale-cache" },
+                    );
                 }
             }
         }
         if let Some(list) = srv.redis_cmd(|c| self.registry.list(c)) {
             return (list, "redis");
         }
-        let mut own: Vec<ServerEntry> = self.peers.values().filter_map(|p| p.held.as_ref().map(|h| h.entry.clone())).collect();
+        let mut own: Vec<ServerEntry> = self
+            .peers
+            .values()
+            .filter_map(|p| p.held.as_ref().map(|h| h.entry.clone()))
+            .collect();
         own.sort_by(|a, b| a.service_name.cmp(&b.service_name));
         (own, "local")
     }
@@ -277,7 +353,10 @@ fn registered_frame(e: &ServerEntry, lease: Duration) -> String {
 impl App for RouteApp {
     fn on_start(&mut self, info: &ServerInfo) {
         if self.cfg.auth_secret.is_empty() {
-            log::warn!("auth_secret is not set: any program that reaches {} can register an IM server", info.settings.listen_addr());
+            log::warn!(
+                "auth_secret is not set: any program that reaches {} can register an IM server",
+                info.settings.listen_addr()
+            );
         }
         if self.cfg.api_key.is_empty() {
             log::warn!("api_key is not set: the HTTP API is open to anyone who reaches it");
@@ -290,7 +369,9 @@ impl App for RouteApp {
         }
         if self.node.is_empty() {
             self.node = if self.cfg.node_id.is_empty() {
-                let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "route".into());
+                let host = nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "route".into());
                 format!("{host}:{}", srv.settings().port)
             } else {
                 self.cfg.node_id.clone()
@@ -298,7 +379,12 @@ impl App for RouteApp {
         }
         if let Some(url) = srv.settings().redis_url.clone() {
             let refresh = Duration::from_secs_f64(self.cfg.cache_refresh.max(0.1));
-            self.cache = Some(cache::spawn(url, srv.settings().redis_prefix.clone(), refresh, srv.worker_id()));
+            self.cache = Some(cache::spawn(
+                url,
+                srv.settings().redis_prefix.clone(),
+                refresh,
+                srv.worker_id(),
+            ));
         }
         let every = Self::sweep_every(srv).as_millis() as u64;
         srv.tick(every, |app: &mut RouteApp, srv, _| app.sweep(srv));
@@ -312,27 +398,46 @@ impl App for RouteApp {
         let text = match msg {
             Message::Text(t) => t,
             Message::Binary(_) => {
-                self.reply_error(srv, fd, &ProtocolError::new(code::BAD_FRAME, "binary frames are not part of the protocol"));
+                self.reply_error(
+                    srv,
+                    fd,
+                    &ProtocolError::new(
+                        code::BAD_FRAME,
+                        "binary frames are not part of the protocol",
+                    ),
+                );
                 return;
             }
         };
         match protocol::parse(&text) {
             Err(e) => self.reply_error(srv, fd, &e),
             Ok(Command::Register(reg)) => self.register(srv, fd, reg),
-            Ok(Command::Heartbeat { load }) => match self.peers.get_mut(&fd).and_then(|p| p.held.as_mut()) {
-                Some(h) => {
-                    if let Some(l) = load {
-                        h.entry.load = l;
+            Ok(Command::Heartbeat { load }) => {
+                match self.peers.get_mut(&fd).and_then(|p| p.held.as_mut()) {
+                    Some(h) => {
+                        if let Some(l) = load {
+                            h.entry.load = l;
+                        }
                     }
+                    None => self.reply_error(
+                        srv,
+                        fd,
+                        &ProtocolError::new(code::NOT_REGISTERED, "register first"),
+                    ),
                 }
-                None => self.reply_error(srv, fd, &ProtocolError::new(code::NOT_REGISTERED, "register first")),
-            },
-            Ok(Command::Unknown(m)) => self.reply_error(srv, fd, &ProtocolError::new(code::UNKNOWN_METHOD, format!("unknown method {m:?}"))),
+            }
+            Ok(Command::Unknown(m)) => self.reply_error(
+                srv,
+                fd,
+                &ProtocolError::new(code::UNKNOWN_METHOD, format!("unknown method {m:?}")),
+            ),
         }
     }
 
     fn on_close(&mut self, srv: &mut Server<Self>, fd: Fd) {
-        let Some(peer) = self.peers.remove(&fd) else { return };
+        let Some(peer) = self.peers.remove(&fd) else {
+            return;
+        };
         if let Some(held) = peer.held.filter(|h| h.stored) {
             self.remove_entry(srv, &held.entry, peer.closing_cause.unwrap_or("closed"));
         }

@@ -87,7 +87,12 @@ fn run(url: &str, registry: &Registry, refresh: Duration, cache: &SharedCache) {
 }
 
 /// One connected period: subscribe, refresh, wait for changes.
-fn session(url: &str, registry: &Registry, refresh: Duration, cache: &SharedCache) -> redis::RedisResult<()> {
+fn session(
+    url: &str,
+    registry: &Registry,
+    refresh: Duration,
+    cache: &SharedCache,
+) -> redis::RedisResult<()> {
     let client = redis::Client::open(url)?;
     let mut data = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
     data.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -108,7 +113,11 @@ fn session(url: &str, registry: &Registry, refresh: Duration, cache: &SharedCach
     }
 }
 
-fn reload(c: &mut redis::Connection, registry: &Registry, cache: &SharedCache) -> redis::RedisResult<()> {
+fn reload(
+    c: &mut redis::Connection,
+    registry: &Registry,
+    cache: &SharedCache,
+) -> redis::RedisResult<()> {
     let entries = registry.list(c)?;
     let mut g = lock(cache);
     g.entries = entries;

@@ -83,7 +83,10 @@ pub struct ProtocolError {
 impl ProtocolError {
     /// Builds an error.
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        ProtocolError { code, message: message.into() }
+        ProtocolError {
+            code,
+            message: message.into(),
+        }
     }
 
     /// The JSON error frame.
@@ -96,23 +99,28 @@ impl ProtocolError {
 const MAX_NAME: usize = 128;
 
 fn field<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a Value, ProtocolError> {
-    obj.get(key).ok_or_else(|| ProtocolError::new(code::BAD_REQUEST, format!("missing field `{key}`")))
+    obj.get(key)
+        .ok_or_else(|| ProtocolError::new(code::BAD_REQUEST, format!("missing field `{key}`")))
 }
 
 fn string(obj: &Map<String, Value>, key: &str) -> Result<String, ProtocolError> {
     field(obj, key)?
         .as_str()
         .map(str::to_string)
-        .ok_or_else(|| ProtocolError::new(code::BAD_REQUEST, format!("field `{key}` must be a string")))
+        .ok_or_else(|| {
+            ProtocolError::new(code::BAD_REQUEST, format!("field `{key}` must be a string"))
+        })
 }
 
 fn opt_u64(obj: &Map<String, Value>, key: &str) -> Result<Option<u64>, ProtocolError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| ProtocolError::new(code::BAD_REQUEST, format!("field `{key}` must be a non-negative integer"))),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            ProtocolError::new(
+                code::BAD_REQUEST,
+                format!("field `{key}` must be a non-negative integer"),
+            )
+        }),
     }
 }
 
@@ -120,13 +128,17 @@ fn opt_string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, Pro
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(ProtocolError::new(code::BAD_REQUEST, format!("field `{key}` must be a string"))),
+        Some(_) => Err(ProtocolError::new(
+            code::BAD_REQUEST,
+            format!("field `{key}` must be a string"),
+        )),
     }
 }
 
 /// Parses and validates one text frame.
 pub fn parse(text: &str) -> Result<Command, ProtocolError> {
-    let v: Value = serde_json::from_str(text).map_err(|e| ProtocolError::new(code::BAD_JSON, format!("not JSON: {e}")))?;
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| ProtocolError::new(code::BAD_JSON, format!("not JSON: {e}")))?;
     let Value::Object(obj) = v else {
         return Err(ProtocolError::new(code::BAD_JSON, "expected a JSON object"));
     };
@@ -136,7 +148,9 @@ pub fn parse(text: &str) -> Result<Command, ProtocolError> {
             let service_name = string(&obj, "serviceName")?;
             if service_name.is_empty()
                 || service_name.len() > MAX_NAME
-                || !service_name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c))
+                || !service_name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c))
             {
                 return Err(ProtocolError::new(
                     code::BAD_REQUEST,
@@ -145,12 +159,17 @@ pub fn parse(text: &str) -> Result<Command, ProtocolError> {
             }
             let ip = string(&obj, "ip")?;
             if ip.parse::<IpAddr>().is_err() {
-                return Err(ProtocolError::new(code::BAD_REQUEST, "`ip` must be an IPv4 or IPv6 address"));
+                return Err(ProtocolError::new(
+                    code::BAD_REQUEST,
+                    "`ip` must be an IPv4 or IPv6 address",
+                ));
             }
             let port = field(&obj, "port")?
                 .as_u64()
                 .filter(|p| (1..=65535).contains(p))
-                .ok_or_else(|| ProtocolError::new(code::BAD_REQUEST, "`port` must be an integer in 1..=65535"))? as u16;
+                .ok_or_else(|| {
+                    ProtocolError::new(code::BAD_REQUEST, "`port` must be an integer in 1..=65535")
+                })? as u16;
             Ok(Command::Register(Registration {
                 service_name,
                 ip,
@@ -160,7 +179,9 @@ pub fn parse(text: &str) -> Result<Command, ProtocolError> {
                 epoch: opt_string(&obj, "epoch")?,
             }))
         }
-        "heartbeat" => Ok(Command::Heartbeat { load: opt_u64(&obj, "load")? }),
+        "heartbeat" => Ok(Command::Heartbeat {
+            load: opt_u64(&obj, "load")?,
+        }),
         _ => Ok(Command::Unknown(method.chars().take(64).collect())),
     }
 }
@@ -171,8 +192,11 @@ mod tests {
 
     #[test]
     fn the_seed_register_is_accepted_verbatim() {
-        let seed = r#"{"method":"register","serviceName":"IM_1","ip":"192.168.100.153","port":9000}"#;
-        let Command::Register(r) = parse(seed).unwrap() else { panic!() };
+        let seed =
+            r#"{"method":"register","serviceName":"IM_1","ip":"192.168.100.153","port":9000}"#;
+        let Command::Register(r) = parse(seed).unwrap() else {
+            panic!()
+        };
         assert_eq!(r.member(), r#"{"ip":"192.168.100.153","port":9000}"#);
         assert_eq!(r.token, None);
     }
@@ -183,11 +207,29 @@ mod tests {
         assert_eq!(code("{nope"), code::BAD_JSON);
         assert_eq!(code("[1,2]"), code::BAD_JSON);
         assert_eq!(code(r#"{"serviceName":"x"}"#), code::BAD_REQUEST);
-        assert_eq!(code(r#"{"method":"register","serviceName":"IM_1","ip":"1.2.3.4","port":"9000"}"#), code::BAD_REQUEST);
-        assert_eq!(code(r#"{"method":"register","serviceName":"IM_1","ip":"not-an-ip","port":9000}"#), code::BAD_REQUEST);
-        assert_eq!(code(r#"{"method":"register","serviceName":"IM 1;drop","ip":"1.2.3.4","port":9000}"#), code::BAD_REQUEST);
-        assert_eq!(code(r#"{"method":"register","serviceName":"IM_1","ip":"1.2.3.4","port":70000}"#), code::BAD_REQUEST);
-        assert_eq!(code(r#"{"method":"heartbeat","load":-1}"#), code::BAD_REQUEST);
-        assert_eq!(parse(r#"{"method":"__destruct"}"#).unwrap(), Command::Unknown("__destruct".into()));
+        assert_eq!(
+            code(r#"{"method":"register","serviceName":"IM_1","ip":"1.2.3.4","port":"9000"}"#),
+            code::BAD_REQUEST
+        );
+        assert_eq!(
+            code(r#"{"method":"register","serviceName":"IM_1","ip":"not-an-ip","port":9000}"#),
+            code::BAD_REQUEST
+        );
+        assert_eq!(
+            code(r#"{"method":"register","serviceName":"IM 1;drop","ip":"1.2.3.4","port":9000}"#),
+            code::BAD_REQUEST
+        );
+        assert_eq!(
+            code(r#"{"method":"register","serviceName":"IM_1","ip":"1.2.3.4","port":70000}"#),
+            code::BAD_REQUEST
+        );
+        assert_eq!(
+            code(r#"{"method":"heartbeat","load":-1}"#),
+            code::BAD_REQUEST
+        );
+        assert_eq!(
+            parse(r#"{"method":"__destruct"}"#).unwrap(),
+            Command::Unknown("__destruct".into())
+        );
     }
 }

@@ -82,7 +82,13 @@ pub struct ServerEntry {
 
 impl ServerEntry {
     /// Builds the entry for a registration.
-    pub fn new(reg: &Registration, node: &str, worker: u32, owner: &str, now_ms: u64) -> ServerEntry {
+    pub fn new(
+        reg: &Registration,
+        node: &str,
+        worker: u32,
+        owner: &str,
+        now_ms: u64,
+    ) -> ServerEntry {
         ServerEntry {
             service_name: reg.service_name.clone(),
             ip: reg.ip.clone(),
@@ -211,7 +217,12 @@ impl Registry {
     }
 
     /// Stores (or replaces) an entry with a lease until `lease_until_ms`.
-    pub fn register(&self, c: &mut Connection, e: &ServerEntry, lease_until_ms: u64) -> RedisResult<()> {
+    pub fn register(
+        &self,
+        c: &mut Connection,
+        e: &ServerEntry,
+        lease_until_ms: u64,
+    ) -> RedisResult<()> {
         let k = &self.keys;
         let json = serde_json::to_string(e).unwrap_or_default();
         self.register
@@ -230,7 +241,13 @@ impl Registry {
 
     /// Removes `member` if `owner` still owns it (empty owner: always).
     /// Returns whether something was removed.
-    pub fn remove(&self, c: &mut Connection, member: &str, owner: &str, cause: &str) -> RedisResult<bool> {
+    pub fn remove(
+        &self,
+        c: &mut Connection,
+        member: &str,
+        owner: &str,
+        cause: &str,
+    ) -> RedisResult<bool> {
         let k = &self.keys;
         self.remove
             .key(&k.set)
@@ -280,14 +297,29 @@ impl Registry {
     /// removed members.
     pub fn reap(&self, c: &mut Connection, now_ms: u64) -> RedisResult<Vec<String>> {
         let k = &self.keys;
-        self.reap.key(&k.set).key(&k.lease).key(&k.details).key(&k.by_name).arg(now_ms).arg(&k.channel).invoke(c)
+        self.reap
+            .key(&k.set)
+            .key(&k.lease)
+            .key(&k.details)
+            .key(&k.by_name)
+            .arg(now_ms)
+            .arg(&k.channel)
+            .invoke(c)
     }
 
     /// Every entry with details, sorted by serviceName.
     pub fn list(&self, c: &mut Connection) -> RedisResult<Vec<ServerEntry>> {
-        let map: std::collections::HashMap<String, String> = redis::cmd("HGETALL").arg(&self.keys.details).query(c)?;
-        let mut v: Vec<ServerEntry> = map.values().filter_map(|j| serde_json::from_str(j).ok()).collect();
-        v.sort_by(|a, b| a.service_name.cmp(&b.service_name).then(a.port.cmp(&b.port)));
+        let map: std::collections::HashMap<String, String> =
+            redis::cmd("HGETALL").arg(&self.keys.details).query(c)?;
+        let mut v: Vec<ServerEntry> = map
+            .values()
+            .filter_map(|j| serde_json::from_str(j).ok())
+            .collect();
+        v.sort_by(|a, b| {
+            a.service_name
+                .cmp(&b.service_name)
+                .then(a.port.cmp(&b.port))
+        });
         Ok(v)
     }
 }

@@ -52,8 +52,14 @@ impl Default for RouteSettings {
 pub fn framework_defaults() -> toml::Table {
     let mut t = toml::Table::new();
     t.insert("port".into(), toml::Value::Integer(9500));
-    t.insert("pid_file".into(), toml::Value::String("swocloud.pid".into()));
-    t.insert("redis_url".into(), toml::Value::String("redis://127.0.0.1:6379".into()));
+    t.insert(
+        "pid_file".into(),
+        toml::Value::String("swocloud.pid".into()),
+    );
+    t.insert(
+        "redis_url".into(),
+        toml::Value::String("redis://127.0.0.1:6379".into()),
+    );
     t.insert("heartbeat_check_interval".into(), toml::Value::Float(3.0));
     t.insert("heartbeat_idle_time".into(), toml::Value::Float(10.0));
     t

@@ -35,7 +35,13 @@ impl Daemon {
             dir.path().join("swocloud.log").display()
         );
         std::fs::write(&config, text).unwrap();
-        Daemon { bin: PathBuf::from(bin), dir, port, host: host.to_string(), config }
+        Daemon {
+            bin: PathBuf::from(bin),
+            dir,
+            port,
+            host: host.to_string(),
+            config,
+        }
     }
 
     pub fn pid_file(&self) -> PathBuf {
@@ -80,7 +86,11 @@ impl Daemon {
     }
 
     pub fn master_pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.pid_file()).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// The manager (the master's only child).
@@ -88,7 +98,11 @@ impl Daemon {
     pub fn manager_pid(&self) -> i32 {
         let m = self.master_pid().expect("running");
         let kids = super::children_of(m);
-        assert_eq!(kids.len(), 1, "master {m} should have exactly one child (the manager): {kids:?}");
+        assert_eq!(
+            kids.len(),
+            1,
+            "master {m} should have exactly one child (the manager): {kids:?}"
+        );
         kids[0]
     }
 
@@ -101,17 +115,34 @@ impl Daemon {
     #[track_caller]
     pub fn status(&self) -> serde_json::Value {
         let out = self.run("status", &["--json"]);
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
     }
 
     /// `stop`, asserting success and that the tree is gone.
     #[track_caller]
     pub fn stop(&self) {
-        let tree: Vec<i32> = self.master_pid().into_iter().flat_map(|m| std::iter::once(m).chain(descendants_of(m))).collect();
+        let tree: Vec<i32> = self
+            .master_pid()
+            .into_iter()
+            .flat_map(|m| std::iter::once(m).chain(descendants_of(m)))
+            .collect();
         let out = self.run("stop", &[]);
-        assert!(out.status.success(), "stop failed: {}\nlog:\n{}", String::from_utf8_lossy(&out.stderr), self.log());
-        wait_until(Duration::from_secs(5), "every process of the tree gone", || tree.iter().all(|&p| !pid_alive(p)));
+        assert!(
+            out.status.success(),
+            "stop failed: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        wait_until(
+            Duration::from_secs(5),
+            "every process of the tree gone",
+            || tree.iter().all(|&p| !pid_alive(p)),
+        );
         assert!(!self.pid_file().exists(), "pid file removed by stop");
     }
 
@@ -123,11 +154,20 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(m) = self.master_pid() {
-            if pid_alive(m) && super::proc_cmdline(m).is_some_and(|c| c.contains(self.bin.to_str().unwrap_or("?"))) {
+            if pid_alive(m)
+                && super::proc_cmdline(m)
+                    .is_some_and(|c| c.contains(self.bin.to_str().unwrap_or("?")))
+            {
                 let tree = descendants_of(m);
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(m), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(m),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
                 for p in tree {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                 }
             }
         }
