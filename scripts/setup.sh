@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what swocloud needs on a Debian machine, only what is missing:
 # redis-server (tests start private instances; the demo uses one), a C
-# compiler for crates with C parts, python3 for the metrics check, and curl.
+# compiler for crates with C parts, python3 for the metrics check, curl and
+# php-cli (the client examples in examples/clients/ are tested for real).
 # Rust itself (>= 1.80, with cargo) must already be installed (rustup).
 set -euo pipefail
 
@@ -11,6 +12,7 @@ command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v php >/dev/null 2>&1 || need+=(php-cli)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

@@ -10,7 +10,7 @@
 //! |--------------|-------|
 //! | master       | `on_start`, `on_shutdown` |
 //! | manager      | `on_manager_start`, `on_manager_stop`, `on_worker_error` |
-//! | event worker | `on_worker_start`, `on_worker_stop`, `on_open`, `on_message`, `on_close`, `on_request`, `on_pipe_message`, `on_finish`, `on_connect` |
+//! | event worker | `on_worker_start`, `on_worker_exit`, `on_worker_stop`, `on_open`, `on_message`, `on_close`, `on_request`, `on_pipe_message`, `on_finish`, `on_connect` |
 //! | task worker  | `on_worker_start`, `on_worker_stop`, `on_task` |
 //!
 //! The [`EventBus`] maps case-insensitive event names to listeners, run in
@@ -67,6 +67,10 @@ pub trait App: Sized + 'static {
     fn listeners(&mut self, bus: &mut EventBus<Server<Self>>) {}
     /// Worker or task worker start: open per-process resources here.
     fn on_worker_start(&mut self, srv: &mut Server<Self>) {}
+    /// A graceful stop begins: connections are still open (Swoole's
+    /// onWorkerExit). Say goodbye here; the framework then closes
+    /// WebSocket peers with 1001.
+    fn on_worker_exit(&mut self, srv: &mut Server<Self>) {}
     /// Worker or task worker stop.
     fn on_worker_stop(&mut self, srv: &mut Server<Self>) {}
     /// A WebSocket client finished its upgrade.

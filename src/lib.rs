@@ -5,6 +5,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod im;
 pub mod logging;
 pub mod process;
 pub mod reactor;

@@ -285,6 +285,23 @@ impl Postbox {
         }
     }
 
+    /// A thread-safe sender to `to`, for threads a worker starts (a Redis
+    /// subscriber, say): what it sends arrives in that slot's inbox like any
+    /// other message.
+    pub fn sender(&self, to: Dest) -> io::Result<PipeSender> {
+        Ok(PipeSender {
+            to,
+            fd: std::fs::File::from(self.fd_owned(to).try_clone()?).into(),
+        })
+    }
+
+    fn fd_owned(&self, to: Dest) -> &OwnedFd {
+        match to {
+            Dest::Worker(i) => &self.workers[i],
+            Dest::TaskWorker(i) => &self.tasks[i],
+        }
+    }
+
     /// Retries queued messages; returns true while some remain (the loop
     /// should then wake again soon).
     pub fn flush(&mut self) -> bool {
@@ -346,6 +363,43 @@ impl Postbox {
                 }
             }
         }
+    }
+}
+
+/// A sender usable from any thread (see [`Postbox::sender`]). Blocks for at
+/// most a short while when the destination is full, then reports it.
+#[derive(Debug)]
+pub struct PipeSender {
+    to: Dest,
+    fd: OwnedFd,
+}
+
+impl PipeSender {
+    /// Sends one message; retries for up to ~1 s while the inbox is full.
+    pub fn send(&self, env: &Envelope) -> io::Result<()> {
+        let bytes = env.encode();
+        if bytes.len() - HEADER > MAX_MESSAGE {
+            return Err(io::Error::other(
+                SendError::TooLarge(bytes.len() - HEADER).to_string(),
+            ));
+        }
+        for _ in 0..200 {
+            match socket::send(
+                self.fd.as_raw_fd(),
+                &bytes,
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => return Err(io::Error::other(format!("send to {:?}: {e}", self.to))),
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!("{:?} inbox full", self.to),
+        ))
     }
 }
 

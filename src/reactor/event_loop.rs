@@ -556,6 +556,12 @@ impl<A: App> Reactor<A> {
             self.srv.worker_id,
             self.srv.conns.len()
         );
+        {
+            let srv = &mut self.srv;
+            Self::guarded(srv.worker_id, "on_worker_exit", None, || {
+                _app.on_worker_exit(srv)
+            });
+        }
         self.accept_all();
         if let Some(mut l) = self.listener.take() {
             // Deregister and drop our copy only: the manager keeps the socket.

@@ -360,6 +360,14 @@ impl<A: App> Server<A> {
         self.redis.is_up()
     }
 
+    /// A thread-safe sender into this worker's own inbox: a thread the
+    /// application started (a Redis subscriber, say) hands messages to the
+    /// loop this way, and they arrive in `on_pipe_message` with `from` set to
+    /// this worker's id.
+    pub fn self_sender(&self) -> io::Result<crate::process::ipc::PipeSender> {
+        self.postbox.sender(self.postbox.me())
+    }
+
     /// Marks the Redis link down after a failed command (the loop
     /// reconnects with backoff).
     pub fn redis_failed(&mut self) {

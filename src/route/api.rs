@@ -5,16 +5,25 @@
 //! | `GET /health` | 200 whenever the worker serves (liveness) |
 //! | `GET /ready` | 200 while Redis answers and the registry cache is fresh, else 503 with the reason |
 //! | `GET /api/servers` | the live IM servers with details, from the worker's cache; `?fresh=1` reads Redis |
+//! | `GET /route?uid=U[&token=T]` | `{"ip","port","token","url","serviceName"}` of the IM server picked for U; 503 when none |
+//! | `POST /api/send {"uid","data"[,"from"]}` | `{"delivered":N}`, or 404 `{"error":"offline"}` |
+//! | `POST /api/broadcast {"data"[,"from"]}` | `{"routes":N}`: Route workers that relayed it to their IM servers |
+//! | `GET /api/online?uid=U` | `{"uid","online","connections","servers"}` |
 //!
 //! `/api/*` requires `Authorization: Bearer <api_key>` when `api_key` is set.
+//! `/route` requires a user token (JWT HS256, `aud=user`, `sub=U`) when
+//! `auth_secret` is set; the answer carries a fresh token for the IM server.
 
 use std::time::Duration;
 
 use serde_json::json;
 
-use crate::auth::constant_eq;
+use crate::auth::{self, constant_eq};
+use crate::im::presence;
+use crate::im::protocol::valid_uid;
 use crate::reactor::{Request, Response, Server};
 use crate::route::app::RouteApp;
+use crate::route::delivery;
 
 /// Routes one request.
 pub fn handle(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> Response {
@@ -39,7 +48,15 @@ pub fn handle(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> 
                 &json!({"count": servers.len(), "source": source, "servers": servers}),
             )
         }
-        (_, "/health" | "/ready" | "/api/servers") => {
+        ("GET", "/route") => route_user(app, srv, req),
+        ("POST", "/api/send") => send(app, srv, req),
+        ("POST", "/api/broadcast") => broadcast(srv, req),
+        ("GET", "/api/online") => online(app, srv, req),
+        (_, "/api/send" | "/api/broadcast") => {
+            Response::json(405, &json!({"error": "method_not_allowed"}))
+                .with_header("Allow", "POST")
+        }
+        (_, "/health" | "/ready" | "/api/servers" | "/route" | "/api/online") => {
             Response::json(405, &json!({"error": "method_not_allowed"})).with_header("Allow", "GET")
         }
         _ => Response::json(404, &json!({"error": "not_found", "path": path})),
@@ -79,5 +96,144 @@ fn ready(app: &RouteApp, srv: &mut Server<RouteApp>) -> Response {
         Response::json(200, &json!({"ready": true}))
     } else {
         Response::json(503, &json!({"ready": false, "reasons": reasons}))
+    }
+}
+
+/// Lifetime of the user tokens `/route` hands out.
+const USER_TOKEN_TTL: u64 = 3600;
+/// How long the uid → server choice is remembered in Redis.
+const ROUTE_RECORD_TTL: u64 = 3600;
+
+fn query<'a>(req: &'a Request, key: &str) -> Option<&'a str> {
+    req.query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn bad(status: u16, error: &str, message: &str) -> Response {
+    Response::json(status, &json!({"error": error, "message": message}))
+}
+
+fn json_body(req: &Request) -> Result<serde_json::Map<String, serde_json::Value>, Response> {
+    match serde_json::from_slice::<serde_json::Value>(&req.body) {
+        Ok(serde_json::Value::Object(o)) => Ok(o),
+        Ok(_) => Err(bad(400, "bad_request", "the body must be a JSON object")),
+        Err(e) => Err(bad(400, "bad_json", &format!("the body is not JSON: {e}"))),
+    }
+}
+
+/// `GET /route?uid=U`: pick an IM server for U and record the choice.
+fn route_user(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> Response {
+    let uid = query(req, "uid").unwrap_or("");
+    if !valid_uid(uid) {
+        return bad(
+            400,
+            "bad_request",
+            "a valid uid query parameter is required ([A-Za-z0-9_.@:-], 1..=128)",
+        );
+    }
+    let secret = app.cfg.auth_secret.clone();
+    if !secret.is_empty() {
+        if let Err(e) = auth::verify(
+            secret.as_bytes(),
+            query(req, "token").unwrap_or(""),
+            "user",
+            Some(uid),
+        ) {
+            return bad(401, "unauthorized", &e.to_string());
+        }
+    }
+    let (servers, _) = app.servers(srv, false);
+    let Some(chosen) = app.picker.pick(app.cfg.balancer, &servers, uid).cloned() else {
+        return bad(503, "no_server", "no live IM server is registered");
+    };
+    let prefix = srv.settings().redis_prefix.clone();
+    let member = chosen.member();
+    let _ = srv.redis_cmd(|c| {
+        redis::cmd("SET")
+            .arg(presence::route_key(&prefix, uid))
+            .arg(&member)
+            .arg("EX")
+            .arg(ROUTE_RECORD_TTL)
+            .query::<()>(c)
+    });
+    let token = if secret.is_empty() {
+        String::new()
+    } else {
+        auth::mint(secret.as_bytes(), uid, "user", USER_TOKEN_TTL)
+    };
+    let mut url = format!("ws://{}:{}/?uid={uid}", chosen.ip, chosen.port);
+    if !token.is_empty() {
+        url.push_str(&format!("&token={token}"));
+    }
+    Response::json(
+        200,
+        &json!({"ip": chosen.ip, "port": chosen.port, "token": token, "url": url, "serviceName": chosen.service_name}),
+    )
+}
+
+/// `POST /api/send {"uid","data"}`.
+fn send(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> Response {
+    let body = match json_body(req) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let Some(uid) = body
+        .get("uid")
+        .and_then(|v| v.as_str())
+        .filter(|u| valid_uid(u))
+    else {
+        return bad(
+            400,
+            "bad_request",
+            "field `uid` (a valid uid string) is required",
+        );
+    };
+    let Some(data) = body.get("data") else {
+        return bad(400, "bad_request", "field `data` is required");
+    };
+    let from = body.get("from").and_then(|v| v.as_str()).unwrap_or("api");
+    match delivery::deliver(app, srv, uid, from, data, None) {
+        None => bad(503, "unavailable", "Redis is unreachable; nothing was sent"),
+        Some(0) => Response::json(404, &json!({"error": "offline", "uid": uid})),
+        Some(n) => Response::json(200, &json!({"delivered": n})),
+    }
+}
+
+/// `POST /api/broadcast {"data"}`.
+fn broadcast(srv: &mut Server<RouteApp>, req: &Request) -> Response {
+    let body = match json_body(req) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let Some(data) = body.get("data") else {
+        return bad(400, "bad_request", "field `data` is required");
+    };
+    let from = body.get("from").and_then(|v| v.as_str()).unwrap_or("api");
+    match delivery::broadcast(srv, from, data) {
+        Some(n) => Response::json(200, &json!({"routes": n})),
+        None => bad(503, "unavailable", "Redis is unreachable; nothing was sent"),
+    }
+}
+
+/// `GET /api/online?uid=U`.
+fn online(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> Response {
+    let Some(uid) = query(req, "uid").filter(|u| valid_uid(u)) else {
+        return bad(
+            400,
+            "bad_request",
+            "a valid uid query parameter is required",
+        );
+    };
+    match delivery::locate(app, srv, uid) {
+        None => bad(503, "unavailable", "Redis is unreachable"),
+        Some(found) => {
+            let connections: usize = found.iter().map(|(_, n)| n).sum();
+            let servers: Vec<&str> = found.iter().map(|(e, _)| e.service_name.as_str()).collect();
+            Response::json(
+                200,
+                &json!({"uid": uid, "online": connections > 0, "connections": connections, "servers": servers}),
+            )
+        }
     }
 }

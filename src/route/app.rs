@@ -19,7 +19,9 @@ use crate::auth;
 use crate::event::{App, ServerInfo};
 use crate::process::scoreboard::now_ms;
 use crate::reactor::{Fd, Message, Request, Response, Server};
+use crate::route::balancer::Picker;
 use crate::route::cache::{self, SharedCache};
+use crate::route::delivery;
 use crate::route::protocol::{self, code, Command, ProtocolError, Registration};
 use crate::route::registry::{Registry, Renewal, ServerEntry};
 use crate::route::settings::RouteSettings;
@@ -53,6 +55,7 @@ pub struct RouteApp {
     pending_removals: Vec<(String, String, &'static str)>,
     redis_outage_logged: bool,
     pub(crate) stats: RouteStats,
+    pub(crate) picker: Picker,
 }
 
 impl RouteApp {
@@ -68,7 +71,22 @@ impl RouteApp {
             pending_removals: Vec::new(),
             redis_outage_logged: false,
             stats: RouteStats::default(),
+            picker: Picker::default(),
         }
+    }
+
+    /// `<node>/<pid>`: this worker's name in owner tokens and channels.
+    pub(crate) fn node_pid(&self) -> String {
+        format!("{}/{}", self.node, std::process::id())
+    }
+
+    /// The connections of the IM servers this worker holds.
+    pub(crate) fn registered_fds(&self) -> Vec<Fd> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.held.is_some())
+            .map(|(fd, _)| *fd)
+            .collect()
     }
 
     /// Lease length: a holder renews every sweep; three missed sweeps (or
@@ -134,7 +152,7 @@ impl RouteApp {
                 return;
             }
         }
-        let owner = format!("{}/{}/{fd}", self.node, std::process::id());
+        let owner = format!("{}/{fd}", self.node_pid());
         let entry = ServerEntry::new(&reg, &self.node, srv.worker_id() as u32, &owner, now_ms());
         // A connection that registers again under another address drops its old entry.
         let old = self.peers.get(&fd).and_then(|p| p.held.clone());
@@ -378,13 +396,27 @@ impl App for RouteApp {
             };
         }
         if let Some(url) = srv.settings().redis_url.clone() {
+            let prefix = srv.settings().redis_prefix.clone();
             let refresh = Duration::from_secs_f64(self.cfg.cache_refresh.max(0.1));
             self.cache = Some(cache::spawn(
-                url,
-                srv.settings().redis_prefix.clone(),
+                url.clone(),
+                prefix.clone(),
                 refresh,
                 srv.worker_id(),
             ));
+            match srv.self_sender() {
+                Ok(sender) => {
+                    let channels = vec![
+                        delivery::worker_channel(&prefix, &self.node_pid()),
+                        delivery::broadcast_channel(&prefix),
+                    ];
+                    delivery::spawn_relay(url, channels, sender, srv.worker_id());
+                }
+                Err(e) => log::error!(
+                    "route: no delivery relay for worker {}: {e}",
+                    srv.worker_id()
+                ),
+            }
         }
         let every = Self::sweep_every(srv).as_millis() as u64;
         srv.tick(every, |app: &mut RouteApp, srv, _| app.sweep(srv));
@@ -426,6 +458,36 @@ impl App for RouteApp {
                     ),
                 }
             }
+            Ok(Command::Forward { to, from, data }) => {
+                let Some(member) = self
+                    .peers
+                    .get(&fd)
+                    .and_then(|p| p.held.as_ref())
+                    .map(|h| h.entry.member())
+                else {
+                    self.reply_error(
+                        srv,
+                        fd,
+                        &ProtocolError::new(code::NOT_REGISTERED, "register first"),
+                    );
+                    return;
+                };
+                if delivery::deliver(self, srv, &to, &from, &data, Some(&member)).is_none() {
+                    log::warn!("route: could not forward a message to {to}: Redis unavailable");
+                }
+            }
+            Ok(Command::Draining) => {
+                let held = self.peers.get_mut(&fd).and_then(|p| p.held.as_mut());
+                let Some(h) = held else { return };
+                h.entry.draining = true;
+                let (member, owner) = (h.entry.member(), h.entry.owner.clone());
+                let until = now_ms() + Self::lease(srv).as_millis() as u64;
+                log::info!("route: {} is draining; no new users go there", member);
+                let _ = srv.redis_cmd(|c| {
+                    self.registry
+                        .renew(c, &member, &owner, until, None, Some(true), now_ms())
+                });
+            }
             Ok(Command::Unknown(m)) => self.reply_error(
                 srv,
                 fd,
@@ -441,6 +503,10 @@ impl App for RouteApp {
         if let Some(held) = peer.held.filter(|h| h.stored) {
             self.remove_entry(srv, &held.entry, peer.closing_cause.unwrap_or("closed"));
         }
+    }
+
+    fn on_pipe_message(&mut self, srv: &mut Server<Self>, _from: usize, data: Vec<u8>) {
+        delivery::on_relay(self, srv, &data);
     }
 
     fn on_request(&mut self, srv: &mut Server<Self>, req: &Request) -> Response {

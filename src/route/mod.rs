@@ -10,7 +10,9 @@
 
 pub mod api;
 pub mod app;
+pub mod balancer;
 pub mod cache;
+pub mod delivery;
 pub mod protocol;
 pub mod registry;
 pub mod settings;

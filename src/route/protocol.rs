@@ -7,6 +7,10 @@
 //!      (+ "token" when auth is on, + optional "load", "epoch")
 //! ← {"method":"registered","serviceName":"IM_1","ip":…,"port":…,"lease_ms":…}
 //! → {"method":"heartbeat","load":12}            (a load report; pings also count)
+//! → {"method":"forward","to":"U2","from":"U1","data":…}   (a user elsewhere)
+//! → {"method":"draining"}                        (stopping: no new users)
+//! ← {"method":"deliver","to":"U2","from":"U1","data":…}   (a user it holds)
+//! ← {"method":"broadcast","from":…,"data":…}
 //! ← {"error":{"code":"…","message":"…"}}        (any refused frame)
 //! ```
 
@@ -15,7 +19,7 @@ use std::net::IpAddr;
 use serde_json::{json, Map, Value};
 
 /// A validated request from an IM server.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     /// Join the registry (the seed's message, unchanged).
     Register(Registration),
@@ -24,6 +28,17 @@ pub enum Command {
         /// Connected users now.
         load: Option<u64>,
     },
+    /// A message for a user this IM server does not hold.
+    Forward {
+        /// Target uid.
+        to: String,
+        /// Sender uid.
+        from: String,
+        /// Payload (any JSON).
+        data: Value,
+    },
+    /// The IM server is stopping: hand out no more users to it.
+    Draining,
     /// A method this Route does not know.
     Unknown(String),
 }
@@ -182,6 +197,12 @@ pub fn parse(text: &str) -> Result<Command, ProtocolError> {
         "heartbeat" => Ok(Command::Heartbeat {
             load: opt_u64(&obj, "load")?,
         }),
+        "forward" => Ok(Command::Forward {
+            to: string(&obj, "to")?,
+            from: string(&obj, "from")?,
+            data: field(&obj, "data")?.clone(),
+        }),
+        "draining" => Ok(Command::Draining),
         _ => Ok(Command::Unknown(method.chars().take(64).collect())),
     }
 }

@@ -19,6 +19,7 @@
 //! unboxed, exactly as tungstenite does, hence `result_large_err`.
 #![allow(dead_code, clippy::result_large_err)]
 
+pub mod cluster;
 pub mod daemon;
 
 use std::fs;

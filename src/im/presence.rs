@@ -1,0 +1,128 @@
+//! Who is online where: the user → connection records the IM servers write
+//! and the Route reads.
+//!
+//! `P im_user:<uid>` is a HASH with one field per connection,
+//! `<server member>|<worker id>|<fd>`, whose value is the IM server's
+//! instance epoch. A record is valid only while its server is registered
+//! with the same epoch: when a server dies or restarts, every record of its
+//! old instance is invalid at once (the Route filters them and deletes them
+//! lazily); the key's TTL is only a last-resort sweep.
+
+use redis::{Connection, RedisResult};
+
+/// One connection of a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    /// The IM server's registry member (`{"ip":…,"port":…}`).
+    pub member: String,
+    /// The IM worker holding it.
+    pub worker: usize,
+    /// The connection id within that worker.
+    pub fd: u64,
+    /// The IM server's instance epoch.
+    pub epoch: String,
+}
+
+impl Presence {
+    fn field(&self) -> String {
+        format!("{}|{}|{}", self.member, self.worker, self.fd)
+    }
+
+    fn parse(field: &str, epoch: String) -> Option<Presence> {
+        let mut it = field.rsplitn(3, '|');
+        let fd = it.next()?.parse().ok()?;
+        let worker = it.next()?.parse().ok()?;
+        let member = it.next()?.to_string();
+        Some(Presence {
+            member,
+            worker,
+            fd,
+            epoch,
+        })
+    }
+}
+
+/// The key of `uid`'s records.
+pub fn key(prefix: &str, uid: &str) -> String {
+    format!("{prefix}im_user:{uid}")
+}
+
+/// The key of `uid`'s last routing decision.
+pub fn route_key(prefix: &str, uid: &str) -> String {
+    format!("{prefix}im_route:{uid}")
+}
+
+/// Records a connection of `uid` (and extends the key's TTL).
+pub fn add(
+    c: &mut Connection,
+    prefix: &str,
+    uid: &str,
+    p: &Presence,
+    ttl_secs: u64,
+) -> RedisResult<()> {
+    redis::pipe()
+        .atomic()
+        .cmd("HSET")
+        .arg(key(prefix, uid))
+        .arg(p.field())
+        .arg(&p.epoch)
+        .ignore()
+        .cmd("EXPIRE")
+        .arg(key(prefix, uid))
+        .arg(ttl_secs)
+        .ignore()
+        .query(c)
+}
+
+/// Forgets a connection of `uid`.
+pub fn remove(c: &mut Connection, prefix: &str, uid: &str, p: &Presence) -> RedisResult<()> {
+    redis::cmd("HDEL")
+        .arg(key(prefix, uid))
+        .arg(p.field())
+        .query(c)
+}
+
+/// Forgets several records of `uid` (stale ones the Route found).
+pub fn remove_fields(
+    c: &mut Connection,
+    prefix: &str,
+    uid: &str,
+    stale: &[Presence],
+) -> RedisResult<()> {
+    if stale.is_empty() {
+        return Ok(());
+    }
+    let mut cmd = redis::cmd("HDEL");
+    cmd.arg(key(prefix, uid));
+    for p in stale {
+        cmd.arg(p.field());
+    }
+    cmd.query(c)
+}
+
+/// Every record of `uid`, valid or not.
+pub fn all(c: &mut Connection, prefix: &str, uid: &str) -> RedisResult<Vec<Presence>> {
+    let map: std::collections::HashMap<String, String> =
+        redis::cmd("HGETALL").arg(key(prefix, uid)).query(c)?;
+    Ok(map
+        .into_iter()
+        .filter_map(|(f, e)| Presence::parse(&f, e))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_round_trip_with_pipes_in_the_member() {
+        let p = Presence {
+            member: r#"{"ip":"127.0.0.2","port":9000}"#.into(),
+            worker: 1,
+            fd: 42,
+            epoch: "e".into(),
+        };
+        assert_eq!(Presence::parse(&p.field(), "e".into()), Some(p));
+        assert_eq!(Presence::parse("garbage", "e".into()), None);
+    }
+}

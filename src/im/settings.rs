@@ -1,0 +1,56 @@
+//! The IM server's own settings keys and its defaults for framework keys.
+
+use serde::{Deserialize, Serialize};
+
+/// The IM server's settings keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImSettings {
+    /// The Route's WebSocket URL, e.g. `ws://127.0.0.1:9500/`.
+    pub route_url: String,
+    /// This server's `serviceName` in the registry.
+    pub service_name: String,
+    /// The IP clients are told to connect to (default: `host`, or
+    /// 127.0.0.1 when `host` is a wildcard).
+    pub advertise_ip: String,
+    /// The port clients are told to connect to (default: `port`).
+    pub advertise_port: u16,
+    /// Shared secret: signs registration tokens, verifies user tokens.
+    /// Empty: the cluster runs open (a warning is logged).
+    pub auth_secret: String,
+    /// Seconds between heartbeats (load reports) to the Route (the seed: 3).
+    pub route_heartbeat: f64,
+    /// Seconds a user's presence record lives without being refreshed.
+    pub presence_ttl: u64,
+}
+
+impl Default for ImSettings {
+    fn default() -> Self {
+        ImSettings {
+            route_url: "ws://127.0.0.1:9500/".into(),
+            service_name: "IM_1".into(),
+            advertise_ip: String::new(),
+            advertise_port: 0,
+            auth_secret: String::new(),
+            route_heartbeat: 3.0,
+            presence_ttl: 86_400,
+        }
+    }
+}
+
+/// The IM daemon's defaults for framework keys.
+pub fn framework_defaults() -> toml::Table {
+    let mut t = toml::Table::new();
+    t.insert("port".into(), toml::Value::Integer(9000));
+    t.insert(
+        "pid_file".into(),
+        toml::Value::String("swocloud-im.pid".into()),
+    );
+    t.insert(
+        "redis_url".into(),
+        toml::Value::String("redis://127.0.0.1:6379".into()),
+    );
+    t.insert("heartbeat_check_interval".into(), toml::Value::Float(10.0));
+    t.insert("heartbeat_idle_time".into(), toml::Value::Float(75.0));
+    t
+}

@@ -1,0 +1,215 @@
+//! Message forwarding (the seed's duty 6): from any program over HTTP, or
+//! from an IM server for a user it does not hold, to the IM servers that
+//! hold the user — whichever Route worker or node took the request.
+//!
+//! A user's valid connections are read from presence ([`crate::im::presence`])
+//! and checked against the registry in Redis (same server, same instance
+//! epoch; anything else is stale and deleted). Each IM server is reached
+//! through the Route worker that holds its registration connection: directly
+//! when that is this worker, else over Redis pub/sub on that worker's
+//! channel `P route:worker:<node>/<pid>`, which a subscriber thread in every
+//! worker relays into its own loop (through the worker's inbox, as a pipe
+//! message). Broadcasts go to `P route:broadcast`, which every worker relays
+//! to every IM server it holds.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::im::presence::{self, Presence};
+use crate::process::ipc::{Envelope, PipeSender};
+use crate::reactor::{Fd, Message, Server};
+use crate::route::app::RouteApp;
+use crate::route::registry::ServerEntry;
+
+/// A relayed frame: push `frame` to IM-server connection `fd` (or to all).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Relay {
+    /// The registration connection on the receiving worker; None: every one.
+    pub fd: Option<Fd>,
+    /// The text frame to push.
+    pub frame: String,
+}
+
+/// This worker's channel name.
+pub fn worker_channel(prefix: &str, node_pid: &str) -> String {
+    format!("{prefix}route:worker:{node_pid}")
+}
+
+/// The broadcast channel.
+pub fn broadcast_channel(prefix: &str) -> String {
+    format!("{prefix}route:broadcast")
+}
+
+/// Starts the relay thread: SUBSCRIBE to this worker's channel and the
+/// broadcast channel, hand each message to the loop. Reconnects with
+/// backoff while Redis is away.
+pub fn spawn_relay(url: String, channels: Vec<String>, sender: PipeSender, worker_id: usize) {
+    let spawned = std::thread::Builder::new()
+        .name(format!("route-relay-{worker_id}"))
+        .spawn(move || {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let res: redis::RedisResult<()> = (|| {
+                    let client = redis::Client::open(url.as_str())?;
+                    let mut conn =
+                        client.get_connection_with_timeout(Duration::from_millis(500))?;
+                    let mut ps = conn.as_pubsub();
+                    for c in &channels {
+                        ps.subscribe(c)?;
+                    }
+                    backoff = Duration::from_millis(100);
+                    loop {
+                        let msg = ps.get_message()?;
+                        let payload: Vec<u8> = msg.get_payload_bytes().to_vec();
+                        if let Err(e) = sender.send(&Envelope::Pipe {
+                            from: worker_id as u32,
+                            data: payload,
+                        }) {
+                            log::warn!("route relay: cannot hand a message to the loop: {e}");
+                        }
+                    }
+                })();
+                if let Err(e) = res {
+                    log::debug!("route relay: {e}; resubscribing");
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start the delivery relay thread: {e}");
+    }
+}
+
+/// A user's valid connections grouped by IM server, after deleting stale
+/// records. `None`: Redis is unavailable.
+pub fn locate(
+    app: &RouteApp,
+    srv: &mut Server<RouteApp>,
+    uid: &str,
+) -> Option<Vec<(ServerEntry, usize)>> {
+    let prefix = srv.settings().redis_prefix.clone();
+    let records = srv.redis_cmd(|c| presence::all(c, &prefix, uid))?;
+    if records.is_empty() {
+        return Some(Vec::new());
+    }
+    let mut members: Vec<String> = records.iter().map(|p| p.member.clone()).collect();
+    members.sort();
+    members.dedup();
+    let details_key = app.registry.keys().details.clone();
+    let found: Vec<Option<String>> =
+        srv.redis_cmd(|c| redis::cmd("HMGET").arg(&details_key).arg(&members).query(c))?;
+    let entries: HashMap<String, ServerEntry> = members
+        .iter()
+        .zip(found)
+        .filter_map(|(m, j)| Some((m.clone(), serde_json::from_str::<ServerEntry>(&j?).ok()?)))
+        .collect();
+    let (valid, stale): (Vec<Presence>, Vec<Presence>) = records
+        .into_iter()
+        .partition(|p| entries.get(&p.member).is_some_and(|e| e.epoch == p.epoch));
+    if !stale.is_empty() {
+        let _ = srv.redis_cmd(|c| presence::remove_fields(c, &prefix, uid, &stale));
+    }
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for p in &valid {
+        *counts.entry(p.member.clone()).or_default() += 1;
+    }
+    let mut out: Vec<(ServerEntry, usize)> = counts
+        .into_iter()
+        .filter_map(|(m, n)| Some((entries.get(&m)?.clone(), n)))
+        .collect();
+    out.sort_by(|a, b| a.0.service_name.cmp(&b.0.service_name));
+    Some(out)
+}
+
+/// Delivers `data` from `from` to every valid connection of `to`, except on
+/// the IM server `exclude` (the one that already delivered locally).
+/// Returns the number of user connections the message was handed to, or
+/// `None` when Redis is unavailable.
+pub fn deliver(
+    app: &mut RouteApp,
+    srv: &mut Server<RouteApp>,
+    to: &str,
+    from: &str,
+    data: &Value,
+    exclude: Option<&str>,
+) -> Option<usize> {
+    let targets = locate(app, srv, to)?;
+    let frame = json!({"method": "deliver", "to": to, "from": from, "data": data}).to_string();
+    let mut delivered = 0;
+    for (entry, devices) in targets {
+        if exclude == Some(entry.member().as_str()) {
+            continue;
+        }
+        if relay(app, srv, &entry, &frame) {
+            delivered += devices;
+        }
+    }
+    Some(delivered)
+}
+
+/// Hands `frame` to the Route worker holding `entry`'s connection.
+fn relay(app: &RouteApp, srv: &mut Server<RouteApp>, entry: &ServerEntry, frame: &str) -> bool {
+    let Some((owner_worker, fd)) = entry.owner.rsplit_once('/') else {
+        return false;
+    };
+    let Ok(fd) = fd.parse::<Fd>() else {
+        return false;
+    };
+    if owner_worker == app.node_pid() {
+        return srv.push(fd, Message::Text(frame.to_string()));
+    }
+    let channel = worker_channel(&srv.settings().redis_prefix, owner_worker);
+    let payload = serde_json::to_string(&Relay {
+        fd: Some(fd),
+        frame: frame.to_string(),
+    })
+    .unwrap_or_default();
+    srv.redis_cmd(|c| {
+        redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(&payload)
+            .query::<i64>(c)
+    })
+    .unwrap_or(0)
+        > 0
+}
+
+/// Sends `data` to every user of every IM server; returns how many Route
+/// workers took it.
+pub fn broadcast(srv: &mut Server<RouteApp>, from: &str, data: &Value) -> Option<i64> {
+    let frame = json!({"method": "broadcast", "from": from, "data": data}).to_string();
+    let payload = serde_json::to_string(&Relay { fd: None, frame }).unwrap_or_default();
+    let channel = broadcast_channel(&srv.settings().redis_prefix);
+    srv.redis_cmd(|c| {
+        redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(&payload)
+            .query::<i64>(c)
+    })
+}
+
+/// A relayed frame arrived from the relay thread: push it.
+pub fn on_relay(app: &RouteApp, srv: &mut Server<RouteApp>, bytes: &[u8]) {
+    let Ok(r) = serde_json::from_slice::<Relay>(bytes) else {
+        log::warn!("route: dropping a malformed relayed message");
+        return;
+    };
+    match r.fd {
+        Some(fd) => {
+            if !srv.push(fd, Message::Text(r.frame)) {
+                log::info!(
+                    "route: IM server connection {fd} is gone; a relayed message was not delivered"
+                );
+            }
+        }
+        None => {
+            let fds: Vec<Fd> = app.registered_fds();
+            for fd in fds {
+                srv.push(fd, Message::Text(r.frame.clone()));
+            }
+        }
+    }
+}
