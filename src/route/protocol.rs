@@ -252,5 +252,17 @@ mod tests {
             parse(r#"{"method":"__destruct"}"#).unwrap(),
             Command::Unknown("__destruct".into())
         );
+        assert_eq!(
+            parse(r#"{"method":"draining"}"#).unwrap(),
+            Command::Draining
+        );
+        assert!(matches!(
+            parse(r#"{"method":"forward","to":"u2","from":"u1","data":[1]}"#).unwrap(),
+            Command::Forward { .. }
+        ));
+        assert_eq!(
+            code(r#"{"method":"forward","to":"u2","data":1}"#),
+            code::BAD_REQUEST
+        );
     }
 }
