@@ -266,6 +266,7 @@ fn expect_close(s: &mut TcpStream, code: u16) {
         "close reason: {}",
         String::from_utf8_lossy(&p[2..])
     );
+    let _ = s.write_all(&frame(0x8, true, &p[..2], true)); // answer it, as a client should
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest); // the server then closes TCP
 }
@@ -739,7 +740,10 @@ fn max_request_ends_the_worker() {
     let (w, _) = echo(settings(|s| s.max_request = 3));
     let addr = w.addr();
     for _ in 0..3 {
-        let resp = http_once(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let resp = http_once(
+            addr,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
         assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     }
     assert_eq!(w.join(), WorkerExit::MaxRequest);
