@@ -311,6 +311,9 @@ impl App for Echo {
         bus.register("workerStop", move |_, _| {
             seen.log.lock().unwrap().push("workerStop".into())
         });
+        bus.register("Custom", |srv, args| {
+            srv.push(args[0].as_u64().unwrap(), "emitted");
+        });
     }
     fn on_worker_stop(&mut self, _srv: &mut Server<Self>) {
         self.seen.log.lock().unwrap().push("on_worker_stop".into());
@@ -338,6 +341,9 @@ impl App for Echo {
                     break;
                 }
             }
+        } else if text == "emit" {
+            srv.emit("custom", vec![serde_json::Value::from(fd)]);
+            srv.push(fd, "hook done");
         } else if text == "snap" {
             let snap = srv.snapshot(fd).unwrap();
             srv.push(fd, serde_json::to_string(&snap).unwrap());
@@ -864,4 +870,13 @@ fn redis_link_up_and_down() {
     } else {
         eprintln!("note: no Redis on 127.0.0.1:6379; only the down path was checked");
     }
+}
+
+#[test]
+fn emit_triggers_the_bus_after_the_hook_returns() {
+    let (w, _) = echo(settings(|_| {}));
+    let mut c = ws(w.addr(), "/");
+    c.send(WsMsg::text("emit")).unwrap();
+    assert_eq!(next(&mut c), WsMsg::text("hook done"));
+    assert_eq!(next(&mut c), WsMsg::text("emitted"));
 }
