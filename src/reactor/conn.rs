@@ -171,6 +171,10 @@ pub struct Conn {
     pub dirty: bool,
     /// Our write side is shut down (lingering close).
     pub write_shut: bool,
+    /// Once output is flushed, shut the write side and drain input until
+    /// EOF (true), or close at once (false: the WebSocket close handshake
+    /// is complete, nothing more can come).
+    pub linger: bool,
 }
 
 impl Conn {
@@ -193,6 +197,7 @@ impl Conn {
             opened: false,
             dirty: false,
             write_shut: false,
+            linger: true,
         }
     }
 
@@ -302,6 +307,7 @@ impl Conn {
                         // Echo the peer's code (1000 when it sent none).
                         self.queue_close(code.unwrap_or(ws::close::NORMAL), "");
                         self.begin_close();
+                        self.linger = false;
                         (Inbound::Closing, n)
                     }
                     Decoded::Fail(code, why) => {

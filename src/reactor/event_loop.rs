@@ -187,7 +187,8 @@ impl<A: App> Reactor<A> {
             }
             if let Some(exit) = self.srv.stop_request {
                 if !self.srv.stopping {
-                    self.begin_stop(app, exit);
+                    self.begin_stop(exit);
+                    self.before_sleep(app); // the 1001 frames go out now
                 }
             }
             if self.srv.stopping && self.srv.conns.is_empty() {
@@ -526,6 +527,7 @@ impl<A: App> Reactor<A> {
         let c = &mut self.srv.conns[key];
         c.dirty = false;
         match c.flush() {
+            Ok(true) if c.is_closing() && !c.linger => self.srv.doomed.push(fd),
             Ok(true) if c.is_closing() && !c.write_shut => {
                 c.write_shut = true;
                 if c.stream.shutdown(std::net::Shutdown::Write).is_err() {
@@ -547,7 +549,7 @@ impl<A: App> Reactor<A> {
     /// Graceful stop, step one: take what is queued on the listener, stop
     /// listening, close idle connections, say 1001 to WebSocket peers, arm
     /// the `max_wait_time` deadline.
-    fn begin_stop(&mut self, _app: &mut A, exit: WorkerExit) {
+    fn begin_stop(&mut self, exit: WorkerExit) {
         self.srv.stopping = true;
         self.exit = exit;
         self.srv.row.stopping.store(1, Relaxed);
