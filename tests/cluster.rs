@@ -107,9 +107,8 @@ fn two_hundred_users_exchange_messages_exactly_once() {
     // Nothing arrives twice: every socket stays quiet now.
     std::thread::sleep(Duration::from_millis(300));
     for (i, ws) in users.iter_mut().enumerate() {
-        match ws.recv_timeout(Duration::from_millis(5)) {
-            Ok(Message::Text(t)) => panic!("u{i} got a duplicate or stray frame: {t}"),
-            _ => {}
+        if let Ok(Message::Text(t)) = ws.recv_timeout(Duration::from_millis(5)) {
+            panic!("u{i} got a duplicate or stray frame: {t}");
         }
     }
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use swocloud::route::protocol::Registration;
-use swocloud::route::registry::{Registry, Renewal, ServerEntry};
+use swocloud::route::registry::{Registry, Renew, Renewal, ServerEntry};
 
 fn reg(name: &str, ip: &str, port: u16) -> Registration {
     Registration {
@@ -66,10 +66,12 @@ fn registry_scripts_keep_the_seed_set_and_their_invariants() {
             &mut c,
             &a2.member(),
             "node/1/1",
-            20_000,
-            Some(9),
-            None,
-            3_000
+            &Renew {
+                lease_until_ms: 20_000,
+                load: Some(9),
+                draining: None,
+                now_ms: 3_000
+            }
         )
         .unwrap(),
         Renewal::Superseded
@@ -79,10 +81,12 @@ fn registry_scripts_keep_the_seed_set_and_their_invariants() {
             &mut c,
             &a2.member(),
             "node/2/7",
-            20_000,
-            Some(9),
-            Some(true),
-            3_000
+            &Renew {
+                lease_until_ms: 20_000,
+                load: Some(9),
+                draining: Some(true),
+                now_ms: 3_000
+            }
         )
         .unwrap(),
         Renewal::Renewed
@@ -105,8 +109,18 @@ fn registry_scripts_keep_the_seed_set_and_their_invariants() {
     assert_eq!(r.reap(&mut c, 6_000).unwrap(), vec![b.member()]);
     assert_eq!(members(&mut c, "im_server"), vec![a2.member()]);
     assert_eq!(
-        r.renew(&mut c, &b.member(), "node/1/2", 9_000, None, None, 6_000)
-            .unwrap(),
+        r.renew(
+            &mut c,
+            &b.member(),
+            "node/1/2",
+            &Renew {
+                lease_until_ms: 9_000,
+                load: None,
+                draining: None,
+                now_ms: 6_000
+            }
+        )
+        .unwrap(),
         Renewal::Missing
     );
 

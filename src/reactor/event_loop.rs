@@ -187,7 +187,7 @@ impl<A: App> Reactor<A> {
             }
             if let Some(exit) = self.srv.stop_request {
                 if !self.srv.stopping {
-                    self.begin_stop(exit);
+                    self.begin_stop(app, exit);
                     self.before_sleep(app); // the 1001 frames go out now
                 }
             }
@@ -549,7 +549,7 @@ impl<A: App> Reactor<A> {
     /// Graceful stop, step one: take what is queued on the listener, stop
     /// listening, close idle connections, say 1001 to WebSocket peers, arm
     /// the `max_wait_time` deadline.
-    fn begin_stop(&mut self, exit: WorkerExit) {
+    fn begin_stop(&mut self, app: &mut A, exit: WorkerExit) {
         self.srv.stopping = true;
         self.exit = exit;
         self.srv.row.stopping.store(1, Relaxed);
@@ -561,7 +561,7 @@ impl<A: App> Reactor<A> {
         {
             let srv = &mut self.srv;
             Self::guarded(srv.worker_id, "on_worker_exit", None, || {
-                _app.on_worker_exit(srv)
+                app.on_worker_exit(srv)
             });
         }
         self.accept_all();

@@ -23,7 +23,7 @@ use crate::route::balancer::Picker;
 use crate::route::cache::{self, SharedCache};
 use crate::route::delivery;
 use crate::route::protocol::{self, code, Command, ProtocolError, Registration};
-use crate::route::registry::{Registry, Renewal, ServerEntry};
+use crate::route::registry::{Registry, Renew, Renewal, ServerEntry};
 use crate::route::settings::RouteSettings;
 use crate::route::stats::RouteStats;
 
@@ -258,16 +258,15 @@ impl RouteApp {
             };
             let load = held.entry.load;
             let outcome = if held.stored {
+                let r = Renew {
+                    lease_until_ms: until,
+                    load: Some(load),
+                    draining: None,
+                    now_ms: now,
+                };
                 srv.redis_cmd(|c| {
-                    self.registry.renew(
-                        c,
-                        &held.entry.member(),
-                        &held.entry.owner,
-                        until,
-                        Some(load),
-                        None,
-                        now,
-                    )
+                    self.registry
+                        .renew(c, &held.entry.member(), &held.entry.owner, &r)
                 })
             } else {
                 Some(Renewal::Missing)
@@ -483,10 +482,13 @@ impl App for RouteApp {
                 let (member, owner) = (h.entry.member(), h.entry.owner.clone());
                 let until = now_ms() + Self::lease(srv).as_millis() as u64;
                 log::info!("route: {} is draining; no new users go there", member);
-                let _ = srv.redis_cmd(|c| {
-                    self.registry
-                        .renew(c, &member, &owner, until, None, Some(true), now_ms())
-                });
+                let r = Renew {
+                    lease_until_ms: until,
+                    load: None,
+                    draining: Some(true),
+                    now_ms: now_ms(),
+                };
+                let _ = srv.redis_cmd(|c| self.registry.renew(c, &member, &owner, &r));
             }
             Ok(Command::Unknown(m)) => self.reply_error(
                 srv,

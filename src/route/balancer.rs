@@ -46,7 +46,7 @@ impl Picker {
         if live.is_empty() {
             return None;
         }
-        live.sort_by(|a, b| a.member().cmp(&b.member()));
+        live.sort_by_key(|e| e.member());
         let chosen = match kind {
             Balancer::RoundRobin => {
                 self.rr = self.rr.wrapping_add(1);

@@ -188,6 +188,19 @@ pub struct Registry {
     reap: Script,
 }
 
+/// What a renewal sets.
+#[derive(Debug, Clone, Copy)]
+pub struct Renew {
+    /// New lease expiry (Unix ms).
+    pub lease_until_ms: u64,
+    /// New load, if reported.
+    pub load: Option<u64>,
+    /// New draining flag, if changed.
+    pub draining: Option<bool>,
+    /// Now (Unix ms), stored as last-seen.
+    pub now_ms: u64,
+}
+
 /// Outcome of a renewal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Renewal {
@@ -268,10 +281,7 @@ impl Registry {
         c: &mut Connection,
         member: &str,
         owner: &str,
-        lease_until_ms: u64,
-        load: Option<u64>,
-        draining: Option<bool>,
-        now_ms: u64,
+        r: &Renew,
     ) -> RedisResult<Renewal> {
         let k = &self.keys;
         let n: i64 = self
@@ -280,10 +290,10 @@ impl Registry {
             .key(&k.details)
             .arg(member)
             .arg(owner)
-            .arg(lease_until_ms)
-            .arg(load.map_or(String::new(), |l| l.to_string()))
-            .arg(now_ms)
-            .arg(draining.map_or(String::new(), |d| d.to_string()))
+            .arg(r.lease_until_ms)
+            .arg(r.load.map_or(String::new(), |l| l.to_string()))
+            .arg(r.now_ms)
+            .arg(r.draining.map_or(String::new(), |d| d.to_string()))
             .arg(&k.channel)
             .invoke(c)?;
         Ok(match n {
