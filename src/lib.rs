@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod event;
 pub mod logging;
+pub mod metrics;
 pub mod process;
 pub mod reactor;
 pub mod route;

@@ -5,8 +5,13 @@
 //! | `GET /health` | 200 whenever the worker serves (liveness) |
 //! | `GET /ready` | 200 while Redis answers and the registry cache is fresh, else 503 with the reason |
 //! | `GET /api/servers` | the live IM servers with details, from the worker's cache; `?fresh=1` reads Redis |
+//! | `GET /metrics` | Prometheus text format, summed over every worker (see [`crate::metrics`]) |
+//! | `GET /dashboard` | a self-contained HTML page that polls the three above |
 //!
 //! `/api/*` requires `Authorization: Bearer <api_key>` when `api_key` is set.
+//! `/health`, `/ready`, `/metrics` and `/dashboard` stay open, as probes and
+//! scrapers expect: they show counts and states, never the registry's
+//! addresses (the dashboard asks for the key to read `/api/servers`).
 
 use std::time::Duration;
 
@@ -15,6 +20,10 @@ use serde_json::json;
 use crate::auth::constant_eq;
 use crate::reactor::{Request, Response, Server};
 use crate::route::app::RouteApp;
+use crate::route::stats;
+
+/// The dashboard page (inline CSS and JS, no external assets).
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// Routes one request.
 pub fn handle(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> Response {
@@ -29,6 +38,10 @@ pub fn handle(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> 
             &json!({"status": "ok", "worker_id": srv.worker_id(), "pid": std::process::id()}),
         ),
         ("GET", "/ready") => ready(app, srv),
+        ("GET", "/metrics") => metrics(app, srv),
+        ("GET", "/dashboard") => Response::new(200, DASHBOARD)
+            .with_header("Content-Type", "text/html; charset=utf-8")
+            .with_header("Cache-Control", "no-cache"),
         ("GET", "/api/servers") => {
             let fresh = req
                 .query()
@@ -39,7 +52,7 @@ pub fn handle(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> 
                 &json!({"count": servers.len(), "source": source, "servers": servers}),
             )
         }
-        (_, "/health" | "/ready" | "/api/servers") => {
+        (_, "/health" | "/ready" | "/api/servers" | "/metrics" | "/dashboard") => {
             Response::json(405, &json!({"error": "method_not_allowed"})).with_header("Allow", "GET")
         }
         _ => Response::json(404, &json!({"error": "not_found", "path": path})),
@@ -80,4 +93,37 @@ fn ready(app: &RouteApp, srv: &mut Server<RouteApp>) -> Response {
     } else {
         Response::json(503, &json!({"ready": false, "reasons": reasons}))
     }
+}
+
+/// `/metrics`: the framework's figures and the Route's counters, summed
+/// over all workers, plus this worker's view of the registry.
+fn metrics(app: &RouteApp, srv: &Server<RouteApp>) -> Response {
+    let sb = srv.scoreboard();
+    let mut m = crate::metrics::Exposition::new();
+    m.framework(&sb);
+    m.app_counters(&sb, stats::COUNTERS);
+    let (servers, fresh) = match &app.cache {
+        Some(c) => {
+            let g = c.lock().unwrap_or_else(|p| p.into_inner());
+            let max_age = Duration::from_secs_f64(app.cfg.cache_refresh * 2.0 + 1.0);
+            (g.entries.len(), g.fresh(max_age))
+        }
+        None => (
+            app.peers.values().filter(|p| p.held.is_some()).count(),
+            false,
+        ),
+    };
+    m.gauge(
+        "swocloud_route_im_servers",
+        "IM servers registered, from the answering worker's registry cache.",
+        &[],
+        servers as u64,
+    );
+    m.gauge(
+        "swocloud_route_cache_fresh",
+        "1 while the answering worker's registry cache is connected and fresh.",
+        &[],
+        u64::from(fresh),
+    );
+    crate::metrics::response(m.finish())
 }
