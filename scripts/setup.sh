@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what swocloud needs on a Debian machine, only what is missing:
 # redis-server (tests start private instances; the demo uses one), a C
-# compiler for crates with C parts, python3 for the metrics check, and curl.
+# compiler for crates with C parts, python3 for the metrics check, and curl;
+# systemd-analyze (package systemd) and Python's prometheus_client (PyPI)
+# for tests/ops.rs, which verify the units and parse /metrics.
 # Rust itself (>= 1.80, with cargo) must already be installed (rustup).
 set -euo pipefail
 
@@ -11,6 +13,7 @@ command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
@@ -18,6 +21,14 @@ if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if ! python3 -c 'import prometheus_client' >/dev/null 2>&1; then
+  echo "setup: installing prometheus_client (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check prometheus_client \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages prometheus_client \
+    || { SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo";
+         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-prometheus-client >/dev/null; }
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
