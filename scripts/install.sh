@@ -14,6 +14,7 @@
 #   CONF_DIR=/etc/swocloud        swocloud.toml (from swocloud.toml.example)
 #   UNIT_DIR=/etc/systemd/system  swocloud.service, swocloud-im.service
 #   LOGROTATE_DIR=/etc/logrotate.d
+#   BUILD_DIR=target/release      where the built binaries are taken from
 # and the `swocloud` system user and group, which the units run as.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ for a in "$@"; do
   case "$a" in
     --notify) notify=1 ;;
     --no-build) build=0 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "install: unknown argument $a (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -33,6 +34,7 @@ BIN_DIR="${BIN_DIR:-/usr/local/bin}"
 CONF_DIR="${CONF_DIR:-/etc/swocloud}"
 UNIT_DIR="${UNIT_DIR:-/etc/systemd/system}"
 LOGROTATE_DIR="${LOGROTATE_DIR:-/etc/logrotate.d}"
+BUILD_DIR="${BUILD_DIR:-target/release}"
 USER_NAME=swocloud
 
 if [ -z "$DESTDIR" ] && [ "$(id -u)" -ne 0 ]; then
@@ -46,10 +48,10 @@ if [ "$build" -eq 1 ]; then
 fi
 bins=()
 for b in swocloud swocloud-im; do
-  [ -x "target/release/$b" ] && bins+=("$b")
+  if [ -x "$BUILD_DIR/$b" ]; then bins+=("$b"); fi
 done
 if [ ${#bins[@]} -eq 0 ]; then
-  echo "install: no binaries in target/release (run without --no-build)" >&2
+  echo "install: no binaries in $BUILD_DIR (run without --no-build)" >&2
   exit 1
 fi
 
@@ -68,7 +70,7 @@ install -d -m 0755 "$DESTDIR$BIN_DIR" "$DESTDIR$UNIT_DIR" "$DESTDIR$LOGROTATE_DI
 install -d -m 0750 "$DESTDIR$CONF_DIR"
 for b in "${bins[@]}"; do
   # install(1) writes a new inode, so a running daemon keeps its binary.
-  install -m 0755 "target/release/$b" "$DESTDIR$BIN_DIR/$b"
+  install -m 0755 "$BUILD_DIR/$b" "$DESTDIR$BIN_DIR/$b"
   echo "install: $BIN_DIR/$b"
 done
 
