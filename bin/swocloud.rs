@@ -8,11 +8,12 @@ use swocloud::route::settings::{framework_defaults, RouteSettings};
 use swocloud::route::RouteApp;
 
 fn main() {
-    let code = swocloud::cli::main(
+    let code = swocloud::cli::main_with_status(
         "swocloud",
         "The swocloud Route: registry, balancer and message router of an IM cluster",
         framework_defaults(),
         |settings, cfg: RouteSettings| Ok(RouteApp::new(cfg, &settings.redis_prefix)),
+        Some(swocloud::route::status::section),
     );
     std::process::exit(code);
 }

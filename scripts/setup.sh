@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what swocloud needs on a Debian machine, only what is missing:
 # redis-server (tests start private instances; the demo uses one), a C
-# compiler for crates with C parts, python3 for the metrics check, curl and
-# php-cli (the client examples in examples/clients/ are tested for real).
+# compiler for crates with C parts, curl and php-cli (the client examples in
+# examples/clients/ are tested for real); systemd-analyze (package systemd)
+# and Python's prometheus_client (PyPI) for tests/ops.rs, which verify the
+# units and parse /metrics.
 # Rust itself (>= 1.80, with cargo) must already be installed (rustup).
 set -euo pipefail
 
@@ -13,6 +15,7 @@ command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v php >/dev/null 2>&1 || need+=(php-cli)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
@@ -20,6 +23,14 @@ if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if ! python3 -c 'import prometheus_client' >/dev/null 2>&1; then
+  echo "setup: installing prometheus_client (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check prometheus_client \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages prometheus_client \
+    || { SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo";
+         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-prometheus-client >/dev/null; }
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

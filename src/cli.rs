@@ -102,6 +102,20 @@ struct StatusArgs {
     json: bool,
 }
 
+/// What a program adds to `status` beside the process table (the Route:
+/// its IM servers and its Redis state).
+#[derive(Debug, Default, Clone)]
+pub struct StatusExtra {
+    /// Keys merged into the `status --json` document.
+    pub json: serde_json::Map<String, Value>,
+    /// Text printed below the table.
+    pub text: String,
+}
+
+/// A program's `status` hook: gets the settings and the program's own
+/// settings, runs only once the master answered.
+pub type StatusHook<X> = fn(&Settings, &X) -> StatusExtra;
+
 /// Runs the CLI for a program whose application is built by `make_app`
 /// from the settings. `defaults` holds the program's own defaults for
 /// framework keys (port, pid_file, …). Returns the process exit code.
@@ -110,6 +124,21 @@ pub fn main<X, A>(
     about: &'static str,
     defaults: toml::Table,
     make_app: impl FnOnce(&Settings, X) -> Result<A, String>,
+) -> i32
+where
+    X: DeserializeOwned + Serialize + Default,
+    A: App,
+{
+    main_with_status(program, about, defaults, make_app, None)
+}
+
+/// [`main`] with a hook that adds the program's own section to `status`.
+pub fn main_with_status<X, A>(
+    program: &'static str,
+    about: &'static str,
+    defaults: toml::Table,
+    make_app: impl FnOnce(&Settings, X) -> Result<A, String>,
+    status_hook: Option<StatusHook<X>>,
 ) -> i32
 where
     X: DeserializeOwned + Serialize + Default,
@@ -153,7 +182,9 @@ where
         },
         Cmd::Stop(_) => stop(program, &settings),
         Cmd::Reload(a) => reload(program, &settings, a.tasks),
-        Cmd::Status(a) => status(program, &settings, a.json),
+        Cmd::Status(a) => status(program, &settings, a.json, &|| {
+            status_hook.map(|h| h(&settings, &app_settings))
+        }),
     }
 }
 
@@ -263,24 +294,81 @@ fn reload(program: &str, settings: &Settings, tasks: bool) -> i32 {
     }
 }
 
-fn status(program: &str, settings: &Settings, json: bool) -> i32 {
+fn status(
+    program: &str,
+    settings: &Settings,
+    json: bool,
+    extra: &dyn Fn() -> Option<StatusExtra>,
+) -> i32 {
     let pid = match running(program, settings) {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let doc = match control::request(&settings.control_path(), "status") {
+    let mut doc = match control::request(&settings.control_path(), "status") {
         Ok(d) => d,
         Err(e) => {
             eprintln!("{program}: master pid {pid} runs but does not answer: {e}");
             return 1;
         }
     };
+    let extra = extra().unwrap_or_default();
     if json {
+        if let Some(obj) = doc.as_object_mut() {
+            obj.extend(extra.json);
+        }
         println!("{doc}");
     } else {
-        print!("{}", render_table(program, &doc));
+        print!("{}{}", render_table(program, &doc), extra.text);
     }
     0
+}
+
+/// Timeout of each step of [`local_http_get`]: the server is on this host.
+const LOCAL_HTTP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A blocking `GET path` to the server's own HTTP port (for `status`
+/// hooks): `host` from the settings, the loopback address when it is the
+/// wildcard. Sends `Authorization: Bearer` when `bearer` is given. Returns
+/// the status code and the body; errors name the address.
+pub fn local_http_get(
+    settings: &Settings,
+    path: &str,
+    bearer: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream};
+    let mut addr = settings.listen_addr();
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    let ctx =
+        |e: std::io::Error| std::io::Error::new(e.kind(), format!("GET {path} on {addr}: {e}"));
+    let mut s = TcpStream::connect_timeout(&addr, LOCAL_HTTP_TIMEOUT).map_err(ctx)?;
+    s.set_read_timeout(Some(LOCAL_HTTP_TIMEOUT)).map_err(ctx)?;
+    s.set_write_timeout(Some(LOCAL_HTTP_TIMEOUT)).map_err(ctx)?;
+    let auth = bearer
+        .filter(|k| !k.is_empty())
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .map_err(ctx)?;
+    let mut raw = Vec::new();
+    s.take(16 << 20).read_to_end(&mut raw).map_err(ctx)?;
+    let text = String::from_utf8_lossy(&raw);
+    let bad = || ctx(std::io::Error::other("malformed HTTP answer"));
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(bad)?;
+    Ok((code, body.to_string()))
 }
 
 fn human_uptime(s: u64) -> String {

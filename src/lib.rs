@@ -7,6 +7,7 @@ pub mod config;
 pub mod event;
 pub mod im;
 pub mod logging;
+pub mod metrics;
 pub mod process;
 pub mod reactor;
 pub mod route;

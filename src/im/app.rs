@@ -33,6 +33,28 @@ pub const FORWARDED: usize = 2;
 /// Scoreboard app counter: user connections refused (bad or missing token).
 pub const REFUSED: usize = 3;
 
+/// The IM server's counters as `/metrics` exports them (summed over workers).
+pub const COUNTERS: &[crate::metrics::AppCounter] = &[
+    crate::metrics::AppCounter {
+        index: DELIVERED,
+        name: "swocloud_im_messages_delivered_total",
+        help: "Messages pushed to local users' connections.",
+        label: None,
+    },
+    crate::metrics::AppCounter {
+        index: FORWARDED,
+        name: "swocloud_im_messages_forwarded_total",
+        help: "User messages forwarded through the Route to other IM servers.",
+        label: None,
+    },
+    crate::metrics::AppCounter {
+        index: REFUSED,
+        name: "swocloud_im_connections_refused_total",
+        help: "User connections refused for a missing uid or a bad token (close 4001).",
+        label: None,
+    },
+];
+
 /// The IM server.
 #[derive(Debug)]
 pub struct ImApp {
@@ -430,6 +452,19 @@ impl App for ImApp {
                 } else {
                     Response::json(503, &json!({"ready": false, "reasons": reasons}))
                 }
+            }
+            ("GET", "/metrics") => {
+                let sb = srv.scoreboard();
+                let mut m = crate::metrics::Exposition::new();
+                m.framework(&sb);
+                m.app_counters(&sb, COUNTERS);
+                m.gauge(
+                    "swocloud_im_users",
+                    "Users connected to this IM server, over all its workers.",
+                    &[],
+                    self.load(srv),
+                );
+                crate::metrics::response(m.finish())
             }
             _ => Response::json(404, &json!({"error": "not_found"})),
         }

@@ -108,6 +108,8 @@ struct Manager<'a, A: App> {
     table: Vec<Child>,
     policy: Vec<SlotPolicy>,
     reload_queue: VecDeque<Slot>,
+    /// A worker reload is under way: report `RELOADED` when it drains.
+    reload_unreported: bool,
     reported_ready: bool,
     stopping: Option<Instant>,
 }
@@ -134,6 +136,7 @@ pub fn run<A: App>(args: ManagerArgs, app: &mut A) -> i32 {
         ready_w,
         table: Vec::new(),
         reload_queue: VecDeque::new(),
+        reload_unreported: false,
         reported_ready: false,
         stopping: None,
     };
@@ -585,6 +588,7 @@ impl<A: App> Manager<'_, A> {
             .totals()
             .reloads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.reload_unreported |= workers;
         for s in slots {
             if !self.reload_queue.contains(&s) {
                 self.reload_queue.push_back(s);
@@ -593,10 +597,19 @@ impl<A: App> Manager<'_, A> {
     }
 
     /// Starts the next replacement when the previous one serves
-    /// (`reload_async`), or all at once otherwise.
+    /// (`reload_async`), or all at once otherwise. Reports `RELOADED` to
+    /// the master once the queue drained and every replacement serves.
     fn advance_reload(&mut self) {
-        while let Some(&slot) = self.reload_queue.front() {
+        loop {
             let in_flight = self.table.iter().any(|c| c.replaces.is_some() && !c.ready);
+            let Some(&slot) = self.reload_queue.front() else {
+                if self.reload_unreported && !in_flight {
+                    self.reload_unreported = false;
+                    log::info!("reload finished: every replacement serves");
+                    self.report("RELOADED");
+                }
+                return;
+            };
             if in_flight && self.args.settings.reload_async {
                 return;
             }

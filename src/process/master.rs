@@ -29,7 +29,7 @@ use crate::process::manager::{self, borrow, ManagerArgs};
 use crate::process::pidfile::{self, PidState};
 use crate::process::scoreboard::{Role, Scoreboard};
 use crate::process::signals::{self, Control};
-use crate::process::{control, listen};
+use crate::process::{control, listen, notify};
 
 /// Extra time past `max_wait_time` the master gives the manager to finish
 /// reaping before it SIGKILLs the whole tree.
@@ -296,7 +296,12 @@ impl Master {
                 match ev {
                     Control::Child => {}
                     Control::Terminate => self.begin_stop(),
-                    Control::Reload => self.forward(Signal::SIGUSR1),
+                    Control::Reload => {
+                        if self.phase == Phase::Running && self.manager.is_some() {
+                            notify::reloading(); // READY=1 again on the manager's RELOADED
+                        }
+                        self.forward(Signal::SIGUSR1)
+                    }
                     Control::ReloadTasks => self.forward(Signal::SIGUSR2),
                     Control::ReopenLog => {
                         logging::reopen();
@@ -352,7 +357,7 @@ impl Master {
         exit_code
     }
 
-    /// Handles `READY` / `FAIL` lines from the manager. Returns an exit code
+    /// Handles `READY` / `RELOADED` / `FAIL` lines from the manager. Returns an exit code
     /// when start-up failed.
     fn read_manager_status(&mut self) -> Option<i32> {
         let (_, r) = self.manager.as_ref()?;
@@ -381,6 +386,9 @@ impl Master {
                     self.pid
                 );
                 self.readiness.ready(self.pid.as_raw());
+                notify::ready();
+            } else if line == "RELOADED" && self.phase == Phase::Running {
+                notify::ready();
             } else if let Some(why) = line.strip_prefix("FAIL ") {
                 log::error!("start-up failed: {why}");
                 self.readiness.failed(why);
@@ -442,6 +450,7 @@ impl Master {
             return;
         }
         self.set_phase(Phase::Stopping);
+        notify::stopping();
         self.manager_respawn_at = None;
         self.forward(Signal::SIGTERM);
         self.stop_deadline = Some(

@@ -7,6 +7,7 @@
 //! - [`ipc`]: per-slot mailboxes (worker ↔ worker, worker ↔ task worker).
 //! - [`scoreboard`]: shared-memory counters of every process.
 //! - [`control`]: the master's status socket.
+//! - [`notify`]: systemd's readiness protocol (`Type=notify`).
 //! - [`signals`], [`pidfile`], [`daemon`]: the Unix plumbing.
 
 pub mod control;
@@ -15,6 +16,7 @@ pub mod ipc;
 pub mod listen;
 pub mod manager;
 pub mod master;
+pub mod notify;
 pub mod pidfile;
 pub mod scoreboard;
 pub mod signals;

@@ -92,6 +92,12 @@ pub struct Row {
     /// Application-defined counters (the Route and the IM server name their
     /// indices), summed by `/metrics` like the framework's.
     pub app: [AtomicU64; APP_COUNTERS],
+    /// Failed Redis commands and connection attempts of this process's link.
+    pub redis_errors: AtomicU64,
+    /// Times this process's Redis link came back after an outage.
+    pub redis_reconnects: AtomicU64,
+    /// 1 while this process's Redis link is up (a gauge).
+    pub redis_up: AtomicU64,
 }
 
 /// Number of application-defined counters per row.
@@ -114,6 +120,8 @@ pub struct Totals {
     pub retired_http: [AtomicU64; 5],
     /// Retired application counters.
     pub retired_app: [AtomicU64; APP_COUNTERS],
+    /// Retired `redis_errors` and `redis_reconnects`.
+    pub retired_redis: [AtomicU64; 2],
 }
 
 /// The shared table.
@@ -222,6 +230,9 @@ impl Scoreboard {
             &r.messages_out,
             &r.tasks,
             &r.rss_kib,
+            &r.redis_errors,
+            &r.redis_reconnects,
+            &r.redis_up,
         ] {
             c.store(0, Relaxed);
         }
@@ -251,6 +262,9 @@ impl Scoreboard {
         for (dst, src) in self.totals.retired_app.iter().zip(&r.app) {
             dst.fetch_add(src.load(Relaxed), Relaxed);
         }
+        let redis = &self.totals.retired_redis;
+        redis[0].fetch_add(r.redis_errors.load(Relaxed), Relaxed);
+        redis[1].fetch_add(r.redis_reconnects.load(Relaxed), Relaxed);
         r.pid.store(0, Relaxed);
         r.role.store(Role::Free.as_u32(), Relaxed);
     }

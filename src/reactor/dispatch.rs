@@ -74,6 +74,8 @@ impl<A: App> Reactor<A> {
                     return false;
                 }
                 resp.encode_into(keep, &mut c.wbuf);
+                let class = usize::from(resp.status / 100).clamp(1, 5) - 1;
+                self.srv.row.http_status[class].fetch_add(1, Relaxed);
                 if keep {
                     self.srv.mark_dirty(fd);
                 } else {

@@ -146,7 +146,7 @@ impl<A: App> Reactor<A> {
             serial: 0,
             timers: crate::reactor::timer::TimerWheel::new(),
             postbox: ctx.postbox,
-            redis: RedisLink::new(ctx.settings.redis_url.as_deref()),
+            redis: RedisLink::new(ctx.settings.redis_url.as_deref()).with_row(ctx.row),
             settings: ctx.settings,
             worker_id: ctx.worker_id,
             task_worker: ctx.task_worker,

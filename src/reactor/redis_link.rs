@@ -7,8 +7,15 @@
 //! on its timer wheel with exponential backoff ([`BACKOFF_MIN`] doubling up
 //! to [`BACKOFF_MAX`]). A command that fails with an I/O error marks the
 //! link down the same way (`Server::redis_cmd` does it for you).
+//!
+//! The link counts into its process's scoreboard row (when given one with
+//! [`RedisLink::with_row`]): failed commands and connection attempts,
+//! reconnects after an outage, and whether it is up now, for `/metrics`.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
+
+use crate::process::scoreboard::Row;
 
 /// Connect timeout: Redis is local or near; a slow connect means it is down.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
@@ -28,6 +35,7 @@ pub struct RedisLink {
     outage_logged: bool,             // the current outage was logged
     /// A retry timer is armed (the loop keeps this in step).
     pub retry_armed: bool,
+    row: Option<&'static Row>, // where the link's counters go
 }
 
 impl std::fmt::Debug for RedisLink {
@@ -57,6 +65,21 @@ impl RedisLink {
             backoff: BACKOFF_MIN,
             outage_logged: false,
             retry_armed: false,
+            row: None,
+        }
+    }
+
+    /// Counts the link's errors, reconnects and state into `row`.
+    pub fn with_row(mut self, row: &'static Row) -> RedisLink {
+        self.row = Some(row);
+        self
+    }
+
+    /// Counts a failed command that left the link up (a script error, a
+    /// wrong type): link failures are counted by [`RedisLink::down`].
+    pub fn count_error(&self) {
+        if let Some(r) = self.row {
+            r.redis_errors.fetch_add(1, Relaxed);
         }
     }
 
@@ -100,6 +123,12 @@ impl RedisLink {
             Ok(c) => {
                 if self.outage_logged {
                     log::info!("worker {worker_id}: redis is back");
+                    if let Some(r) = self.row {
+                        r.redis_reconnects.fetch_add(1, Relaxed);
+                    }
+                }
+                if let Some(r) = self.row {
+                    r.redis_up.store(1, Relaxed);
                 }
                 self.conn = Some(c);
                 self.backoff = BACKOFF_MIN;
@@ -117,6 +146,10 @@ impl RedisLink {
     /// Marks the link down (logged once per outage).
     pub fn down(&mut self, worker_id: usize, why: &str) {
         self.conn = None;
+        if let Some(r) = self.row {
+            r.redis_errors.fetch_add(1, Relaxed);
+            r.redis_up.store(0, Relaxed);
+        }
         if !self.outage_logged {
             log::warn!("worker {worker_id}: redis unavailable ({why}); serving without it, retrying with backoff");
             self.outage_logged = true;

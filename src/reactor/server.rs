@@ -391,6 +391,7 @@ impl<A: App> Server<A> {
             }
             Err(e) => {
                 log::warn!("worker {}: redis command failed: {e}", self.worker_id);
+                self.redis.count_error();
                 None
             }
         }

@@ -9,10 +9,15 @@
 //! | `POST /api/send {"uid","data"[,"from"]}` | `{"delivered":N}`, or 404 `{"error":"offline"}` |
 //! | `POST /api/broadcast {"data"[,"from"]}` | `{"routes":N}`: Route workers that relayed it to their IM servers |
 //! | `GET /api/online?uid=U` | `{"uid","online","connections","servers"}` |
+//! | `GET /metrics` | Prometheus text format, summed over every worker (see [`crate::metrics`]) |
+//! | `GET /dashboard` | a self-contained HTML page that polls the three above |
 //!
 //! `/api/*` requires `Authorization: Bearer <api_key>` when `api_key` is set.
 //! `/route` requires a user token (JWT HS256, `aud=user`, `sub=U`) when
 //! `auth_secret` is set; the answer carries a fresh token for the IM server.
+//! `/health`, `/ready`, `/metrics` and `/dashboard` stay open, as probes and
+//! scrapers expect: they show counts and states, never the registry's
+//! addresses (the dashboard asks for the key to read `/api/servers`).
 
 use std::time::Duration;
 
@@ -24,6 +29,10 @@ use crate::im::protocol::valid_uid;
 use crate::reactor::{Request, Response, Server};
 use crate::route::app::RouteApp;
 use crate::route::delivery;
+use crate::route::stats;
+
+/// The dashboard page (inline CSS and JS, no external assets).
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// Routes one request.
 pub fn handle(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> Response {
@@ -38,6 +47,10 @@ pub fn handle(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> 
             &json!({"status": "ok", "worker_id": srv.worker_id(), "pid": std::process::id()}),
         ),
         ("GET", "/ready") => ready(app, srv),
+        ("GET", "/metrics") => metrics(app, srv),
+        ("GET", "/dashboard") => Response::new(200, DASHBOARD)
+            .with_header("Content-Type", "text/html; charset=utf-8")
+            .with_header("Cache-Control", "no-cache"),
         ("GET", "/api/servers") => {
             let fresh = req
                 .query()
@@ -56,7 +69,11 @@ pub fn handle(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> 
             Response::json(405, &json!({"error": "method_not_allowed"}))
                 .with_header("Allow", "POST")
         }
-        (_, "/health" | "/ready" | "/api/servers" | "/route" | "/api/online") => {
+        (
+            _,
+            "/health" | "/ready" | "/api/servers" | "/route" | "/api/online" | "/metrics"
+            | "/dashboard",
+        ) => {
             Response::json(405, &json!({"error": "method_not_allowed"})).with_header("Allow", "GET")
         }
         _ => Response::json(404, &json!({"error": "not_found", "path": path})),
@@ -236,4 +253,37 @@ fn online(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> Resp
             )
         }
     }
+}
+
+/// `/metrics`: the framework's figures and the Route's counters, summed
+/// over all workers, plus this worker's view of the registry.
+fn metrics(app: &RouteApp, srv: &Server<RouteApp>) -> Response {
+    let sb = srv.scoreboard();
+    let mut m = crate::metrics::Exposition::new();
+    m.framework(&sb);
+    m.app_counters(&sb, stats::COUNTERS);
+    let (servers, fresh) = match &app.cache {
+        Some(c) => {
+            let g = c.lock().unwrap_or_else(|p| p.into_inner());
+            let max_age = Duration::from_secs_f64(app.cfg.cache_refresh * 2.0 + 1.0);
+            (g.entries.len(), g.fresh(max_age))
+        }
+        None => (
+            app.peers.values().filter(|p| p.held.is_some()).count(),
+            false,
+        ),
+    };
+    m.gauge(
+        "swocloud_route_im_servers",
+        "IM servers registered, from the answering worker's registry cache.",
+        &[],
+        servers as u64,
+    );
+    m.gauge(
+        "swocloud_route_cache_fresh",
+        "1 while the answering worker's registry cache is connected and fresh.",
+        &[],
+        u64::from(fresh),
+    );
+    crate::metrics::response(m.finish())
 }

@@ -25,7 +25,7 @@ use crate::route::delivery;
 use crate::route::protocol::{self, code, Command, ProtocolError, Registration};
 use crate::route::registry::{Registry, Renew, Renewal, ServerEntry};
 use crate::route::settings::RouteSettings;
-use crate::route::stats::RouteStats;
+use crate::route::stats;
 
 /// One IM server's registration as this worker holds it.
 #[derive(Debug, Clone)]
@@ -54,7 +54,6 @@ pub struct RouteApp {
     pub(crate) peers: HashMap<Fd, Peer>,
     pending_removals: Vec<(String, String, &'static str)>,
     redis_outage_logged: bool,
-    pub(crate) stats: RouteStats,
     pub(crate) picker: Picker,
 }
 
@@ -70,7 +69,6 @@ impl RouteApp {
             peers: HashMap::new(),
             pending_removals: Vec::new(),
             redis_outage_logged: false,
-            stats: RouteStats::default(),
             picker: Picker::default(),
         }
     }
@@ -112,7 +110,7 @@ impl RouteApp {
     }
 
     fn reply_error(&mut self, srv: &mut Server<Self>, fd: Fd, e: &ProtocolError) {
-        self.stats.protocol_errors += 1;
+        stats::count(srv.row(), stats::PROTOCOL_ERRORS);
         log::warn!(
             "route: refused a frame from fd {fd} ({:?}): {} {}",
             srv.connection_info(fd).map(|i| i.peer),
@@ -139,7 +137,7 @@ impl RouteApp {
                 "register",
                 Some(&reg.service_name),
             ) {
-                self.stats.auth_failures += 1;
+                stats::count(srv.row(), stats::AUTH_FAILURES);
                 log::warn!(
                     "route: unauthorized register of {} from fd {fd}: {e}",
                     reg.service_name
@@ -164,7 +162,7 @@ impl RouteApp {
             .redis_cmd(|c| self.registry.register(c, &entry, lease_until))
             .is_some();
         if stored {
-            self.stats.registrations += 1;
+            stats::count(srv.row(), stats::REGISTRATIONS);
             log::info!(
                 "route: registered {} at {} (fd {fd})",
                 entry.service_name,
@@ -201,7 +199,7 @@ impl RouteApp {
         match srv.redis_cmd(|c| self.registry.remove(c, &member, &owner, cause)) {
             Some(removed) => {
                 if removed {
-                    self.stats.removed(cause);
+                    stats::removed(srv.row(), cause);
                     log::info!("route: removed {} at {member} ({cause})", e.service_name);
                 }
             }
@@ -244,7 +242,7 @@ impl RouteApp {
         }
         for (member, owner, cause) in std::mem::take(&mut self.pending_removals) {
             match srv.redis_cmd(|c| self.registry.remove(c, &member, &owner, cause)) {
-                Some(true) => self.stats.removed(cause),
+                Some(true) => stats::removed(srv.row(), cause),
                 Some(false) => {}
                 None => self.pending_removals.push((member, owner, cause)),
             }
@@ -281,13 +279,13 @@ impl RouteApp {
                         .is_some()
                     {
                         if held.stored {
-                            self.stats.rebuilt += 1;
+                            stats::count(srv.row(), stats::REBUILT);
                             log::info!(
                                 "route: re-registered {} (Redis had lost it)",
                                 entry.service_name
                             );
                         } else {
-                            self.stats.registrations += 1;
+                            stats::count(srv.row(), stats::REGISTRATIONS);
                             log::info!(
                                 "route: stored the pending registration of {}",
                                 entry.service_name
@@ -316,7 +314,7 @@ impl RouteApp {
         }
         if let Some(reaped) = srv.redis_cmd(|c| self.registry.reap(c, now)) {
             for m in reaped {
-                self.stats.removed("lease");
+                stats::removed(srv.row(), "lease");
                 log::warn!(
                     "route: reaped {m}: its lease expired (its Route worker or node is gone)"
                 );

@@ -7,6 +7,8 @@
 //! - [`app`]: the hooks: register, heartbeats, liveness sweep.
 //! - [`api`]: the HTTP endpoints.
 //! - [`settings`]: the Route's own settings keys.
+//! - [`stats`]: the Route's counters (scoreboard indices for `/metrics`).
+//! - [`status`]: the Route's section of `swocloud status`.
 
 pub mod api;
 pub mod app;
@@ -17,5 +19,6 @@ pub mod protocol;
 pub mod registry;
 pub mod settings;
 pub mod stats;
+pub mod status;
 
 pub use app::RouteApp;

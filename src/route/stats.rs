@@ -1,34 +1,105 @@
-//! The Route's own counters (per worker), exported by `/metrics`.
+//! The Route's own counters: named indices into the scoreboard rows' `app`
+//! array, so `/metrics` sums them over every worker (and over workers that
+//! have exited), whichever worker answers the scrape.
+//!
+//! Each worker bumps its own row with [`count`] (one relaxed atomic add,
+//! no syscall). [`COUNTERS`] names them for [`crate::metrics`]. Indices
+//! 0..=7 are taken; new counters take the next free index (below
+//! `scoreboard::APP_COUNTERS`) and an entry in [`COUNTERS`].
 
-/// Counters of one Route worker.
-#[derive(Debug, Default, Clone)]
-pub struct RouteStats {
-    /// Registrations stored.
-    pub registrations: u64,
-    /// Entries re-registered after Redis lost them.
-    pub rebuilt: u64,
-    /// Frames refused.
-    pub protocol_errors: u64,
-    /// Registrations refused for a bad token.
-    pub auth_failures: u64,
-    /// Removals whose peer closed.
-    pub removed_closed: u64,
-    /// Removals of silent peers.
-    pub removed_silent: u64,
-    /// Removals by lease expiry.
-    pub removed_lease: u64,
-    /// Removals because the same connection re-registered elsewhere.
-    pub removed_replaced: u64,
+use std::sync::atomic::Ordering::Relaxed;
+
+use crate::metrics::AppCounter;
+use crate::process::scoreboard::Row;
+
+/// Registrations stored in Redis.
+pub const REGISTRATIONS: usize = 0;
+/// Entries re-registered after Redis lost them (restarted empty).
+pub const REBUILT: usize = 1;
+/// Frames refused (bad JSON, unknown method, wrong fields, binary).
+pub const PROTOCOL_ERRORS: usize = 2;
+/// Registrations refused for a bad token.
+pub const AUTH_FAILURES: usize = 3;
+/// Removals whose peer closed its connection.
+pub const REMOVED_CLOSED: usize = 4;
+/// Removals of peers that fell silent.
+pub const REMOVED_SILENT: usize = 5;
+/// Removals by lease expiry (the holding worker or node died).
+pub const REMOVED_LEASE: usize = 6;
+/// Removals because the same connection re-registered under another address.
+pub const REMOVED_REPLACED: usize = 7;
+
+const REMOVALS_HELP: &str = "IM servers removed from the registry, by cause.";
+
+/// The Route's counters as `/metrics` exports them.
+pub const COUNTERS: &[AppCounter] = &[
+    AppCounter {
+        index: REGISTRATIONS,
+        name: "swocloud_route_registrations_total",
+        help: "IM server registrations stored in Redis.",
+        label: None,
+    },
+    AppCounter {
+        index: REMOVED_CLOSED,
+        name: "swocloud_route_removals_total",
+        help: REMOVALS_HELP,
+        label: Some(("cause", "closed")),
+    },
+    AppCounter {
+        index: REMOVED_SILENT,
+        name: "swocloud_route_removals_total",
+        help: REMOVALS_HELP,
+        label: Some(("cause", "silent")),
+    },
+    AppCounter {
+        index: REMOVED_LEASE,
+        name: "swocloud_route_removals_total",
+        help: REMOVALS_HELP,
+        label: Some(("cause", "lease")),
+    },
+    AppCounter {
+        index: REMOVED_REPLACED,
+        name: "swocloud_route_removals_total",
+        help: REMOVALS_HELP,
+        label: Some(("cause", "replaced")),
+    },
+    AppCounter {
+        index: PROTOCOL_ERRORS,
+        name: "swocloud_route_protocol_errors_total",
+        help: "Frames refused with an error frame.",
+        label: None,
+    },
+    AppCounter {
+        index: AUTH_FAILURES,
+        name: "swocloud_route_auth_failures_total",
+        help: "Registrations refused for a missing or bad token.",
+        label: None,
+    },
+    AppCounter {
+        index: REBUILT,
+        name: "swocloud_route_rebuilt_entries_total",
+        help: "Entries re-registered after Redis lost them.",
+        label: None,
+    },
+];
+
+/// Adds one to counter `index` of this worker's row.
+pub fn count(row: &Row, index: usize) {
+    if let Some(c) = row.app.get(index) {
+        c.fetch_add(1, Relaxed);
+    }
 }
 
-impl RouteStats {
-    /// Counts a removal by cause.
-    pub fn removed(&mut self, cause: &str) {
+/// Counts a removal by cause (`closed`, `silent`, `lease`, anything else:
+/// `replaced`).
+pub fn removed(row: &Row, cause: &str) {
+    count(
+        row,
         match cause {
-            "closed" => self.removed_closed += 1,
-            "silent" => self.removed_silent += 1,
-            "lease" => self.removed_lease += 1,
-            _ => self.removed_replaced += 1,
-        }
-    }
+            "closed" => REMOVED_CLOSED,
+            "silent" => REMOVED_SILENT,
+            "lease" => REMOVED_LEASE,
+            _ => REMOVED_REPLACED,
+        },
+    );
 }
