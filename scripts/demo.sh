@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# The demo cluster (the README's run command): a Route with 2 workers on a
-# private Redis, IM servers registering with it, and what the registry shows
-# as they come and go. Loopback only; everything is cleaned up on exit.
+# The demo cluster (the README's run command): a private Redis, a Route with
+# 2 workers and two IM servers (2 workers each, on 127.0.0.2 and 127.0.0.3),
+# users chatting across servers, a message from "any program" through the
+# HTTP API (curl and PHP), an IM server dying and its users moving, a rolling
+# reload, and a clean stop. Loopback only; everything is cleaned up on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
-cargo build --release --quiet --bin swocloud --example seed_client
+echo "building (release)…"
+cargo build --release --quiet --bins --example chat_user --example seed_client
 
+B=target/release
+SECRET=demo-secret
 work=$(mktemp -d)
-port_of() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-REDIS_PORT=$(port_of); ROUTE_PORT=$(port_of)
-pids=()
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+REDIS_PORT=$(free_port); ROUTE_PORT=$(free_port); IM0_PORT=$(free_port); IM1_PORT=$(free_port)
 cleanup() {
-  [ -f "$work/route.pid" ] && target/release/swocloud stop -c "$work/route.toml" >/dev/null 2>&1 || true
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for c in "$work"/im0.toml "$work"/im1.toml; do [ -f "$c" ] && $B/swocloud-im stop -c "$c" >/dev/null 2>&1 || true; done
+  [ -f "$work/route.toml" ] && $B/swocloud stop -c "$work/route.toml" >/dev/null 2>&1 || true
   redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 trap cleanup EXIT
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" --daemonize yes --logfile "$work/redis.log"
 until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.05; done
@@ -29,40 +34,63 @@ worker_num = 2
 pid_file = "$work/route.pid"
 log_file = "$work/route.log"
 redis_url = "redis://127.0.0.1:$REDIS_PORT"
+auth_secret = "$SECRET"
 heartbeat_check_interval = 1.0
 heartbeat_idle_time = 3.0
 TOML
-
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-say "start the Route (swocloud start -d)"
-target/release/swocloud start -d -c "$work/route.toml"
-target/release/swocloud status -c "$work/route.toml"
-
-say "two IM servers register (the seed's register frame)"
-for i in 1 2; do
-  target/release/examples/seed_client --url "ws://127.0.0.1:$ROUTE_PORT/" --name "IM_$i" --ip "127.0.0.$((i+1))" --port 9000 > "$work/im$i.out" &
-  pids+=($!)
+for i in 0 1; do
+  port_var="IM${i}_PORT"
+  cat > "$work/im$i.toml" <<TOML
+host = "127.0.0.$((i + 2))"
+port = ${!port_var}
+worker_num = 2
+pid_file = "$work/im$i.pid"
+log_file = "$work/im$i.log"
+redis_url = "redis://127.0.0.1:$REDIS_PORT"
+route_url = "ws://127.0.0.1:$ROUTE_PORT/"
+service_name = "IM_$i"
+auth_secret = "$SECRET"
+TOML
 done
-sleep 1
-head -n1 "$work"/im*.out
-say "redis-cli SMEMBERS im_server (the seed's key, the seed's encoding)"
+
+say "start the Route and two IM servers (start -d returns once each serves)"
+$B/swocloud start -d -c "$work/route.toml"
+$B/swocloud-im start -d -c "$work/im0.toml"
+$B/swocloud-im start -d -c "$work/im1.toml"
+sleep 0.5
+$B/swocloud status -c "$work/route.toml"
+
+say "the registry: redis-cli SMEMBERS im_server (the seed's key and encoding)"
 redis-cli -p "$REDIS_PORT" smembers im_server
-say "GET /api/servers"
-curl -s "http://127.0.0.1:$ROUTE_PORT/api/servers"; echo
 
-say "IM_1 dies (SIGKILL): the Route removes it at once"
-kill -9 "${pids[0]}"; sleep 0.3
+say "users ask /route, connect, and chat across servers"
+U="$B/examples/chat_user --route 127.0.0.1:$ROUTE_PORT --secret $SECRET"
+$U --uid alice --send bob:"hi bob" --send carol:"hi carol" --listen-ms 2500 &
+$U --uid bob --send alice:"hello alice" --listen-ms 2500 &
+$U --uid carol --send alice:"hey" --send bob:"yo" --listen-ms 2500 &
+sleep 1.2
+say "any program: POST /api/send with curl and with PHP, GET /api/online"
+curl -s -X POST -H 'Content-Type: application/json' -d '{"uid":"bob","data":"from curl"}' "http://127.0.0.1:$ROUTE_PORT/api/send"; echo
+php examples/clients/send.php "http://127.0.0.1:$ROUTE_PORT" carol "from php"
+php examples/clients/send.php "http://127.0.0.1:$ROUTE_PORT" nobody "lost?"
+curl -s "http://127.0.0.1:$ROUTE_PORT/api/online?uid=alice"; echo
+wait
+
+say "IM_0 dies (SIGKILL of its whole tree): the Route drops it at once"
+pkill_tree() { local p=$1; for c in $(pgrep -P "$p"); do pkill_tree "$c"; done; kill -9 "$p" 2>/dev/null || true; }
+pkill_tree "$(cat "$work/im0.pid")"; rm -f "$work/im0.pid"
+sleep 0.3
 redis-cli -p "$REDIS_PORT" smembers im_server
+$U --uid dave --listen-ms 200
 
-say "IM_2 freezes (SIGSTOP): removed after heartbeat_idle_time"
-kill -STOP "${pids[1]}"; sleep 4.5
-redis-cli -p "$REDIS_PORT" smembers im_server | sed 's/^$/(empty)/'
-kill -CONT "${pids[1]}" 2>/dev/null || true
+say "rolling reload of the Route (SIGUSR1): new worker pids, same master and manager"
+$B/swocloud reload -c "$work/route.toml"; sleep 1
+$B/swocloud status -c "$work/route.toml"
 
-say "rolling reload (swocloud reload), then status"
-target/release/swocloud reload -c "$work/route.toml"; sleep 1
-target/release/swocloud status -c "$work/route.toml"
+say "metrics (excerpt)"
+curl -s "http://127.0.0.1:$ROUTE_PORT/metrics" | grep -E '^swocloud_(route_registrations|route_removals|worker_restarts|reloads|connections_open)' || true
 
-say "stop"
-target/release/swocloud stop -c "$work/route.toml"
-tail -n 5 "$work/route.log"
+say "stop everything"
+$B/swocloud-im stop -c "$work/im1.toml"
+$B/swocloud stop -c "$work/route.toml"
+echo; echo "Route log (last lines):"; tail -n 6 "$work/route.log"
