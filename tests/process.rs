@@ -141,7 +141,7 @@ fn a_killed_worker_is_respawned_and_reported() {
 }
 
 #[test]
-fn rolling_reload_replaces_every_worker_without_a_failed_request() {
+fn rolling_reloads_replace_every_worker_without_a_failed_request() {
     let d = Daemon::new(&bin(), "worker_num = 2");
     let master = d.start();
     let manager = d.manager_pid();
@@ -167,12 +167,21 @@ fn rolling_reload_replaces_every_worker_without_a_failed_request() {
     wait_until(Duration::from_secs(2), "load running", || {
         ok.load(Ordering::Relaxed) > 20
     });
-    let out = d.run("reload", &[]);
-    assert!(out.status.success());
-    wait_until(Duration::from_secs(10), "every worker replaced", || {
-        let now = d.worker_pids();
-        now.len() == 2 && now.iter().all(|p| !before.contains(p))
-    });
+    // Three rolling reloads in a row under load.
+    let mut current = before.clone();
+    for round in 0..3 {
+        let out = d.run("reload", &[]);
+        assert!(out.status.success());
+        wait_until(
+            Duration::from_secs(10),
+            &format!("every worker replaced (reload {round})"),
+            || {
+                let now = d.worker_pids();
+                now.len() == 2 && now.iter().all(|p| !current.contains(p))
+            },
+        );
+        current = d.worker_pids();
+    }
     let served_before = ok.load(Ordering::Relaxed);
     wait_until(
         Duration::from_secs(2),
@@ -336,4 +345,72 @@ fn refused_starts_say_why() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("cannot open log file /proc/swocloud-cannot-write-here.log"));
+}
+
+#[test]
+fn a_crash_looping_worker_is_respawned_with_backoff_not_in_a_fork_storm() {
+    let d = Daemon::new(&bin(), "worker_num = 1");
+    let flag = d.dir().join("crash");
+    let out = std::process::Command::new(&d.bin)
+        .args(["start", "-d", "-c"])
+        .arg(&d.config)
+        .env("HEALTH_CRASH_FLAG", &flag)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&flag, "1").unwrap();
+    let victim = d.worker_pids()[0];
+    kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let log = d.log();
+    let crashes = log.matches("exited with code 70").count();
+    assert!(crashes >= 3, "the worker keeps being respawned:\n{log}");
+    assert!(
+        crashes <= 10,
+        "backoff, not a fork storm: {crashes} crashes in 3 s\n{log}"
+    );
+    assert!(
+        log.contains("crash-looping"),
+        "the backoff is logged:\n{log}"
+    );
+    std::fs::remove_file(&flag).unwrap();
+    wait_until(
+        Duration::from_secs(8),
+        "the slot serves again once the fault is gone",
+        || health_pid(&d.addr()).is_ok(),
+    );
+    d.stop();
+}
+
+#[test]
+fn sighup_reopens_the_log_file_in_every_process() {
+    let d = Daemon::new(&bin(), "worker_num = 2");
+    let master = d.start();
+    let rotated = d.dir().join("swocloud.log.1");
+    std::fs::rename(d.log_file(), &rotated).unwrap();
+    kill(Pid::from_raw(master), Signal::SIGHUP).unwrap();
+    wait_until(Duration::from_secs(2), "a new log file", || {
+        d.log_file().exists()
+    });
+    // A reload makes the manager and the new workers log: into the new file.
+    assert!(d.run("reload", &[]).status.success());
+    wait_until(
+        Duration::from_secs(5),
+        "reload lines in the new file",
+        || {
+            let log = d.log();
+            log.contains("[manager ") && log.contains("serves; stopping its predecessor")
+        },
+    );
+    assert!(
+        !std::fs::read_to_string(&rotated)
+            .unwrap()
+            .contains("reloading"),
+        "nothing new goes to the rotated file"
+    );
+    d.stop();
 }

@@ -6,6 +6,8 @@
 //!   back to the asking connection as a text message.
 //! - Any other WebSocket message is echoed.
 //! - `on_worker_error` logs the dead worker's id, pid, exit code and signal.
+//! - With `HEALTH_CRASH_FLAG=<path>` in the environment, a worker panics at
+//!   start while that file exists (the crash-loop tests use it).
 
 use std::collections::HashMap;
 
@@ -22,6 +24,16 @@ pub struct HealthApp {
 }
 
 impl App for HealthApp {
+    fn on_worker_start(&mut self, _srv: &mut Server<Self>) {
+        // Fault injection for the crash-loop tests: a worker crashes at
+        // start while the file named by HEALTH_CRASH_FLAG exists.
+        if let Some(flag) = std::env::var_os("HEALTH_CRASH_FLAG") {
+            if std::path::Path::new(&flag).exists() {
+                panic!("HEALTH_CRASH_FLAG is set: crashing at start as asked");
+            }
+        }
+    }
+
     fn on_worker_error(&mut self, _info: &ServerInfo, f: &WorkerFailure) {
         log::warn!(
             "on_worker_error: worker_id={} pid={} exit_code={} signal={}",

@@ -175,7 +175,7 @@ impl<A: App> Reactor<A> {
 
     /// Runs start-up, the loop, and shutdown; returns why it ended.
     pub(crate) fn run(mut self, app: &mut A, on_ready: OnReady) -> io::Result<WorkerExit> {
-        self.start(app);
+        self.start(app)?;
         if let Some(f) = on_ready {
             f();
         }
@@ -239,17 +239,23 @@ impl<A: App> Reactor<A> {
     }
 
     /// Start-up: Redis, listeners, `on_worker_start`, "workerStart", the
-    /// reactor's own periodic timers.
-    fn start(&mut self, app: &mut A) {
+    /// reactor's own periodic timers. Fails when `on_worker_start` panicked.
+    fn start(&mut self, app: &mut A) -> io::Result<()> {
         let now = Instant::now();
         if self.srv.redis.configured() && !self.srv.redis.connect(self.srv.worker_id) {
             self.srv.arm_redis_retry();
         }
         app.listeners(&mut self.bus);
         let srv = &mut self.srv;
-        Self::guarded(srv.worker_id, "on_worker_start", None, || {
+        if Self::guarded(srv.worker_id, "on_worker_start", None, || {
             app.on_worker_start(srv)
-        });
+        })
+        .is_none()
+        {
+            // A worker whose initialisation failed is broken: exit, and let
+            // the manager respawn it (with backoff if it keeps failing).
+            return Err(io::Error::other("on_worker_start panicked"));
+        }
         self.trigger(
             app,
             "workerStart",
@@ -270,6 +276,7 @@ impl<A: App> Reactor<A> {
             .timers
             .insert(now, RSS_EVERY, Some(RSS_EVERY), TimerTask::Rss);
         self.before_sleep(app);
+        Ok(())
     }
 
     /// Accepts until `WouldBlock`. Past `max_conn` a connection is answered
