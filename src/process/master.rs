@@ -318,7 +318,7 @@ impl Master {
             if let Some(code) = self.read_manager_status() {
                 exit_code = code;
             }
-            if let Some(done) = self.reap_manager(&mut app) {
+            if let Some(done) = self.reap_manager() {
                 exit_code = exit_code.max(done);
                 break;
             }
@@ -400,7 +400,7 @@ impl Master {
     }
 
     /// Reaps the manager. Returns Some(exit code) when the master should exit.
-    fn reap_manager<A: App>(&mut self, app: &mut A) -> Option<i32> {
+    fn reap_manager(&mut self) -> Option<i32> {
         let (pid, _) = self.manager.as_ref()?;
         let pid = *pid;
         let how = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
@@ -432,7 +432,6 @@ impl Master {
             "manager (pid {pid}) {how}; starting a new one in {}s",
             MANAGER_RESPAWN.as_secs()
         );
-        let _ = app;
         self.manager_respawn_at = Some(Instant::now() + MANAGER_RESPAWN);
         None
     }

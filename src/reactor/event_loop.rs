@@ -368,7 +368,11 @@ impl<A: App> Reactor<A> {
         let fd = c.fd;
         let failed = match c.stream.take_error() {
             Ok(Some(e)) | Err(e) => Some(e),
-            Ok(None) => None,
+            Ok(None) => match c.stream.peer_addr() {
+                Ok(_) => None,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return, // still in progress
+                Err(e) => Some(e),
+            },
         };
         if let Some(e) = failed {
             log::warn!(
@@ -378,19 +382,6 @@ impl<A: App> Reactor<A> {
             );
             self.srv.doomed.push(fd);
             return;
-        }
-        match c.stream.peer_addr() {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
-            Err(e) => {
-                log::warn!(
-                    "worker {}: fd {fd}: connect to {} failed: {e}",
-                    self.srv.worker_id,
-                    c.peer
-                );
-                self.srv.doomed.push(fd);
-                return;
-            }
         }
         if let Phase::Connecting { host, path } = &c.phase {
             let (req, ws_key) = crate::reactor::websocket::client_request(host, path);

@@ -35,7 +35,7 @@ use crate::process::scoreboard::{Row, Scoreboard};
 pub use conn::{ConnKind, ConnSnapshot, ConnectionInfo, PhaseName};
 pub use event_loop::StopHandle;
 pub use http::{Request, Response};
-pub use server::{Server, TimerCallback, WorkerStats};
+pub use server::{Server, TimerCallback};
 pub use timer::TimerId;
 pub use websocket::Message;
 

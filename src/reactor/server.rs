@@ -91,27 +91,6 @@ impl<A: App> std::fmt::Debug for Server<A> {
     }
 }
 
-/// This worker's counters (a copy of its scoreboard row).
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct WorkerStats {
-    /// Connections open now.
-    pub connections: u64,
-    /// Accepted since start.
-    pub accepted: u64,
-    /// Closed since start.
-    pub closed: u64,
-    /// HTTP requests + WebSocket messages.
-    pub requests: u64,
-    /// WebSocket messages received.
-    pub messages_in: u64,
-    /// WebSocket messages sent.
-    pub messages_out: u64,
-    /// Tasks dispatched or run.
-    pub tasks: u64,
-    /// Resident memory, KiB.
-    pub rss_kib: u64,
-}
-
 impl<A: App> Server<A> {
     pub(crate) fn fd_for(&mut self, key: usize) -> Fd {
         self.serial += 1;
@@ -414,19 +393,10 @@ impl<A: App> Server<A> {
         self.row
     }
 
-    /// This worker's counters.
-    pub fn stats(&self) -> WorkerStats {
-        let r = self.row;
-        WorkerStats {
-            connections: r.connections.load(Relaxed),
-            accepted: r.accepted.load(Relaxed),
-            closed: r.closed.load(Relaxed),
-            requests: r.requests.load(Relaxed),
-            messages_in: r.messages_in.load(Relaxed),
-            messages_out: r.messages_out.load(Relaxed),
-            tasks: r.tasks.load(Relaxed),
-            rss_kib: r.rss_kib.load(Relaxed),
-        }
+    /// This worker's counters: its scoreboard row, copied.
+    pub fn stats(&self) -> Option<crate::process::scoreboard::RowSnapshot> {
+        let me = std::process::id() as i32;
+        self.scoreboard.snapshot().into_iter().find(|r| r.pid == me)
     }
 
     /// The whole server's scoreboard.
