@@ -59,7 +59,7 @@ impl<A: App> Reactor<A> {
             Inbound::Request(req) => {
                 self.handshake_done(fd);
                 self.count_request();
-                let keep = req.keep_alive() && !self.srv.stopping;
+                let keep = req.keep_alive() && (!self.srv.stopping || self.srv.handing_over);
                 let srv = &mut self.srv;
                 let (resp, keep) =
                     match Self::guarded(w, "on_request", Some(fd), || app.on_request(srv, &req)) {

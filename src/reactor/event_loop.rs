@@ -499,7 +499,8 @@ impl<A: App> Reactor<A> {
         let max = self.srv.settings.package_max_length;
         let mut pos = 0;
         while pos <= input.len() {
-            let stopping = self.srv.stopping;
+            // A worker handing over still takes upgrades: they move too.
+            let stopping = self.srv.stopping && !self.srv.handing_over;
             if self.srv.doomed.contains(&fd) {
                 return input.len();
             }
