@@ -29,7 +29,8 @@ fn bin() -> String {
 }
 
 fn echo(ws: &mut WsClient, text: &str) {
-    ws.send_text(text).unwrap_or_else(|e| panic!("send {text}: {e}"));
+    ws.send_text(text)
+        .unwrap_or_else(|e| panic!("send {text}: {e}"));
     match ws.recv() {
         Ok(tungstenite::Message::Text(t)) => assert_eq!(t.as_str(), text),
         other => panic!("echo of {text}: {other:?}"),
@@ -40,7 +41,11 @@ fn echo(ws: &mut WsClient, text: &str) {
 #[track_caller]
 fn reload_and_wait(d: &Daemon, old: &[i32]) {
     let out = d.run("reload", &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_until(Duration::from_secs(15), "every old worker gone", || {
         old.iter().all(|&p| !pid_alive(p))
     });
@@ -60,14 +65,23 @@ fn websockets_survive_reloads_and_a_max_request_replacement() {
         let old = d.worker_pids();
         reload_and_wait(&d, &old);
         let now = d.worker_pids();
-        assert!(now.iter().all(|p| !old.contains(p)), "round {round}: {old:?} → {now:?}");
+        assert!(
+            now.iter().all(|p| !old.contains(p)),
+            "round {round}: {old:?} → {now:?}"
+        );
         for (i, c) in clients.iter_mut().enumerate() {
             echo(c, &format!("round {round} {i}"));
         }
     }
     let log = d.log();
-    assert!(log.contains("handed 30 connections over") || log.contains("handed "), "{log}");
-    assert!(!log.contains("going away"), "no connection was closed with 1001");
+    assert!(
+        log.contains("handed 30 connections over") || log.contains("handed "),
+        "{log}"
+    );
+    assert!(
+        !log.contains("going away"),
+        "no connection was closed with 1001"
+    );
     d.stop();
 }
 
@@ -119,7 +133,11 @@ fn raw_ws(addr: &str) -> TcpStream {
         s.read_exact(&mut b).unwrap();
         head.push(b[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     s
 }
 
@@ -173,7 +191,9 @@ fn a_peer_mid_frame_is_finished_and_moved_or_closed_with_1012() {
     assert!(t0.elapsed() < Duration::from_secs(3));
     let (op, payload) = read_frame(&mut finishing).expect("the echo");
     assert_eq!((op, payload.as_slice()), (0x1, &b"finished late"[..]));
-    wait_until(Duration::from_secs(10), "old worker gone", || !pid_alive(old[0]));
+    wait_until(Duration::from_secs(10), "old worker gone", || {
+        !pid_alive(old[0])
+    });
     // It lives on in the new worker.
     finishing.write_all(&frame("again")).unwrap();
     let (op, payload) = read_frame(&mut finishing).expect("echo from the new worker");
@@ -224,7 +244,12 @@ fn a_connection_storm_during_reloads_sees_no_reset() {
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     assert!(ok > 50, "only {ok} connections went through");
-    assert_eq!(failed, 0, "{failed} of {} attempts failed during the reloads", ok + failed);
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} attempts failed during the reloads",
+        ok + failed
+    );
     d.stop();
 }
 

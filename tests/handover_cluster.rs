@@ -27,7 +27,11 @@ fn user_count() -> usize {
 fn reload(d: &common::daemon::Daemon) {
     let old = d.worker_pids();
     let out = d.run("reload", &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_until(Duration::from_secs(20), "every old worker gone", || {
         old.iter().all(|&p| !pid_alive(p))
     });
@@ -40,9 +44,7 @@ fn im_users_keep_connections_and_messages_across_three_reloads() {
     let n = user_count();
     let c = Cluster::start(1, 1, 2, "");
     let t0 = Instant::now();
-    let mut users: Vec<WsClient> = (0..n)
-        .map(|i| c.connect_user(&format!("u{i}")).0)
-        .collect();
+    let mut users: Vec<WsClient> = (0..n).map(|i| c.connect_user(&format!("u{i}")).0).collect();
     eprintln!("{n} users connected in {:?}", t0.elapsed());
     let stop = Arc::new(AtomicBool::new(false));
     let rounds = Arc::new(AtomicU64::new(0));
@@ -76,9 +78,11 @@ fn im_users_keep_connections_and_messages_across_three_reloads() {
     for k in 0..3 {
         let before = rounds.load(Ordering::Relaxed);
         reload(im);
-        wait_until(Duration::from_secs(20), "rounds continue after the reload", || {
-            rounds.load(Ordering::Relaxed) >= before + 2 || driver.is_finished()
-        });
+        wait_until(
+            Duration::from_secs(20),
+            "rounds continue after the reload",
+            || rounds.load(Ordering::Relaxed) >= before + 2 || driver.is_finished(),
+        );
         assert!(!driver.is_finished(), "the driver died in reload {k}");
     }
     stop.store(true, Ordering::Relaxed);
@@ -95,7 +99,10 @@ fn im_users_keep_connections_and_messages_across_three_reloads() {
         .unwrap();
     assert_eq!(fields.len(), 1, "{fields:?}");
     let log = im.log();
-    assert!(log.contains("took over the Route link"), "the Route link moved too");
+    assert!(
+        log.contains("took over the Route link"),
+        "the Route link moved too"
+    );
     assert!(!log.contains("going away"), "no user saw 1001");
     drop(users);
 }
@@ -147,7 +154,10 @@ fn a_route_reload_keeps_registrations_in_place() {
     );
     for e in &seen {
         let v: serde_json::Value = serde_json::from_str(e).unwrap();
-        assert_eq!(v["event"], "update", "only updates during a Route reload: {seen:?}");
+        assert_eq!(
+            v["event"], "update",
+            "only updates during a Route reload: {seen:?}"
+        );
     }
     // Delivery through the adopted registration connection still works.
     let (status, body) = c.api_send("alice", json!("after the reload"));

@@ -570,7 +570,10 @@ impl<A: App> Manager<'_, A> {
             return;
         };
         let slot = c.slot;
-        log::info!("{} (pid {pid}) reached max_request; replacing it", slot.label());
+        log::info!(
+            "{} (pid {pid}) reached max_request; replacing it",
+            slot.label()
+        );
         self.args
             .scoreboard
             .totals()

@@ -140,9 +140,9 @@ impl HandoverLink {
     /// Predecessor: sends one manifest of at most [`MAX_FDS`] connections,
     /// its JSON cut into pieces of at most [`MAX_PAYLOAD`] bytes, the fds
     /// riding on the first piece. Blocks (polling) until `deadline` while
-    /// the successor's queue is full. On error nothing of this manifest
-    /// may be assumed delivered... except that a partial one is discarded
-    /// by the receiver when its pieces never complete.
+    /// the successor's queue is full. On error the caller keeps (and
+    /// closes) these connections: a manifest whose pieces never complete
+    /// is never adopted, and its fds close with the receiver's next one.
     pub fn send_manifest(
         &self,
         json: &[u8],
@@ -168,14 +168,7 @@ impl HandoverLink {
 
     /// Predecessor: everything is sent.
     pub fn send_end(&self, count: u32, deadline: Instant) -> io::Result<()> {
-        send(
-            self.tx.as_fd(),
-            END,
-            0,
-            &count.to_le_bytes(),
-            &[],
-            deadline,
-        )
+        send(self.tx.as_fd(), END, 0, &count.to_le_bytes(), &[], deadline)
     }
 
     /// Successor: acknowledges everything `pid` sent.
@@ -260,7 +253,11 @@ fn recv(fd: BorrowedFd<'_>, asm: &mut Assembler) -> io::Result<Option<Received>>
                 Ok(m) => m,
                 Err(nix::errno::Errno::EAGAIN) => return Ok(None),
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(io::Error::other(format!("recvmsg on a handover socket: {e}"))),
+                Err(e) => {
+                    return Err(io::Error::other(format!(
+                        "recvmsg on a handover socket: {e}"
+                    )))
+                }
             };
             let mut fds: Vec<OwnedFd> = Vec::new();
             if let Ok(cmsgs) = msg.cmsgs() {
@@ -307,7 +304,12 @@ fn recv(fd: BorrowedFd<'_>, asm: &mut Assembler) -> io::Result<Option<Received>>
         }
         match kind {
             BEGIN => return Ok(Some(Received::Begin { from })),
-            END => return Ok(Some(Received::End { from, count: word().unwrap_or(0) })),
+            END => {
+                return Ok(Some(Received::End {
+                    from,
+                    count: word().unwrap_or(0),
+                }))
+            }
             ACK => match word() {
                 Some(pid) => return Ok(Some(Received::Ack { pid })),
                 None => log::warn!("handover: dropping an ACK without a pid"),
@@ -466,7 +468,10 @@ mod tests {
         assert_eq!(conns[1].0.read_buffer.len(), 200_000);
         for (_, fd) in conns {
             let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
-            assert!(flags & libc::FD_CLOEXEC != 0, "received fds are close-on-exec");
+            assert!(
+                flags & libc::FD_CLOEXEC != 0,
+                "received fds are close-on-exec"
+            );
         }
         link.send_end(3, deadline()).unwrap();
         link.send_ack(42, deadline()).unwrap();

@@ -53,21 +53,21 @@ pub(crate) const SERVICE_RESTART: u16 = 1012;
 /// Handover state of one worker.
 #[derive(Default)]
 pub(crate) struct Migrate {
-    hand: Option<Handover>,             // None: no manager link
-    asm: Assembler,                     // manifest pieces in flight
-    adopt_until: Option<Instant>,       // adopting until END or this
-    adopt_began: Option<Instant>,       // when we started waiting
-    adopted: usize,                     // connections adopted so far
-    listener_pending: bool,             // listener held back until adopted
-    replacement_requested: bool,        // asked the manager (max_request)
-    out: Option<Outgoing>,              // our own handover, once begun
+    hand: Option<Handover>,       // None: no manager link
+    asm: Assembler,               // manifest pieces in flight
+    adopt_until: Option<Instant>, // adopting until END or this
+    adopt_began: Option<Instant>, // when we started waiting
+    adopted: usize,               // connections adopted so far
+    listener_pending: bool,       // listener held back until adopted
+    replacement_requested: bool,  // asked the manager (max_request)
+    out: Option<Outgoing>,        // our own handover, once begun
 }
 
 struct Outgoing {
     began: Instant,
-    boundary_by: Instant,   // stragglers get 1012 after this
-    send_by: Instant,       // give up sending after this
-    candidates: Vec<Fd>,    // connections to move
+    boundary_by: Instant, // stragglers get 1012 after this
+    send_by: Instant,     // give up sending after this
+    candidates: Vec<Fd>,  // connections to move
     stage: Stage,
 }
 
@@ -111,11 +111,7 @@ impl Migrate {
     /// Whether adopting or handing over is still under way (the loop must
     /// not end yet).
     pub(crate) fn busy(&self) -> bool {
-        self.adopt_until.is_some()
-            || self
-                .out
-                .as_ref()
-                .is_some_and(|o| o.stage != Stage::Done)
+        self.adopt_until.is_some() || self.out.as_ref().is_some_and(|o| o.stage != Stage::Done)
     }
 
     /// How long the loop may sleep before a handover deadline.
@@ -147,7 +143,10 @@ impl<A: App> Reactor<A> {
         if self.migrate.can_hand_over() {
             self.srv.stop_request.get_or_insert(WorkerExit::HandedOver);
         } else {
-            log::debug!("worker {}: no handover link; ignoring SIGUSR1", self.srv.worker_id);
+            log::debug!(
+                "worker {}: no handover link; ignoring SIGUSR1",
+                self.srv.worker_id
+            );
         }
     }
 
@@ -215,7 +214,10 @@ impl<A: App> Reactor<A> {
         for (_, c) in self.srv.conns.iter() {
             if c.movable() {
                 candidates.push(c.fd);
-            } else if matches!(c.phase, Phase::Connecting { .. } | Phase::ClientHandshake { .. }) {
+            } else if matches!(
+                c.phase,
+                Phase::Connecting { .. } | Phase::ClientHandshake { .. }
+            ) {
                 self.srv.doomed.push(c.fd);
             }
         }
@@ -325,7 +327,10 @@ impl<A: App> Reactor<A> {
             sent += self.send_batch(batch, send_by);
         }
         if let Some(h) = &self.migrate.hand {
-            if let Err(e) = h.link.send_end(sent as u32, send_by.max(Instant::now() + ACK_WAIT)) {
+            if let Err(e) = h
+                .link
+                .send_end(sent as u32, send_by.max(Instant::now() + ACK_WAIT))
+            {
                 log::warn!("worker {}: handover END: {e}", self.srv.worker_id);
             }
         }
@@ -335,7 +340,8 @@ impl<A: App> Reactor<A> {
     /// Sends one manifest; on success the connections leave this worker
     /// (no `on_close`: they live on). Returns how many moved.
     fn send_batch(&mut self, batch: Vec<(Fd, Vec<u8>)>, send_by: Instant) -> usize {
-        let mut json = Vec::with_capacity(batch.iter().map(|(_, j)| j.len() + 1).sum::<usize>() + 2);
+        let mut json =
+            Vec::with_capacity(batch.iter().map(|(_, j)| j.len() + 1).sum::<usize>() + 2);
         json.push(b'[');
         for (i, (_, j)) in batch.iter().enumerate() {
             if i > 0 {
@@ -351,7 +357,9 @@ impl<A: App> Reactor<A> {
                 .collect();
             match &self.migrate.hand {
                 Some(h) if fds.len() == batch.len() => h.link.send_manifest(&json, &fds, send_by),
-                _ => Err(std::io::Error::other("a connection vanished while batching")),
+                _ => Err(std::io::Error::other(
+                    "a connection vanished while batching",
+                )),
             }
         };
         if let Err(e) = result {
@@ -430,7 +438,8 @@ impl<A: App> Reactor<A> {
                 Ok(Some(Received::Begin { from })) => {
                     log::info!("worker {w}: pid {from} is handing its connections over");
                     if let Some(t) = &mut self.migrate.adopt_until {
-                        *t = Instant::now() + wait_of(self.srv.settings.max_wait_time) + ADOPT_SLACK;
+                        *t =
+                            Instant::now() + wait_of(self.srv.settings.max_wait_time) + ADOPT_SLACK;
                     }
                 }
                 Ok(Some(Received::Conns { conns, .. })) => {
@@ -487,8 +496,9 @@ impl<A: App> Reactor<A> {
             log::warn!("worker {w}: registering adopted fd {old} ({peer}): {e}; closing it");
             return;
         }
-        let attrs: Option<HashMap<String, Value>> =
-            conn.opened.then(|| conn.attrs.as_deref().cloned().unwrap_or_default());
+        let attrs: Option<HashMap<String, Value>> = conn
+            .opened
+            .then(|| conn.attrs.as_deref().cloned().unwrap_or_default());
         let pending = conn.pending_out() > 0;
         self.srv.conns.insert(conn);
         self.migrate.adopted += 1;
@@ -533,12 +543,11 @@ impl<A: App> Reactor<A> {
         );
         if std::mem::take(&mut self.migrate.listener_pending) {
             if let Some(l) = &mut self.listener {
-                if let Err(e) = self.srv.registry.register(
-                    l,
-                    LISTENER,
-                    Interest::READABLE,
-                ) {
-                    log::error!("worker {}: registering the listener: {e}", self.srv.worker_id);
+                if let Err(e) = self.srv.registry.register(l, LISTENER, Interest::READABLE) {
+                    log::error!(
+                        "worker {}: registering the listener: {e}",
+                        self.srv.worker_id
+                    );
                 }
             }
             self.accept_all();

@@ -121,7 +121,10 @@ impl RouteApp {
             });
             match r {
                 Some(Renewal::Renewed) => {
-                    log::info!("route: took over {} at {member} (fd {fd})", held.entry.service_name)
+                    log::info!(
+                        "route: took over {} at {member} (fd {fd})",
+                        held.entry.service_name
+                    )
                 }
                 Some(Renewal::Superseded) => {
                     log::info!("route: {member} re-registered elsewhere meanwhile; fd {fd} does not hold it");
