@@ -10,7 +10,7 @@
 //! |--------------|-------|
 //! | master       | `on_start`, `on_shutdown` |
 //! | manager      | `on_manager_start`, `on_manager_stop`, `on_worker_error` |
-//! | event worker | `on_worker_start`, `on_worker_exit`, `on_worker_stop`, `on_open`, `on_message`, `on_close`, `on_request`, `on_pipe_message`, `on_finish`, `on_connect` |
+//! | event worker | `on_worker_start`, `on_worker_exit`, `on_worker_stop`, `on_open`, `on_adopt`, `on_message`, `on_close`, `on_request`, `on_pipe_message`, `on_finish`, `on_connect` |
 //! | task worker  | `on_worker_start`, `on_worker_stop`, `on_task` |
 //!
 //! The [`EventBus`] maps case-insensitive event names to listeners, run in
@@ -69,7 +69,8 @@ pub trait App: Sized + 'static {
     fn on_worker_start(&mut self, srv: &mut Server<Self>) {}
     /// A graceful stop begins: connections are still open (Swoole's
     /// onWorkerExit). Say goodbye here; the framework then closes
-    /// WebSocket peers with 1001.
+    /// WebSocket peers with 1001 — unless [`Server::is_handing_over`]: then
+    /// they move to the replacement worker and no goodbye is due.
     fn on_worker_exit(&mut self, srv: &mut Server<Self>) {}
     /// Worker or task worker stop.
     fn on_worker_stop(&mut self, srv: &mut Server<Self>) {}
@@ -77,6 +78,13 @@ pub trait App: Sized + 'static {
     fn on_open(&mut self, srv: &mut Server<Self>, fd: Fd, req: &Request) {}
     /// A complete WebSocket message (text or binary) arrived.
     fn on_message(&mut self, srv: &mut Server<Self>, fd: Fd, msg: Message) {}
+    /// A WebSocket connection (server or client side) moved here from the
+    /// worker this one replaces (rolling reload, `max_request`): it stays
+    /// open, so there is no `on_open` (nor `on_close` in the old worker).
+    /// `fd` is its new id in this worker; `attrs` are the attributes set with
+    /// [`Server::set_attr`] in the old worker (also readable with
+    /// [`Server::attr`]). Restore per-connection state from them here.
+    fn on_adopt(&mut self, srv: &mut Server<Self>, fd: Fd, attrs: &HashMap<String, Value>) {}
     /// A WebSocket connection (server or client side) closed.
     fn on_close(&mut self, srv: &mut Server<Self>, fd: Fd) {}
     /// An HTTP request on a non-upgraded connection.

@@ -100,6 +100,7 @@ fn spawn<A: App, F: FnOnce() -> A + Send + 'static>(
                 let _ = tx.send(());
             })),
             watch_signals: false,
+            handover: None,
         };
         run_worker_until(ctx, &mut app, stop2)
     });

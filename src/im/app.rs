@@ -55,6 +55,15 @@ pub const COUNTERS: &[crate::metrics::AppCounter] = &[
     },
 ];
 
+/// Connection attribute: the user's uid.
+const ATTR_UID: &str = "im.uid";
+/// Connection attribute: the fd its presence record names.
+const ATTR_PRESENCE_FD: &str = "im.presence_fd";
+/// Connection attribute on the Route link: true (worker 0's registrar).
+pub(crate) const ATTR_ROUTE_LINK: &str = "im.route_link";
+/// Connection attribute on the Route link: the Route acknowledged us.
+pub(crate) const ATTR_ROUTE_REGISTERED: &str = "im.route_registered";
+
 /// The IM server.
 #[derive(Debug)]
 pub struct ImApp {
@@ -263,6 +272,9 @@ impl ImApp {
         self.users.entry(uid.clone()).or_default().push(fd);
         self.uid_of.insert(fd, uid.clone());
         self.set_users_gauge(srv);
+        // What a worker adopting this connection needs (see `on_adopt`).
+        srv.set_attr(fd, ATTR_UID, Value::from(uid.as_str()));
+        srv.set_attr(fd, ATTR_PRESENCE_FD, Value::from(fd));
         let p = self.presence_of(srv, fd);
         let ttl = self.cfg.presence_ttl;
         if srv
@@ -286,6 +298,28 @@ impl ImApp {
         self.set_users_gauge(srv);
         let p = self.presence_of(srv, fd);
         let _ = srv.redis_cmd(|c| presence::remove(c, &self.prefix, &uid, &p));
+    }
+
+    /// A user connection moved here: bind uid ↔ new fd and move its
+    /// presence record to the new fd atomically.
+    fn adopt_user(&mut self, srv: &mut Server<Self>, fd: Fd, uid: String, old_fd: Fd) {
+        self.users.entry(uid.clone()).or_default().push(fd);
+        self.uid_of.insert(fd, uid.clone());
+        self.set_users_gauge(srv);
+        srv.set_attr(fd, ATTR_PRESENCE_FD, Value::from(fd));
+        let old = Presence {
+            fd: old_fd,
+            ..self.presence_of(srv, fd)
+        };
+        let new = self.presence_of(srv, fd);
+        let ttl = self.cfg.presence_ttl;
+        if srv
+            .redis_cmd(|c| presence::rekey(c, &self.prefix, &uid, &old, &new, ttl))
+            .is_none()
+        {
+            log::warn!("im: could not move {uid}'s presence to fd {fd} (Redis unavailable); it keeps fd {old_fd}");
+            srv.set_attr(fd, ATTR_PRESENCE_FD, Value::from(old_fd));
+        }
     }
 
     /// Draining: tell each local user where to reconnect (a live server
@@ -349,6 +383,9 @@ impl App for ImApp {
     }
 
     fn on_worker_exit(&mut self, srv: &mut Server<Self>) {
+        if srv.is_handing_over() {
+            return; // users and the Route link move to the replacement
+        }
         if srv.worker_id() == 0 {
             self.registrar.draining = true;
             if self.registrar.registered {
@@ -403,6 +440,25 @@ impl App for ImApp {
             UserFrame::Invalid(code, why) => {
                 srv.push(fd, Message::Text(protocol::error_frame(code, &why)));
             }
+        }
+    }
+
+    fn on_adopt(&mut self, srv: &mut Server<Self>, fd: Fd, attrs: &HashMap<String, Value>) {
+        if attrs.get(ATTR_ROUTE_LINK) == Some(&Value::Bool(true)) {
+            let registered = attrs.get(ATTR_ROUTE_REGISTERED) == Some(&Value::Bool(true));
+            log::info!("im: took over the Route link (fd {fd}, registered: {registered})");
+            self.registrar.fd = Some(fd);
+            if registered {
+                self.route_registered(srv);
+            }
+            return;
+        }
+        let uid = attrs.get(ATTR_UID).and_then(Value::as_str);
+        let old = attrs.get(ATTR_PRESENCE_FD).and_then(Value::as_u64);
+        match (uid, old) {
+            (Some(uid), Some(old)) => self.adopt_user(srv, fd, uid.to_string(), old),
+            // Refused before it was bound (its close frame was in flight).
+            _ => log::debug!("im: adopted fd {fd} without a user"),
         }
     }
 

@@ -74,6 +74,35 @@ pub fn add(
         .query(c)
 }
 
+/// Moves a connection's record to its new worker/fd in one transaction
+/// (HDEL + HSET + EXPIRE in MULTI): after a handover the connection has a
+/// new id, and there is never a moment where `uid` looks offline.
+pub fn rekey(
+    c: &mut Connection,
+    prefix: &str,
+    uid: &str,
+    old: &Presence,
+    new: &Presence,
+    ttl_secs: u64,
+) -> RedisResult<()> {
+    redis::pipe()
+        .atomic()
+        .cmd("HDEL")
+        .arg(key(prefix, uid))
+        .arg(old.field())
+        .ignore()
+        .cmd("HSET")
+        .arg(key(prefix, uid))
+        .arg(new.field())
+        .arg(&new.epoch)
+        .ignore()
+        .cmd("EXPIRE")
+        .arg(key(prefix, uid))
+        .arg(ttl_secs)
+        .ignore()
+        .query(c)
+}
+
 /// Forgets a connection of `uid`.
 pub fn remove(c: &mut Connection, prefix: &str, uid: &str, p: &Presence) -> RedisResult<()> {
     redis::cmd("HDEL")

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::auth;
-use crate::im::app::{ImApp, USERS};
+use crate::im::app::{ImApp, ATTR_ROUTE_LINK, ATTR_ROUTE_REGISTERED, USERS};
 use crate::reactor::{Fd, Message, Server};
 
 /// First redial delay.
@@ -23,6 +23,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Forwards kept while the Route is unreachable; older ones are dropped
 /// (and counted) past this.
 const MAX_QUEUED: usize = 10_000;
+/// How often a worker still adopting checks whether the Route link came
+/// with the connections (before dialling one of its own).
+const ADOPT_POLL_MS: u64 = 50;
 /// Lifetime of the registration tokens this server mints for itself.
 const REGISTER_TOKEN_TTL: u64 = 3600;
 
@@ -91,12 +94,20 @@ impl ImApp {
         if srv.is_stopping() || self.registrar.fd.is_some() {
             return;
         }
+        if srv.is_adopting() {
+            // The predecessor's Route link may be on its way here.
+            srv.after(ADOPT_POLL_MS, |app: &mut ImApp, srv, _| app.dial_route(srv));
+            return;
+        }
         let dialled = parse_ws_url(&self.cfg.route_url).and_then(|(addr, host, path)| {
             srv.ws_connect(addr, &host, &path)
                 .map_err(|e| e.to_string())
         });
         match dialled {
-            Ok(fd) => self.registrar.fd = Some(fd),
+            Ok(fd) => {
+                self.registrar.fd = Some(fd);
+                srv.set_attr(fd, ATTR_ROUTE_LINK, Value::Bool(true));
+            }
             Err(e) => {
                 log::warn!("im: cannot dial the Route at {}: {e}", self.cfg.route_url);
                 self.schedule_redial(srv);
@@ -142,6 +153,9 @@ impl ImApp {
     /// The Route acknowledged: reset the backoff, flush what waited.
     pub(crate) fn route_registered(&mut self, srv: &mut Server<Self>) {
         self.registrar.registered = true;
+        if let Some(fd) = self.registrar.fd {
+            srv.set_attr(fd, ATTR_ROUTE_REGISTERED, Value::Bool(true));
+        }
         self.registrar.attempts = 0;
         log::info!(
             "im: registered with the Route as {} (epoch {})",

@@ -113,3 +113,29 @@ pub fn daemonize() -> Result<Readiness, Outcome> {
         }
     }
 }
+
+/// Marks every descriptor above stderr that this process inherited from
+/// whatever started it close-on-exec (a shell, a CI runner or a test
+/// harness may leak some): none of them is meant for the workers' children.
+/// Nothing is closed, so a launcher that relies on one is not broken.
+/// O(open fds), once at start.
+pub fn cloexec_inherited() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: F_GETFD/F_SETFD only change the descriptor flag of `fd`;
+        // an fd that closed meanwhile (the read_dir handle) just fails.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+}

@@ -24,7 +24,8 @@ use crate::logging;
 use crate::process::ipc::{Dest, Mailboxes};
 use crate::process::scoreboard::{Role, Scoreboard};
 use crate::process::signals::{self, Control};
-use crate::reactor::{self, WorkerContext, WorkerExit};
+use crate::reactor::handover::HandoverLink;
+use crate::reactor::{self, Handover, WorkerContext, WorkerExit};
 
 /// A worker that lived less than this before dying counts as crash-looping.
 const QUICK_EXIT: Duration = Duration::from_secs(1);
@@ -103,6 +104,9 @@ struct Manager<'a, A: App> {
     args: ManagerArgs,
     app: &'a mut A,
     mailboxes: Mailboxes,
+    /// One handover pair per event-worker slot (kept open here, so
+    /// connections in flight outlive either worker).
+    handovers: Vec<HandoverLink>,
     ready_r: OwnedFd,
     ready_w: OwnedFd,
     table: Vec<Child>,
@@ -122,6 +126,10 @@ pub fn run<A: App>(args: ManagerArgs, app: &mut A) -> i32 {
         Ok(m) => m,
         Err(e) => return fail_early(args, &format!("creating worker mailboxes: {e}")),
     };
+    let handovers = match (0..ws).map(|_| HandoverLink::pair()).collect() {
+        Ok(h) => h,
+        Err(e) => return fail_early(args, &format!("creating handover links: {e}")),
+    };
     let (ready_r, ready_w) =
         match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK) {
             Ok(p) => p,
@@ -132,6 +140,7 @@ pub fn run<A: App>(args: ManagerArgs, app: &mut A) -> i32 {
         args,
         app,
         mailboxes,
+        handovers,
         ready_r,
         ready_w,
         table: Vec::new(),
@@ -207,7 +216,7 @@ impl<A: App> Manager<'_, A> {
                 )))
             }
             Ok(ForkResult::Child) => {
-                let code = self.child_main(slot, row, &mask);
+                let code = self.child_main(slot, row, &mask, replaces.is_some());
                 std::process::exit(code);
             }
             Ok(ForkResult::Parent { child }) => {
@@ -233,7 +242,13 @@ impl<A: App> Manager<'_, A> {
     }
 
     /// Body of a freshly forked worker: set up, run the reactor, exit code.
-    fn child_main(&mut self, slot: Slot, row: usize, mask: &nix::sys::signal::SigSet) -> i32 {
+    fn child_main(
+        &mut self,
+        slot: Slot,
+        row: usize,
+        mask: &nix::sys::signal::SigSet,
+        replaces: bool,
+    ) -> i32 {
         logging::set_role(slot.label());
         if let Err(e) = signals::reset_after_fork() {
             log::error!("{e}");
@@ -271,7 +286,26 @@ impl<A: App> Manager<'_, A> {
                 return EXIT_FAILED;
             }
         };
+        let handover = match slot {
+            Slot::Worker(i) => match (self.handovers[i].try_clone(), ready_fd.try_clone()) {
+                (Ok(link), Ok(fd)) => Some(Handover {
+                    link,
+                    expect_predecessor: replaces,
+                    // A negative pid asks the manager for a replacement.
+                    request_replacement: Box::new(move || {
+                        let pid = (-(std::process::id() as i32)).to_le_bytes();
+                        let _ = nix::unistd::write(fd.as_fd(), &pid);
+                    }),
+                }),
+                (Err(e), _) | (_, Err(e)) => {
+                    log::error!("handover link for {}: {e}", slot.label());
+                    return EXIT_FAILED;
+                }
+            },
+            Slot::Task(_) => None,
+        };
         let ctx = WorkerContext {
+            handover,
             worker_id: slot.id(),
             task_worker: matches!(slot, Slot::Task(_)),
             settings: self.args.settings.clone(),
@@ -290,6 +324,7 @@ impl<A: App> Manager<'_, A> {
             reactor::run_worker(ctx, app)
         })) {
             Ok(Ok(WorkerExit::Stopped)) => 0,
+            Ok(Ok(WorkerExit::HandedOver)) => 0,
             Ok(Ok(WorkerExit::MaxRequest)) => {
                 log::info!("reached max_request; leaving to be replaced");
                 0
@@ -467,10 +502,12 @@ impl<A: App> Manager<'_, A> {
             match nix::unistd::read(self.ready_r.as_fd(), &mut buf) {
                 Ok(n) if n > 0 => {
                     for chunk in buf[..n].chunks_exact(4) {
-                        let pid = Pid::from_raw(i32::from_le_bytes([
-                            chunk[0], chunk[1], chunk[2], chunk[3],
-                        ]));
-                        self.mark_ready(pid);
+                        let raw = i32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+                        if raw < 0 {
+                            self.replace_worker(Pid::from_raw(-raw));
+                        } else {
+                            self.mark_ready(Pid::from_raw(raw));
+                        }
                     }
                 }
                 _ => break,
@@ -491,22 +528,59 @@ impl<A: App> Manager<'_, A> {
             return;
         };
         c.ready = true;
-        let (label, old) = (c.slot.label(), c.replaces);
+        let (label, old, slot) = (c.slot.label(), c.replaces, c.slot);
         if let Some(old) = old {
             if let Some(o) = self
                 .table
                 .iter_mut()
                 .find(|c| c.pid == old && c.stopping_since.is_none())
             {
-                log::info!("{label} (pid {pid}) serves; stopping its predecessor pid {old}");
                 o.stopping_since = Some(Instant::now());
                 self.args
                     .scoreboard
                     .row(o.row)
                     .stopping
                     .store(1, std::sync::atomic::Ordering::Relaxed);
-                let _ = kill(old, Signal::SIGTERM);
+                // An event worker hands its connections over (SIGUSR1); a
+                // task worker just stops.
+                let sig = if matches!(slot, Slot::Worker(_)) {
+                    log::info!("{label} (pid {pid}) serves; its predecessor pid {old} hands over");
+                    Signal::SIGUSR1
+                } else {
+                    log::info!("{label} (pid {pid}) serves; stopping its predecessor pid {old}");
+                    Signal::SIGTERM
+                };
+                let _ = kill(old, sig);
             }
+        }
+    }
+
+    /// A worker reached `max_request` and asks to be replaced: its
+    /// replacement is spawned like a reload's, and it hands over once the
+    /// replacement serves.
+    fn replace_worker(&mut self, pid: Pid) {
+        if self.stopping.is_some() {
+            return;
+        }
+        let Some(c) = self
+            .table
+            .iter()
+            .find(|c| c.pid == pid && c.stopping_since.is_none())
+        else {
+            return;
+        };
+        let slot = c.slot;
+        log::info!(
+            "{} (pid {pid}) reached max_request; replacing it",
+            slot.label()
+        );
+        self.args
+            .scoreboard
+            .totals()
+            .worker_replacements
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !self.reload_queue.contains(&slot) {
+            self.reload_queue.push_back(slot);
         }
     }
 
@@ -611,6 +685,15 @@ impl<A: App> Manager<'_, A> {
                 return;
             };
             if in_flight && self.args.settings.reload_async {
+                return;
+            }
+            // One handover per slot at a time: a slot whose predecessor is
+            // still leaving waits (both would read the slot's handover socket).
+            if self
+                .table
+                .iter()
+                .any(|c| c.slot == slot && c.stopping_since.is_some())
+            {
                 return;
             }
             self.reload_queue.pop_front();

@@ -57,6 +57,7 @@ impl Phase {
 
 /// Runs the `start` verb; returns the process exit code.
 pub fn start<A: App>(settings: Settings, app: A) -> i32 {
+    daemon::cloexec_inherited();
     let _ = logging::init(settings.log_level.filter(), None, false);
     match pidfile::inspect(&settings.pid_file) {
         PidState::Running(pid) => {

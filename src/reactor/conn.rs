@@ -110,11 +110,17 @@ pub struct ConnSnapshot {
     /// We already sent a close frame.
     pub close_sent: bool,
     /// Received bytes not yet consumed (a partial frame or request).
+    #[serde(with = "crate::reactor::handover::b64")]
     pub read_buffer: Vec<u8>,
     /// Bytes queued for the peer.
+    #[serde(with = "crate::reactor::handover::b64")]
     pub write_buffer: Vec<u8>,
     /// The application's attributes.
     pub attrs: HashMap<String, Value>,
+    /// An HTTP connection that has not completed its first request yet
+    /// (its `handshake_timeout` runs again where it lands).
+    #[serde(default)]
+    pub handshake_timer: bool,
 }
 
 /// What the loop must do after [`Conn::decode_next`].
@@ -175,6 +181,9 @@ pub struct Conn {
     /// EOF (true), or close at once (false: the WebSocket close handshake
     /// is complete, nothing more can come).
     pub linger: bool,
+    /// Handover: at a frame boundary and no longer read, waiting to move
+    /// (its input stays in the kernel for the successor).
+    pub parked: bool,
 }
 
 impl Conn {
@@ -198,6 +207,70 @@ impl Conn {
             dirty: false,
             write_shut: false,
             linger: true,
+            parked: false,
+        }
+    }
+
+    /// Rebuilds a connection moved from another worker (see
+    /// [`ConnSnapshot`]) under the new id `fd`. Only an upgraded WebSocket
+    /// (either role) or an HTTP connection can move; anything else, or
+    /// buffers over `max_buf`, is refused with the reason.
+    pub fn from_snapshot(
+        fd: Fd,
+        stream: TcpStream,
+        snap: ConnSnapshot,
+        max_buf: usize,
+    ) -> Result<Conn, String> {
+        if snap.read_buffer.len() > max_buf || snap.write_buffer.len() > max_buf {
+            return Err(format!(
+                "buffers of {} / {} bytes exceed {max_buf}",
+                snap.read_buffer.len(),
+                snap.write_buffer.len()
+            ));
+        }
+        let phase = match (snap.phase, snap.role) {
+            (PhaseName::Http, _) => Phase::Http,
+            (PhaseName::WebSocket, Some(role)) if !snap.close_sent => Phase::WebSocket(WsState {
+                role,
+                frag: snap.fragments.map(Box::new),
+                close_sent: false,
+            }),
+            (p, r) => return Err(format!("phase {p:?} (role {r:?}) cannot move")),
+        };
+        let mut c = Conn::new(fd, stream, snap.info.peer, snap.info.kind, phase);
+        c.opened = matches!(c.phase, Phase::WebSocket(_));
+        c.path = snap.info.path;
+        c.connected_ms = snap.info.connected_ms;
+        let idle = crate::process::scoreboard::now_ms().saturating_sub(snap.info.last_active_ms);
+        c.last_active = Instant::now()
+            .checked_sub(std::time::Duration::from_millis(idle))
+            .unwrap_or_else(Instant::now);
+        c.rbuf = snap.read_buffer;
+        c.wbuf = snap.write_buffer;
+        if !snap.attrs.is_empty() {
+            c.attrs = Some(Box::new(snap.attrs));
+        }
+        Ok(c)
+    }
+
+    /// Whether a handover can move this connection now: an HTTP connection
+    /// (a partial request moves with it), or an open WebSocket with no
+    /// partially received frame.
+    pub fn at_boundary(&self) -> bool {
+        match &self.phase {
+            Phase::Http => true,
+            Phase::WebSocket(st) => !st.close_sent && self.rbuf.is_empty(),
+            _ => false,
+        }
+    }
+
+    /// Whether this connection is of a kind a handover moves (possibly
+    /// after waiting for a frame boundary).
+    pub fn movable(&self) -> bool {
+        match &self.phase {
+            Phase::Http => true,
+            Phase::WebSocket(st) => !st.close_sent,
+            _ => false,
         }
     }
 
@@ -427,6 +500,7 @@ impl Conn {
             read_buffer: self.rbuf.clone(),
             write_buffer: self.wbuf[self.wpos..].to_vec(),
             attrs: self.attrs.as_deref().cloned().unwrap_or_default(),
+            handshake_timer: matches!(self.phase, Phase::Http) && self.timer.is_some(),
         }
     }
 }

@@ -59,7 +59,7 @@ impl<A: App> Reactor<A> {
             Inbound::Request(req) => {
                 self.handshake_done(fd);
                 self.count_request();
-                let keep = req.keep_alive() && !self.srv.stopping;
+                let keep = req.keep_alive() && (!self.srv.stopping || self.srv.handing_over);
                 let srv = &mut self.srv;
                 let (resp, keep) =
                     match Self::guarded(w, "on_request", Some(fd), || app.on_request(srv, &req)) {
@@ -112,7 +112,7 @@ impl<A: App> Reactor<A> {
         self.srv.exist(fd)
     }
 
-    fn close_after_panic(&mut self, fd: Fd) {
+    pub(crate) fn close_after_panic(&mut self, fd: Fd) {
         self.srv.disconnect(fd, close::INTERNAL, "internal error");
         self.srv.close_gracefully(fd);
     }
@@ -132,8 +132,12 @@ impl<A: App> Reactor<A> {
         self.requests += 1;
         let max = self.srv.settings.max_request;
         if max > 0 && self.requests >= max && self.srv.stop_request.is_none() {
-            log::info!("worker {}: max_request {max} reached", self.srv.worker_id);
-            self.srv.stop_request = Some(WorkerExit::MaxRequest);
+            if self.requests == max {
+                log::info!("worker {}: max_request {max} reached", self.srv.worker_id);
+            }
+            if !self.replace_me() {
+                self.srv.stop_request = Some(WorkerExit::MaxRequest);
+            }
         }
     }
 

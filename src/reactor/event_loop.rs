@@ -23,20 +23,25 @@ use crate::event::{App, EventBus};
 use crate::process::scoreboard;
 use crate::process::signals::{self, Control};
 use crate::reactor::conn::{Conn, ConnKind, Phase};
+use crate::reactor::migrate::Migrate;
 use crate::reactor::redis_link::RedisLink;
 use crate::reactor::server::{Server, TimerTask};
 use crate::reactor::{WorkerContext, WorkerExit};
 
 use std::sync::atomic::Ordering::Relaxed;
 
-const LISTENER: Token = Token(0);
+pub(crate) const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
 const INBOX: Token = Token(2);
 const WAKER: Token = Token(3);
+/// The slot's handover socket, successor side (see `migrate.rs`).
+pub(crate) const HANDOVER_RX: Token = Token(4);
+/// The slot's handover socket, predecessor side (ACKs).
+pub(crate) const HANDOVER_TX: Token = Token(5);
 /// The readiness callback of a [`WorkerContext`].
 pub(crate) type OnReady = Option<Box<dyn FnOnce()>>;
 /// First connection token.
-pub(crate) const FIRST_CONN: usize = 4;
+pub(crate) const FIRST_CONN: usize = 6;
 /// Size of the per-worker read scratch buffer.
 const SCRATCH: usize = 64 * 1024;
 /// How often `rss_kib` is refreshed: cheap (/proc read), but not free.
@@ -96,6 +101,7 @@ pub(crate) struct Reactor<A: App> {
     pub(crate) stop: StopHandle,                        // external stop trigger
     pub(crate) exit: WorkerExit,                        // why we stop
     pub(crate) requests: u64,                           // requests served (max_request)
+    pub(crate) migrate: Migrate,                        // handover state
 }
 
 impl<A: App> Reactor<A> {
@@ -109,18 +115,26 @@ impl<A: App> Reactor<A> {
         let waker =
             Arc::new(Waker::new(registry, WAKER).map_err(|e| ctxerr("creating the waker", e))?);
         stop.bind(waker);
+        let migrate = Migrate::new(ctx.handover, ctx.settings.max_wait_time);
         let listener = match ctx.listener {
             Some(l) => {
                 l.set_nonblocking(true)
                     .map_err(|e| ctxerr("listener nonblocking", e))?;
                 let mut l = mio::net::TcpListener::from_std(l);
-                registry
-                    .register(&mut l, LISTENER, Interest::READABLE)
-                    .map_err(|e| ctxerr("registering the listener", e))?;
+                if !migrate.listener_pending() {
+                    registry
+                        .register(&mut l, LISTENER, Interest::READABLE)
+                        .map_err(|e| ctxerr("registering the listener", e))?;
+                }
                 Some(l)
             }
             None => None,
         };
+        if let Some(fd) = migrate.rx_fd() {
+            registry
+                .register(&mut SourceFd(&fd), HANDOVER_RX, Interest::READABLE)
+                .map_err(|e| ctxerr("registering the handover socket", e))?;
+        }
         if ctx.watch_signals {
             let fd: RawFd = signals::wake_fd();
             if fd >= 0 {
@@ -157,6 +171,8 @@ impl<A: App> Reactor<A> {
             doomed: Vec::new(),
             stop_request: None,
             stopping: false,
+            handing_over: false,
+            adopting: migrate.busy(),
             next_task_id: 0,
             next_task_worker: ctx.worker_id,
         };
@@ -169,6 +185,7 @@ impl<A: App> Reactor<A> {
             stop,
             exit: WorkerExit::Stopped,
             requests: 0,
+            migrate,
         };
         Ok((r, ctx.on_ready))
     }
@@ -186,12 +203,18 @@ impl<A: App> Reactor<A> {
                 self.srv.stop_request = Some(WorkerExit::Stopped);
             }
             if let Some(exit) = self.srv.stop_request {
-                if !self.srv.stopping {
-                    self.begin_stop(app, exit);
+                // A worker still adopting hands over only once it has all.
+                let wait = exit == WorkerExit::HandedOver && self.srv.adopting;
+                if !self.srv.stopping && !wait {
+                    if exit == WorkerExit::HandedOver {
+                        self.begin_handover(app);
+                    } else {
+                        self.begin_stop(app, exit);
+                    }
                     self.before_sleep(app); // the 1001 frames go out now
                 }
             }
-            if self.srv.stopping && self.srv.conns.is_empty() {
+            if self.srv.stopping && self.srv.conns.is_empty() && !self.migrate.busy() {
                 break;
             }
             let timeout = self.poll_timeout();
@@ -208,8 +231,10 @@ impl<A: App> Reactor<A> {
                 match ev.token() {
                     LISTENER => self.accept_all(),
                     SIGNALS => self.on_signals(),
-                    INBOX => self.drain_inbox(app),
-                    WAKER => {}
+                    INBOX if !self.srv.adopting => self.drain_inbox(app),
+                    INBOX | WAKER => {}
+                    HANDOVER_RX => self.on_handover_rx(app),
+                    HANDOVER_TX => self.on_handover_tx(),
                     Token(t) => self.conn_event(
                         app,
                         t - FIRST_CONN,
@@ -219,6 +244,7 @@ impl<A: App> Reactor<A> {
                 }
             }
             self.run_timers(app);
+            self.handover_step(app);
             self.before_sleep(app);
         }
         self.finish(app);
@@ -234,6 +260,9 @@ impl<A: App> Reactor<A> {
             .map(|d| d.saturating_duration_since(now));
         if self.srv.postbox.has_queued() {
             t = Some(t.map_or(IPC_RETRY, |t| t.min(IPC_RETRY)));
+        }
+        if let Some(m) = self.migrate.timeout() {
+            t = Some(t.map_or(m, |t| t.min(m)));
         }
         t
     }
@@ -337,6 +366,7 @@ impl<A: App> Reactor<A> {
                 Control::Terminate => {
                     self.srv.stop_request.get_or_insert(WorkerExit::Stopped);
                 }
+                Control::Reload => self.request_handover(),
                 other => log::debug!("worker {}: ignoring {other:?}", self.srv.worker_id),
             }
         }
@@ -346,11 +376,11 @@ impl<A: App> Reactor<A> {
         let Some(c) = self.srv.conns.get_mut(key) else {
             return;
         };
-        let fd = c.fd;
+        let (fd, parked) = (c.fd, c.parked);
         if matches!(c.phase, Phase::Connecting { .. }) {
             self.finish_connect(key);
         }
-        if readable {
+        if readable && !parked {
             self.read(app, key, fd);
         }
         if writable {
@@ -467,7 +497,8 @@ impl<A: App> Reactor<A> {
         let max = self.srv.settings.package_max_length;
         let mut pos = 0;
         while pos <= input.len() {
-            let stopping = self.srv.stopping;
+            // A worker handing over still takes upgrades: they move too.
+            let stopping = self.srv.stopping && !self.srv.handing_over;
             if self.srv.doomed.contains(&fd) {
                 return input.len();
             }
@@ -547,7 +578,7 @@ impl<A: App> Reactor<A> {
     /// Graceful stop, step one: take what is queued on the listener, stop
     /// listening, close idle connections, say 1001 to WebSocket peers, arm
     /// the `max_wait_time` deadline.
-    fn begin_stop(&mut self, app: &mut A, exit: WorkerExit) {
+    pub(crate) fn begin_stop(&mut self, app: &mut A, exit: WorkerExit) {
         self.srv.stopping = true;
         self.exit = exit;
         self.srv.row.stopping.store(1, Relaxed);

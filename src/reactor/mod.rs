@@ -10,7 +10,10 @@
 //! - `http` — requests, responses, the two-phase parser;
 //! - `websocket` — handshakes and the frame codec (tungstenite framing);
 //! - `timer` — the hashed timer wheel;
-//! - `redis_link` — the worker's Redis connection with backoff.
+//! - `redis_link` — the worker's Redis connection with backoff;
+//! - `handover` — the wire protocol that moves connections between the
+//!   workers of a slot (SCM_RIGHTS + bounded manifests);
+//! - `migrate` — the loop's side of a handover: park, send, adopt.
 //!
 //! Entry points: [`run_worker`] (what a forked worker calls) and
 //! [`run_worker_until`] (the same with a [`StopHandle`], for running a
@@ -19,7 +22,9 @@
 pub mod conn;
 mod dispatch;
 pub mod event_loop;
+pub mod handover;
 pub mod http;
+mod migrate;
 pub mod redis_link;
 pub mod server;
 pub mod timer;
@@ -63,8 +68,32 @@ pub struct WorkerContext {
     pub scoreboard: Scoreboard,
     /// Called once when the loop is about to serve.
     pub on_ready: Option<Box<dyn FnOnce()>>,
-    /// Watch the process's signal self-pipe (SIGTERM: graceful stop).
+    /// Watch the process's signal self-pipe (SIGTERM: graceful stop;
+    /// SIGUSR1: hand the connections over to the slot's successor).
     pub watch_signals: bool,
+    /// The slot's handover link (event workers under a manager); `None`:
+    /// stops close connections, `max_request` ends the loop.
+    pub handover: Option<Handover>,
+}
+
+/// What a worker needs to hand connections over or adopt them.
+pub struct Handover {
+    /// The slot's socket pair.
+    pub link: handover::HandoverLink,
+    /// This worker replaces a live one: adopt its connections before
+    /// accepting or reading the mailbox.
+    pub expect_predecessor: bool,
+    /// Asks the manager for a replacement (at `max_request`).
+    pub request_replacement: Box<dyn Fn()>,
+}
+
+impl std::fmt::Debug for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handover")
+            .field("link", &self.link)
+            .field("expect_predecessor", &self.expect_predecessor)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for WorkerContext {
@@ -85,6 +114,8 @@ pub enum WorkerExit {
     Stopped,
     /// `max_request` reached: the manager replaces this worker.
     MaxRequest,
+    /// The connections moved to the slot's replacement.
+    HandedOver,
 }
 
 /// Runs a worker's loop until it stops: `on_worker_start`, serve, then the

@@ -76,6 +76,8 @@ pub struct Server<A: App> {
     pub(crate) doomed: Vec<Fd>,         // connections to tear down now
     pub(crate) stop_request: Option<WorkerExit>, // a stop was asked for
     pub(crate) stopping: bool,          // draining
+    pub(crate) handing_over: bool,      // draining into the slot's successor
+    pub(crate) adopting: bool,          // taking connections from a predecessor
     pub(crate) next_task_id: u64,       // task id counter
     pub(crate) next_task_worker: usize, // round-robin cursor
 }
@@ -418,6 +420,20 @@ impl<A: App> Server<A> {
     /// Whether the worker is draining.
     pub fn is_stopping(&self) -> bool {
         self.stopping
+    }
+
+    /// Whether this worker is stopping by handing its connections to its
+    /// replacement (a rolling reload or a `max_request` replacement): they
+    /// stay open, so there is no goodbye to say.
+    pub fn is_handing_over(&self) -> bool {
+        self.handing_over
+    }
+
+    /// Whether this worker is still taking connections from the worker it
+    /// replaces (`on_adopt` runs for each); it accepts nothing and reads no
+    /// mailbox message until that is done.
+    pub fn is_adopting(&self) -> bool {
+        self.adopting
     }
 
     /// Opens an outbound WebSocket connection to `addr`, sending `host` and

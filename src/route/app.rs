@@ -27,8 +27,12 @@ use crate::route::registry::{Registry, Renew, Renewal, ServerEntry};
 use crate::route::settings::RouteSettings;
 use crate::route::stats;
 
+/// Connection attribute holding a registration connection's [`Held`], so
+/// a worker adopting the connection (handover) restores it.
+const ATTR_HELD: &str = "route.held";
+
 /// One IM server's registration as this worker holds it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Held {
     pub(crate) entry: ServerEntry,
     /// Whether Redis has it (false while Redis is away).
@@ -53,6 +57,9 @@ pub struct RouteApp {
     pub(crate) cache: Option<SharedCache>,
     pub(crate) peers: HashMap<Fd, Peer>,
     pending_removals: Vec<(String, String, &'static str)>,
+    /// Owner tokens of adopted connections (`<node>/<old pid>/<old fd>`)
+    /// → their fd here, for messages relayed to the previous worker.
+    adopted: HashMap<String, Fd>,
     redis_outage_logged: bool,
     pub(crate) picker: Picker,
 }
@@ -68,6 +75,7 @@ impl RouteApp {
             cache: None,
             peers: HashMap::new(),
             pending_removals: Vec::new(),
+            adopted: HashMap::new(),
             redis_outage_logged: false,
             picker: Picker::default(),
         }
@@ -76,6 +84,67 @@ impl RouteApp {
     /// `<node>/<pid>`: this worker's name in owner tokens and channels.
     pub(crate) fn node_pid(&self) -> String {
         format!("{}/{}", self.node, std::process::id())
+    }
+
+    /// This worker's fd for a connection a previous worker of the slot
+    /// held under `owner` (`<node>/<pid>/<fd>`).
+    pub(crate) fn adopted_fd(&self, owner: &str) -> Option<Fd> {
+        self.adopted.get(owner).copied()
+    }
+
+    /// Mirrors a peer's registration into its connection attributes.
+    fn save_held(&self, srv: &mut Server<Self>, fd: Fd) {
+        let held = self.peers.get(&fd).and_then(|p| p.held.as_ref());
+        match held.map(serde_json::to_value) {
+            Some(Ok(v)) => {
+                srv.set_attr(fd, ATTR_HELD, v);
+            }
+            _ => {
+                srv.remove_attr(fd, ATTR_HELD);
+            }
+        }
+    }
+
+    /// A registration connection moved here from the worker this one
+    /// replaced: take ownership of its entry in Redis in place (`rehome`).
+    fn adopt_peer(&mut self, srv: &mut Server<Self>, fd: Fd, mut held: Held) {
+        let old_owner = held.entry.owner.clone();
+        let new_owner = format!("{}/{fd}", self.node_pid());
+        let member = held.entry.member();
+        let worker = srv.worker_id() as u32;
+        held.entry.owner = new_owner.clone();
+        held.entry.worker = worker;
+        if held.stored {
+            let r = srv.redis_cmd(|c| {
+                self.registry
+                    .rehome(c, &member, &old_owner, &new_owner, worker, now_ms())
+            });
+            match r {
+                Some(Renewal::Renewed) => {
+                    log::info!(
+                        "route: took over {} at {member} (fd {fd})",
+                        held.entry.service_name
+                    )
+                }
+                Some(Renewal::Superseded) => {
+                    log::info!("route: {member} re-registered elsewhere meanwhile; fd {fd} does not hold it");
+                    self.peers.insert(fd, Peer::default());
+                    self.save_held(srv, fd);
+                    return;
+                }
+                // Gone, or Redis away: the sweep stores it again.
+                Some(Renewal::Missing) | None => held.stored = false,
+            }
+        }
+        self.adopted.insert(old_owner, fd);
+        self.peers.insert(
+            fd,
+            Peer {
+                held: Some(held),
+                ..Peer::default()
+            },
+        );
+        self.save_held(srv, fd);
     }
 
     /// The connections of the IM servers this worker holds.
@@ -185,6 +254,7 @@ impl RouteApp {
         if let Some(p) = self.peers.get_mut(&fd) {
             p.held = Some(Held { entry, stored });
         }
+        self.save_held(srv, fd);
     }
 
     fn note_outage(&mut self) {
@@ -212,6 +282,9 @@ impl RouteApp {
 
     /// The periodic sweep (see the module doc).
     fn sweep(&mut self, srv: &mut Server<Self>) {
+        if srv.is_handing_over() {
+            return; // the registrations are moving to the replacement
+        }
         let now = now_ms();
         let idle_ms = Self::idle(srv).as_millis() as u64;
         let silent: Vec<Fd> = self
@@ -298,6 +371,7 @@ impl RouteApp {
                                 stored: true,
                             });
                         }
+                        self.save_held(srv, fd);
                     }
                 }
                 Some(Renewal::Superseded) => {
@@ -308,6 +382,7 @@ impl RouteApp {
                     if let Some(p) = self.peers.get_mut(&fd) {
                         p.held = None;
                     }
+                    self.save_held(srv, fd);
                 }
                 None => return,
             }
@@ -423,6 +498,23 @@ impl App for RouteApp {
         self.peers.insert(fd, Peer::default());
     }
 
+    fn on_adopt(
+        &mut self,
+        srv: &mut Server<Self>,
+        fd: Fd,
+        attrs: &HashMap<String, serde_json::Value>,
+    ) {
+        let held = attrs
+            .get(ATTR_HELD)
+            .and_then(|v| serde_json::from_value::<Held>(v.clone()).ok());
+        match held {
+            Some(h) => self.adopt_peer(srv, fd, h),
+            None => {
+                self.peers.insert(fd, Peer::default());
+            }
+        }
+    }
+
     fn on_message(&mut self, srv: &mut Server<Self>, fd: Fd, msg: Message) {
         let text = match msg {
             Message::Text(t) => t,
@@ -487,6 +579,7 @@ impl App for RouteApp {
                     now_ms: now_ms(),
                 };
                 let _ = srv.redis_cmd(|c| self.registry.renew(c, &member, &owner, &r));
+                self.save_held(srv, fd);
             }
             Ok(Command::Unknown(m)) => self.reply_error(
                 srv,

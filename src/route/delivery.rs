@@ -28,6 +28,10 @@ use crate::route::registry::ServerEntry;
 pub struct Relay {
     /// The registration connection on the receiving worker; None: every one.
     pub fd: Option<Fd>,
+    /// The `<node>/<pid>` that `fd` belongs to: a worker that adopted the
+    /// connection after a handover translates it to its own fd.
+    #[serde(default)]
+    pub owner: Option<String>,
     /// The text frame to push.
     pub frame: String,
 }
@@ -164,6 +168,7 @@ fn relay(app: &RouteApp, srv: &mut Server<RouteApp>, entry: &ServerEntry, frame:
     let channel = worker_channel(&srv.settings().redis_prefix, owner_worker);
     let payload = serde_json::to_string(&Relay {
         fd: Some(fd),
+        owner: Some(owner_worker.to_string()),
         frame: frame.to_string(),
     })
     .unwrap_or_default();
@@ -181,7 +186,12 @@ fn relay(app: &RouteApp, srv: &mut Server<RouteApp>, entry: &ServerEntry, frame:
 /// workers took it.
 pub fn broadcast(srv: &mut Server<RouteApp>, from: &str, data: &Value) -> Option<i64> {
     let frame = json!({"method": "broadcast", "from": from, "data": data}).to_string();
-    let payload = serde_json::to_string(&Relay { fd: None, frame }).unwrap_or_default();
+    let payload = serde_json::to_string(&Relay {
+        fd: None,
+        owner: None,
+        frame,
+    })
+    .unwrap_or_default();
     let channel = broadcast_channel(&srv.settings().redis_prefix);
     srv.redis_cmd(|c| {
         redis::cmd("PUBLISH")
@@ -197,19 +207,21 @@ pub fn on_relay(app: &RouteApp, srv: &mut Server<RouteApp>, bytes: &[u8]) {
         log::warn!("route: dropping a malformed relayed message");
         return;
     };
-    match r.fd {
-        Some(fd) => {
-            if !srv.push(fd, Message::Text(r.frame)) {
-                log::info!(
-                    "route: IM server connection {fd} is gone; a relayed message was not delivered"
-                );
-            }
+    let Some(fd) = r.fd else {
+        for fd in app.registered_fds() {
+            srv.push(fd, Message::Text(r.frame.clone()));
         }
-        None => {
-            let fds: Vec<Fd> = app.registered_fds();
-            for fd in fds {
-                srv.push(fd, Message::Text(r.frame.clone()));
-            }
-        }
+        return;
+    };
+    // Addressed to the worker this one replaced: translate its fd.
+    let target = match r.owner {
+        Some(o) if o != app.node_pid() => app.adopted_fd(&format!("{o}/{fd}")),
+        _ => Some(fd),
+    };
+    match target {
+        Some(fd) if srv.push(fd, Message::Text(r.frame)) => {}
+        _ => log::info!(
+            "route: IM server connection {fd} is gone; a relayed message was not delivered"
+        ),
     }
 }

@@ -9,7 +9,7 @@
 //! | `P im_server:lease` | ZSET | member → lease expiry (Unix ms), renewed by the holder's sweep |
 //! | `P im_server:details` | HASH | member → JSON [`ServerEntry`] |
 //! | `P im_server:by_name` | HASH | serviceName → member (a re-registration replaces its old entry) |
-//! | `P im_server:events` | pub/sub channel | `{"event":"register"|"remove","member":…,"cause":…}` |
+//! | `P im_server:events` | pub/sub channel | `{"event":"register"|"remove"|"update","member":…,"cause":…}` |
 //!
 //! Every entry names its owner (Route node, worker pid, connection): only
 //! the owner's close removes it, so a server that re-registered elsewhere is
@@ -162,6 +162,19 @@ if changed then redis.call('PUBLISH', ARGV[7], cjson.encode({event='update', mem
 return 1
 "#;
 
+const REHOME: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return 0 end
+local ok, d = pcall(cjson.decode, cur)
+if not ok or d.owner ~= ARGV[2] then return -1 end
+d.owner = ARGV[3]
+d.worker = tonumber(ARGV[4])
+d.last_seen_ms = tonumber(ARGV[5])
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(d))
+redis.call('PUBLISH', ARGV[6], cjson.encode({event='update', member=ARGV[1], cause='rehome'}))
+return 1
+"#;
+
 const REAP: &str = r#"
 local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, 256)
 for _, m in ipairs(dead) do
@@ -185,6 +198,7 @@ pub struct Registry {
     register: Script,
     remove: Script,
     renew: Script,
+    rehome: Script,
     reap: Script,
 }
 
@@ -220,6 +234,7 @@ impl Registry {
             register: Script::new(REGISTER),
             remove: Script::new(REMOVE),
             renew: Script::new(RENEW),
+            rehome: Script::new(REHOME),
             reap: Script::new(REAP),
         }
     }
@@ -295,6 +310,38 @@ impl Registry {
             .arg(r.load.map_or(String::new(), |l| l.to_string()))
             .arg(r.now_ms)
             .arg(r.draining.map_or(String::new(), |d| d.to_string()))
+            .arg(&k.channel)
+            .invoke(c)?;
+        Ok(match n {
+            1 => Renewal::Renewed,
+            0 => Renewal::Missing,
+            _ => Renewal::Superseded,
+        })
+    }
+
+    /// A Route worker adopted the connection of `member` (handover): if
+    /// `old_owner` still owns the entry, rewrite its owner and worker in
+    /// place — no removal, no re-registration, `registered_at_ms` kept — and
+    /// publish an `update` event. `Renewed` when done, `Missing` when the
+    /// entry is gone, `Superseded` when someone else owns it.
+    pub fn rehome(
+        &self,
+        c: &mut Connection,
+        member: &str,
+        old_owner: &str,
+        new_owner: &str,
+        worker: u32,
+        now_ms: u64,
+    ) -> RedisResult<Renewal> {
+        let k = &self.keys;
+        let n: i64 = self
+            .rehome
+            .key(&k.details)
+            .arg(member)
+            .arg(old_owner)
+            .arg(new_owner)
+            .arg(worker)
+            .arg(now_ms)
             .arg(&k.channel)
             .invoke(c)?;
         Ok(match n {
