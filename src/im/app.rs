@@ -430,6 +430,9 @@ impl App for ImApp {
     }
 
     fn on_request(&mut self, srv: &mut Server<Self>, req: &Request) -> Response {
+        if !crate::route::admin::allowed(srv, req, req.path_only()) {
+            return Response::json(404, &json!({"error": "not_found"}));
+        }
         match (req.method.as_str(), req.path_only()) {
             ("GET", "/health") => Response::json(
                 200,

@@ -52,5 +52,9 @@ pub fn framework_defaults() -> toml::Table {
     );
     t.insert("heartbeat_check_interval".into(), toml::Value::Float(10.0));
     t.insert("heartbeat_idle_time".into(), toml::Value::Float(75.0));
+    // Peers are end users: many may share an address (NAT), none needs to
+    // send more than a chat's worth of messages.
+    t.insert("max_conn_per_ip".into(), toml::Value::Integer(4096));
+    t.insert("max_messages_per_second".into(), toml::Value::Integer(200));
     t
 }

@@ -93,6 +93,9 @@ pub struct ConnectionInfo {
     pub connected_ms: u64,
     /// When it last sent us bytes, milliseconds since the Unix epoch.
     pub last_active_ms: u64,
+    /// Accepted on the admin listener (`admin_listen`).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 /// A connection described as data at a frame boundary, so that a later
@@ -175,6 +178,8 @@ pub struct Conn {
     /// EOF (true), or close at once (false: the WebSocket close handshake
     /// is complete, nothing more can come).
     pub linger: bool,
+    /// Per-peer limits: IP accounting, admin listener, message budget.
+    pub limits: crate::reactor::limits::ConnLimits,
 }
 
 impl Conn {
@@ -198,6 +203,7 @@ impl Conn {
             dirty: false,
             write_shut: false,
             linger: true,
+            limits: Default::default(),
         }
     }
 
@@ -399,6 +405,7 @@ impl Conn {
             path: self.path.clone(),
             connected_ms: self.connected_ms,
             last_active_ms: crate::process::scoreboard::now_ms().saturating_sub(idle_ms),
+            admin: self.limits.admin,
         }
     }
 

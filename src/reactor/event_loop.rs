@@ -33,6 +33,8 @@ const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
 const INBOX: Token = Token(2);
 const WAKER: Token = Token(3);
+/// The admin listener (`admin_listen`): far above any connection token.
+const ADMIN_LISTENER: Token = Token(usize::MAX - 1);
 /// The readiness callback of a [`WorkerContext`].
 pub(crate) type OnReady = Option<Box<dyn FnOnce()>>;
 /// First connection token.
@@ -88,14 +90,15 @@ impl StopHandle {
 
 /// One worker's loop state.
 pub(crate) struct Reactor<A: App> {
-    pub(crate) poll: Poll,                              // the epoll instance
-    pub(crate) listener: Option<mio::net::TcpListener>, // None: task worker or stopping
-    pub(crate) srv: Server<A>,                          // what hooks see
-    pub(crate) bus: EventBus<Server<A>>,                // the application's listeners
-    pub(crate) scratch: Vec<u8>,                        // shared read buffer
-    pub(crate) stop: StopHandle,                        // external stop trigger
-    pub(crate) exit: WorkerExit,                        // why we stop
-    pub(crate) requests: u64,                           // requests served (max_request)
+    pub(crate) poll: Poll,                                    // the epoll instance
+    pub(crate) listener: Option<mio::net::TcpListener>,       // None: task worker or stopping
+    pub(crate) admin_listener: Option<mio::net::TcpListener>, // admin_listen, like listener
+    pub(crate) srv: Server<A>,                                // what hooks see
+    pub(crate) bus: EventBus<Server<A>>,                      // the application's listeners
+    pub(crate) scratch: Vec<u8>,                              // shared read buffer
+    pub(crate) stop: StopHandle,                              // external stop trigger
+    pub(crate) exit: WorkerExit,                              // why we stop
+    pub(crate) requests: u64,                                 // requests served (max_request)
 }
 
 impl<A: App> Reactor<A> {
@@ -117,6 +120,18 @@ impl<A: App> Reactor<A> {
                 registry
                     .register(&mut l, LISTENER, Interest::READABLE)
                     .map_err(|e| ctxerr("registering the listener", e))?;
+                Some(l)
+            }
+            None => None,
+        };
+        let admin_listener = match ctx.admin_listener {
+            Some(l) => {
+                l.set_nonblocking(true)
+                    .map_err(|e| ctxerr("admin listener nonblocking", e))?;
+                let mut l = mio::net::TcpListener::from_std(l);
+                registry
+                    .register(&mut l, ADMIN_LISTENER, Interest::READABLE)
+                    .map_err(|e| ctxerr("registering the admin listener", e))?;
                 Some(l)
             }
             None => None,
@@ -159,10 +174,12 @@ impl<A: App> Reactor<A> {
             stopping: false,
             next_task_id: 0,
             next_task_worker: ctx.worker_id,
+            per_ip: Default::default(),
         };
         let r = Reactor {
             poll,
             listener,
+            admin_listener,
             srv,
             bus: EventBus::new(),
             scratch: vec![0; SCRATCH],
@@ -207,6 +224,7 @@ impl<A: App> Reactor<A> {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept_all(),
+                    ADMIN_LISTENER => self.accept_from(true),
                     SIGNALS => self.on_signals(),
                     INBOX => self.drain_inbox(app),
                     WAKER => {}
@@ -272,12 +290,24 @@ impl<A: App> Reactor<A> {
         self.before_sleep(app);
     }
 
-    /// Accepts until `WouldBlock`. Past `max_conn` a connection is answered
-    /// 503 and closed at once — also when it meant to upgrade: the answer
-    /// goes out before its request is read.
+    /// Accepts until `WouldBlock` on both listeners.
     pub(crate) fn accept_all(&mut self) {
+        self.accept_from(false);
+        self.accept_from(true);
+    }
+
+    /// Accepts until `WouldBlock` on the main or the admin listener. Past
+    /// `max_conn`, or past `max_conn_per_ip` for the peer's address, a
+    /// connection is answered 503 and closed at once — also when it meant to
+    /// upgrade: the answer goes out before its request is read.
+    pub(crate) fn accept_from(&mut self, admin: bool) {
         loop {
-            let Some(l) = &self.listener else { return };
+            let l = if admin {
+                &self.admin_listener
+            } else {
+                &self.listener
+            };
+            let Some(l) = l else { return };
             let (mut stream, peer) = match l.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -302,9 +332,15 @@ impl<A: App> Reactor<A> {
                 continue;
             }
             let fd = self.srv.fd_for(key);
-            self.srv
-                .conns
-                .insert(Conn::new(fd, stream, peer, ConnKind::Http, Phase::Http));
+            let ip_ok = over
+                || self
+                    .srv
+                    .per_ip
+                    .admit(peer.ip(), self.srv.settings.max_conn_per_ip);
+            let mut conn = Conn::new(fd, stream, peer, ConnKind::Http, Phase::Http);
+            conn.limits.admin = admin;
+            conn.limits.ip_counted = !over && ip_ok;
+            self.srv.conns.insert(conn);
             self.srv.row.accepted.fetch_add(1, Relaxed);
             self.srv
                 .row
@@ -317,6 +353,14 @@ impl<A: App> Reactor<A> {
                     self.srv.settings.max_conn
                 );
                 self.srv.conns[key].reject(503, "too many connections");
+                self.srv.close_gracefully(fd);
+            } else if !ip_ok {
+                log::warn!(
+                    "worker {}: fd {fd} ({peer}): max_conn_per_ip {} reached, answering 503",
+                    self.srv.worker_id,
+                    self.srv.settings.max_conn_per_ip
+                );
+                self.srv.conns[key].reject(503, "too many connections from your address");
                 self.srv.close_gracefully(fd);
             } else {
                 self.srv.arm_handshake_timer(fd);
@@ -567,6 +611,9 @@ impl<A: App> Reactor<A> {
         self.accept_all();
         if let Some(mut l) = self.listener.take() {
             // Deregister and drop our copy only: the manager keeps the socket.
+            let _ = self.srv.registry.deregister(&mut l);
+        }
+        if let Some(mut l) = self.admin_listener.take() {
             let _ = self.srv.registry.deregister(&mut l);
         }
         let fds: Vec<_> = self.srv.conns.iter().map(|(_, c)| c.fd).collect();
