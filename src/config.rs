@@ -73,6 +73,18 @@ pub struct Settings {
     /// Connections per worker; past it new connections are refused (HTTP 503
     /// or WebSocket close 1013).
     pub max_conn: usize,
+    /// Live connections per source IP per worker; past it a new connection
+    /// is answered HTTP 503 and closed at accept. 0 disables.
+    pub max_conn_per_ip: usize,
+    /// WebSocket messages per second per accepted connection (a token
+    /// bucket holding one second's worth); past it the connection is closed
+    /// with 1008 "rate limit". 0 disables.
+    pub max_messages_per_second: u32,
+    /// A second address (`ip:port`) each worker also accepts on; the
+    /// application sees which one accepted a connection
+    /// (`ConnectionInfo::admin`). The Route answers `/api/*`, `/metrics` and
+    /// `/dashboard` only there when it is set.
+    pub admin_listen: Option<String>,
     /// Seconds between idle-connection sweeps; 0 disables.
     pub heartbeat_check_interval: f64,
     /// Seconds of silence after which a connection is closed (default: twice
@@ -113,6 +125,9 @@ impl Default for Settings {
             log_level: LogLevel::Info,
             max_request: 0,
             max_conn: 10_000,
+            max_conn_per_ip: 0,
+            max_messages_per_second: 0,
+            admin_listen: None,
             heartbeat_check_interval: 0.0,
             heartbeat_idle_time: 0.0,
             package_max_length: 2 * 1024 * 1024,
@@ -241,7 +256,7 @@ fn framework_keys() -> Vec<String> {
         Ok(toml::Value::Table(t)) => t
             .keys()
             .cloned()
-            .chain(["log_file", "redis_url", "control_socket"].map(String::from))
+            .chain(["log_file", "redis_url", "control_socket", "admin_listen"].map(String::from))
             .collect(),
         _ => Vec::new(),
     }
@@ -382,6 +397,20 @@ impl Settings {
         if self.buffer_output_size < 1024 {
             return Err(bad("buffer_output_size", "expected at least 1024 bytes"));
         }
+        if let Some(a) = &self.admin_listen {
+            match a.parse::<std::net::SocketAddr>() {
+                Err(_) => {
+                    return Err(bad(
+                        "admin_listen",
+                        "expected ip:port such as 127.0.0.1:9501",
+                    ))
+                }
+                Ok(addr) if addr.port() != 0 && addr == self.listen_addr() => {
+                    return Err(bad("admin_listen", "must differ from host:port"))
+                }
+                Ok(_) => {}
+            }
+        }
         if let Some(url) = &self.redis_url {
             if let Err(e) = redis::Client::open(url.as_str()) {
                 return Err(bad("redis_url", &e.to_string()));
@@ -408,6 +437,11 @@ impl Settings {
         self.control_socket
             .clone()
             .unwrap_or_else(|| self.pid_file.with_extension("sock"))
+    }
+
+    /// `admin_listen` as a socket address (validated by [`load`]).
+    pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
+        self.admin_listen.as_deref().and_then(|a| a.parse().ok())
     }
 
     /// `host:port` as a socket address.

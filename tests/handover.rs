@@ -5,6 +5,8 @@
 //! reload sees no reset; every fd not meant for a child is close-on-exec.
 //! The IM and Route tests are in `handover_cluster.rs`.
 
+#![allow(clippy::result_large_err)] // tungstenite's error type, as in tests/common
+
 mod common;
 
 use std::io::{Read, Write};

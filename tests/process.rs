@@ -403,7 +403,7 @@ fn sighup_reopens_the_log_file_in_every_process() {
         "reload lines in the new file",
         || {
             let log = d.log();
-            log.contains("[manager ") && log.contains("serves; stopping its predecessor")
+            log.contains("[manager ") && log.contains("serves; ") && log.contains("reload finished")
         },
     );
     assert!(

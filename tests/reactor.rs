@@ -93,6 +93,7 @@ fn spawn<A: App, F: FnOnce() -> A + Send + 'static>(
             task_worker,
             settings: Arc::new(s),
             listener: l,
+            admin_listener: None,
             postbox,
             row,
             scoreboard: sb,

@@ -285,6 +285,22 @@ impl ImApp {
         }
     }
 
+    /// Rewrites the presence record of every local connection (see
+    /// `presence_refresh`): one pipelined round trip. O(local connections).
+    fn refresh_presence(&mut self, srv: &mut Server<Self>) {
+        if self.uid_of.is_empty() || !srv.redis_ok() {
+            return;
+        }
+        let ttl = self.cfg.presence_ttl;
+        let records: Vec<(String, Presence)> = self
+            .uid_of
+            .iter()
+            .map(|(fd, uid)| (uid.clone(), self.presence_of(srv, *fd)))
+            .collect();
+        let prefix = self.prefix.clone();
+        let _ = srv.redis_cmd(|c| presence::add_many(c, &prefix, &records, ttl));
+    }
+
     fn on_user_close(&mut self, srv: &mut Server<Self>, fd: Fd) {
         let Some(uid) = self.uid_of.remove(&fd) else {
             return;
@@ -379,6 +395,10 @@ impl App for ImApp {
         if srv.worker_id() == 0 && !srv.is_task_worker() {
             let ms = (self.cfg.route_heartbeat.max(0.05) * 1000.0) as u64;
             srv.tick(ms, |app: &mut ImApp, srv, _| app.heartbeat(srv));
+        }
+        if !srv.is_task_worker() && self.cfg.presence_refresh > 0.0 {
+            let ms = (self.cfg.presence_refresh.max(0.1) * 1000.0) as u64;
+            srv.tick(ms, |app: &mut ImApp, srv, _| app.refresh_presence(srv));
         }
     }
 
@@ -486,6 +506,9 @@ impl App for ImApp {
     }
 
     fn on_request(&mut self, srv: &mut Server<Self>, req: &Request) -> Response {
+        if !crate::route::admin::allowed(srv, req, req.path_only()) {
+            return Response::json(404, &json!({"error": "not_found"}));
+        }
         match (req.method.as_str(), req.path_only()) {
             ("GET", "/health") => Response::json(
                 200,

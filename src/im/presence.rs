@@ -103,6 +103,28 @@ pub fn rekey(
         .query(c)
 }
 
+/// [`add`] for many connections in one pipelined round trip.
+pub fn add_many(
+    c: &mut Connection,
+    prefix: &str,
+    records: &[(String, Presence)],
+    ttl_secs: u64,
+) -> RedisResult<()> {
+    let mut pipe = redis::pipe();
+    for (uid, p) in records {
+        pipe.cmd("HSET")
+            .arg(key(prefix, uid))
+            .arg(p.field())
+            .arg(&p.epoch)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(key(prefix, uid))
+            .arg(ttl_secs)
+            .ignore();
+    }
+    pipe.query(c)
+}
+
 /// Forgets a connection of `uid`.
 pub fn remove(c: &mut Connection, prefix: &str, uid: &str, p: &Presence) -> RedisResult<()> {
     redis::cmd("HDEL")

@@ -22,6 +22,11 @@ pub struct ImSettings {
     pub route_heartbeat: f64,
     /// Seconds a user's presence record lives without being refreshed.
     pub presence_ttl: u64,
+    /// Seconds between rewrites of every local user's presence record, so
+    /// a Redis that restarted empty (or was away when a user connected)
+    /// learns again who is here; 0 disables. Costs one pipelined HSET +
+    /// EXPIRE per local connection per period.
+    pub presence_refresh: f64,
 }
 
 impl Default for ImSettings {
@@ -34,6 +39,7 @@ impl Default for ImSettings {
             auth_secret: String::new(),
             route_heartbeat: 3.0,
             presence_ttl: 86_400,
+            presence_refresh: 10.0,
         }
     }
 }
@@ -52,5 +58,9 @@ pub fn framework_defaults() -> toml::Table {
     );
     t.insert("heartbeat_check_interval".into(), toml::Value::Float(10.0));
     t.insert("heartbeat_idle_time".into(), toml::Value::Float(75.0));
+    // Peers are end users: many may share an address (NAT), none needs to
+    // send more than a chat's worth of messages.
+    t.insert("max_conn_per_ip".into(), toml::Value::Integer(4096));
+    t.insert("max_messages_per_second".into(), toml::Value::Integer(200));
     t
 }

@@ -90,7 +90,8 @@ struct SlotPolicy {
 pub struct ManagerArgs {
     /// Settings.
     pub settings: Arc<Settings>,
-    /// One listener per worker slot.
+    /// One listener per worker slot, then (with `admin_listen`) one admin
+    /// listener per worker slot.
     pub listeners: Vec<TcpListener>,
     /// The shared scoreboard.
     pub scoreboard: Scoreboard,
@@ -265,13 +266,19 @@ impl<A: App> Manager<'_, A> {
             std::process::id() as i32,
             std::sync::atomic::Ordering::Relaxed,
         );
-        let listener = match slot {
-            Slot::Worker(i) => std::mem::take(&mut self.args.listeners).into_iter().nth(i),
-            Slot::Task(_) => {
-                self.args.listeners.clear();
-                None
+        let mut all: Vec<Option<TcpListener>> = std::mem::take(&mut self.args.listeners)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let (listener, admin_listener) = match slot {
+            Slot::Worker(i) => {
+                let n = self.args.settings.worker_num;
+                let mut take = |k: usize| all.get_mut(k).and_then(Option::take);
+                (take(i), take(n + i))
             }
+            Slot::Task(_) => (None, None),
         };
+        drop(all);
         let postbox = match self.mailboxes.postbox(slot.dest()) {
             Ok(p) => p,
             Err(e) => {
@@ -310,6 +317,7 @@ impl<A: App> Manager<'_, A> {
             task_worker: matches!(slot, Slot::Task(_)),
             settings: self.args.settings.clone(),
             listener,
+            admin_listener,
             postbox,
             row: r,
             scoreboard: self.args.scoreboard,

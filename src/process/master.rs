@@ -88,13 +88,23 @@ pub fn start<A: App>(settings: Settings, app: A) -> i32 {
         eprintln!("cannot start: {e}");
         return 1;
     }
-    let listeners = match listen::bind_slots(settings.listen_addr(), settings.worker_num) {
+    let mut listeners = match listen::bind_slots(settings.listen_addr(), settings.worker_num) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("cannot start: {e}");
             return 1;
         }
     };
+    if let Some(admin) = settings.admin_addr() {
+        // The admin slots follow the main ones (see `ManagerArgs::listeners`).
+        match listen::bind_slots(admin, settings.worker_num) {
+            Ok(l) => listeners.extend(l),
+            Err(e) => {
+                eprintln!("cannot start: admin_listen: {e}");
+                return 1;
+            }
+        }
+    }
     let mut readiness = Readiness::none();
     if settings.daemonize {
         match daemon::daemonize() {

@@ -93,6 +93,9 @@ pub struct ConnectionInfo {
     pub connected_ms: u64,
     /// When it last sent us bytes, milliseconds since the Unix epoch.
     pub last_active_ms: u64,
+    /// Accepted on the admin listener (`admin_listen`).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 /// A connection described as data at a frame boundary, so that a later
@@ -184,6 +187,8 @@ pub struct Conn {
     /// Handover: at a frame boundary and no longer read, waiting to move
     /// (its input stays in the kernel for the successor).
     pub parked: bool,
+    /// Per-peer limits: IP accounting, admin listener, message budget.
+    pub limits: crate::reactor::limits::ConnLimits,
 }
 
 impl Conn {
@@ -208,6 +213,7 @@ impl Conn {
             write_shut: false,
             linger: true,
             parked: false,
+            limits: Default::default(),
         }
     }
 
@@ -472,6 +478,7 @@ impl Conn {
             path: self.path.clone(),
             connected_ms: self.connected_ms,
             last_active_ms: crate::process::scoreboard::now_ms().saturating_sub(idle_ms),
+            admin: self.limits.admin,
         }
     }
 

@@ -100,6 +100,9 @@ impl<A: App> Reactor<A> {
             }
             Inbound::Message(msg) => {
                 self.srv.row.messages_in.fetch_add(1, Relaxed);
+                if !self.within_rate(fd) {
+                    return false;
+                }
                 self.count_request();
                 let srv = &mut self.srv;
                 if Self::guarded(w, "on_message", Some(fd), || app.on_message(srv, fd, msg))
@@ -110,6 +113,36 @@ impl<A: App> Reactor<A> {
             }
         }
         self.srv.exist(fd)
+    }
+
+    /// Spends one token of an accepted WebSocket's `max_messages_per_second`
+    /// budget; when none is left, closes it with 1008 "rate limit" and
+    /// returns false (the message is dropped).
+    fn within_rate(&mut self, fd: Fd) -> bool {
+        let rate = self.srv.settings.max_messages_per_second;
+        let Some(key) = self.srv.key(fd) else {
+            return false;
+        };
+        let c = &mut self.srv.conns[key];
+        if rate == 0 || c.kind != crate::reactor::ConnKind::WebSocket {
+            return true;
+        }
+        let now = Instant::now();
+        let bucket = c
+            .limits
+            .bucket
+            .get_or_insert_with(|| crate::reactor::limits::TokenBucket::new(rate, now));
+        if bucket.take(rate, now) {
+            return true;
+        }
+        log::warn!(
+            "worker {}: fd {fd} ({}): over max_messages_per_second {rate}; closing with 1008",
+            self.srv.worker_id,
+            c.peer
+        );
+        self.srv.disconnect(fd, close::POLICY, "rate limit");
+        self.srv.close_gracefully(fd);
+        false
     }
 
     pub(crate) fn close_after_panic(&mut self, fd: Fd) {
@@ -146,6 +179,9 @@ impl<A: App> Reactor<A> {
         let Some(key) = self.srv.key(fd) else { return };
         let mut c = self.srv.conns.remove(key);
         let _ = self.srv.registry.deregister(&mut c.stream);
+        if c.limits.ip_counted {
+            self.srv.per_ip.release(c.peer.ip());
+        }
         if let Some(t) = c.timer.take() {
             self.srv.timers.cancel(t);
         }

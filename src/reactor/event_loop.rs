@@ -38,6 +38,8 @@ const WAKER: Token = Token(3);
 pub(crate) const HANDOVER_RX: Token = Token(4);
 /// The slot's handover socket, predecessor side (ACKs).
 pub(crate) const HANDOVER_TX: Token = Token(5);
+/// The admin listener (`admin_listen`): far above any connection token.
+const ADMIN_LISTENER: Token = Token(usize::MAX - 1);
 /// The readiness callback of a [`WorkerContext`].
 pub(crate) type OnReady = Option<Box<dyn FnOnce()>>;
 /// First connection token.
@@ -93,15 +95,16 @@ impl StopHandle {
 
 /// One worker's loop state.
 pub(crate) struct Reactor<A: App> {
-    pub(crate) poll: Poll,                              // the epoll instance
-    pub(crate) listener: Option<mio::net::TcpListener>, // None: task worker or stopping
-    pub(crate) srv: Server<A>,                          // what hooks see
-    pub(crate) bus: EventBus<Server<A>>,                // the application's listeners
-    pub(crate) scratch: Vec<u8>,                        // shared read buffer
-    pub(crate) stop: StopHandle,                        // external stop trigger
-    pub(crate) exit: WorkerExit,                        // why we stop
-    pub(crate) requests: u64,                           // requests served (max_request)
-    pub(crate) migrate: Migrate,                        // handover state
+    pub(crate) poll: Poll,                                    // the epoll instance
+    pub(crate) listener: Option<mio::net::TcpListener>,       // None: task worker or stopping
+    pub(crate) admin_listener: Option<mio::net::TcpListener>, // admin_listen, like listener
+    pub(crate) srv: Server<A>,                                // what hooks see
+    pub(crate) bus: EventBus<Server<A>>,                      // the application's listeners
+    pub(crate) scratch: Vec<u8>,                              // shared read buffer
+    pub(crate) stop: StopHandle,                              // external stop trigger
+    pub(crate) exit: WorkerExit,                              // why we stop
+    pub(crate) requests: u64,                                 // requests served (max_request)
+    pub(crate) migrate: Migrate,                              // handover state
 }
 
 impl<A: App> Reactor<A> {
@@ -135,6 +138,18 @@ impl<A: App> Reactor<A> {
                 .register(&mut SourceFd(&fd), HANDOVER_RX, Interest::READABLE)
                 .map_err(|e| ctxerr("registering the handover socket", e))?;
         }
+        let admin_listener = match ctx.admin_listener {
+            Some(l) => {
+                l.set_nonblocking(true)
+                    .map_err(|e| ctxerr("admin listener nonblocking", e))?;
+                let mut l = mio::net::TcpListener::from_std(l);
+                registry
+                    .register(&mut l, ADMIN_LISTENER, Interest::READABLE)
+                    .map_err(|e| ctxerr("registering the admin listener", e))?;
+                Some(l)
+            }
+            None => None,
+        };
         if ctx.watch_signals {
             let fd: RawFd = signals::wake_fd();
             if fd >= 0 {
@@ -175,10 +190,12 @@ impl<A: App> Reactor<A> {
             adopting: migrate.busy(),
             next_task_id: 0,
             next_task_worker: ctx.worker_id,
+            per_ip: Default::default(),
         };
         let r = Reactor {
             poll,
             listener,
+            admin_listener,
             srv,
             bus: EventBus::new(),
             scratch: vec![0; SCRATCH],
@@ -230,6 +247,7 @@ impl<A: App> Reactor<A> {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept_all(),
+                    ADMIN_LISTENER => self.accept_from(true),
                     SIGNALS => self.on_signals(),
                     INBOX if !self.srv.adopting => self.drain_inbox(app),
                     INBOX | WAKER => {}
@@ -308,12 +326,24 @@ impl<A: App> Reactor<A> {
         Ok(())
     }
 
-    /// Accepts until `WouldBlock`. Past `max_conn` a connection is answered
-    /// 503 and closed at once — also when it meant to upgrade: the answer
-    /// goes out before its request is read.
+    /// Accepts until `WouldBlock` on both listeners.
     pub(crate) fn accept_all(&mut self) {
+        self.accept_from(false);
+        self.accept_from(true);
+    }
+
+    /// Accepts until `WouldBlock` on the main or the admin listener. Past
+    /// `max_conn`, or past `max_conn_per_ip` for the peer's address, a
+    /// connection is answered 503 and closed at once — also when it meant to
+    /// upgrade: the answer goes out before its request is read.
+    pub(crate) fn accept_from(&mut self, admin: bool) {
         loop {
-            let Some(l) = &self.listener else { return };
+            let l = if admin {
+                &self.admin_listener
+            } else {
+                &self.listener
+            };
+            let Some(l) = l else { return };
             let (mut stream, peer) = match l.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -338,9 +368,15 @@ impl<A: App> Reactor<A> {
                 continue;
             }
             let fd = self.srv.fd_for(key);
-            self.srv
-                .conns
-                .insert(Conn::new(fd, stream, peer, ConnKind::Http, Phase::Http));
+            let ip_ok = over
+                || self
+                    .srv
+                    .per_ip
+                    .admit(peer.ip(), self.srv.settings.max_conn_per_ip);
+            let mut conn = Conn::new(fd, stream, peer, ConnKind::Http, Phase::Http);
+            conn.limits.admin = admin;
+            conn.limits.ip_counted = !over && ip_ok;
+            self.srv.conns.insert(conn);
             self.srv.row.accepted.fetch_add(1, Relaxed);
             self.srv
                 .row
@@ -353,6 +389,14 @@ impl<A: App> Reactor<A> {
                     self.srv.settings.max_conn
                 );
                 self.srv.conns[key].reject(503, "too many connections");
+                self.srv.close_gracefully(fd);
+            } else if !ip_ok {
+                log::warn!(
+                    "worker {}: fd {fd} ({peer}): max_conn_per_ip {} reached, answering 503",
+                    self.srv.worker_id,
+                    self.srv.settings.max_conn_per_ip
+                );
+                self.srv.conns[key].reject(503, "too many connections from your address");
                 self.srv.close_gracefully(fd);
             } else {
                 self.srv.arm_handshake_timer(fd);
@@ -596,6 +640,9 @@ impl<A: App> Reactor<A> {
         self.accept_all();
         if let Some(mut l) = self.listener.take() {
             // Deregister and drop our copy only: the manager keeps the socket.
+            let _ = self.srv.registry.deregister(&mut l);
+        }
+        if let Some(mut l) = self.admin_listener.take() {
             let _ = self.srv.registry.deregister(&mut l);
         }
         let fds: Vec<_> = self.srv.conns.iter().map(|(_, c)| c.fd).collect();

@@ -519,10 +519,12 @@ impl<A: App> Reactor<A> {
         if pending {
             self.srv.mark_dirty(fd);
         }
-        if self.srv.stopping && !self.srv.handing_over && self.srv.exist(fd) {
-            if !self.srv.disconnect(fd, close::GOING_AWAY, "going away") {
-                self.srv.close_gracefully(fd);
-            }
+        if self.srv.stopping
+            && !self.srv.handing_over
+            && self.srv.exist(fd)
+            && !self.srv.disconnect(fd, close::GOING_AWAY, "going away")
+        {
+            self.srv.close_gracefully(fd);
         }
     }
 

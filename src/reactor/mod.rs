@@ -8,6 +8,7 @@
 //! - `server` — [`Server`], the handle hooks get, with Swoole's verbs;
 //! - `conn` — a connection: phase, owned buffers, the protocol step;
 //! - `http` — requests, responses, the two-phase parser;
+//! - `limits` — connections per IP and messages per second per connection;
 //! - `websocket` — handshakes and the frame codec (tungstenite framing);
 //! - `timer` — the hashed timer wheel;
 //! - `redis_link` — the worker's Redis connection with backoff;
@@ -24,6 +25,7 @@ mod dispatch;
 pub mod event_loop;
 pub mod handover;
 pub mod http;
+pub mod limits;
 mod migrate;
 pub mod redis_link;
 pub mod server;
@@ -60,6 +62,9 @@ pub struct WorkerContext {
     /// non-blocking, and on stop deregisters and drops its copy (never
     /// shuts it down: the manager keeps the socket).
     pub listener: Option<std::net::TcpListener>,
+    /// The slot's admin listening socket (`admin_listen`), treated like
+    /// `listener`; its connections are marked `ConnectionInfo::admin`.
+    pub admin_listener: Option<std::net::TcpListener>,
     /// Mailboxes.
     pub postbox: Postbox,
     /// This process's scoreboard row.

@@ -80,6 +80,7 @@ pub struct Server<A: App> {
     pub(crate) adopting: bool,          // taking connections from a predecessor
     pub(crate) next_task_id: u64,       // task id counter
     pub(crate) next_task_worker: usize, // round-robin cursor
+    pub(crate) per_ip: crate::reactor::limits::IpCounter, // max_conn_per_ip
 }
 
 impl<A: App> std::fmt::Debug for Server<A> {

@@ -80,6 +80,8 @@ pub mod close {
     pub const PROTOCOL: u16 = 1002;
     /// Text that is not UTF-8.
     pub const BAD_DATA: u16 = 1007;
+    /// A message that violates a policy (e.g. the rate limit).
+    pub const POLICY: u16 = 1008;
     /// Message too big.
     pub const TOO_BIG: u16 = 1009;
     /// Server error (a hook panicked).

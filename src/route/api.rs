@@ -37,6 +37,9 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 /// Routes one request.
 pub fn handle(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> Response {
     let path = req.path_only();
+    if !crate::route::admin::allowed(srv, req, path) {
+        return Response::json(404, &json!({"error": "not_found", "path": path}));
+    }
     if path.starts_with("/api/") && !authorized(app, req) {
         return Response::json(401, &json!({"error": "unauthorized", "message": "missing or wrong Authorization: Bearer <api_key>"}))
             .with_header("WWW-Authenticate", "Bearer");

@@ -43,6 +43,8 @@ pub(crate) struct Held {
 #[derive(Debug, Default)]
 pub(crate) struct Peer {
     bad_frames: u32,
+    /// The connection's source address (for `max_registrations_per_ip`).
+    ip: Option<std::net::IpAddr>,
     pub(crate) held: Option<Held>,
     /// Why the sweep closed it, for the removal's cause.
     closing_cause: Option<&'static str>,
@@ -219,6 +221,9 @@ impl RouteApp {
                 return;
             }
         }
+        if !self.registration_allowed(srv, fd) {
+            return;
+        }
         let owner = format!("{}/{fd}", self.node_pid());
         let entry = ServerEntry::new(&reg, &self.node, srv.worker_id() as u32, &owner, now_ms());
         // A connection that registers again under another address drops its old entry.
@@ -255,6 +260,44 @@ impl RouteApp {
             p.held = Some(Held { entry, stored });
         }
         self.save_held(srv, fd);
+    }
+
+    /// `max_registrations_per_ip`: a connection that holds no registration
+    /// yet may register only while its address holds fewer than the limit
+    /// on this worker; else `rate_limited` and close 1008. O(peers).
+    fn registration_allowed(&mut self, srv: &mut Server<Self>, fd: Fd) -> bool {
+        let max = self.cfg.max_registrations_per_ip;
+        let Some(me) = self.peers.get(&fd) else {
+            return true;
+        };
+        if max == 0 || me.held.is_some() {
+            return true;
+        }
+        let ip = me.ip;
+        let held = self
+            .peers
+            .values()
+            .filter(|p| p.held.is_some() && p.ip == ip)
+            .count();
+        if held < max {
+            return true;
+        }
+        stats::count(srv.row(), stats::PROTOCOL_ERRORS);
+        log::warn!(
+            "route: fd {fd} ({ip:?}): {held} registrations from this address already; max_registrations_per_ip {max} reached"
+        );
+        srv.push(
+            fd,
+            Message::Text(
+                ProtocolError::new(
+                    code::RATE_LIMITED,
+                    format!("at most {max} registrations per address"),
+                )
+                .to_frame(),
+            ),
+        );
+        srv.disconnect(fd, 1008, "rate limited");
+        false
     }
 
     fn note_outage(&mut self) {
@@ -494,8 +537,15 @@ impl App for RouteApp {
         srv.tick(every, |app: &mut RouteApp, srv, _| app.sweep(srv));
     }
 
-    fn on_open(&mut self, _srv: &mut Server<Self>, fd: Fd, _req: &Request) {
-        self.peers.insert(fd, Peer::default());
+    fn on_open(&mut self, srv: &mut Server<Self>, fd: Fd, _req: &Request) {
+        let ip = srv.connection_info(fd).map(|i| i.peer.ip());
+        self.peers.insert(
+            fd,
+            Peer {
+                ip,
+                ..Peer::default()
+            },
+        );
     }
 
     fn on_adopt(

@@ -6,10 +6,12 @@
 //! - [`cache`]: each worker's in-memory copy, kept current over pub/sub.
 //! - [`app`]: the hooks: register, heartbeats, liveness sweep.
 //! - [`api`]: the HTTP endpoints.
+//! - [`admin`]: which endpoints the admin address (`admin_listen`) keeps.
 //! - [`settings`]: the Route's own settings keys.
 //! - [`stats`]: the Route's counters (scoreboard indices for `/metrics`).
 //! - [`status`]: the Route's section of `swocloud status`.
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod balancer;

@@ -84,6 +84,8 @@ pub mod code {
     pub const UNAVAILABLE: &str = "storage_unavailable";
     /// Binary frames are not part of the protocol.
     pub const BAD_FRAME: &str = "bad_frame";
+    /// Too many registrations from this address (then close 1008).
+    pub const RATE_LIMITED: &str = "rate_limited";
 }
 
 /// A refused frame: a code and a message for humans.

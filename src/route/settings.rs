@@ -33,6 +33,10 @@ pub struct RouteSettings {
     pub max_bad_frames: u32,
     /// User→server selection.
     pub balancer: Balancer,
+    /// Live IM-server registrations one source IP may hold on one Route
+    /// worker; a register past it is answered `rate_limited` and the
+    /// connection closed with 1008. 0 disables.
+    pub max_registrations_per_ip: usize,
 }
 
 impl Default for RouteSettings {
@@ -44,6 +48,7 @@ impl Default for RouteSettings {
             cache_refresh: 5.0,
             max_bad_frames: 5,
             balancer: Balancer::LeastLoaded,
+            max_registrations_per_ip: 32,
         }
     }
 }
@@ -62,5 +67,11 @@ pub fn framework_defaults() -> toml::Table {
     );
     t.insert("heartbeat_check_interval".into(), toml::Value::Float(3.0));
     t.insert("heartbeat_idle_time".into(), toml::Value::Float(10.0));
+    // Peers are IM servers and API callers: few addresses, busy links.
+    t.insert("max_conn_per_ip".into(), toml::Value::Integer(1024));
+    t.insert(
+        "max_messages_per_second".into(),
+        toml::Value::Integer(20_000),
+    );
     t
 }

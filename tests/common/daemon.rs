@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use super::{descendants_of, free_port, pid_alive, temp_dir, wait_until};
+use super::{descendants_of, free_port, free_port_on, pid_alive, temp_dir, wait_until};
 
 /// A daemon under test. Dropping it stops it (SIGKILL of the tree).
 pub struct Daemon {
@@ -27,7 +27,12 @@ impl Daemon {
     /// As [`Daemon::new`] on a chosen loopback address.
     pub fn on_host(bin: &str, host: &str, settings: &str) -> Daemon {
         let dir = temp_dir();
-        let port = free_port();
+        // Free on that very address: a port in TIME_WAIT there (load tests
+        // binding 127.0.0.x sources) cannot be listened on.
+        let port = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => free_port_on(ip),
+            Err(_) => free_port(),
+        };
         let config = dir.path().join("swocloud.toml");
         let text = format!(
             "host = \"{host}\"\nport = {port}\npid_file = \"{}\"\nlog_file = \"{}\"\nmax_wait_time = 2.0\n{settings}\n",
