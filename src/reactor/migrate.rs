@@ -500,6 +500,9 @@ impl<A: App> Reactor<A> {
             .opened
             .then(|| conn.attrs.as_deref().cloned().unwrap_or_default());
         let pending = conn.pending_out() > 0;
+        // Adopted connections count toward `max_conn_per_ip` here as they
+        // did on the predecessor (always admitted: they are already open).
+        conn.limits.ip_counted = self.srv.per_ip.admit(conn.peer.ip(), 0);
         self.srv.conns.insert(conn);
         self.migrate.adopted += 1;
         self.srv
