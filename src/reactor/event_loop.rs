@@ -6,7 +6,8 @@
 //! flush every connection with pending output, flush the IPC queue, run
 //! deferred event-bus triggers.
 //!
-//! Readiness is edge-triggered: accept, read and drain until `WouldBlock`;
+//! Readiness is edge-triggered: accept and drain until `WouldBlock` (a read
+//! that returns less than the buffer also ends a drain: the queue was empty);
 //! spurious events are harmless. The graceful stop lives here too. Hook
 //! calls, teardown and timers are in `dispatch.rs`.
 
@@ -493,7 +494,14 @@ impl<A: App> Reactor<A> {
                 }
             };
             c.last_active = Instant::now();
+            // A short read emptied the socket's receive queue: anything that
+            // arrives later raises a new edge, so the read that would only
+            // return WouldBlock is skipped (one syscall less per message).
+            let drained = n < scratch.len();
             if c.is_closing() {
+                if drained {
+                    break;
+                }
                 continue; // lingering: discard input until EOF
             }
             if c.rbuf.is_empty() {
@@ -511,6 +519,9 @@ impl<A: App> Reactor<A> {
                         c.rbuf = buf;
                     }
                 }
+            }
+            if drained {
+                break;
             }
         }
         self.scratch = scratch;

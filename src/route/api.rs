@@ -58,11 +58,7 @@ pub fn handle(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> 
             let fresh = req
                 .query()
                 .is_some_and(|q| q.split('&').any(|kv| kv == "fresh=1"));
-            let (servers, source) = app.servers(srv, fresh);
-            Response::json(
-                200,
-                &json!({"count": servers.len(), "source": source, "servers": servers}),
-            )
+            servers_answer(app, srv, fresh)
         }
         ("GET", "/route") => route_user(app, srv, req),
         ("POST", "/api/send") => send(app, srv, req),
@@ -289,4 +285,50 @@ fn metrics(app: &RouteApp, srv: &Server<RouteApp>) -> Response {
         u64::from(fresh),
     );
     crate::metrics::response(m.finish())
+}
+
+/// The `/api/servers` document, serialised straight from the entries.
+#[derive(serde::Serialize)]
+struct ServersDoc<'a> {
+    count: usize,
+    source: &'a str,
+    servers: &'a [crate::route::registry::ServerEntry],
+}
+
+/// `GET /api/servers`. From a warm cache the serialised answer is kept per
+/// cache generation (it changes only when the registry does), so a lookup
+/// costs neither Redis nor serialisation; `fresh` reads Redis every time.
+fn servers_answer(app: &mut RouteApp, srv: &mut Server<RouteApp>, fresh: bool) -> Response {
+    let json_response =
+        |body: Vec<u8>| Response::new(200, body).with_header("Content-Type", "application/json");
+    if !fresh {
+        if let Some(cache) = &app.cache {
+            let g = cache.lock().unwrap_or_else(|p| p.into_inner());
+            if g.refreshed_at.is_some() {
+                let generation = (g.refreshes, g.connected);
+                if let Some((gen, body)) = &app.servers_body {
+                    if *gen == generation {
+                        return json_response(body.clone());
+                    }
+                }
+                let source = if g.connected { "cache" } else { "stale-cache" };
+                let doc = ServersDoc {
+                    count: g.entries.len(),
+                    source,
+                    servers: &g.entries,
+                };
+                let body = serde_json::to_vec(&doc).unwrap_or_default();
+                drop(g);
+                app.servers_body = Some((generation, body.clone()));
+                return json_response(body);
+            }
+        }
+    }
+    let (servers, source) = app.servers(srv, fresh);
+    let doc = ServersDoc {
+        count: servers.len(),
+        source,
+        servers: &servers,
+    };
+    json_response(serde_json::to_vec(&doc).unwrap_or_default())
 }

@@ -64,6 +64,8 @@ pub struct RouteApp {
     adopted: HashMap<String, Fd>,
     redis_outage_logged: bool,
     pub(crate) picker: Picker,
+    /// `/api/servers` serialised for a cache generation (refreshes, connected).
+    pub(crate) servers_body: Option<((u64, bool), Vec<u8>)>,
 }
 
 impl RouteApp {
@@ -80,6 +82,7 @@ impl RouteApp {
             adopted: HashMap::new(),
             redis_outage_logged: false,
             picker: Picker::default(),
+            servers_body: None,
         }
     }
 
