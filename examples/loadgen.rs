@@ -1230,7 +1230,9 @@ async fn cluster(args: ClusterArgs, u2u: bool) -> Result<serde_json::Value, Stri
                     }
                     sent(&flow);
                 }
-                let _ = sink.close().await;
+                // Not closed here: the user's reader still runs until the
+                // drain ends (a Close now would read as a server close).
+                drop(sink);
             }));
         } else {
             let route = args
