@@ -14,6 +14,22 @@
 //!   seconds while answering pings, then closes them.
 //! * `storm`: `--total` handshakes (connect, handshake, send Close, drop), at
 //!   most `--concurrency` in flight; reports handshakes/s.
+//! * `http`: `--conns` keep-alive HTTP/1.1 connections each with one `GET
+//!   --url` in flight for `--warmup` + `--duration` seconds; requests/s and
+//!   latency percentiles over the measured window, non-2xx answers as errors.
+//! * `register`: `--count` fake IM servers registering with a Route
+//!   (`{"method":"register","serviceName":"IM_i","ip":"127.0.0.x","port":N}`)
+//!   and pinging every `--ping-ms`; prints `REGISTERED n` once every one got
+//!   its `registered` answer (or failed), then holds them for `--hold` s.
+//! * `api-send`: connects `--users` users to the IM servers `--ims`
+//!   (alternating, `?uid=<prefix><i>`), then `--http-conns` keep-alive
+//!   connections `POST /api/send {"uid","data":{"t":<ns>}}` to the Route
+//!   `--route`, at most `--window` messages in flight (sent, not yet received
+//!   by the user); reports sent and received messages/s and the end-to-end
+//!   latency (send timestamp → the user's socket reads it).
+//! * `u2u`: the same users; `--senders` users on the first IM server send
+//!   `{"to":"<a user on the second>","data":{"t":<ns>}}`, same window and
+//!   figures.
 //!
 //! Each mode prints human-readable lines, then one final line
 //! `RESULT {json}` for scripts. Only loopback targets and source addresses are
@@ -24,6 +40,10 @@
 //! loadgen --threads 1 echo --url ws://127.0.0.1:9001/ --conns 1000 --size 64 --duration 10
 //! loadgen idle --url ws://127.0.0.1:9001/ --conns 12500 --src-ips 127.0.0.2-127.0.0.3 --hold 30
 //! loadgen storm --url ws://127.0.0.1:9001/ --total 20000 --concurrency 200
+//! loadgen http --url http://127.0.0.1:9500/api/servers --conns 32 --duration 10
+//! loadgen register --url ws://127.0.0.1:9500/ --count 100 --hold 600
+//! loadgen api-send --route http://127.0.0.1:9500 --ims ws://127.0.0.2:9000/,ws://127.0.0.3:9000/ --users 10000
+//! loadgen u2u --ims ws://127.0.0.2:9000/,ws://127.0.0.3:9000/ --users 10000 --senders 64
 //! ```
 
 use std::collections::BTreeMap;
@@ -69,6 +89,14 @@ enum Mode {
     Idle(IdleArgs),
     /// Handshake rate.
     Storm(StormArgs),
+    /// Keep-alive HTTP GET throughput.
+    Http(HttpArgs),
+    /// Fake IM server registrations held against a Route.
+    Register(RegisterArgs),
+    /// Users on IM servers, messages sent through the Route's POST /api/send.
+    ApiSend(ClusterArgs),
+    /// Users on IM servers, user-to-user messages across two IM servers.
+    U2u(ClusterArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -133,6 +161,85 @@ struct StormArgs {
     concurrency: usize,
 }
 
+#[derive(Args, Debug)]
+struct HttpArgs {
+    /// `http://127.0.0.1:P/path?query` (loopback only).
+    #[arg(long)]
+    url: String,
+    /// Keep-alive connections, each with one request in flight.
+    #[arg(long, default_value_t = 32)]
+    conns: usize,
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Warm-up seconds, not measured.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+}
+
+#[derive(Args, Debug)]
+struct RegisterArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Registrations (`IM_<first>` … `IM_<first+count-1>`).
+    #[arg(long, default_value_t = 100)]
+    count: usize,
+    /// Index of the first serviceName.
+    #[arg(long, default_value_t = 0)]
+    first: usize,
+    /// Advertised port of registration i: `port_base + i`; advertised IP
+    /// 127.0.0.(10 + i % 240) (data only: nothing connects to it).
+    #[arg(long, default_value_t = 20000)]
+    port_base: u16,
+    /// Ping interval in milliseconds (the seed: 3000).
+    #[arg(long, default_value_t = 3000)]
+    ping_ms: u64,
+    /// Seconds to hold the registrations after `REGISTERED`.
+    #[arg(long, default_value_t = 60.0)]
+    hold: f64,
+}
+
+#[derive(Args, Debug)]
+struct ClusterArgs {
+    /// IM servers' WebSocket URLs, comma-separated (`ws://127.0.0.2:9000/`);
+    /// user i connects to the (i mod n)th with `?uid=<prefix><i>`.
+    #[arg(long)]
+    ims: String,
+    /// The Route's base URL (`http://127.0.0.1:9500`), for api-send.
+    #[arg(long)]
+    route: Option<String>,
+    /// Users to connect.
+    #[arg(long, default_value_t = 10_000)]
+    users: usize,
+    /// uid prefix.
+    #[arg(long, default_value = "u")]
+    uid_prefix: String,
+    /// Source addresses for the users' sockets (see `echo --src-ips`).
+    #[arg(long)]
+    src_ips: Option<String>,
+    /// Messages in flight at most (sent, not yet received).
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// api-send: keep-alive HTTP connections to the Route.
+    #[arg(long, default_value_t = 16)]
+    http_conns: usize,
+    /// u2u: sending users (on the first IM server).
+    #[arg(long, default_value_t = 64)]
+    senders: usize,
+    /// Total send rate cap in messages/s (0: as fast as the window allows).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Warm-up seconds, not measured.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Connection attempts in flight while connecting.
+    #[arg(long, default_value_t = 200)]
+    connect_concurrency: usize,
+}
+
 fn main() {
     let cli = Cli::parse();
     raise_nofile_limit();
@@ -152,6 +259,10 @@ fn main() {
             Mode::Echo(a) => echo(a).await,
             Mode::Idle(a) => idle(a).await,
             Mode::Storm(a) => storm(a).await,
+            Mode::Http(a) => http(a).await,
+            Mode::Register(a) => register(a).await,
+            Mode::ApiSend(a) => cluster(a, false).await,
+            Mode::U2u(a) => cluster(a, true).await,
         }
     });
     match result {
@@ -216,6 +327,12 @@ impl Connector {
     /// Connects (from the next source address, if any) and handshakes, all
     /// within [`CONNECT_TIMEOUT`].
     async fn connect(&self) -> Result<Ws, String> {
+        self.connect_url(&self.url).await
+    }
+
+    /// [`Connector::connect`] with another URL for the same address (e.g. a
+    /// different query string).
+    async fn connect_url(&self, url: &str) -> Result<Ws, String> {
         let src = (!self.src_ips.is_empty()).then(|| {
             let i = self.next_src.fetch_add(1, Ordering::Relaxed);
             self.src_ips[i % self.src_ips.len()]
@@ -232,13 +349,10 @@ impl Connector {
                 .await
                 .map_err(|e| format!("connect: {e}"))?;
             let _ = stream.set_nodelay(true);
-            let (ws, _) = tokio_tungstenite::client_async_with_config(
-                self.url.as_str(),
-                stream,
-                Some(self.config),
-            )
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
+            let (ws, _) =
+                tokio_tungstenite::client_async_with_config(url, stream, Some(self.config))
+                    .await
+                    .map_err(|e| format!("handshake: {e}"))?;
             Ok(ws)
         };
         timeout(CONNECT_TIMEOUT, attempt)
@@ -607,6 +721,624 @@ async fn storm(args: StormArgs) -> Result<serde_json::Value, String> {
         "p50_us": p50,
         "p99_us": p99,
         "errors": failed,
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// http
+// ---------------------------------------------------------------------------
+
+/// A parsed `http://host:port/path` URL: the loopback address and the
+/// request target.
+fn parse_http_url(url: &str) -> Result<(SocketAddr, String, String), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("bad --url {url}: only http:// is supported"))?;
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr = hostport
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {hostport}: {e}"))?
+        .find(|a| a.is_ipv4())
+        .ok_or_else(|| format!("{hostport} has no IPv4 address"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!("refusing non-loopback target {addr}"));
+    }
+    Ok((addr, hostport.to_string(), path.to_string()))
+}
+
+/// One keep-alive HTTP/1.1 connection.
+struct HttpConn {
+    stream: tokio::io::BufReader<TcpStream>,
+    host: String,
+}
+
+impl HttpConn {
+    async fn open(addr: SocketAddr, host: &str) -> Result<Self, String> {
+        let stream = timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        Ok(HttpConn {
+            stream: tokio::io::BufReader::new(stream),
+            host: host.to_string(),
+        })
+    }
+
+    /// Sends one request and reads the answer: (status, body).
+    async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<(u16, Vec<u8>), String> {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.host);
+        if !body.is_empty() || method == "POST" {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body);
+        let exchange = async {
+            self.stream
+                .get_mut()
+                .write_all(&bytes)
+                .await
+                .map_err(|e| format!("send: {e}"))?;
+            let mut line = String::new();
+            let mut status = 0u16;
+            let mut len = 0usize;
+            let mut first = true;
+            loop {
+                line.clear();
+                let n = self
+                    .stream
+                    .read_line(&mut line)
+                    .await
+                    .map_err(|e| format!("recv: {e}"))?;
+                if n == 0 {
+                    return Err("closed by server".to_string());
+                }
+                let l = line.trim_end();
+                if first {
+                    first = false;
+                    status = l
+                        .split(' ')
+                        .nth(1)
+                        .and_then(|s| s.parse().ok())
+                        .ok_or_else(|| format!("bad status line {l:?}"))?;
+                } else if l.is_empty() {
+                    break;
+                } else if let Some((k, v)) = l.split_once(':') {
+                    if k.eq_ignore_ascii_case("content-length") {
+                        len = v.trim().parse().map_err(|_| "bad Content-Length")?;
+                    }
+                }
+            }
+            let mut out = vec![0u8; len];
+            self.stream
+                .read_exact(&mut out)
+                .await
+                .map_err(|e| format!("recv body: {e}"))?;
+            Ok((status, out))
+        };
+        timeout(ECHO_TIMEOUT, exchange)
+            .await
+            .unwrap_or_else(|_| Err("request timed out".to_string()))
+    }
+}
+
+async fn http(args: HttpArgs) -> Result<serde_json::Value, String> {
+    let (addr, host, path) = parse_http_url(&args.url)?;
+    let errors = Arc::new(ErrorLog::default());
+    let start = Instant::now();
+    let measure_start = start + Duration::from_secs_f64(args.warmup);
+    let end = measure_start + Duration::from_secs_f64(args.duration);
+    let markers = tokio::spawn(async move {
+        sleep_until(measure_start).await;
+        say("MEASURE_START");
+        sleep_until(end).await;
+        say("MEASURE_END");
+    });
+    let tasks: Vec<_> = (0..args.conns)
+        .map(|_| {
+            let (host, path, errors) = (host.clone(), path.clone(), errors.clone());
+            tokio::spawn(async move {
+                let mut samples = Vec::new();
+                let mut conn = match HttpConn::open(addr, &host).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        errors.record(e);
+                        return samples;
+                    }
+                };
+                loop {
+                    let sent_at = Instant::now();
+                    if sent_at >= end {
+                        break;
+                    }
+                    match conn.request("GET", &path, b"").await {
+                        Ok((s, _)) if (200..300).contains(&s) => {
+                            let done_at = Instant::now();
+                            if sent_at >= measure_start && done_at <= end {
+                                let us = done_at.duration_since(sent_at).as_micros();
+                                samples.push(u32::try_from(us).unwrap_or(u32::MAX));
+                            }
+                        }
+                        Ok((s, _)) => errors.record(format!("HTTP {s}")),
+                        Err(e) => {
+                            errors.record(e);
+                            return samples;
+                        }
+                    }
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut samples: Vec<u32> = Vec::new();
+    for t in tasks {
+        samples.extend(t.await.expect("http task"));
+    }
+    markers.await.expect("marker task");
+    samples.sort_unstable();
+    let n = samples.len();
+    let rate = n as f64 / args.duration;
+    let (p50, p99) = (percentile(&samples, 50.0), percentile(&samples, 99.0));
+    let n_errors = errors.total();
+    println!(
+        "http: {n} requests in {:.1}s = {rate:.0} req/s; latency p50 {p50} us, p99 {p99} us; {n_errors} errors",
+        args.duration
+    );
+    errors.print();
+    Ok(json!({
+        "mode": "http",
+        "url": args.url,
+        "conns": args.conns,
+        "duration_s": args.duration,
+        "requests": n,
+        "requests_per_s": rate.round() as u64,
+        "p50_us": p50,
+        "p99_us": p99,
+        "errors": n_errors,
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// register
+// ---------------------------------------------------------------------------
+
+async fn register(args: RegisterArgs) -> Result<serde_json::Value, String> {
+    let connector = Arc::new(Connector::new(&args.target)?);
+    let errors = Arc::new(ErrorLog::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for k in 0..args.count {
+        let i = args.first + k;
+        let frame = json!({
+            "method": "register",
+            "serviceName": format!("IM_{i}"),
+            "ip": format!("127.0.0.{}", 10 + i % 240),
+            "port": args.port_base as usize + i,
+        })
+        .to_string();
+        let (connector, errors, ack_tx) = (connector.clone(), errors.clone(), ack_tx.clone());
+        let mut stop = stop_rx.clone();
+        let ping = Duration::from_millis(args.ping_ms.max(1));
+        tasks.push(tokio::spawn(async move {
+            let mut ws = match connector.connect().await {
+                Ok(ws) => ws,
+                Err(e) => {
+                    errors.record(e);
+                    let _ = ack_tx.send(false);
+                    return;
+                }
+            };
+            if let Err(e) = ws.send(Message::text(frame)).await {
+                errors.record(format!("send: {e}"));
+                let _ = ack_tx.send(false);
+                return;
+            }
+            let mut acked = false;
+            let mut tick = tokio::time::interval_at(Instant::now() + ping, ping);
+            loop {
+                tokio::select! {
+                    msg = ws.next() => match msg {
+                        Some(Ok(Message::Text(t))) => {
+                            if !acked && t.contains("\"registered\"") {
+                                acked = true;
+                                let _ = ack_tx.send(true);
+                            } else if t.contains("\"error\"") {
+                                errors.record(format!("route: {t}"));
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => {
+                            errors.record("closed by the Route".into());
+                            if !acked {
+                                let _ = ack_tx.send(false);
+                            }
+                            return;
+                        }
+                    },
+                    _ = tick.tick() => {
+                        if ws.send(Message::Ping(Vec::new().into())).await.is_err() {
+                            errors.record("ping failed".into());
+                            return;
+                        }
+                    }
+                    _ = stop.changed() => break,
+                }
+            }
+            let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
+        }));
+    }
+    drop(ack_tx);
+    let (mut ok, mut failed) = (0usize, 0usize);
+    while ok + failed < args.count {
+        match timeout(CONNECT_TIMEOUT, ack_rx.recv()).await {
+            Ok(Some(true)) => ok += 1,
+            Ok(Some(false)) => failed += 1,
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let took = t0.elapsed().as_secs_f64();
+    say(&format!("REGISTERED {ok}"));
+    println!("register: {ok}/{} registered in {took:.2}s", args.count);
+    tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+    let _ = stop_tx.send(true);
+    let _ = timeout(Duration::from_secs(5), async {
+        for t in tasks {
+            let _ = t.await;
+        }
+    })
+    .await;
+    errors.print();
+    Ok(json!({
+        "mode": "register",
+        "count": args.count,
+        "registered": ok,
+        "failed": args.count - ok,
+        "register_s": (took * 1000.0).round() / 1000.0,
+        "errors": errors.total(),
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// api-send / u2u
+// ---------------------------------------------------------------------------
+
+/// Nanoseconds since the Unix epoch (the timestamp carried in messages).
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Shared figures of a cluster run.
+#[derive(Default)]
+struct Flow {
+    sent: AtomicUsize,
+    sent_in_window: AtomicUsize,
+    received: AtomicUsize,
+    received_in_window: AtomicUsize,
+    samples: Mutex<Vec<u32>>,
+}
+
+async fn cluster(args: ClusterArgs, u2u: bool) -> Result<serde_json::Value, String> {
+    use futures_util::stream::{SplitSink, SplitStream};
+    let ims: Vec<String> = args.ims.split(',').map(|s| s.trim().to_string()).collect();
+    if u2u && ims.len() < 2 {
+        return Err("u2u needs two IM servers in --ims".into());
+    }
+    let connectors = ims
+        .iter()
+        .map(|u| {
+            Connector::new(&Target {
+                url: u.clone(),
+                src_ips: args.src_ips.clone(),
+            })
+            .map(Arc::new)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let errors = Arc::new(ErrorLog::default());
+    let uid = |i: usize| format!("{}{i}", args.uid_prefix);
+
+    // Connect every user (bounded concurrency), keeping the index.
+    let t0 = Instant::now();
+    let sem = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+    let mut tasks = Vec::with_capacity(args.users);
+    for i in 0..args.users {
+        let permit = sem.clone().acquire_owned().await.expect("semaphore");
+        let c = connectors[i % connectors.len()].clone();
+        let base = ims[i % ims.len()].clone();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}uid={}", uid(i));
+        tasks.push(tokio::spawn(async move {
+            let r = c.connect_url(&url).await;
+            drop(permit);
+            r
+        }));
+    }
+    let mut sinks: Vec<Option<SplitSink<Ws, Message>>> = Vec::with_capacity(args.users);
+    let mut streams: Vec<SplitStream<Ws>> = Vec::with_capacity(args.users);
+    let mut up = 0usize;
+    for t in tasks {
+        match t.await.expect("connect task") {
+            Ok(ws) => {
+                let (si, st) = ws.split();
+                sinks.push(Some(si));
+                streams.push(st);
+                up += 1;
+            }
+            Err(e) => {
+                errors.record(e);
+                sinks.push(None);
+            }
+        }
+    }
+    println!(
+        "{}: {up}/{} users up in {:.2}s",
+        if u2u { "u2u" } else { "api-send" },
+        args.users,
+        t0.elapsed().as_secs_f64()
+    );
+    if up < args.users {
+        errors.print();
+        return Err(format!(
+            "only {up}/{} users connected; refusing to measure a partial cluster",
+            args.users
+        ));
+    }
+    // Let the IM servers record every user's presence.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let flow = Arc::new(Flow::default());
+    let window = Arc::new(Semaphore::new(args.window.max(1)));
+    let start = Instant::now();
+    let base_ns = now_ns();
+    let measure_start = start + Duration::from_secs_f64(args.warmup);
+    let end = measure_start + Duration::from_secs_f64(args.duration);
+    let ms_ns = base_ns + (args.warmup * 1e9) as u64;
+    let end_ns = ms_ns + (args.duration * 1e9) as u64;
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    // Readers: every user's socket.
+    let readers: Vec<_> = streams
+        .into_iter()
+        .map(|mut st| {
+            let (flow, window, errors) = (flow.clone(), window.clone(), errors.clone());
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                loop {
+                    let msg = tokio::select! {
+                        m = st.next() => m,
+                        _ = stop.changed() => return,
+                    };
+                    let text = match msg {
+                        Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(_)) => continue,
+                        Some(Err(_)) | None => {
+                            errors.record("user connection closed by the server".into());
+                            return;
+                        }
+                    };
+                    let v: serde_json::Value = match serde_json::from_str(&text) {
+                        Ok(v) => v,
+                        Err(_) => {
+                            errors.record("non-JSON frame".into());
+                            continue;
+                        }
+                    };
+                    if let Some(code) = v.pointer("/error/code").and_then(|c| c.as_str()) {
+                        errors.record(format!("error frame: {code}"));
+                        window.add_permits(1);
+                        continue;
+                    }
+                    let Some(t) = v.pointer("/data/t").and_then(|t| t.as_u64()) else {
+                        errors.record(format!("unexpected frame: {text}"));
+                        continue;
+                    };
+                    let now = now_ns();
+                    window.add_permits(1);
+                    flow.received.fetch_add(1, Ordering::Relaxed);
+                    if now >= ms_ns && now <= end_ns {
+                        flow.received_in_window.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if t >= ms_ns && now <= end_ns {
+                        let us = (now.saturating_sub(t) / 1000) as u32;
+                        flow.samples.lock().unwrap().push(us);
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let markers = tokio::spawn(async move {
+        sleep_until(measure_start).await;
+        say("MEASURE_START");
+        sleep_until(end).await;
+        say("MEASURE_END");
+    });
+    let nsenders = if u2u { args.senders } else { args.http_conns }.max(1);
+    let pace = (args.rate > 0.0).then(|| Duration::from_secs_f64(nsenders as f64 / args.rate));
+    let next_msg = Arc::new(AtomicUsize::new(0));
+    let half = args.users / 2;
+    let mut senders = Vec::new();
+    for k in 0..nsenders {
+        let (flow, window, errors, next_msg) = (
+            flow.clone(),
+            window.clone(),
+            errors.clone(),
+            next_msg.clone(),
+        );
+        let prefix = args.uid_prefix.clone();
+        // Acquire a window slot, or give up at the end of the run.
+        let slot = move |window: Arc<Semaphore>| async move {
+            match timeout(
+                end.saturating_duration_since(Instant::now()),
+                window.acquire_owned(),
+            )
+            .await
+            {
+                Ok(Ok(p)) => {
+                    p.forget();
+                    true
+                }
+                _ => false,
+            }
+        };
+        let sent = move |flow: &Flow| {
+            flow.sent.fetch_add(1, Ordering::Relaxed);
+            let now = Instant::now();
+            if now >= measure_start && now <= end {
+                flow.sent_in_window.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        if u2u {
+            // Sender: user 2k (on the first IM server); targets: odd users
+            // (the second), rotating.
+            let Some(mut sink) = sinks.get_mut((2 * k) % args.users).and_then(Option::take) else {
+                break;
+            };
+            senders.push(tokio::spawn(async move {
+                let mut next = Instant::now();
+                while Instant::now() < end {
+                    if let Some(p) = pace {
+                        sleep_until(next).await;
+                        next += p;
+                    }
+                    if !slot(window.clone()).await {
+                        break;
+                    }
+                    let m = next_msg.fetch_add(1, Ordering::Relaxed);
+                    let to = format!("{prefix}{}", 2 * (m % half.max(1)) + 1);
+                    let frame = json!({"to": to, "data": {"t": now_ns()}}).to_string();
+                    if let Err(e) = sink.send(Message::text(frame)).await {
+                        errors.record(format!("send: {e}"));
+                        return;
+                    }
+                    sent(&flow);
+                }
+                // Not closed here: the user's reader still runs until the
+                // drain ends (a Close now would read as a server close).
+                drop(sink);
+            }));
+        } else {
+            let route = args
+                .route
+                .clone()
+                .ok_or("api-send needs --route http://127.0.0.1:P")?;
+            let (addr, host, base_path) = parse_http_url(&route)?;
+            let path = format!("{}/api/send", base_path.trim_end_matches('/'));
+            let users = args.users;
+            senders.push(tokio::spawn(async move {
+                let mut conn = match HttpConn::open(addr, &host).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        errors.record(e);
+                        return;
+                    }
+                };
+                let mut next = Instant::now();
+                while Instant::now() < end {
+                    if let Some(p) = pace {
+                        sleep_until(next).await;
+                        next += p;
+                    }
+                    if !slot(window.clone()).await {
+                        break;
+                    }
+                    let m = next_msg.fetch_add(1, Ordering::Relaxed);
+                    let body =
+                        json!({"uid": format!("{prefix}{}", m % users), "data": {"t": now_ns()}})
+                            .to_string();
+                    match conn.request("POST", &path, body.as_bytes()).await {
+                        Ok((200, _)) => sent(&flow),
+                        Ok((s, b)) => {
+                            window.add_permits(1);
+                            errors.record(format!(
+                                "HTTP {s} {}",
+                                String::from_utf8_lossy(&b)
+                                    .chars()
+                                    .take(80)
+                                    .collect::<String>()
+                            ));
+                        }
+                        Err(e) => {
+                            window.add_permits(1);
+                            errors.record(e);
+                            return;
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    for s in senders {
+        let _ = s.await;
+    }
+    markers.await.expect("marker task");
+    // Let what is in flight arrive, then stop the readers.
+    let drain_until = Instant::now() + Duration::from_secs(3);
+    while flow.received.load(Ordering::Relaxed) < flow.sent.load(Ordering::Relaxed)
+        && Instant::now() < drain_until
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(true);
+    for r in readers {
+        let _ = r.await;
+    }
+    drop(sinks);
+
+    let mut samples = std::mem::take(&mut *flow.samples.lock().unwrap());
+    samples.sort_unstable();
+    let (sent_total, recv_total) = (
+        flow.sent.load(Ordering::Relaxed),
+        flow.received.load(Ordering::Relaxed),
+    );
+    let sent_rate = flow.sent_in_window.load(Ordering::Relaxed) as f64 / args.duration;
+    let recv_rate = flow.received_in_window.load(Ordering::Relaxed) as f64 / args.duration;
+    let (p50, p99, max) = (
+        percentile(&samples, 50.0),
+        percentile(&samples, 99.0),
+        samples.last().copied().unwrap_or(0),
+    );
+    let lost = sent_total.saturating_sub(recv_total);
+    let n_errors = errors.total();
+    println!(
+        "{}: sent {sent_rate:.0} msg/s, received {recv_rate:.0} msg/s; end-to-end p50 {p50} us, p99 {p99} us, max {max} us; {sent_total} sent, {recv_total} received, {lost} not received; {n_errors} errors",
+        if u2u { "u2u" } else { "api-send" }
+    );
+    errors.print();
+    Ok(json!({
+        "mode": if u2u { "u2u" } else { "api-send" },
+        "users": args.users,
+        "window": args.window,
+        "senders": nsenders,
+        "rate_cap": args.rate,
+        "duration_s": args.duration,
+        "sent_per_s": sent_rate.round() as u64,
+        "received_per_s": recv_rate.round() as u64,
+        "sent": sent_total,
+        "received": recv_total,
+        "lost": lost,
+        "p50_us": p50,
+        "p99_us": p99,
+        "max_us": max,
+        "samples": samples.len(),
+        "errors": n_errors,
     }))
 }
 

@@ -30,7 +30,8 @@
 #   BENCH_IDLE_WORKERS [4]: ours --workers for idle (keep each process under
 #     ~18,000 fds; the limit is 20,000 per process)
 #   BENCH_LOADGEN_THREADS [1]: tokio threads of each loadgen
-#   BENCH_OURS_CMD ["target/release/examples/echo --port {port} --workers {workers}"]
+#   BENCH_OURS_CMD ["target/release/examples/echo --port {port} --workers {workers}
+#     --set max_conn=20000"]
 #   BENCH_PEER_CMD ["target/release/examples/tokio_echo --port {port} --threads {workers}"]
 #     ({port} and {workers} are substituted; ours is skipped if its program
 #     is missing, so e.g. BENCH_OURS_CMD set to the peer's command tests the
@@ -61,7 +62,7 @@ BENCH_WORKERS=${BENCH_WORKERS:-2}
 BENCH_IDLE_WORKERS=${BENCH_IDLE_WORKERS:-4}
 BENCH_LOADGEN_THREADS=${BENCH_LOADGEN_THREADS:-1}
 BENCH_MODES=${BENCH_MODES:-echo idle storm}
-DEFAULT_OURS_CMD='target/release/examples/echo --port {port} --workers {workers}'
+DEFAULT_OURS_CMD='target/release/examples/echo --port {port} --workers {workers} --set max_conn=20000'
 DEFAULT_PEER_CMD='target/release/examples/tokio_echo --port {port} --threads {workers}'
 BENCH_OURS_CMD=${BENCH_OURS_CMD:-$DEFAULT_OURS_CMD}
 BENCH_PEER_CMD=${BENCH_PEER_CMD:-$DEFAULT_PEER_CMD}
@@ -221,8 +222,13 @@ start_server() {
     # shellcheck disable=SC2086
     $cmd >"$logf" 2>&1 &
     SERVER_PID=$!
+    # Our echo writes its pid file once every worker serves (the master
+    # binds the listeners first, so an accepted connection proves less).
+    local pidf=""
+    [[ $which == ours && $cmd == target/release/examples/echo* ]] &&
+        pidf="${TMPDIR:-/tmp}/swocloud-echo-$PORT.pid"
     for _ in $(seq 150); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+        if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && { [[ -z $pidf ]] || [[ -s $pidf ]]; }; then
             sleep 0.2 # let every worker finish starting
             return 0
         fi

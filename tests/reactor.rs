@@ -818,6 +818,37 @@ fn ws_connect_dials_out_and_exchanges_messages() {
     });
 }
 
+/// The dialled socket has TCP_NODELAY, like accepted ones: without it an IM
+/// server's small forwards to the Route waited for delayed ACKs (tens of ms
+/// per user-to-user message under light load, seen in scripts/bench_cluster.sh).
+#[test]
+fn ws_connect_sets_tcp_nodelay() {
+    use std::os::fd::BorrowedFd;
+    let (route, _) = echo(settings(|_| {}));
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    let target = route.addr();
+    let _im = single(settings(|_| {}), move || Dialer { target, got: g });
+    wait_until("the echo back", || {
+        got.lock().unwrap().first().map(String::as_str) == Some("hello route")
+    });
+    // The dialer runs in this process: find its socket (peer = the target).
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: the fd stays open while borrowed (the worker holds it
+        // until `_im` drops at the end of the test).
+        let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let sock = socket2::SockRef::from(&bfd);
+        if sock.peer_addr().ok().and_then(|a| a.as_socket()) == Some(target) {
+            found.push(sock.tcp_nodelay().unwrap());
+        }
+    }
+    assert_eq!(found, [true], "the dialled socket's TCP_NODELAY");
+}
+
 #[test]
 fn ws_connect_to_a_closed_port_reports_on_close() {
     let (l, target) = listener();

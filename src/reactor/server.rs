@@ -445,6 +445,9 @@ impl<A: App> Server<A> {
     pub fn ws_connect(&mut self, addr: SocketAddr, host: &str, path: &str) -> io::Result<Fd> {
         let stream = mio::net::TcpStream::connect(addr)
             .map_err(|e| io::Error::new(e.kind(), format!("ws_connect to {addr}: {e}")))?;
+        // As for accepted connections: small frames (an IM server's forwards
+        // to the Route) must not wait for the peer's delayed ACK (Nagle).
+        let _ = stream.set_nodelay(true);
         let key = self.conns.vacant_key();
         let fd = self.fd_for(key);
         let phase = Phase::Connecting {
