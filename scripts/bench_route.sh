@@ -91,6 +91,8 @@ log_level = "warn"
 redis_url = "redis://127.0.0.1:$REDIS_PORT"
 heartbeat_check_interval = $ROUTE_HB_INTERVAL
 heartbeat_idle_time = $ROUTE_HB_IDLE
+# 100 fake IM servers register from one address: lift the per-IP cap (32).
+max_registrations_per_ip = 1000
 TOML
 log "Route on 127.0.0.1:$PORT (2 workers), Redis on $REDIS_PORT; settings:"
 sed 's/^/    /' "$WORK/route.toml" >&2

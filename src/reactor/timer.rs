@@ -40,6 +40,10 @@ pub struct TimerWheel<T> {
     slots: Vec<Vec<TimerId>>, // bucket = due % SLOTS
     entries: HashMap<TimerId, Entry<T>>,
     next_id: TimerId,
+    /// No bucket before this tick holds an entry (see `next_deadline`):
+    /// lowered by every insert, raised by each scan, so the poll timeout
+    /// costs O(1) while nothing changes instead of a walk over the wheel.
+    scan_from: std::cell::Cell<u64>,
 }
 
 impl<T> std::fmt::Debug for TimerWheel<T> {
@@ -66,6 +70,7 @@ impl<T> TimerWheel<T> {
             slots: (0..SLOTS).map(|_| Vec::new()).collect(),
             entries: HashMap::new(),
             next_id: 1,
+            scan_from: std::cell::Cell::new(0),
         }
     }
 
@@ -101,6 +106,7 @@ impl<T> TimerWheel<T> {
         self.next_id += 1;
         let due = self.tick_of(now).max(self.now_tick) + Self::ticks(delay);
         self.slots[(due % SLOTS as u64) as usize].push(id);
+        self.scan_from.set(self.scan_from.get().min(due));
         self.entries.insert(
             id,
             Entry {
@@ -193,6 +199,7 @@ impl<T> TimerWheel<T> {
                 e.payload = Some(payload);
                 e.linked = true;
                 self.slots[(e.due % SLOTS as u64) as usize].push(id);
+                self.scan_from.set(self.scan_from.get().min(e.due));
             }
             _ => {
                 self.entries.remove(&id);
@@ -202,16 +209,18 @@ impl<T> TimerWheel<T> {
 
     /// When the next bucket holding any entry comes due, for the poll
     /// timeout (may be early: the entry can be a later turn's or
-    /// cancelled). `None` when the wheel is empty. O(SLOTS).
+    /// cancelled). `None` when the wheel is empty. O(1) when the answer
+    /// has not changed since the last call, O(SLOTS) at worst. Never late:
+    /// every entry due before `scan_from` lowered it when it was linked.
     pub fn next_deadline(&self) -> Option<Instant> {
         if self.entries.is_empty() {
             return None;
         }
         let base = self.now_tick + 1;
-        (0..SLOTS as u64)
-            .map(|i| base + i)
-            .find(|t| !self.slots[(t % SLOTS as u64) as usize].is_empty())
-            .map(|t| self.origin + RESOLUTION * t as u32)
+        let start = self.scan_from.get().max(base);
+        let found = (start..base + SLOTS as u64).find(|t| !self.slots[(t % SLOTS as u64) as usize].is_empty())?;
+        self.scan_from.set(found);
+        Some(self.origin + RESOLUTION * found as u32)
     }
 }
 
@@ -221,6 +230,20 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn next_deadline_follows_inserts_and_expiry() {
+        let mut w = TimerWheel::new();
+        let t0 = w.origin;
+        w.insert(t0, ms(3000), None, "far");
+        let far = w.next_deadline().unwrap();
+        assert!(far >= t0 + ms(3000) - ms(2 * SLOTS as u64 * 10), "{:?}", far - t0);
+        w.insert(t0, ms(50), None, "near");
+        let near = w.next_deadline().unwrap();
+        assert!(near <= t0 + ms(60) && near >= t0 + ms(50), "a nearer insert lowers the deadline: {:?}", near - t0);
+        assert_eq!(w.expired(t0 + ms(60)).len(), 1);
+        assert!(w.next_deadline().unwrap() > t0 + ms(60), "then the far one");
     }
 
     #[test]
