@@ -382,7 +382,11 @@ bench_storm() {
     logf="$BENCH_OUT/loadgen-storm-$which.log"
     log "storm vs $which: $BENCH_STORM handshakes, $BENCH_STORM_CONC in flight"
     cpu0=$(cpu_ticks "$SERVER_PID")
+    # Sources of their own: every handshake leaves a TIME_WAIT socket on the
+    # client side (it closes first), and after the idle mode's ~86,000
+    # connections one address ran out of ephemeral ports (EADDRNOTAVAIL).
     timeout 300 "$LOADGEN" --threads "$BENCH_LOADGEN_THREADS" storm --url "ws://127.0.0.1:$PORT/" \
+        --src-ips 127.0.0.200-127.0.0.203 \
         --total "$BENCH_STORM" --concurrency "$BENCH_STORM_CONC" >"$logf" 2>&1 &
     LOADGEN_PIDS+=("$!")
     wait "$!" || log "loadgen exited with $? (log: $logf)"

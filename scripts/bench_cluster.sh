@@ -20,6 +20,7 @@
 #   CLUSTER_USERS [10000] CLUSTER_DURATION [10] CLUSTER_WARMUP [2]
 #   CLUSTER_WINDOW [64] CLUSTER_HTTP_CONNS [16] CLUSTER_SENDERS [64]
 #   CLUSTER_REPEATS [3] CLUSTER_LOW_RATE [1000] (0: skip the paced runs)
+#   CLUSTER_IM_BIN [target/release/swocloud-im]: the IM server binary (A/B runs)
 #   BENCH_OUT [target/bench]
 set -euo pipefail
 
@@ -38,7 +39,7 @@ BENCH_OUT=${BENCH_OUT:-target/bench}
 
 LOADGEN=target/release/examples/loadgen
 ROUTE=target/release/swocloud
-IM=target/release/swocloud-im
+IM=${CLUSTER_IM_BIN:-target/release/swocloud-im}
 
 log() { printf '[bench-cluster %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() {
