@@ -218,7 +218,8 @@ impl<T> TimerWheel<T> {
         }
         let base = self.now_tick + 1;
         let start = self.scan_from.get().max(base);
-        let found = (start..base + SLOTS as u64).find(|t| !self.slots[(t % SLOTS as u64) as usize].is_empty())?;
+        let found = (start..base + SLOTS as u64)
+            .find(|t| !self.slots[(t % SLOTS as u64) as usize].is_empty())?;
         self.scan_from.set(found);
         Some(self.origin + RESOLUTION * found as u32)
     }
@@ -238,10 +239,18 @@ mod tests {
         let t0 = w.origin;
         w.insert(t0, ms(3000), None, "far");
         let far = w.next_deadline().unwrap();
-        assert!(far >= t0 + ms(3000) - ms(2 * SLOTS as u64 * 10), "{:?}", far - t0);
+        assert!(
+            far >= t0 + ms(3000) - ms(2 * SLOTS as u64 * 10),
+            "{:?}",
+            far - t0
+        );
         w.insert(t0, ms(50), None, "near");
         let near = w.next_deadline().unwrap();
-        assert!(near <= t0 + ms(60) && near >= t0 + ms(50), "a nearer insert lowers the deadline: {:?}", near - t0);
+        assert!(
+            near <= t0 + ms(60) && near >= t0 + ms(50),
+            "a nearer insert lowers the deadline: {:?}",
+            near - t0
+        );
         assert_eq!(w.expired(t0 + ms(60)).len(), 1);
         assert!(w.next_deadline().unwrap() > t0 + ms(60), "then the far one");
     }
