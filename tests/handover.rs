@@ -18,18 +18,6 @@ use std::time::{Duration, Instant};
 use common::daemon::Daemon;
 use common::{pid_alive, wait_until, ws_connect, WsClient};
 
-fn bin() -> String {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("health_daemon")
-        .display()
-        .to_string()
-}
-
 fn echo(ws: &mut WsClient, text: &str) {
     ws.send_text(text)
         .unwrap_or_else(|e| panic!("send {text}: {e}"));
@@ -55,7 +43,10 @@ fn reload_and_wait(d: &Daemon, old: &[i32]) {
 
 #[test]
 fn websockets_survive_reloads_and_a_max_request_replacement() {
-    let d = Daemon::new(&bin(), "worker_num = 2\nmax_request = 0");
+    let d = Daemon::new(
+        &common::health_daemon_bin(),
+        "worker_num = 2\nmax_request = 0",
+    );
     d.start();
     let mut clients: Vec<WsClient> = (0..60)
         .map(|i| ws_connect(&format!("ws://{}/c{i}", d.addr())).expect("connect"))
@@ -89,7 +80,10 @@ fn websockets_survive_reloads_and_a_max_request_replacement() {
 
 #[test]
 fn max_request_hands_connections_to_the_replacement() {
-    let d = Daemon::new(&bin(), "worker_num = 1\nmax_request = 40");
+    let d = Daemon::new(
+        &common::health_daemon_bin(),
+        "worker_num = 1\nmax_request = 40",
+    );
     d.start();
     let first = d.worker_pids();
     let mut clients: Vec<WsClient> = (0..5)
@@ -168,7 +162,7 @@ fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
 #[test]
 fn a_peer_mid_frame_is_finished_and_moved_or_closed_with_1012() {
     // max_wait_time 2 s: the boundary wait is 1 s.
-    let d = Daemon::new(&bin(), "worker_num = 1");
+    let d = Daemon::new(&common::health_daemon_bin(), "worker_num = 1");
     d.start();
     let addr = d.addr();
     let mut finishing = raw_ws(&addr);
@@ -205,7 +199,7 @@ fn a_peer_mid_frame_is_finished_and_moved_or_closed_with_1012() {
 
 #[test]
 fn a_connection_storm_during_reloads_sees_no_reset() {
-    let d = Daemon::new(&bin(), "worker_num = 2");
+    let d = Daemon::new(&common::health_daemon_bin(), "worker_num = 2");
     d.start();
     let addr = d.addr();
     let stop = Arc::new(AtomicBool::new(false));
@@ -284,7 +278,10 @@ fn fd_flags(pid: i32) -> Vec<(i32, u32, String)> {
 #[test]
 fn every_descriptor_is_close_on_exec() {
     const O_CLOEXEC: u32 = 0o2000000;
-    let d = Daemon::new(&bin(), "worker_num = 2\ntask_worker_num = 1");
+    let d = Daemon::new(
+        &common::health_daemon_bin(),
+        "worker_num = 2\ntask_worker_num = 1",
+    );
     let master = d.start();
     let mut clients: Vec<WsClient> = (0..10)
         .map(|i| ws_connect(&format!("ws://{}/x{i}", d.addr())).unwrap())

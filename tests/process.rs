@@ -18,20 +18,6 @@ use common::{
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// The framework's minimal daemon (`examples/health_daemon.rs`), built by
-/// `cargo test` beside the test binaries.
-fn bin() -> String {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("health_daemon")
-        .display()
-        .to_string()
-}
-
 /// GET /health on a fresh connection; the serving worker's pid.
 fn health_pid(addr: &str) -> std::io::Result<i64> {
     let (status, _, body) = http_get(addr, "/health")?;
@@ -46,7 +32,10 @@ fn health_pid(addr: &str) -> std::io::Result<i64> {
 
 #[test]
 fn daemon_start_builds_the_tree_and_stop_removes_it() {
-    let d = Daemon::new(&bin(), "worker_num = 3\ntask_worker_num = 1");
+    let d = Daemon::new(
+        &common::health_daemon_bin(),
+        "worker_num = 3\ntask_worker_num = 1",
+    );
     let master = d.start();
     assert!(pid_alive(master));
     let manager = d.manager_pid();
@@ -85,7 +74,7 @@ fn daemon_start_builds_the_tree_and_stop_removes_it() {
 
 #[test]
 fn connections_are_spread_over_several_workers() {
-    let d = Daemon::new(&bin(), "worker_num = 4");
+    let d = Daemon::new(&common::health_daemon_bin(), "worker_num = 4");
     d.start();
     let pids: HashSet<i64> = (0..64)
         .map(|_| health_pid(&d.addr()).expect("health"))
@@ -104,7 +93,7 @@ fn connections_are_spread_over_several_workers() {
 
 #[test]
 fn a_killed_worker_is_respawned_and_reported() {
-    let d = Daemon::new(&bin(), "worker_num = 2");
+    let d = Daemon::new(&common::health_daemon_bin(), "worker_num = 2");
     d.start();
     let before = d.worker_pids();
     let victim = before[0];
@@ -142,7 +131,7 @@ fn a_killed_worker_is_respawned_and_reported() {
 
 #[test]
 fn rolling_reloads_replace_every_worker_without_a_failed_request() {
-    let d = Daemon::new(&bin(), "worker_num = 2");
+    let d = Daemon::new(&common::health_daemon_bin(), "worker_num = 2");
     let master = d.start();
     let manager = d.manager_pid();
     let before = d.worker_pids();
@@ -205,7 +194,10 @@ fn rolling_reloads_replace_every_worker_without_a_failed_request() {
 
 #[test]
 fn killing_the_master_takes_the_whole_tree_down() {
-    let d = Daemon::new(&bin(), "worker_num = 2\ntask_worker_num = 1");
+    let d = Daemon::new(
+        &common::health_daemon_bin(),
+        "worker_num = 2\ntask_worker_num = 1",
+    );
     let master = d.start();
     let tree = descendants_of(master);
     assert_eq!(
@@ -226,7 +218,10 @@ fn killing_the_master_takes_the_whole_tree_down() {
 
 #[test]
 fn max_request_replaces_a_worker() {
-    let d = Daemon::new(&bin(), "worker_num = 1\nmax_request = 5");
+    let d = Daemon::new(
+        &common::health_daemon_bin(),
+        "worker_num = 1\nmax_request = 5",
+    );
     d.start();
     let first = d.worker_pids();
     let mut served_by = Vec::new();
@@ -251,7 +246,10 @@ fn max_request_replaces_a_worker() {
 
 #[test]
 fn a_task_goes_to_a_task_worker_and_its_result_comes_back() {
-    let d = Daemon::new(&bin(), "worker_num = 2\ntask_worker_num = 2");
+    let d = Daemon::new(
+        &common::health_daemon_bin(),
+        "worker_num = 2\ntask_worker_num = 2",
+    );
     d.start();
     let status = d.status();
     let task_pids: Vec<i64> = status["task_workers"]
@@ -279,7 +277,7 @@ fn a_task_goes_to_a_task_worker_and_its_result_comes_back() {
 #[test]
 fn refused_starts_say_why() {
     // Unknown key: names the key and the file.
-    let d = Daemon::new(&bin(), "wroker_num = 2");
+    let d = Daemon::new(&common::health_daemon_bin(), "wroker_num = 2");
     let out = d.run("start", &["-d"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
@@ -289,7 +287,7 @@ fn refused_starts_say_why() {
     );
 
     // Bad value.
-    let d = Daemon::new(&bin(), "worker_num = \"many\"");
+    let d = Daemon::new(&common::health_daemon_bin(), "worker_num = \"many\"");
     let out = d.run("start", &["-d"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
@@ -299,7 +297,7 @@ fn refused_starts_say_why() {
     );
 
     // Port in use.
-    let d = Daemon::new(&bin(), "worker_num = 1");
+    let d = Daemon::new(&common::health_daemon_bin(), "worker_num = 1");
     let squatter = std::net::TcpListener::bind(("127.0.0.1", d.port)).unwrap();
     let out = d.run("start", &["-d"]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -320,7 +318,7 @@ fn refused_starts_say_why() {
     d.stop();
 
     // Stale pid file: reported and replaced, pid 1 never signalled.
-    let d = Daemon::new(&bin(), "worker_num = 1");
+    let d = Daemon::new(&common::health_daemon_bin(), "worker_num = 1");
     std::fs::write(d.pid_file(), "1\n").unwrap();
     let out = d.run("stop", &[]);
     assert_eq!(out.status.code(), Some(3));
@@ -337,7 +335,7 @@ fn refused_starts_say_why() {
     d.stop();
 
     // Unwritable log path.
-    let d = Daemon::new(&bin(), "worker_num = 1");
+    let d = Daemon::new(&common::health_daemon_bin(), "worker_num = 1");
     let out = d.run(
         "start",
         &["-d", "--log-file", "/proc/swocloud-cannot-write-here.log"],
@@ -349,7 +347,7 @@ fn refused_starts_say_why() {
 
 #[test]
 fn a_crash_looping_worker_is_respawned_with_backoff_not_in_a_fork_storm() {
-    let d = Daemon::new(&bin(), "worker_num = 1");
+    let d = Daemon::new(&common::health_daemon_bin(), "worker_num = 1");
     let flag = d.dir().join("crash");
     let out = std::process::Command::new(&d.bin)
         .args(["start", "-d", "-c"])
@@ -388,7 +386,7 @@ fn a_crash_looping_worker_is_respawned_with_backoff_not_in_a_fork_storm() {
 
 #[test]
 fn sighup_reopens_the_log_file_in_every_process() {
-    let d = Daemon::new(&bin(), "worker_num = 2");
+    let d = Daemon::new(&common::health_daemon_bin(), "worker_num = 2");
     let master = d.start();
     let rotated = d.dir().join("swocloud.log.1");
     std::fs::rename(d.log_file(), &rotated).unwrap();

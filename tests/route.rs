@@ -6,7 +6,6 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -35,16 +34,6 @@ fn route(redis: &RedisServer, extra: &str) -> Daemon {
     d
 }
 
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name)
-}
-
 /// A seed client process and the lines it prints.
 struct SeedClient {
     proc: Proc,
@@ -53,7 +42,7 @@ struct SeedClient {
 
 impl SeedClient {
     fn start(d: &Daemon, args: &[&str]) -> SeedClient {
-        let mut cmd = Command::new(example("seed_client"));
+        let mut cmd = Command::new(common::example_bin("seed_client"));
         cmd.arg("--url")
             .arg(format!("ws://{}/", d.addr()))
             .arg("--ping-ms")

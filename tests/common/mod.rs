@@ -46,6 +46,23 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 // Ports and directories
 // ---------------------------------------------------------------------------
 
+/// The path of example `name` (built by `cargo test` beside the test
+/// binaries, in `target/<profile>/examples/`).
+pub fn example_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    profile_dir.join("examples").join(name)
+}
+
+/// The framework's minimal daemon (`examples/health_daemon.rs`), as a path
+/// string for [`daemon::Daemon`].
+pub fn health_daemon_bin() -> String {
+    example_bin("health_daemon").display().to_string()
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 ///
 /// The port is found by binding port 0 and dropping the listener, so another
