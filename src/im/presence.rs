@@ -52,6 +52,19 @@ pub fn route_key(prefix: &str, uid: &str) -> String {
     format!("{prefix}im_route:{uid}")
 }
 
+/// Appends "record `p` for `uid` and extend the key's TTL" to `pipe`.
+fn push_add(pipe: &mut redis::Pipeline, prefix: &str, uid: &str, p: &Presence, ttl_secs: u64) {
+    pipe.cmd("HSET")
+        .arg(key(prefix, uid))
+        .arg(p.field())
+        .arg(&p.epoch)
+        .ignore()
+        .cmd("EXPIRE")
+        .arg(key(prefix, uid))
+        .arg(ttl_secs)
+        .ignore();
+}
+
 /// Records a connection of `uid` (and extends the key's TTL).
 pub fn add(
     c: &mut Connection,
@@ -60,18 +73,10 @@ pub fn add(
     p: &Presence,
     ttl_secs: u64,
 ) -> RedisResult<()> {
-    redis::pipe()
-        .atomic()
-        .cmd("HSET")
-        .arg(key(prefix, uid))
-        .arg(p.field())
-        .arg(&p.epoch)
-        .ignore()
-        .cmd("EXPIRE")
-        .arg(key(prefix, uid))
-        .arg(ttl_secs)
-        .ignore()
-        .query(c)
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    push_add(&mut pipe, prefix, uid, p, ttl_secs);
+    pipe.query(c)
 }
 
 /// Moves a connection's record to its new worker/fd in one transaction
@@ -85,22 +90,14 @@ pub fn rekey(
     new: &Presence,
     ttl_secs: u64,
 ) -> RedisResult<()> {
-    redis::pipe()
-        .atomic()
+    let mut pipe = redis::pipe();
+    pipe.atomic()
         .cmd("HDEL")
         .arg(key(prefix, uid))
         .arg(old.field())
-        .ignore()
-        .cmd("HSET")
-        .arg(key(prefix, uid))
-        .arg(new.field())
-        .arg(&new.epoch)
-        .ignore()
-        .cmd("EXPIRE")
-        .arg(key(prefix, uid))
-        .arg(ttl_secs)
-        .ignore()
-        .query(c)
+        .ignore();
+    push_add(&mut pipe, prefix, uid, new, ttl_secs);
+    pipe.query(c)
 }
 
 /// [`add`] for many connections in one pipelined round trip.
@@ -112,15 +109,7 @@ pub fn add_many(
 ) -> RedisResult<()> {
     let mut pipe = redis::pipe();
     for (uid, p) in records {
-        pipe.cmd("HSET")
-            .arg(key(prefix, uid))
-            .arg(p.field())
-            .arg(&p.epoch)
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(key(prefix, uid))
-            .arg(ttl_secs)
-            .ignore();
+        push_add(&mut pipe, prefix, uid, p, ttl_secs);
     }
     pipe.query(c)
 }
