@@ -205,6 +205,9 @@ impl<A: App> Manager<'_, A> {
             .claim(role, slot.id() as u32)
             .ok_or_else(|| std::io::Error::other("scoreboard full"))?;
         let mask = signals::block_all();
+        // Taken before the fork: a child reading getppid() after it could
+        // already see init if the manager died in between, and live on.
+        let manager = nix::unistd::getpid();
         // SAFETY: the manager is single-threaded (it never starts threads),
         // so the child may run arbitrary code after fork.
         match unsafe { fork() } {
@@ -217,7 +220,7 @@ impl<A: App> Manager<'_, A> {
                 )))
             }
             Ok(ForkResult::Child) => {
-                let code = self.child_main(slot, row, &mask, replaces.is_some());
+                let code = self.child_main(slot, row, &mask, manager, replaces.is_some());
                 std::process::exit(code);
             }
             Ok(ForkResult::Parent { child }) => {
@@ -248,6 +251,7 @@ impl<A: App> Manager<'_, A> {
         slot: Slot,
         row: usize,
         mask: &nix::sys::signal::SigSet,
+        manager: Pid,
         replaces: bool,
     ) -> i32 {
         logging::set_role(slot.label());
@@ -257,7 +261,6 @@ impl<A: App> Manager<'_, A> {
         }
         signals::ignore(Signal::SIGINT);
         signals::restore(mask);
-        let manager = Pid::from_raw(nix::unistd::getppid().as_raw());
         if signals::die_with_parent(Signal::SIGTERM, manager) {
             return 0;
         }
