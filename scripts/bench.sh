@@ -171,9 +171,8 @@ max_fds() {
     echo "$max"
 }
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 
 # json_get JSON KEY: a field of a RESULT object ("" if absent).
 json_get() {

@@ -72,17 +72,13 @@ cleanup() {
 trap cleanup EXIT
 trap 'trap - INT TERM; log "interrupted"; exit 130' INT TERM
 
-free_port() { # free_port [HOST]
-    python3 -c 'import socket, sys; s = socket.socket(); s.bind((sys.argv[1], 0)); print(s.getsockname()[1])' "${1:-127.0.0.1}"
-}
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 
 log "building"
 cargo build --release --quiet --bin swocloud --bin swocloud-im --example loadgen
 
-REDIS_PORT=$(free_port)
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
-    --dir "$WORK" --daemonize yes --logfile "$WORK/redis.log"
-for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
+start_private_redis "$WORK" || die "the private Redis did not start"
 
 RPORT=$(free_port)
 cat >"$WORK/route.toml" <<TOML

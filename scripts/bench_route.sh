@@ -68,17 +68,13 @@ cleanup() {
 trap cleanup EXIT
 trap 'trap - INT TERM; log "interrupted"; exit 130' INT TERM
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 
 log "building"
 cargo build --release --quiet --bin swocloud --example loadgen --example seed_client
 
-REDIS_PORT=$(free_port)
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
-    --dir "$WORK" --daemonize yes --logfile "$WORK/redis.log"
-for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
+start_private_redis "$WORK" || die "the private Redis did not start"
 
 PORT=$(free_port)
 cat >"$WORK/route.toml" <<TOML

@@ -13,8 +13,8 @@ cargo build --release --quiet --bins --example chat_user --example seed_client
 B=target/release
 SECRET=demo-secret
 work=$(mktemp -d)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-REDIS_PORT=$(free_port); ROUTE_PORT=$(free_port); IM0_PORT=$(free_port); IM1_PORT=$(free_port)
+source scripts/lib.sh
+ROUTE_PORT=$(free_port); IM0_PORT=$(free_port 127.0.0.2); IM1_PORT=$(free_port 127.0.0.3)
 cleanup() {
   for c in "$work"/im0.toml "$work"/im1.toml; do [ -f "$c" ] && $B/swocloud-im stop -c "$c" >/dev/null 2>&1 || true; done
   [ -f "$work/route.toml" ] && $B/swocloud stop -c "$work/route.toml" >/dev/null 2>&1 || true
@@ -24,8 +24,7 @@ cleanup() {
 trap cleanup EXIT
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" --daemonize yes --logfile "$work/redis.log"
-until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.05; done
+start_private_redis "$work"
 
 cat > "$work/route.toml" <<TOML
 host = "127.0.0.1"

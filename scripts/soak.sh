@@ -25,7 +25,8 @@ OUT=$(cd "$OUT" && pwd)
 
 cargo build -q --bins --example im_users
 BIN=$(pwd)/target/debug
-free_port() { python3 -c "import socket,sys;s=socket.socket();s.bind((sys.argv[1],0));print(s.getsockname()[1])" "$1"; }
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 PIDS=()
 DIRS=()
