@@ -107,6 +107,10 @@ pub struct Settings {
     pub redis_url: Option<String>,
     /// Prefix of every Redis key the applications write.
     pub redis_prefix: String,
+    /// Seconds a Redis request may go unanswered before the worker's link
+    /// is declared broken (every pending callback then fails and it
+    /// reconnects).
+    pub redis_timeout: f64,
     /// Unix socket the master answers `status` on (default: pid_file with
     /// the extension `.sock`).
     pub control_socket: Option<PathBuf>,
@@ -137,6 +141,7 @@ impl Default for Settings {
             max_wait_time: 3.0,
             redis_url: None,
             redis_prefix: String::new(),
+            redis_timeout: 3.0,
             control_socket: None,
         }
     }
@@ -386,6 +391,7 @@ impl Settings {
             ("heartbeat_idle_time", self.heartbeat_idle_time),
             ("handshake_timeout", self.handshake_timeout),
             ("max_wait_time", self.max_wait_time),
+            ("redis_timeout", self.redis_timeout),
         ] {
             if !v.is_finite() || v < 0.0 {
                 return Err(bad(key, "expected a non-negative number of seconds"));

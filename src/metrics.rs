@@ -35,7 +35,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 
-use crate::process::scoreboard::Scoreboard;
+use crate::process::scoreboard::{Row, Scoreboard};
 use crate::reactor::Response;
 
 /// The `Content-Type` of the text exposition format.
@@ -221,6 +221,49 @@ impl Exposition {
             &[],
             row_sum(&|r| ld(&r.redis_reconnects)) + ld(&t.retired_redis[1]),
         );
+        for (name, help, f) in [
+            (
+                "swocloud_redis_command_errors_total",
+                "Redis requests of live workers that completed with an error (server error, lost link, timeout).",
+                (|r: &Row| r.redis_cmd_errors.load(Relaxed)) as RowField,
+            ),
+            (
+                "swocloud_redis_timeouts_total",
+                "Redis requests of live workers that got no reply within redis_timeout.",
+                (|r: &Row| r.redis_timeouts.load(Relaxed)) as RowField,
+            ),
+            (
+                "swocloud_redis_retried_total",
+                "Durable Redis requests (removals, renewals) sent again after an outage.",
+                (|r: &Row| r.redis_retried.load(Relaxed)) as RowField,
+            ),
+            (
+                "swocloud_redis_dropped_total",
+                "Durable Redis requests dropped because their queue was full.",
+                (|r: &Row| r.redis_dropped.load(Relaxed)) as RowField,
+            ),
+            (
+                "swocloud_redis_probe_failures_total",
+                "Pub/sub self-probes that did not come back (each forced a resubscribe).",
+                (|r: &Row| r.redis_probe_failures.load(Relaxed)) as RowField,
+            ),
+        ] {
+            self.counter(name, help, &[], row_sum(&f));
+        }
+        for (name, help, f) in [
+            (
+                "swocloud_redis_pending",
+                "Redis requests on the wire, waiting for their replies.",
+                (|r: &Row| r.redis_pending.load(Relaxed)) as RowField,
+            ),
+            (
+                "swocloud_redis_queued",
+                "Durable Redis requests waiting for the link to come back.",
+                (|r: &Row| r.redis_queued.load(Relaxed)) as RowField,
+            ),
+        ] {
+            self.gauge(name, help, &[], row_sum(&f));
+        }
         self.gauge(
             "swocloud_workers",
             "Event worker processes alive (more than worker_num during a reload).",
@@ -236,7 +279,7 @@ impl Exposition {
             );
         }
 
-        let per_worker: [(&str, Kind, &str); 5] = [
+        let per_worker: [(&str, Kind, &str); 6] = [
             (
                 "swocloud_worker_connections",
                 Kind::Gauge,
@@ -258,6 +301,11 @@ impl Exposition {
                 "1 while this worker's Redis link is up.",
             ),
             (
+                "swocloud_worker_redis_pubsub_verified",
+                Kind::Gauge,
+                "1 while this worker's Redis pub/sub link is verified by its probe (or unused).",
+            ),
+            (
                 "swocloud_worker_stopping",
                 Kind::Gauge,
                 "1 while this worker process drains (reload or stop).",
@@ -272,6 +320,9 @@ impl Exposition {
                     "swocloud_worker_requests_total" => w.requests,
                     "swocloud_worker_rss_bytes" => w.rss_kib * 1024,
                     "swocloud_worker_redis_up" => ld(&sb.row(w.index).redis_up),
+                    "swocloud_worker_redis_pubsub_verified" => {
+                        ld(&sb.row(w.index).redis_sub_verified)
+                    }
                     _ => u64::from(w.stopping),
                 };
                 self.sample(name, &[("worker", &id), ("pid", &pid)], value);
@@ -386,3 +437,6 @@ mod tests {
         );
     }
 }
+
+/// Reads one figure of a scoreboard row.
+type RowField = fn(&Row) -> u64;

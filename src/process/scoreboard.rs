@@ -98,6 +98,22 @@ pub struct Row {
     pub redis_reconnects: AtomicU64,
     /// 1 while this process's Redis link is up (a gauge).
     pub redis_up: AtomicU64,
+    /// Redis requests on the wire, waiting for their replies (a gauge).
+    pub redis_pending: AtomicU64,
+    /// Durable Redis requests waiting for the link to come back (a gauge).
+    pub redis_queued: AtomicU64,
+    /// Redis commands that completed with an error (server, link, timeout).
+    pub redis_cmd_errors: AtomicU64,
+    /// Redis requests that timed out (`redis_timeout`).
+    pub redis_timeouts: AtomicU64,
+    /// Durable Redis requests sent again after an outage.
+    pub redis_retried: AtomicU64,
+    /// Durable Redis requests dropped because their queue was full.
+    pub redis_dropped: AtomicU64,
+    /// Pub/sub probes that did not come back (each forced a resubscribe).
+    pub redis_probe_failures: AtomicU64,
+    /// 1 while the pub/sub link is verified by its probe, or unused (a gauge).
+    pub redis_sub_verified: AtomicU64,
 }
 
 /// Number of application-defined counters per row.
@@ -233,6 +249,14 @@ impl Scoreboard {
             &r.redis_errors,
             &r.redis_reconnects,
             &r.redis_up,
+            &r.redis_pending,
+            &r.redis_queued,
+            &r.redis_cmd_errors,
+            &r.redis_timeouts,
+            &r.redis_retried,
+            &r.redis_dropped,
+            &r.redis_probe_failures,
+            &r.redis_sub_verified,
         ] {
             c.store(0, Relaxed);
         }

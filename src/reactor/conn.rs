@@ -54,6 +54,14 @@ pub enum Phase {
     },
     /// Inbound HTTP: reading requests.
     Http,
+    /// Inbound HTTP: the application answers the last request later
+    /// ([`crate::reactor::Response::later`], then `Server::respond`);
+    /// requests that arrive meanwhile wait in `rbuf`, so answers keep
+    /// their order.
+    HttpAnswering {
+        /// Keep the connection open after the answer.
+        keep: bool,
+    },
     /// Upgraded.
     WebSocket(WsState),
     /// Going away: flush output, shut our write side, discard input until
@@ -274,7 +282,7 @@ impl Conn {
     /// after waiting for a frame boundary).
     pub fn movable(&self) -> bool {
         match &self.phase {
-            Phase::Http => true,
+            Phase::Http | Phase::HttpAnswering { .. } => true,
             Phase::WebSocket(st) => !st.close_sent,
             _ => false,
         }
@@ -360,6 +368,7 @@ impl Conn {
     ) -> (Inbound, usize) {
         match &mut self.phase {
             Phase::Http => self.decode_http(input, max_len, stopping),
+            Phase::HttpAnswering { .. } => (Inbound::NeedMore, 0),
             Phase::WebSocket(st) => {
                 let decoded = ws::decode_one(st, input, max_len);
                 let role = st.role;
@@ -489,7 +498,7 @@ impl Conn {
             Phase::ClientHandshake { .. } => {
                 (PhaseName::ClientHandshake, Some(Role::Client), None, false)
             }
-            Phase::Http => (PhaseName::Http, None, None, false),
+            Phase::Http | Phase::HttpAnswering { .. } => (PhaseName::Http, None, None, false),
             Phase::WebSocket(st) => (
                 PhaseName::WebSocket,
                 Some(st.role),

@@ -73,13 +73,11 @@ impl<A: App> Reactor<A> {
                 if c.is_closing() {
                     return false;
                 }
-                resp.encode_into(keep, &mut c.wbuf);
-                let class = usize::from(resp.status / 100).clamp(1, 5) - 1;
-                self.srv.row.http_status[class].fetch_add(1, Relaxed);
-                if keep {
-                    self.srv.mark_dirty(fd);
-                } else {
-                    self.srv.close_gracefully(fd);
+                if resp.is_later() {
+                    c.phase = crate::reactor::conn::Phase::HttpAnswering { keep };
+                    return false;
+                }
+                if !self.srv.answer(fd, &resp, keep) {
                     return false;
                 }
             }
@@ -258,10 +256,9 @@ impl<A: App> Reactor<A> {
                 .row
                 .rss_kib
                 .store(scoreboard::self_rss_kib(), Relaxed),
-            TimerTask::RedisRetry => {
-                self.srv.redis.retry_armed = false;
-                if !self.srv.redis.connect(w) {
-                    self.srv.arm_redis_retry();
+            TimerTask::RedisTick => {
+                if let Some(r) = self.srv.redis.as_mut() {
+                    r.tick(&self.srv.registry, Instant::now());
                 }
             }
             TimerTask::StopDeadline => {
@@ -274,6 +271,55 @@ impl<A: App> Reactor<A> {
                 self.srv
                     .doomed
                     .extend(self.srv.conns.iter().map(|(_, c)| c.fd));
+            }
+        }
+    }
+
+    /// A readiness event on one of the Redis client's sockets.
+    pub(crate) fn redis_event(&mut self, which: crate::reactor::redis::Which) {
+        if let Some(r) = self.srv.redis.as_mut() {
+            r.on_event(which, &self.srv.registry);
+        }
+    }
+
+    /// Whether Redis replies or pub/sub messages wait for their callbacks.
+    pub(crate) fn redis_completions_due(&self) -> bool {
+        !self.srv.redis_late.is_empty()
+            || self
+                .srv
+                .redis
+                .as_ref()
+                .is_some_and(|r| !r.cmd.ready.is_empty() || !r.sub.ready.is_empty())
+    }
+
+    /// Runs the callbacks of finished Redis requests and the handlers of
+    /// pub/sub messages (each under the panic guard), until none are left:
+    /// a callback may send more requests, which complete later, or fail at
+    /// once and complete in this same pass.
+    pub(crate) fn run_redis_completions(&mut self, app: &mut A) {
+        let w = self.srv.worker_id;
+        while self.redis_completions_due() {
+            let mut done = std::mem::take(&mut self.srv.redis_late);
+            let mut msgs = Vec::new();
+            if let Some(r) = self.srv.redis.as_mut() {
+                done.append(&mut r.cmd.ready);
+                msgs = std::mem::take(&mut r.sub.ready);
+            }
+            for (cb, reply) in done {
+                let srv = &mut self.srv;
+                Self::guarded(w, "redis callback", None, || cb(app, srv, reply));
+            }
+            for (channel, payload) in msgs {
+                let Some(mut h) = self.srv.redis.as_mut().and_then(|r| r.sub.take(&channel)) else {
+                    continue;
+                };
+                let srv = &mut self.srv;
+                Self::guarded(w, "redis subscription handler", None, || {
+                    h(app, srv, &payload)
+                });
+                if let Some(r) = self.srv.redis.as_mut() {
+                    r.sub.put_back(channel, h);
+                }
             }
         }
     }

@@ -25,7 +25,7 @@ use crate::process::scoreboard;
 use crate::process::signals::{self, Control};
 use crate::reactor::conn::{Conn, ConnKind, Phase};
 use crate::reactor::migrate::Migrate;
-use crate::reactor::redis_link::RedisLink;
+use crate::reactor::redis::{RedisClient, Which};
 use crate::reactor::server::{Server, TimerTask};
 use crate::reactor::{WorkerContext, WorkerExit};
 
@@ -41,6 +41,10 @@ pub(crate) const HANDOVER_RX: Token = Token(4);
 pub(crate) const HANDOVER_TX: Token = Token(5);
 /// The admin listener (`admin_listen`): far above any connection token.
 const ADMIN_LISTENER: Token = Token(usize::MAX - 1);
+/// The worker's Redis command connection.
+const REDIS_CMD: Token = Token(usize::MAX - 2);
+/// The worker's Redis subscriber connection.
+const REDIS_SUB: Token = Token(usize::MAX - 3);
 /// The readiness callback of a [`WorkerContext`].
 pub(crate) type OnReady = Option<Box<dyn FnOnce()>>;
 /// First connection token.
@@ -176,7 +180,23 @@ impl<A: App> Reactor<A> {
             serial: 0,
             timers: crate::reactor::timer::TimerWheel::new(),
             postbox: ctx.postbox,
-            redis: RedisLink::new(ctx.settings.redis_url.as_deref()).with_row(ctx.row),
+            redis: match ctx.settings.redis_url.as_deref() {
+                None => None,
+                Some(url) => match RedisClient::new(
+                    url,
+                    (REDIS_CMD, REDIS_SUB),
+                    Duration::from_secs_f64(ctx.settings.redis_timeout.max(0.05)),
+                    ctx.worker_id,
+                    ctx.row,
+                ) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        log::error!("worker {}: {e}; running without Redis", ctx.worker_id);
+                        None
+                    }
+                },
+            },
+            redis_late: Vec::new(),
             settings: ctx.settings,
             worker_id: ctx.worker_id,
             task_worker: ctx.task_worker,
@@ -185,6 +205,7 @@ impl<A: App> Reactor<A> {
             emits: Vec::new(),
             dirty: Vec::new(),
             doomed: Vec::new(),
+            resume: Vec::new(),
             stop_request: None,
             stopping: false,
             handing_over: false,
@@ -254,6 +275,8 @@ impl<A: App> Reactor<A> {
                     INBOX | WAKER => {}
                     HANDOVER_RX => self.on_handover_rx(app),
                     HANDOVER_TX => self.on_handover_tx(),
+                    REDIS_CMD => self.redis_event(Which::Commands),
+                    REDIS_SUB => self.redis_event(Which::Subscriber),
                     Token(t) => self.conn_event(
                         app,
                         t - FIRST_CONN,
@@ -290,8 +313,12 @@ impl<A: App> Reactor<A> {
     /// reactor's own periodic timers. Fails when `on_worker_start` panicked.
     fn start(&mut self, app: &mut A) -> io::Result<()> {
         let now = Instant::now();
-        if self.srv.redis.configured() && !self.srv.redis.connect(self.srv.worker_id) {
-            self.srv.arm_redis_retry();
+        if let Some(r) = self.srv.redis.as_mut() {
+            r.tick(&self.srv.registry, now);
+            let every = crate::reactor::redis::TICK;
+            self.srv
+                .timers
+                .insert(now, every, Some(every), TimerTask::RedisTick);
         }
         app.listeners(&mut self.bus);
         let srv = &mut self.srv;
@@ -504,7 +531,19 @@ impl<A: App> Reactor<A> {
                 }
                 continue; // lingering: discard input until EOF
             }
-            if c.rbuf.is_empty() {
+            if matches!(c.phase, Phase::HttpAnswering { .. }) {
+                // Pipelined requests wait for the deferred answer, bounded.
+                c.rbuf.extend_from_slice(&scratch[..n]);
+                if c.rbuf.len() > self.srv.settings.package_max_length.saturating_mul(2) {
+                    log::info!(
+                        "worker {}: fd {fd} ({}): too much pipelined input while an answer is pending; closing",
+                        self.srv.worker_id,
+                        c.peer
+                    );
+                    self.srv.doomed.push(fd);
+                    break;
+                }
+            } else if c.rbuf.is_empty() {
                 let used = self.process(app, key, fd, &mut scratch[..n]);
                 if let Some(c) = self.live(key, fd) {
                     c.rbuf.extend_from_slice(&scratch[used..n]);
@@ -528,6 +567,24 @@ impl<A: App> Reactor<A> {
         if let Some(c) = self.srv.conns.get(key).filter(|c| c.fd == fd) {
             if c.pending_out() > 0 || c.is_closing() {
                 self.srv.mark_dirty(fd);
+            }
+        }
+    }
+
+    /// Decodes what waited in `rbuf` behind a deferred HTTP answer, now
+    /// that it has been given.
+    fn resume(&mut self, app: &mut A, fd: crate::reactor::Fd) {
+        let Some(key) = self.srv.key(fd) else { return };
+        let Some(c) = self.live(key, fd) else { return };
+        if c.rbuf.is_empty() {
+            return;
+        }
+        let mut buf = std::mem::take(&mut c.rbuf);
+        let used = self.process(app, key, fd, &mut buf);
+        if let Some(c) = self.live(key, fd) {
+            buf.drain(..used);
+            if !buf.is_empty() {
+                c.rbuf = buf;
             }
         }
     }
@@ -584,6 +641,10 @@ impl<A: App> Reactor<A> {
     /// runs deferred triggers, until nothing is left to do.
     pub(crate) fn before_sleep(&mut self, app: &mut A) {
         loop {
+            self.run_redis_completions(app);
+            for fd in std::mem::take(&mut self.srv.resume) {
+                self.resume(app, fd);
+            }
             while let Some(fd) = self.srv.doomed.pop() {
                 self.teardown(app, fd);
             }
@@ -594,10 +655,17 @@ impl<A: App> Reactor<A> {
             for (event, args) in &emits {
                 self.trigger(app, event, args.clone());
             }
-            if self.srv.doomed.is_empty() && self.srv.dirty.is_empty() && self.srv.emits.is_empty()
+            if self.srv.doomed.is_empty()
+                && self.srv.dirty.is_empty()
+                && self.srv.emits.is_empty()
+                && !self.redis_completions_due()
+                && self.srv.resume.is_empty()
             {
                 break;
             }
+        }
+        if let Some(r) = self.srv.redis.as_mut() {
+            r.flush(&self.srv.registry);
         }
         self.srv.postbox.flush();
         self.srv
@@ -669,7 +737,7 @@ impl<A: App> Reactor<A> {
                 Phase::Http if c.rbuf.is_empty() && c.timer.is_none() => {
                     self.srv.close_gracefully(fd)
                 }
-                Phase::Http | Phase::Closing => {}
+                Phase::Http | Phase::HttpAnswering { .. } | Phase::Closing => {}
                 Phase::WebSocket(_) => {
                     self.srv.disconnect(
                         fd,

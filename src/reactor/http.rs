@@ -87,6 +87,18 @@ impl Response {
         }
     }
 
+    /// No answer now: the application answers later with
+    /// `Server::respond(req.fd, …)` (after a Redis reply, say). Until then
+    /// the connection reads no further request.
+    pub fn later() -> Response {
+        Response::new(0, Vec::new())
+    }
+
+    /// Whether this is [`Response::later`].
+    pub fn is_later(&self) -> bool {
+        self.status == 0
+    }
+
     /// A `text/plain` response.
     pub fn text(status: u16, body: &str) -> Response {
         Response::new(status, body).with_header("Content-Type", "text/plain; charset=utf-8")

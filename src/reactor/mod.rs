@@ -11,7 +11,9 @@
 //! - `limits` — connections per IP and messages per second per connection;
 //! - `websocket` — handshakes and the frame codec (tungstenite framing);
 //! - `timer` — the hashed timer wheel;
-//! - `redis_link` — the worker's Redis connection with backoff;
+//! - `redis` — the worker's non-blocking Redis client (commands with
+//!   callbacks, pub/sub with a self-probe), hiredis-style on this loop;
+//! - `resolve` — host names resolved off the loop;
 //! - `handover` — the wire protocol that moves connections between the
 //!   workers of a slot (SCM_RIGHTS + bounded manifests);
 //! - `migrate` — the loop's side of a handover: park, send, adopt.
@@ -27,7 +29,8 @@ pub mod handover;
 pub mod http;
 pub mod limits;
 mod migrate;
-pub mod redis_link;
+pub mod redis;
+pub mod resolve;
 pub mod server;
 pub mod timer;
 pub mod websocket;

@@ -21,7 +21,7 @@ use crate::event::App;
 use crate::process::ipc::{Dest, Envelope, Postbox, SendError};
 use crate::process::scoreboard::{Row, Scoreboard};
 use crate::reactor::conn::{Conn, ConnKind, ConnSnapshot, ConnectionInfo, Phase};
-use crate::reactor::redis_link::RedisLink;
+use crate::reactor::redis::{client::Callback, RedisClient, Reply, Request};
 use crate::reactor::timer::{TimerId, TimerWheel};
 use crate::reactor::websocket::Message;
 use crate::reactor::{Fd, WorkerExit};
@@ -52,8 +52,8 @@ pub(crate) enum TimerTask<A: App> {
     Heartbeat,
     /// Refresh `rss_kib` in the scoreboard row.
     Rss,
-    /// Retry the Redis connection.
-    RedisRetry,
+    /// The Redis client's periodic check (reconnect, timeouts, probes).
+    RedisTick,
     /// The graceful stop's deadline.
     StopDeadline,
 }
@@ -70,10 +70,12 @@ pub struct Server<A: App> {
     pub(crate) task_worker: bool,       // task worker (no listener)
     pub(crate) row: &'static Row,       // our scoreboard row
     pub(crate) scoreboard: Scoreboard,  // everyone's rows
-    pub(crate) redis: RedisLink,        // the worker's Redis
+    pub(crate) redis: Option<RedisClient<A, Server<A>>>, // the worker's Redis (none: no redis_url)
+    pub(crate) redis_late: Vec<(Callback<A, Server<A>>, Reply)>, // completions with no client
     pub(crate) emits: Vec<(String, Vec<Value>)>, // deferred bus triggers
     pub(crate) dirty: Vec<Fd>,          // connections to flush before sleep
     pub(crate) doomed: Vec<Fd>,         // connections to tear down now
+    pub(crate) resume: Vec<Fd>,         // HTTP connections answered late: decode what waited
     pub(crate) stop_request: Option<WorkerExit>, // a stop was asked for
     pub(crate) stopping: bool,          // draining
     pub(crate) handing_over: bool,      // draining into the slot's successor
@@ -169,6 +171,42 @@ impl<A: App> Server<A> {
         self.row.messages_out.fetch_add(1, Relaxed);
         self.mark_dirty(fd);
         self.key(fd).is_some() && !self.doomed.contains(&fd)
+    }
+
+    /// Answers the request `on_request` deferred with
+    /// [`Response::later`](crate::reactor::Response::later) on `fd`.
+    /// Requests the client pipelined meanwhile are then decoded, in order.
+    /// False if `fd` is gone or has no answer pending.
+    pub fn respond(&mut self, fd: Fd, resp: crate::reactor::Response) -> bool {
+        let Some(c) = self.conn_mut(fd) else {
+            return false;
+        };
+        let Phase::HttpAnswering { keep } = c.phase else {
+            return false;
+        };
+        c.phase = Phase::Http;
+        if self.answer(fd, &resp, keep) {
+            self.resume.push(fd);
+        }
+        true
+    }
+
+    /// Encodes an HTTP answer on `fd`; false when the connection closes
+    /// after it.
+    pub(crate) fn answer(&mut self, fd: Fd, resp: &crate::reactor::Response, keep: bool) -> bool {
+        let Some(c) = self.conn_mut(fd) else {
+            return false;
+        };
+        resp.encode_into(keep, &mut c.wbuf);
+        let class = usize::from(resp.status / 100).clamp(1, 5) - 1;
+        self.row.http_status[class].fetch_add(1, Relaxed);
+        if keep {
+            self.mark_dirty(fd);
+            true
+        } else {
+            self.close_gracefully(fd);
+            false
+        }
     }
 
     /// Whether `fd` is a live connection (not closing).
@@ -332,16 +370,6 @@ impl<A: App> Server<A> {
         Ok(id)
     }
 
-    /// The worker's Redis connection, when configured and up.
-    pub fn redis(&mut self) -> Option<&mut redis::Connection> {
-        self.redis.conn()
-    }
-
-    /// Whether the Redis link is up.
-    pub fn redis_ok(&self) -> bool {
-        self.redis.is_up()
-    }
-
     /// A thread-safe sender into this worker's own inbox: a thread the
     /// application started (a Redis subscriber, say) hands messages to the
     /// loop this way, and they arrive in `on_pipe_message` with `from` set to
@@ -350,45 +378,80 @@ impl<A: App> Server<A> {
         self.postbox.sender(self.postbox.me())
     }
 
-    /// Marks the Redis link down after a failed command (the loop
-    /// reconnects with backoff).
-    pub fn redis_failed(&mut self) {
-        self.redis.down(self.worker_id, "a command failed");
-        self.arm_redis_retry();
-    }
+    // ---- Redis (non-blocking; see crate::reactor::redis) --------------
 
-    /// Runs `f` on the Redis connection. `None` when Redis is down or the
-    /// command failed; an I/O failure also marks the link down.
-    pub fn redis_cmd<T>(
+    /// Sends `req` to Redis; `cb` gets the reply converted to `T`, or an
+    /// error (Redis down, link lost, `redis_timeout`, a server error, a
+    /// reply of another type). It always fires, once, after the calling
+    /// hook has returned, never inside it. Requests are pipelined: all
+    /// made in one loop iteration go out in one write.
+    pub fn redis<T: redis::FromRedisValue + 'static>(
         &mut self,
-        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
-    ) -> Option<T> {
-        let conn = self.redis.conn()?;
-        match f(conn) {
-            Ok(v) => Some(v),
-            Err(e) if RedisLink::is_link_error(&e) => {
-                self.redis.down(self.worker_id, &e.to_string());
-                self.arm_redis_retry();
-                None
-            }
-            Err(e) => {
-                log::warn!("worker {}: redis command failed: {e}", self.worker_id);
-                self.redis.count_error();
-                None
-            }
+        req: impl Into<Request>,
+        cb: impl FnOnce(&mut A, &mut Server<A>, redis::RedisResult<T>) + 'static,
+    ) {
+        let cb: Callback<A, Server<A>> =
+            Box::new(move |app, srv, r: Reply| cb(app, srv, r.and_then(T::from_owned_redis_value)));
+        match self.redis.as_mut() {
+            Some(c) => c.cmd.submit(req.into(), Some(cb), false),
+            None => self.redis_late.push((cb, Err(not_configured()))),
         }
     }
 
-    pub(crate) fn arm_redis_retry(&mut self) {
-        if self.redis.configured() && !self.redis.is_up() && !self.redis.retry_armed {
-            self.redis.retry_armed = true;
-            self.timers.insert(
-                Instant::now(),
-                self.redis.backoff(),
-                None,
-                TimerTask::RedisRetry,
-            );
+    /// Sends `req` and forgets it; a failure is counted and logged.
+    pub fn redis_send(&mut self, req: impl Into<Request>) {
+        if let Some(c) = self.redis.as_mut() {
+            c.cmd.submit(req.into(), None, false);
         }
+    }
+
+    /// Sends `req`, which must reach Redis (a removal, a renewal): while
+    /// Redis is away it waits in a bounded queue and goes out first when
+    /// the link is back. Counted in `/metrics`
+    /// (`swocloud_redis_queued`, `_retried_total`, `_dropped_total`).
+    pub fn redis_durable(&mut self, req: impl Into<Request>) {
+        if let Some(c) = self.redis.as_mut() {
+            c.cmd.submit(req.into(), None, true);
+        }
+    }
+
+    /// Calls `handler` with the payload of every message published on
+    /// `channel`, on this worker's subscriber connection (resubscribed
+    /// after every reconnect, verified by a self-probe).
+    pub fn redis_subscribe(
+        &mut self,
+        channel: impl Into<Vec<u8>>,
+        handler: impl FnMut(&mut A, &mut Server<A>, &[u8]) + 'static,
+    ) {
+        if let Some(c) = self.redis.as_mut() {
+            c.subscribe(channel.into(), Box::new(handler), &self.registry);
+        }
+    }
+
+    /// Whether a Redis URL is configured.
+    pub fn redis_configured(&self) -> bool {
+        self.redis.is_some()
+    }
+
+    /// Whether the Redis command link is up.
+    pub fn redis_ok(&self) -> bool {
+        self.redis.as_ref().is_some_and(|c| c.is_up())
+    }
+
+    /// `Ok` while commands flow and every subscription is verified by its
+    /// probe; otherwise why not (for `/ready`).
+    pub fn redis_ready(&self) -> Result<(), &'static str> {
+        match &self.redis {
+            Some(c) => c.ready(),
+            None => Err("redis not configured"),
+        }
+    }
+
+    /// Requests on the wire plus durable ones waiting (for stats).
+    pub fn redis_backlog(&self) -> (usize, usize) {
+        self.redis
+            .as_ref()
+            .map_or((0, 0), |c| (c.cmd.in_flight(), c.cmd.queued()))
     }
 
     /// This worker's scoreboard row.
@@ -487,4 +550,12 @@ impl<A: App> Server<A> {
             c.timer = Some(id);
         }
     }
+}
+
+fn not_configured() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::ClientError,
+        "redis not configured",
+        String::new(),
+    ))
 }

@@ -21,6 +21,8 @@
 
 pub mod cluster;
 pub mod daemon;
+pub mod inproc;
+pub mod proxy;
 
 use std::fs;
 use std::io::{self, Read, Write};
