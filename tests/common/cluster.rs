@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use super::daemon::Daemon;
+use super::proxy::FaultProxy;
 use super::{http_get, http_request, wait_until, ws_connect, RedisServer, WsClient};
 
 pub const ROUTE_BIN: &str = env!("CARGO_BIN_EXE_swocloud");
@@ -15,6 +16,8 @@ pub struct Cluster {
     pub redis: RedisServer,
     pub route: Daemon,
     pub ims: Vec<Daemon>,
+    /// Between the daemons and Redis, when started with [`Cluster::start_proxied`].
+    pub proxy: Option<FaultProxy>,
 }
 
 impl Cluster {
@@ -27,12 +30,40 @@ impl Cluster {
         im_workers: usize,
         route_extra: &str,
     ) -> Cluster {
+        Cluster::build(route_workers, ims, im_workers, route_extra, false)
+    }
+
+    /// As [`Cluster::start`], with every daemon reaching Redis through a
+    /// [`FaultProxy`] the test can slow down or silence.
+    pub fn start_proxied(
+        route_workers: usize,
+        ims: usize,
+        im_workers: usize,
+        route_extra: &str,
+    ) -> Cluster {
+        Cluster::build(route_workers, ims, im_workers, route_extra, true)
+    }
+
+    fn build(
+        route_workers: usize,
+        ims: usize,
+        im_workers: usize,
+        route_extra: &str,
+        proxied: bool,
+    ) -> Cluster {
         let redis = RedisServer::start();
+        let proxy = proxied.then(|| {
+            FaultProxy::start(
+                format!("127.0.0.1:{}", redis.port())
+                    .parse()
+                    .expect("redis address"),
+            )
+        });
+        let url = proxy.as_ref().map_or_else(|| redis.url(), |p| p.url());
         let route = Daemon::new(
             ROUTE_BIN,
             &format!(
-                "worker_num = {route_workers}\nredis_url = \"{}\"\nauth_secret = \"{SECRET}\"\nheartbeat_check_interval = 0.5\nheartbeat_idle_time = 2.0\ncache_refresh = 1.0\n{route_extra}",
-                redis.url()
+                "worker_num = {route_workers}\nredis_url = \"{url}\"\nauth_secret = \"{SECRET}\"\nheartbeat_check_interval = 0.5\nheartbeat_idle_time = 2.0\ncache_refresh = 1.0\n{route_extra}",
             ),
         );
         route.start();
@@ -40,6 +71,7 @@ impl Cluster {
             redis,
             route,
             ims: Vec::new(),
+            proxy,
         };
         for i in 0..ims {
             c.add_im(i, im_workers);
@@ -56,12 +88,19 @@ impl Cluster {
             &host,
             &format!(
                 "worker_num = {workers}\nredis_url = \"{}\"\nauth_secret = \"{SECRET}\"\nroute_url = \"ws://{}/\"\nservice_name = \"IM_{i}\"\nroute_heartbeat = 0.3",
-                self.redis.url(),
+                self.redis_url(),
                 self.route.addr()
             ),
         );
         im.start();
         self.ims.push(im);
+    }
+
+    /// The Redis URL the daemons use (the proxy's, when there is one).
+    pub fn redis_url(&self) -> String {
+        self.proxy
+            .as_ref()
+            .map_or_else(|| self.redis.url(), |p| p.url())
     }
 
     pub fn servers(&self) -> serde_json::Value {
