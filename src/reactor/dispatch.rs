@@ -59,7 +59,7 @@ impl<A: App> Reactor<A> {
             Inbound::Request(req) => {
                 self.handshake_done(fd);
                 self.count_request();
-                let keep = req.keep_alive() && (!self.srv.stopping || self.srv.handing_over);
+                let keep = req.keep_alive() && !self.srv.lifecycle.draining();
                 let srv = &mut self.srv;
                 let (resp, keep) =
                     match Self::guarded(w, "on_request", Some(fd), || app.on_request(srv, &req)) {
@@ -164,12 +164,12 @@ impl<A: App> Reactor<A> {
         self.srv.row.requests.fetch_add(1, Relaxed);
         self.requests += 1;
         let max = self.srv.settings.max_request;
-        if max > 0 && self.requests >= max && self.srv.stop_request.is_none() {
+        if max > 0 && self.requests >= max && !self.srv.lifecycle.stop_asked() {
             if self.requests == max {
                 log::info!("worker {}: max_request {max} reached", self.srv.worker_id);
             }
             if !self.replace_me() {
-                self.srv.stop_request = Some(WorkerExit::MaxRequest);
+                self.srv.lifecycle.ask(WorkerExit::MaxRequest);
             }
         }
     }

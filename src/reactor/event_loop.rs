@@ -103,7 +103,6 @@ pub(crate) struct Reactor<A: App> {
     pub(crate) bus: EventBus<Server<A>>,                      // the application's listeners
     pub(crate) scratch: Vec<u8>,                              // shared read buffer
     pub(crate) stop: StopHandle,                              // external stop trigger
-    pub(crate) exit: WorkerExit,                              // why we stop
     pub(crate) requests: u64,                                 // requests served (max_request)
     pub(crate) migrate: Migrate,                              // handover state
 }
@@ -119,13 +118,13 @@ impl<A: App> Reactor<A> {
         let waker =
             Arc::new(Waker::new(registry, WAKER).map_err(|e| ctxerr("creating the waker", e))?);
         stop.bind(waker);
-        let migrate = Migrate::new(ctx.handover, ctx.settings.max_wait_time);
+        let (migrate, lifecycle) = Migrate::new(ctx.handover, ctx.settings.max_wait_time);
         let listener = match ctx.listener {
             Some(l) => {
                 l.set_nonblocking(true)
                     .map_err(|e| ctxerr("listener nonblocking", e))?;
                 let mut l = mio::net::TcpListener::from_std(l);
-                if !migrate.listener_pending() {
+                if lifecycle.accepts() {
                     registry
                         .register(&mut l, LISTENER, Interest::READABLE)
                         .map_err(|e| ctxerr("registering the listener", e))?;
@@ -185,10 +184,7 @@ impl<A: App> Reactor<A> {
             emits: Vec::new(),
             dirty: Vec::new(),
             doomed: Vec::new(),
-            stop_request: None,
-            stopping: false,
-            handing_over: false,
-            adopting: migrate.busy(),
+            lifecycle,
             next_task_id: 0,
             next_task_worker: ctx.worker_id,
             per_ip: Default::default(),
@@ -201,7 +197,6 @@ impl<A: App> Reactor<A> {
             bus: EventBus::new(),
             scratch: vec![0; SCRATCH],
             stop,
-            exit: WorkerExit::Stopped,
             requests: 0,
             migrate,
         };
@@ -217,22 +212,22 @@ impl<A: App> Reactor<A> {
         log::debug!("worker {}: serving", self.srv.worker_id);
         let mut events = Events::with_capacity(1024);
         loop {
-            if self.srv.stop_request.is_none() && self.stop.is_stopped() {
-                self.srv.stop_request = Some(WorkerExit::Stopped);
+            if self.stop.is_stopped() {
+                self.srv.lifecycle.ask(WorkerExit::Stopped);
             }
-            if let Some(exit) = self.srv.stop_request {
-                // A worker still adopting hands over only once it has all.
-                let wait = exit == WorkerExit::HandedOver && self.srv.adopting;
-                if !self.srv.stopping && !wait {
-                    if exit == WorkerExit::HandedOver {
-                        self.begin_handover(app);
-                    } else {
-                        self.begin_stop(app, exit);
-                    }
-                    self.before_sleep(app); // the 1001 frames go out now
+            // A worker still adopting hands over only once it has all.
+            if let Some(exit) = self.srv.lifecycle.due() {
+                if exit == WorkerExit::HandedOver {
+                    self.begin_handover(app);
+                } else {
+                    self.begin_stop(app, exit);
                 }
+                self.before_sleep(app); // the 1001 frames go out now
             }
-            if self.srv.stopping && self.srv.conns.is_empty() && !self.migrate.busy() {
+            if self.srv.lifecycle.can_end() && self.srv.conns.is_empty() {
+                if let Err(e) = self.srv.lifecycle.end() {
+                    log::error!("worker {}: {e}", self.srv.worker_id); // unreachable: can_end held
+                }
                 break;
             }
             let timeout = self.poll_timeout();
@@ -250,7 +245,7 @@ impl<A: App> Reactor<A> {
                     LISTENER => self.accept_all(),
                     ADMIN_LISTENER => self.accept_from(true),
                     SIGNALS => self.on_signals(),
-                    INBOX if !self.srv.adopting => self.drain_inbox(app),
+                    INBOX if self.srv.lifecycle.reads_mailbox() => self.drain_inbox(app),
                     INBOX | WAKER => {}
                     HANDOVER_RX => self.on_handover_rx(app),
                     HANDOVER_TX => self.on_handover_tx(),
@@ -267,7 +262,7 @@ impl<A: App> Reactor<A> {
             self.before_sleep(app);
         }
         self.finish(app);
-        Ok(self.exit)
+        Ok(self.srv.lifecycle.exit())
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
@@ -280,7 +275,7 @@ impl<A: App> Reactor<A> {
         if self.srv.postbox.has_queued() {
             t = Some(t.map_or(IPC_RETRY, |t| t.min(IPC_RETRY)));
         }
-        if let Some(m) = self.migrate.timeout() {
+        if let Some(m) = self.srv.lifecycle.timeout(now) {
             t = Some(t.map_or(m, |t| t.min(m)));
         }
         t
@@ -409,7 +404,7 @@ impl<A: App> Reactor<A> {
         for c in signals::take_pending() {
             match c {
                 Control::Terminate => {
-                    self.srv.stop_request.get_or_insert(WorkerExit::Stopped);
+                    self.srv.lifecycle.ask(WorkerExit::Stopped);
                 }
                 Control::Reload => self.request_handover(),
                 other => log::debug!("worker {}: ignoring {other:?}", self.srv.worker_id),
@@ -553,7 +548,7 @@ impl<A: App> Reactor<A> {
         let mut pos = 0;
         while pos <= input.len() {
             // A worker handing over still takes upgrades: they move too.
-            let stopping = self.srv.stopping && !self.srv.handing_over;
+            let stopping = self.srv.lifecycle.draining();
             if self.srv.doomed.contains(&fd) {
                 return input.len();
             }
@@ -634,8 +629,10 @@ impl<A: App> Reactor<A> {
     /// listening, close idle connections, say 1001 to WebSocket peers, arm
     /// the `max_wait_time` deadline.
     pub(crate) fn begin_stop(&mut self, app: &mut A, exit: WorkerExit) {
-        self.srv.stopping = true;
-        self.exit = exit;
+        if let Err(e) = self.srv.lifecycle.begin_drain(exit) {
+            log::warn!("worker {}: {e}", self.srv.worker_id);
+            return;
+        }
         self.srv.row.stopping.store(1, Relaxed);
         log::info!(
             "worker {}: stopping ({exit:?}), {} connections to finish",
@@ -704,6 +701,10 @@ impl<A: App> Reactor<A> {
         while self.srv.postbox.flush() && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(5));
         }
-        log::info!("worker {}: stopped ({:?})", self.srv.worker_id, self.exit);
+        log::info!(
+            "worker {}: stopped ({:?})",
+            self.srv.worker_id,
+            self.srv.lifecycle.exit()
+        );
     }
 }

@@ -14,7 +14,9 @@
 //! - `redis_link` — the worker's Redis connection with backoff;
 //! - `handover` — the wire protocol that moves connections between the
 //!   workers of a slot (SCM_RIGHTS + bounded manifests);
-//! - `migrate` — the loop's side of a handover: park, send, adopt.
+//! - `migrate` — the loop's side of a handover: park, send, adopt;
+//! - `lifecycle` — the worker's lifecycle state machine (adopting,
+//!   serving, draining, handing over, done).
 //!
 //! Entry points: [`run_worker`] (what a forked worker calls) and
 //! [`run_worker_until`] (the same with a [`StopHandle`], for running a
@@ -25,6 +27,7 @@ mod dispatch;
 pub mod event_loop;
 pub mod handover;
 pub mod http;
+mod lifecycle;
 pub mod limits;
 mod migrate;
 pub mod redis_link;

@@ -21,6 +21,7 @@ use crate::event::App;
 use crate::process::ipc::{Dest, Envelope, Postbox, SendError};
 use crate::process::scoreboard::{Row, Scoreboard};
 use crate::reactor::conn::{Conn, ConnKind, ConnSnapshot, ConnectionInfo, Phase};
+use crate::reactor::lifecycle::Lifecycle;
 use crate::reactor::redis_link::RedisLink;
 use crate::reactor::timer::{TimerId, TimerWheel};
 use crate::reactor::websocket::Message;
@@ -74,10 +75,7 @@ pub struct Server<A: App> {
     pub(crate) emits: Vec<(String, Vec<Value>)>, // deferred bus triggers
     pub(crate) dirty: Vec<Fd>,          // connections to flush before sleep
     pub(crate) doomed: Vec<Fd>,         // connections to tear down now
-    pub(crate) stop_request: Option<WorkerExit>, // a stop was asked for
-    pub(crate) stopping: bool,          // draining
-    pub(crate) handing_over: bool,      // draining into the slot's successor
-    pub(crate) adopting: bool,          // taking connections from a predecessor
+    pub(crate) lifecycle: Lifecycle,    // adopting, serving, draining, handing over, done
     pub(crate) next_task_id: u64,       // task id counter
     pub(crate) next_task_worker: usize, // round-robin cursor
     pub(crate) per_ip: crate::reactor::limits::IpCounter, // max_conn_per_ip
@@ -89,7 +87,7 @@ impl<A: App> std::fmt::Debug for Server<A> {
             .field("worker_id", &self.worker_id)
             .field("task_worker", &self.task_worker)
             .field("connections", &self.conns.len())
-            .field("stopping", &self.stopping)
+            .field("lifecycle", &self.lifecycle.name())
             .finish()
     }
 }
@@ -415,26 +413,26 @@ impl<A: App> Server<A> {
 
     /// Stops this worker gracefully (as on SIGTERM).
     pub fn stop(&mut self) {
-        self.stop_request.get_or_insert(WorkerExit::Stopped);
+        self.lifecycle.ask(WorkerExit::Stopped);
     }
 
     /// Whether the worker is draining.
     pub fn is_stopping(&self) -> bool {
-        self.stopping
+        self.lifecycle.is_stopping()
     }
 
     /// Whether this worker is stopping by handing its connections to its
     /// replacement (a rolling reload or a `max_request` replacement): they
     /// stay open, so there is no goodbye to say.
     pub fn is_handing_over(&self) -> bool {
-        self.handing_over
+        self.lifecycle.is_handing_over()
     }
 
     /// Whether this worker is still taking connections from the worker it
     /// replaces (`on_adopt` runs for each); it accepts nothing and reads no
     /// mailbox message until that is done.
     pub fn is_adopting(&self) -> bool {
-        self.adopting
+        self.lifecycle.is_adopting()
     }
 
     /// Opens an outbound WebSocket connection to `addr`, sending `host` and
