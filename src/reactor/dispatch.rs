@@ -66,7 +66,7 @@ impl<A: App> Reactor<A> {
                         Some(r) => (r, keep),
                         None => (Response::text(500, "internal server error\n"), false),
                     };
-                let Some(key) = self.srv.key(fd) else {
+                let Some(key) = self.srv.conns.key(fd) else {
                     return false;
                 };
                 let c = &mut self.srv.conns[key];
@@ -120,7 +120,7 @@ impl<A: App> Reactor<A> {
     /// returns false (the message is dropped).
     fn within_rate(&mut self, fd: Fd) -> bool {
         let rate = self.srv.settings.max_messages_per_second;
-        let Some(key) = self.srv.key(fd) else {
+        let Some(key) = self.srv.conns.key(fd) else {
             return false;
         };
         let c = &mut self.srv.conns[key];
@@ -153,7 +153,9 @@ impl<A: App> Reactor<A> {
     /// The connection finished its request head / handshake: drop the
     /// slowloris timer.
     fn handshake_done(&mut self, fd: Fd) {
-        let Some(key) = self.srv.key(fd) else { return };
+        let Some(key) = self.srv.conns.key(fd) else {
+            return;
+        };
         if let Some(t) = self.srv.conns[key].timer.take() {
             self.srv.timers.cancel(t);
         }
@@ -176,20 +178,13 @@ impl<A: App> Reactor<A> {
 
     /// Removes a connection and runs `on_close` if it had opened.
     pub(crate) fn teardown(&mut self, app: &mut A, fd: Fd) {
-        let Some(key) = self.srv.key(fd) else { return };
-        let mut c = self.srv.conns.remove(key);
-        let _ = self.srv.registry.deregister(&mut c.stream);
-        if c.limits.ip_counted {
-            self.srv.per_ip.release(c.peer.ip());
-        }
+        let Some(mut c) = self.srv.conns.remove(fd) else {
+            return;
+        };
         if let Some(t) = c.timer.take() {
             self.srv.timers.cancel(t);
         }
         self.srv.row.closed.fetch_add(1, Relaxed);
-        self.srv
-            .row
-            .connections
-            .store(self.srv.conns.len() as u64, Relaxed);
         let opened = c.opened;
         log::trace!("worker {}: fd {fd} ({}) closed", self.srv.worker_id, c.peer);
         drop(c);
@@ -230,28 +225,31 @@ impl<A: App> Reactor<A> {
         match task {
             TimerTask::User(_) => {}
             TimerTask::Handshake(fd) | TimerTask::Linger(fd) => {
-                let Some(key) = self.srv.key(*fd) else { return };
+                let Some(key) = self.srv.conns.key(*fd) else {
+                    return;
+                };
                 let c = &self.srv.conns[key];
                 if c.timer == Some(id) {
                     if matches!(task, TimerTask::Handshake(_)) {
                         log::info!("worker {w}: fd {fd} ({}): no complete request within handshake_timeout; closing", c.peer);
                     }
-                    self.srv.doomed.push(*fd);
+                    self.srv.conns.doom(*fd);
                 }
             }
             TimerTask::Heartbeat => {
                 let idle =
                     std::time::Duration::from_secs_f64(self.srv.settings.heartbeat_idle_time);
-                for (_, c) in self.srv.conns.iter() {
-                    if c.last_active.elapsed() > idle {
+                self.srv.conns.doom_where(|c| {
+                    let idle = c.last_active.elapsed() > idle;
+                    if idle {
                         log::debug!(
                             "worker {w}: fd {} ({}): idle past heartbeat_idle_time; closing",
                             c.fd,
                             c.peer
                         );
-                        self.srv.doomed.push(c.fd);
                     }
-                }
+                    idle
+                });
             }
             TimerTask::Rss => self
                 .srv
@@ -271,9 +269,7 @@ impl<A: App> Reactor<A> {
                         self.srv.conns.len()
                     );
                 }
-                self.srv
-                    .doomed
-                    .extend(self.srv.conns.iter().map(|(_, c)| c.fd));
+                self.srv.conns.doom_where(|_| true);
             }
         }
     }

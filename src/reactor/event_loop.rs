@@ -27,6 +27,7 @@ use crate::reactor::conn::{Conn, ConnKind, Phase};
 use crate::reactor::migrate::Migrate;
 use crate::reactor::redis_link::RedisLink;
 use crate::reactor::server::{Server, TimerTask};
+use crate::reactor::table::ConnTable;
 use crate::reactor::{WorkerContext, WorkerExit};
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -167,12 +168,11 @@ impl<A: App> Reactor<A> {
         registry
             .register(&mut SourceFd(&inbox), INBOX, Interest::READABLE)
             .map_err(|e| ctxerr("registering the inbox", e))?;
+        let conn_registry = registry
+            .try_clone()
+            .map_err(|e| ctxerr("cloning the registry", e))?;
         let srv = Server {
-            registry: registry
-                .try_clone()
-                .map_err(|e| ctxerr("cloning the registry", e))?,
-            conns: slab::Slab::new(),
-            serial: 0,
+            conns: ConnTable::new(conn_registry, ctx.settings.buffer_output_size, ctx.row),
             timers: crate::reactor::timer::TimerWheel::new(),
             postbox: ctx.postbox,
             redis: RedisLink::new(ctx.settings.redis_url.as_deref()).with_row(ctx.row),
@@ -182,12 +182,9 @@ impl<A: App> Reactor<A> {
             row: ctx.row,
             scoreboard: ctx.scoreboard,
             emits: Vec::new(),
-            dirty: Vec::new(),
-            doomed: Vec::new(),
             lifecycle,
             next_task_id: 0,
             next_task_worker: ctx.worker_id,
-            per_ip: Default::default(),
         };
         let r = Reactor {
             poll,
@@ -340,7 +337,7 @@ impl<A: App> Reactor<A> {
                 &self.listener
             };
             let Some(l) = l else { return };
-            let (mut stream, peer) = match l.accept() {
+            let (stream, peer) = match l.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -351,33 +348,25 @@ impl<A: App> Reactor<A> {
             };
             let _ = stream.set_nodelay(true);
             let over = self.srv.conns.len() >= self.srv.settings.max_conn;
-            let key = self.srv.conns.vacant_key();
-            if let Err(e) = self.srv.registry.register(
-                &mut stream,
-                token_of(key),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
+            let fd = self.srv.conns.next_fd();
+            let mut conn = Conn::new(fd, stream, peer, ConnKind::Http, Phase::Http);
+            conn.limits.admin = admin;
+            if let Err(e) = self.srv.conns.insert(conn) {
                 log::warn!(
                     "worker {}: registering connection from {peer}: {e}",
                     self.srv.worker_id
                 );
                 continue;
             }
-            let fd = self.srv.fd_for(key);
+            let Some(key) = self.srv.conns.key(fd) else {
+                continue;
+            };
             let ip_ok = over
                 || self
                     .srv
-                    .per_ip
-                    .admit(peer.ip(), self.srv.settings.max_conn_per_ip);
-            let mut conn = Conn::new(fd, stream, peer, ConnKind::Http, Phase::Http);
-            conn.limits.admin = admin;
-            conn.limits.ip_counted = !over && ip_ok;
-            self.srv.conns.insert(conn);
+                    .conns
+                    .admit_ip(fd, self.srv.settings.max_conn_per_ip);
             self.srv.row.accepted.fetch_add(1, Relaxed);
-            self.srv
-                .row
-                .connections
-                .store(self.srv.conns.len() as u64, Relaxed);
             if over {
                 log::warn!(
                     "worker {}: fd {fd} ({peer}): max_conn {} reached, answering 503",
@@ -450,7 +439,7 @@ impl<A: App> Reactor<A> {
                 self.srv.worker_id,
                 c.peer
             );
-            self.srv.doomed.push(fd);
+            self.srv.conns.doom(fd);
             return;
         }
         if let Phase::Connecting { host, path } = &c.phase {
@@ -466,8 +455,11 @@ impl<A: App> Reactor<A> {
     /// frame or request) are copied into the connection.
     fn read(&mut self, app: &mut A, key: usize, fd: crate::reactor::Fd) {
         let mut scratch = std::mem::take(&mut self.scratch);
-        while let Some(c) = self.srv.conns.get_mut(key).filter(|c| c.fd == fd) {
-            if matches!(c.phase, Phase::Connecting { .. }) || self.srv.doomed.contains(&fd) {
+        while !self.srv.conns.is_doomed(fd) {
+            let Some(c) = self.srv.conns.get_mut(key).filter(|c| c.fd == fd) else {
+                break;
+            };
+            if matches!(c.phase, Phase::Connecting { .. }) {
                 break;
             }
             let n = match c.stream.read(&mut scratch) {
@@ -484,7 +476,7 @@ impl<A: App> Reactor<A> {
                         self.srv.worker_id,
                         c.peer
                     );
-                    self.srv.doomed.push(fd);
+                    self.srv.conns.doom(fd);
                     break;
                 }
             };
@@ -549,7 +541,7 @@ impl<A: App> Reactor<A> {
         while pos <= input.len() {
             // A worker handing over still takes upgrades: they move too.
             let stopping = self.srv.lifecycle.draining();
-            if self.srv.doomed.contains(&fd) {
+            if self.srv.conns.is_doomed(fd) {
                 return input.len();
             }
             let Some(c) = self.live(key, fd) else {
@@ -566,10 +558,12 @@ impl<A: App> Reactor<A> {
 
     /// The peer closed its side.
     fn peer_closed(&mut self, fd: crate::reactor::Fd) {
-        let Some(key) = self.srv.key(fd) else { return };
+        let Some(key) = self.srv.conns.key(fd) else {
+            return;
+        };
         let c = &self.srv.conns[key];
         if c.is_closing() || c.pending_out() == 0 {
-            self.srv.doomed.push(fd);
+            self.srv.conns.doom(fd);
         } else {
             self.srv.close_gracefully(fd); // flush what it asked for, then go
         }
@@ -579,18 +573,17 @@ impl<A: App> Reactor<A> {
     /// runs deferred triggers, until nothing is left to do.
     pub(crate) fn before_sleep(&mut self, app: &mut A) {
         loop {
-            while let Some(fd) = self.srv.doomed.pop() {
+            while let Some(fd) = self.srv.conns.pop_doomed() {
                 self.teardown(app, fd);
             }
-            for fd in std::mem::take(&mut self.srv.dirty) {
+            for fd in self.srv.conns.take_dirty() {
                 self.flush_one(fd);
             }
             let emits = std::mem::take(&mut self.srv.emits);
             for (event, args) in &emits {
                 self.trigger(app, event, args.clone());
             }
-            if self.srv.doomed.is_empty() && self.srv.dirty.is_empty() && self.srv.emits.is_empty()
-            {
+            if self.srv.conns.settled() && self.srv.emits.is_empty() {
                 break;
             }
         }
@@ -602,15 +595,17 @@ impl<A: App> Reactor<A> {
     }
 
     fn flush_one(&mut self, fd: crate::reactor::Fd) {
-        let Some(key) = self.srv.key(fd) else { return };
+        let Some(key) = self.srv.conns.key(fd) else {
+            return;
+        };
         let c = &mut self.srv.conns[key];
         c.dirty = false;
         match c.flush() {
-            Ok(true) if c.is_closing() && !c.linger => self.srv.doomed.push(fd),
+            Ok(true) if c.is_closing() && !c.linger => self.srv.conns.doom(fd),
             Ok(true) if c.is_closing() && !c.write_shut => {
                 c.write_shut = true;
                 if c.stream.shutdown(std::net::Shutdown::Write).is_err() {
-                    self.srv.doomed.push(fd);
+                    self.srv.conns.doom(fd);
                 }
             }
             Ok(_) => {}
@@ -620,7 +615,7 @@ impl<A: App> Reactor<A> {
                     self.srv.worker_id,
                     c.peer
                 );
-                self.srv.doomed.push(fd);
+                self.srv.conns.doom(fd);
             }
         }
     }
@@ -648,14 +643,14 @@ impl<A: App> Reactor<A> {
         self.accept_all();
         if let Some(mut l) = self.listener.take() {
             // Deregister and drop our copy only: the manager keeps the socket.
-            let _ = self.srv.registry.deregister(&mut l);
+            let _ = self.poll.registry().deregister(&mut l);
         }
         if let Some(mut l) = self.admin_listener.take() {
-            let _ = self.srv.registry.deregister(&mut l);
+            let _ = self.poll.registry().deregister(&mut l);
         }
-        let fds: Vec<_> = self.srv.conns.iter().map(|(_, c)| c.fd).collect();
+        let fds = self.srv.conns.fds();
         for fd in fds {
-            let Some(key) = self.srv.key(fd) else {
+            let Some(key) = self.srv.conns.key(fd) else {
                 continue;
             };
             let c = &mut self.srv.conns[key];
@@ -674,9 +669,7 @@ impl<A: App> Reactor<A> {
                         "going away",
                     );
                 }
-                Phase::Connecting { .. } | Phase::ClientHandshake { .. } => {
-                    self.srv.doomed.push(fd)
-                }
+                Phase::Connecting { .. } | Phase::ClientHandshake { .. } => self.srv.conns.doom(fd),
             }
         }
         let wait = Duration::from_secs_f64(self.srv.settings.max_wait_time.max(0.0));

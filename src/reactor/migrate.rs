@@ -34,7 +34,7 @@ use serde_json::Value;
 
 use crate::event::App;
 use crate::reactor::conn::{Conn, ConnSnapshot, Phase};
-use crate::reactor::event_loop::{token_of, Reactor, HANDOVER_TX, LISTENER};
+use crate::reactor::event_loop::{Reactor, HANDOVER_TX, LISTENER};
 use crate::reactor::handover::{Assembler, Received, MAX_FDS, MAX_PAYLOAD};
 use crate::reactor::lifecycle::{Lifecycle, Outgoing, Stage};
 use crate::reactor::server::TimerTask;
@@ -114,7 +114,7 @@ impl<A: App> Reactor<A> {
             );
             (h.request_replacement)();
             if let Some(mut l) = self.listener.take() {
-                let _ = self.srv.registry.deregister(&mut l);
+                let _ = self.poll.registry().deregister(&mut l);
             }
         }
         true
@@ -155,29 +155,31 @@ impl<A: App> Reactor<A> {
             Self::guarded(w, "on_worker_exit", None, || app.on_worker_exit(srv));
         }
         if let Some(mut l) = self.listener.take() {
-            let _ = self.srv.registry.deregister(&mut l);
+            let _ = self.poll.registry().deregister(&mut l);
         }
         let (inbox, rx, tx) = match &self.migrate.hand {
             Some(h) => (self.srv.postbox.inbox_fd(), h.link.rx_fd(), h.link.tx_fd()),
             None => return,
         };
-        let reg = &self.srv.registry;
+        let reg = self.poll.registry();
         let _ = reg.deregister(&mut SourceFd(&inbox));
         let _ = reg.deregister(&mut SourceFd(&rx)); // our own messages arrive there
         if let Err(e) = reg.register(&mut SourceFd(&tx), HANDOVER_TX, Interest::READABLE) {
             log::warn!("worker {w}: cannot watch for the successor's ACK: {e}");
         }
-        let mut candidates = Vec::new();
-        for (_, c) in self.srv.conns.iter() {
-            if c.movable() {
-                candidates.push(c.fd);
-            } else if matches!(
+        let candidates: Vec<Fd> = self
+            .srv
+            .conns
+            .iter()
+            .filter(|c| c.movable())
+            .map(|c| c.fd)
+            .collect();
+        self.srv.conns.doom_where(|c| {
+            matches!(
                 c.phase,
                 Phase::Connecting { .. } | Phase::ClientHandshake { .. }
-            ) {
-                self.srv.doomed.push(c.fd);
-            }
-        }
+            )
+        });
         if let Some(o) = self.srv.lifecycle.outgoing_mut() {
             o.candidates = candidates;
         }
@@ -221,14 +223,16 @@ impl<A: App> Reactor<A> {
             Stage::Gathering => {
                 let srv = &mut self.srv;
                 out.candidates.retain(|&fd| {
-                    let Some(k) = srv.key(fd) else { return false };
-                    let keep = srv.conns[k].movable() && !srv.doomed.contains(&fd);
+                    let Some(k) = srv.conns.key(fd) else {
+                        return false;
+                    };
+                    let keep = srv.conns[k].movable() && !srv.conns.is_doomed(fd);
                     srv.conns[k].parked &= keep; // a closing one reads again, to its EOF
                     keep
                 });
                 let mut waiting = 0;
                 for &fd in &out.candidates {
-                    if let Some(k) = srv.key(fd) {
+                    if let Some(k) = srv.conns.key(fd) {
                         let c = &mut srv.conns[k];
                         c.parked |= c.at_boundary();
                         waiting += usize::from(!c.parked);
@@ -238,7 +242,7 @@ impl<A: App> Reactor<A> {
                     let (parked, stuck): (Vec<Fd>, Vec<Fd>) = out
                         .candidates
                         .iter()
-                        .partition(|&&fd| srv.key(fd).is_some_and(|k| srv.conns[k].parked));
+                        .partition(|&&fd| srv.conns.key(fd).is_some_and(|k| srv.conns[k].parked));
                     for fd in stuck {
                         log::info!(
                             "worker {}: fd {fd} still mid-frame after {} ms; closing it with 1012",
@@ -283,7 +287,9 @@ impl<A: App> Reactor<A> {
         let mut batch: Vec<(Fd, Vec<u8>)> = Vec::new();
         let mut bytes = 0;
         for fd in fds {
-            let Some(k) = self.srv.key(fd) else { continue };
+            let Some(k) = self.srv.conns.key(fd) else {
+                continue;
+            };
             let json = match serde_json::to_vec(&self.srv.conns[k].snapshot(self.srv.worker_id)) {
                 Ok(j) => j,
                 Err(e) => {
@@ -329,7 +335,12 @@ impl<A: App> Reactor<A> {
         let result = {
             let fds: Vec<BorrowedFd<'_>> = batch
                 .iter()
-                .filter_map(|(fd, _)| self.srv.key(*fd).map(|k| self.srv.conns[k].stream.as_fd()))
+                .filter_map(|(fd, _)| {
+                    self.srv
+                        .conns
+                        .key(*fd)
+                        .map(|k| self.srv.conns[k].stream.as_fd())
+                })
                 .collect();
             match &self.migrate.hand {
                 Some(h) if fds.len() == batch.len() => h.link.send_manifest(&json, &fds, send_by),
@@ -350,25 +361,21 @@ impl<A: App> Reactor<A> {
             return 0;
         }
         for (fd, _) in &batch {
-            let Some(k) = self.srv.key(*fd) else { continue };
-            let mut c = self.srv.conns.remove(k);
-            // Deregister before our copy closes: the socket lives on in the
-            // successor, and epoll keys registrations by open file.
-            let _ = self.srv.registry.deregister(&mut c.stream);
+            // Deregistered before our copy closes: the socket lives on in
+            // the successor.
+            let Some(mut c) = self.srv.conns.remove(*fd) else {
+                continue;
+            };
             if let Some(t) = c.timer.take() {
                 self.srv.timers.cancel(t);
             }
         }
-        self.srv
-            .row
-            .connections
-            .store(self.srv.conns.len() as u64, Relaxed);
         batch.len()
     }
 
     /// A connection that could not move: closed properly, never reset.
     fn fail_move(&mut self, fd: Fd) {
-        if let Some(k) = self.srv.key(fd) {
+        if let Some(k) = self.srv.conns.key(fd) {
             self.srv.conns[k].parked = false;
         }
         if !self.srv.disconnect(fd, SERVICE_RESTART, "service restart") {
@@ -450,35 +457,29 @@ impl<A: App> Reactor<A> {
             log::warn!("worker {w}: adopting fd {old} ({peer}): {e}; closing it");
             return;
         }
-        let key = self.srv.conns.vacant_key();
-        let fd = self.srv.fd_for(key);
+        let fd = self.srv.conns.next_fd();
         let handshake = snap.handshake_timer;
         let s = &self.srv.settings;
         let max_buf = 2 * s.package_max_length.max(s.buffer_output_size) + MAX_PAYLOAD;
         let stream = mio::net::TcpStream::from_std(std);
-        let mut conn = match Conn::from_snapshot(fd, stream, snap, max_buf) {
+        let conn = match Conn::from_snapshot(fd, stream, snap, max_buf) {
             Ok(c) => c,
             Err(why) => {
                 log::warn!("worker {w}: cannot adopt fd {old} ({peer}): {why}; closing it");
                 return;
             }
         };
-        if let Err(e) = self.srv.registry.register(
-            &mut conn.stream,
-            token_of(key),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            log::warn!("worker {w}: registering adopted fd {old} ({peer}): {e}; closing it");
-            return;
-        }
         let attrs: Option<HashMap<String, Value>> = conn
             .opened
             .then(|| conn.attrs.as_deref().cloned().unwrap_or_default());
         let pending = conn.pending_out() > 0;
+        if let Err(e) = self.srv.conns.insert(conn) {
+            log::warn!("worker {w}: registering adopted fd {old} ({peer}): {e}; closing it");
+            return;
+        }
         // Adopted connections count toward `max_conn_per_ip` here as they
         // did on the predecessor (always admitted: they are already open).
-        conn.limits.ip_counted = self.srv.per_ip.admit(conn.peer.ip(), 0);
-        self.srv.conns.insert(conn);
+        self.srv.conns.admit_ip(fd, 0);
         self.srv.lifecycle.count_adopted();
         self.srv
             .row
@@ -520,7 +521,11 @@ impl<A: App> Reactor<A> {
         // The listener was held back while adopting; a drain or a
         // `max_request` replacement took it away since.
         if let Some(l) = &mut self.listener {
-            if let Err(e) = self.srv.registry.register(l, LISTENER, Interest::READABLE) {
+            if let Err(e) = self
+                .poll
+                .registry()
+                .register(l, LISTENER, Interest::READABLE)
+            {
                 log::error!(
                     "worker {}: registering the listener: {e}",
                     self.srv.worker_id

@@ -7,6 +7,7 @@
 //! - `dispatch` — calling hooks (panic-guarded), teardown, timers, IPC;
 //! - `server` — [`Server`], the handle hooks get, with Swoole's verbs;
 //! - `conn` — a connection: phase, owned buffers, the protocol step;
+//! - `table` — the connection table: slab, fds, flush and teardown lists;
 //! - `http` — requests, responses, the two-phase parser;
 //! - `limits` — connections per IP and messages per second per connection;
 //! - `websocket` — handshakes and the frame codec (tungstenite framing);
@@ -32,6 +33,7 @@ pub mod limits;
 mod migrate;
 pub mod redis_link;
 pub mod server;
+mod table;
 pub mod timer;
 pub mod websocket;
 

@@ -1,6 +1,7 @@
 //! [`Server<A>`]: the handle every worker hook gets, with Swoole's verbs
 //! (`push`, `exist`, `disconnect`, `tick`, `task`, …). It owns the worker's
-//! connections, timers, mailboxes and Redis link; the event loop drives it.
+//! connection table (`table.rs`), timers, mailboxes, Redis link and
+//! lifecycle (`lifecycle.rs`); the event loop drives it.
 //!
 //! Verbs act at once where they can: `push` encodes straight into the
 //! connection's write buffer, which the loop flushes once per iteration
@@ -14,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use slab::Slab;
 
 use crate::config::Settings;
 use crate::event::App;
@@ -23,6 +23,7 @@ use crate::process::scoreboard::{Row, Scoreboard};
 use crate::reactor::conn::{Conn, ConnKind, ConnSnapshot, ConnectionInfo, Phase};
 use crate::reactor::lifecycle::Lifecycle;
 use crate::reactor::redis_link::RedisLink;
+use crate::reactor::table::ConnTable;
 use crate::reactor::timer::{TimerId, TimerWheel};
 use crate::reactor::websocket::Message;
 use crate::reactor::{Fd, WorkerExit};
@@ -36,10 +37,6 @@ pub type TimerCallback<A> = Box<dyn FnMut(&mut A, &mut Server<A>, TimerId)>;
 /// peer to answer our close frame before it is cut: long enough for a
 /// healthy peer on a slow link, short enough not to hoard sockets.
 pub const LINGER: Duration = Duration::from_secs(2);
-
-/// Bits of an [`Fd`] holding the slab key; the rest is a serial number, so
-/// fds are never reused.
-const KEY_BITS: u32 = 24;
 
 /// What a timer does when it fires.
 pub(crate) enum TimerTask<A: App> {
@@ -61,24 +58,19 @@ pub(crate) enum TimerTask<A: App> {
 
 /// The application's view of its worker.
 pub struct Server<A: App> {
-    pub(crate) registry: mio::Registry, // to register outbound connections
-    pub(crate) conns: Slab<Conn>,       // token = key + FIRST_CONN
-    pub(crate) serial: u64,             // fd serial counter
+    pub(crate) conns: ConnTable, // the connections and their before-sleep lists
     pub(crate) timers: TimerWheel<TimerTask<A>>, // app and reactor timers
-    pub(crate) postbox: Postbox,        // worker/task mailboxes
+    pub(crate) postbox: Postbox, // worker/task mailboxes
     pub(crate) settings: Arc<Settings>, // this server's settings
-    pub(crate) worker_id: usize,        // slot id
-    pub(crate) task_worker: bool,       // task worker (no listener)
-    pub(crate) row: &'static Row,       // our scoreboard row
-    pub(crate) scoreboard: Scoreboard,  // everyone's rows
-    pub(crate) redis: RedisLink,        // the worker's Redis
+    pub(crate) worker_id: usize, // slot id
+    pub(crate) task_worker: bool, // task worker (no listener)
+    pub(crate) row: &'static Row, // our scoreboard row
+    pub(crate) scoreboard: Scoreboard, // everyone's rows
+    pub(crate) redis: RedisLink, // the worker's Redis
     pub(crate) emits: Vec<(String, Vec<Value>)>, // deferred bus triggers
-    pub(crate) dirty: Vec<Fd>,          // connections to flush before sleep
-    pub(crate) doomed: Vec<Fd>,         // connections to tear down now
-    pub(crate) lifecycle: Lifecycle,    // adopting, serving, draining, handing over, done
-    pub(crate) next_task_id: u64,       // task id counter
+    pub(crate) lifecycle: Lifecycle, // adopting, serving, draining, handing over, done
+    pub(crate) next_task_id: u64, // task id counter
     pub(crate) next_task_worker: usize, // round-robin cursor
-    pub(crate) per_ip: crate::reactor::limits::IpCounter, // max_conn_per_ip
 }
 
 impl<A: App> std::fmt::Debug for Server<A> {
@@ -93,63 +85,19 @@ impl<A: App> std::fmt::Debug for Server<A> {
 }
 
 impl<A: App> Server<A> {
-    pub(crate) fn fd_for(&mut self, key: usize) -> Fd {
-        self.serial += 1;
-        (self.serial << KEY_BITS) | key as u64
-    }
-
-    /// The slab key of a live fd.
-    pub(crate) fn key(&self, fd: Fd) -> Option<usize> {
-        let key = (fd & ((1 << KEY_BITS) - 1)) as usize;
-        self.conns.get(key).filter(|c| c.fd == fd).map(|_| key)
-    }
-
     fn conn_mut(&mut self, fd: Fd) -> Option<&mut Conn> {
-        let key = self.key(fd)?;
-        self.conns.get_mut(key)
+        self.conns.conn_mut(fd)
     }
 
-    /// Queues a connection for the before-sleep flush; a connection past
-    /// `buffer_output_size` is cut instead (a slow reader).
+    /// Queues a connection for the before-sleep flush (see
+    /// [`ConnTable::mark_dirty`]).
     pub(crate) fn mark_dirty(&mut self, fd: Fd) {
-        let limit = self.settings.buffer_output_size;
-        let Some(c) = self.conn_mut(fd) else { return };
-        if c.pending_out() > limit {
-            log::warn!(
-                "fd {fd} ({}): {} bytes of output pending exceed buffer_output_size {limit}; disconnecting the slow reader",
-                c.peer,
-                c.pending_out()
-            );
-            c.wbuf = Vec::new();
-            c.wpos = 0;
-            self.doomed.push(fd);
-            return;
-        }
-        if !c.dirty {
-            c.dirty = true;
-            self.dirty.push(fd);
-        }
+        self.conns.mark_dirty(fd);
     }
 
     /// Starts a graceful close of `fd`: flush, shut down, linger.
     pub(crate) fn close_gracefully(&mut self, fd: Fd) {
-        let Some(c) = self.conn_mut(fd) else { return };
-        if !c.is_closing() {
-            c.begin_close();
-        }
-        self.arm_linger(fd);
-        self.mark_dirty(fd);
-    }
-
-    /// (Re)arms the linger timer of a connection on its way out.
-    pub(crate) fn arm_linger(&mut self, fd: Fd) {
-        let now = Instant::now();
-        let Some(key) = self.key(fd) else { return };
-        if let Some(old) = self.conns[key].timer.take() {
-            self.timers.cancel(old);
-        }
-        let id = self.timers.insert(now, LINGER, None, TimerTask::Linger(fd));
-        self.conns[key].timer = Some(id);
+        self.conns.close_gracefully(fd, &mut self.timers);
     }
 
     // ---- Swoole's verbs -------------------------------------------------
@@ -166,13 +114,14 @@ impl<A: App> Server<A> {
         }
         self.row.messages_out.fetch_add(1, Relaxed);
         self.mark_dirty(fd);
-        self.key(fd).is_some() && !self.doomed.contains(&fd)
+        self.conns.key(fd).is_some() && !self.conns.is_doomed(fd)
     }
 
     /// Whether `fd` is a live connection (not closing).
     pub fn exist(&self, fd: Fd) -> bool {
-        self.key(fd)
-            .is_some_and(|k| !self.conns[k].is_closing() && !self.doomed.contains(&fd))
+        self.conns
+            .key(fd)
+            .is_some_and(|k| !self.conns[k].is_closing() && !self.conns.is_doomed(fd))
     }
 
     /// Sends a close frame with `code` and `reason`, then closes once the
@@ -184,7 +133,7 @@ impl<A: App> Server<A> {
         if !c.queue_close(code, reason) {
             return false;
         }
-        self.arm_linger(fd);
+        self.conns.arm_linger(fd, &mut self.timers);
         self.mark_dirty(fd);
         true
     }
@@ -192,7 +141,7 @@ impl<A: App> Server<A> {
     /// Closes `fd` (pending output is flushed first; no close frame). False
     /// if it is gone.
     pub fn close(&mut self, fd: Fd) -> bool {
-        if self.key(fd).is_none() {
+        if self.conns.key(fd).is_none() {
             return false;
         }
         self.close_gracefully(fd);
@@ -201,21 +150,25 @@ impl<A: App> Server<A> {
 
     /// Facts about a connection.
     pub fn connection_info(&self, fd: Fd) -> Option<ConnectionInfo> {
-        self.key(fd).map(|k| self.conns[k].info(self.worker_id))
+        self.conns
+            .key(fd)
+            .map(|k| self.conns[k].info(self.worker_id))
     }
 
     /// Every live (not closing) connection of this worker. O(n).
     pub fn connections(&self) -> Vec<Fd> {
         self.conns
             .iter()
-            .filter(|(_, c)| !c.is_closing())
-            .map(|(_, c)| c.fd)
+            .filter(|c| !c.is_closing())
+            .map(|c| c.fd)
             .collect()
     }
 
     /// The connection as data (phase, buffers, attributes).
     pub fn snapshot(&self, fd: Fd) -> Option<ConnSnapshot> {
-        self.key(fd).map(|k| self.conns[k].snapshot(self.worker_id))
+        self.conns
+            .key(fd)
+            .map(|k| self.conns[k].snapshot(self.worker_id))
     }
 
     /// Sets an application attribute on a connection; false if it is gone.
@@ -231,7 +184,7 @@ impl<A: App> Server<A> {
 
     /// An application attribute of a connection.
     pub fn attr(&self, fd: Fd, key: &str) -> Option<&Value> {
-        let k = self.key(fd)?;
+        let k = self.conns.key(fd)?;
         self.conns[k].attrs.as_ref()?.get(key)
     }
 
@@ -446,8 +399,7 @@ impl<A: App> Server<A> {
         // As for accepted connections: small frames (an IM server's forwards
         // to the Route) must not wait for the peer's delayed ACK (Nagle).
         let _ = stream.set_nodelay(true);
-        let key = self.conns.vacant_key();
-        let fd = self.fd_for(key);
+        let fd = self.conns.next_fd();
         let phase = Phase::Connecting {
             host: host.to_string(),
             path: path.to_string(),
@@ -455,17 +407,9 @@ impl<A: App> Server<A> {
         let mut conn = Conn::new(fd, stream, addr, ConnKind::Client, phase);
         conn.path = Some(path.to_string());
         conn.opened = true; // on_close is due even if the dial fails
-        self.registry
-            .register(
-                &mut conn.stream,
-                crate::reactor::event_loop::token_of(key),
-                mio::Interest::READABLE | mio::Interest::WRITABLE,
-            )
-            .map_err(|e| {
-                io::Error::new(e.kind(), format!("ws_connect to {addr}: register: {e}"))
-            })?;
-        self.conns.insert(conn);
-        self.row.connections.store(self.conns.len() as u64, Relaxed);
+        self.conns.insert(conn).map_err(|e| {
+            io::Error::new(e.kind(), format!("ws_connect to {addr}: register: {e}"))
+        })?;
         self.arm_handshake_timer(fd);
         Ok(fd)
     }
