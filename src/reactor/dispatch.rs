@@ -59,14 +59,14 @@ impl<A: App> Reactor<A> {
             Inbound::Request(req) => {
                 self.handshake_done(fd);
                 self.count_request();
-                let keep = req.keep_alive() && (!self.srv.stopping || self.srv.handing_over);
+                let keep = req.keep_alive() && !self.srv.lifecycle.draining();
                 let srv = &mut self.srv;
                 let (resp, keep) =
                     match Self::guarded(w, "on_request", Some(fd), || app.on_request(srv, &req)) {
                         Some(r) => (r, keep),
                         None => (Response::text(500, "internal server error\n"), false),
                     };
-                let Some(key) = self.srv.key(fd) else {
+                let Some(key) = self.srv.conns.key(fd) else {
                     return false;
                 };
                 let c = &mut self.srv.conns[key];
@@ -118,7 +118,7 @@ impl<A: App> Reactor<A> {
     /// returns false (the message is dropped).
     fn within_rate(&mut self, fd: Fd) -> bool {
         let rate = self.srv.settings.max_messages_per_second;
-        let Some(key) = self.srv.key(fd) else {
+        let Some(key) = self.srv.conns.key(fd) else {
             return false;
         };
         let c = &mut self.srv.conns[key];
@@ -151,7 +151,9 @@ impl<A: App> Reactor<A> {
     /// The connection finished its request head / handshake: drop the
     /// slowloris timer.
     fn handshake_done(&mut self, fd: Fd) {
-        let Some(key) = self.srv.key(fd) else { return };
+        let Some(key) = self.srv.conns.key(fd) else {
+            return;
+        };
         if let Some(t) = self.srv.conns[key].timer.take() {
             self.srv.timers.cancel(t);
         }
@@ -162,32 +164,25 @@ impl<A: App> Reactor<A> {
         self.srv.row.requests.fetch_add(1, Relaxed);
         self.requests += 1;
         let max = self.srv.settings.max_request;
-        if max > 0 && self.requests >= max && self.srv.stop_request.is_none() {
+        if max > 0 && self.requests >= max && !self.srv.lifecycle.stop_asked() {
             if self.requests == max {
                 log::info!("worker {}: max_request {max} reached", self.srv.worker_id);
             }
             if !self.replace_me() {
-                self.srv.stop_request = Some(WorkerExit::MaxRequest);
+                self.srv.lifecycle.ask(WorkerExit::MaxRequest);
             }
         }
     }
 
     /// Removes a connection and runs `on_close` if it had opened.
     pub(crate) fn teardown(&mut self, app: &mut A, fd: Fd) {
-        let Some(key) = self.srv.key(fd) else { return };
-        let mut c = self.srv.conns.remove(key);
-        let _ = self.srv.registry.deregister(&mut c.stream);
-        if c.limits.ip_counted {
-            self.srv.per_ip.release(c.peer.ip());
-        }
+        let Some(mut c) = self.srv.conns.remove(fd) else {
+            return;
+        };
         if let Some(t) = c.timer.take() {
             self.srv.timers.cancel(t);
         }
         self.srv.row.closed.fetch_add(1, Relaxed);
-        self.srv
-            .row
-            .connections
-            .store(self.srv.conns.len() as u64, Relaxed);
         let opened = c.opened;
         log::trace!("worker {}: fd {fd} ({}) closed", self.srv.worker_id, c.peer);
         drop(c);
@@ -228,28 +223,31 @@ impl<A: App> Reactor<A> {
         match task {
             TimerTask::User(_) => {}
             TimerTask::Handshake(fd) | TimerTask::Linger(fd) => {
-                let Some(key) = self.srv.key(*fd) else { return };
+                let Some(key) = self.srv.conns.key(*fd) else {
+                    return;
+                };
                 let c = &self.srv.conns[key];
                 if c.timer == Some(id) {
                     if matches!(task, TimerTask::Handshake(_)) {
                         log::info!("worker {w}: fd {fd} ({}): no complete request within handshake_timeout; closing", c.peer);
                     }
-                    self.srv.doomed.push(*fd);
+                    self.srv.conns.doom(*fd);
                 }
             }
             TimerTask::Heartbeat => {
                 let idle =
                     std::time::Duration::from_secs_f64(self.srv.settings.heartbeat_idle_time);
-                for (_, c) in self.srv.conns.iter() {
-                    if c.last_active.elapsed() > idle {
+                self.srv.conns.doom_where(|c| {
+                    let idle = c.last_active.elapsed() > idle;
+                    if idle {
                         log::debug!(
                             "worker {w}: fd {} ({}): idle past heartbeat_idle_time; closing",
                             c.fd,
                             c.peer
                         );
-                        self.srv.doomed.push(c.fd);
                     }
-                }
+                    idle
+                });
             }
             TimerTask::Rss => self
                 .srv
@@ -258,7 +256,7 @@ impl<A: App> Reactor<A> {
                 .store(scoreboard::self_rss_kib(), Relaxed),
             TimerTask::RedisTick => {
                 if let Some(r) = self.srv.redis.as_mut() {
-                    r.tick(&self.srv.registry, Instant::now());
+                    r.tick(self.srv.conns.registry(), Instant::now());
                 }
             }
             TimerTask::StopDeadline => {
@@ -268,9 +266,7 @@ impl<A: App> Reactor<A> {
                         self.srv.conns.len()
                     );
                 }
-                self.srv
-                    .doomed
-                    .extend(self.srv.conns.iter().map(|(_, c)| c.fd));
+                self.srv.conns.doom_where(|_| true);
             }
         }
     }
@@ -278,7 +274,7 @@ impl<A: App> Reactor<A> {
     /// A readiness event on one of the Redis client's sockets.
     pub(crate) fn redis_event(&mut self, which: crate::reactor::redis::Which) {
         if let Some(r) = self.srv.redis.as_mut() {
-            r.on_event(which, &self.srv.registry);
+            r.on_event(which, self.srv.conns.registry());
         }
     }
 

@@ -27,6 +27,7 @@ use crate::reactor::conn::{Conn, ConnKind, Phase};
 use crate::reactor::migrate::Migrate;
 use crate::reactor::redis::{RedisClient, Which};
 use crate::reactor::server::{Server, TimerTask};
+use crate::reactor::table::ConnTable;
 use crate::reactor::{WorkerContext, WorkerExit};
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -107,7 +108,6 @@ pub(crate) struct Reactor<A: App> {
     pub(crate) bus: EventBus<Server<A>>,                      // the application's listeners
     pub(crate) scratch: Vec<u8>,                              // shared read buffer
     pub(crate) stop: StopHandle,                              // external stop trigger
-    pub(crate) exit: WorkerExit,                              // why we stop
     pub(crate) requests: u64,                                 // requests served (max_request)
     pub(crate) migrate: Migrate,                              // handover state
 }
@@ -123,13 +123,13 @@ impl<A: App> Reactor<A> {
         let waker =
             Arc::new(Waker::new(registry, WAKER).map_err(|e| ctxerr("creating the waker", e))?);
         stop.bind(waker);
-        let migrate = Migrate::new(ctx.handover, ctx.settings.max_wait_time);
+        let (migrate, lifecycle) = Migrate::new(ctx.handover, ctx.settings.max_wait_time);
         let listener = match ctx.listener {
             Some(l) => {
                 l.set_nonblocking(true)
                     .map_err(|e| ctxerr("listener nonblocking", e))?;
                 let mut l = mio::net::TcpListener::from_std(l);
-                if !migrate.listener_pending() {
+                if lifecycle.accepts() {
                     registry
                         .register(&mut l, LISTENER, Interest::READABLE)
                         .map_err(|e| ctxerr("registering the listener", e))?;
@@ -172,12 +172,11 @@ impl<A: App> Reactor<A> {
         registry
             .register(&mut SourceFd(&inbox), INBOX, Interest::READABLE)
             .map_err(|e| ctxerr("registering the inbox", e))?;
+        let conn_registry = registry
+            .try_clone()
+            .map_err(|e| ctxerr("cloning the registry", e))?;
         let srv = Server {
-            registry: registry
-                .try_clone()
-                .map_err(|e| ctxerr("cloning the registry", e))?,
-            conns: slab::Slab::new(),
-            serial: 0,
+            conns: ConnTable::new(conn_registry, ctx.settings.buffer_output_size, ctx.row),
             timers: crate::reactor::timer::TimerWheel::new(),
             postbox: ctx.postbox,
             redis: match ctx.settings.redis_url.as_deref() {
@@ -203,16 +202,10 @@ impl<A: App> Reactor<A> {
             row: ctx.row,
             scoreboard: ctx.scoreboard,
             emits: Vec::new(),
-            dirty: Vec::new(),
-            doomed: Vec::new(),
             resume: Vec::new(),
-            stop_request: None,
-            stopping: false,
-            handing_over: false,
-            adopting: migrate.busy(),
+            lifecycle,
             next_task_id: 0,
             next_task_worker: ctx.worker_id,
-            per_ip: Default::default(),
         };
         let r = Reactor {
             poll,
@@ -222,7 +215,6 @@ impl<A: App> Reactor<A> {
             bus: EventBus::new(),
             scratch: vec![0; SCRATCH],
             stop,
-            exit: WorkerExit::Stopped,
             requests: 0,
             migrate,
         };
@@ -238,22 +230,22 @@ impl<A: App> Reactor<A> {
         log::debug!("worker {}: serving", self.srv.worker_id);
         let mut events = Events::with_capacity(1024);
         loop {
-            if self.srv.stop_request.is_none() && self.stop.is_stopped() {
-                self.srv.stop_request = Some(WorkerExit::Stopped);
+            if self.stop.is_stopped() {
+                self.srv.lifecycle.ask(WorkerExit::Stopped);
             }
-            if let Some(exit) = self.srv.stop_request {
-                // A worker still adopting hands over only once it has all.
-                let wait = exit == WorkerExit::HandedOver && self.srv.adopting;
-                if !self.srv.stopping && !wait {
-                    if exit == WorkerExit::HandedOver {
-                        self.begin_handover(app);
-                    } else {
-                        self.begin_stop(app, exit);
-                    }
-                    self.before_sleep(app); // the 1001 frames go out now
+            // A worker still adopting hands over only once it has all.
+            if let Some(exit) = self.srv.lifecycle.due() {
+                if exit == WorkerExit::HandedOver {
+                    self.begin_handover(app);
+                } else {
+                    self.begin_stop(app, exit);
                 }
+                self.before_sleep(app); // the 1001 frames go out now
             }
-            if self.srv.stopping && self.srv.conns.is_empty() && !self.migrate.busy() {
+            if self.srv.lifecycle.can_end() && self.srv.conns.is_empty() {
+                if let Err(e) = self.srv.lifecycle.end() {
+                    log::error!("worker {}: {e}", self.srv.worker_id); // unreachable: can_end held
+                }
                 break;
             }
             let timeout = self.poll_timeout();
@@ -271,7 +263,7 @@ impl<A: App> Reactor<A> {
                     LISTENER => self.accept_all(),
                     ADMIN_LISTENER => self.accept_from(true),
                     SIGNALS => self.on_signals(),
-                    INBOX if !self.srv.adopting => self.drain_inbox(app),
+                    INBOX if self.srv.lifecycle.reads_mailbox() => self.drain_inbox(app),
                     INBOX | WAKER => {}
                     HANDOVER_RX => self.on_handover_rx(app),
                     HANDOVER_TX => self.on_handover_tx(),
@@ -290,7 +282,7 @@ impl<A: App> Reactor<A> {
             self.before_sleep(app);
         }
         self.finish(app);
-        Ok(self.exit)
+        Ok(self.srv.lifecycle.exit())
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
@@ -303,7 +295,7 @@ impl<A: App> Reactor<A> {
         if self.srv.postbox.has_queued() {
             t = Some(t.map_or(IPC_RETRY, |t| t.min(IPC_RETRY)));
         }
-        if let Some(m) = self.migrate.timeout() {
+        if let Some(m) = self.srv.lifecycle.timeout(now) {
             t = Some(t.map_or(m, |t| t.min(m)));
         }
         t
@@ -314,7 +306,7 @@ impl<A: App> Reactor<A> {
     fn start(&mut self, app: &mut A) -> io::Result<()> {
         let now = Instant::now();
         if let Some(r) = self.srv.redis.as_mut() {
-            r.tick(&self.srv.registry, now);
+            r.tick(self.srv.conns.registry(), now);
             let every = crate::reactor::redis::TICK;
             self.srv
                 .timers
@@ -372,7 +364,7 @@ impl<A: App> Reactor<A> {
                 &self.listener
             };
             let Some(l) = l else { return };
-            let (mut stream, peer) = match l.accept() {
+            let (stream, peer) = match l.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -383,33 +375,25 @@ impl<A: App> Reactor<A> {
             };
             let _ = stream.set_nodelay(true);
             let over = self.srv.conns.len() >= self.srv.settings.max_conn;
-            let key = self.srv.conns.vacant_key();
-            if let Err(e) = self.srv.registry.register(
-                &mut stream,
-                token_of(key),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
+            let fd = self.srv.conns.next_fd();
+            let mut conn = Conn::new(fd, stream, peer, ConnKind::Http, Phase::Http);
+            conn.limits.admin = admin;
+            if let Err(e) = self.srv.conns.insert(conn) {
                 log::warn!(
                     "worker {}: registering connection from {peer}: {e}",
                     self.srv.worker_id
                 );
                 continue;
             }
-            let fd = self.srv.fd_for(key);
+            let Some(key) = self.srv.conns.key(fd) else {
+                continue;
+            };
             let ip_ok = over
                 || self
                     .srv
-                    .per_ip
-                    .admit(peer.ip(), self.srv.settings.max_conn_per_ip);
-            let mut conn = Conn::new(fd, stream, peer, ConnKind::Http, Phase::Http);
-            conn.limits.admin = admin;
-            conn.limits.ip_counted = !over && ip_ok;
-            self.srv.conns.insert(conn);
+                    .conns
+                    .admit_ip(fd, self.srv.settings.max_conn_per_ip);
             self.srv.row.accepted.fetch_add(1, Relaxed);
-            self.srv
-                .row
-                .connections
-                .store(self.srv.conns.len() as u64, Relaxed);
             if over {
                 log::warn!(
                     "worker {}: fd {fd} ({peer}): max_conn {} reached, answering 503",
@@ -436,7 +420,7 @@ impl<A: App> Reactor<A> {
         for c in signals::take_pending() {
             match c {
                 Control::Terminate => {
-                    self.srv.stop_request.get_or_insert(WorkerExit::Stopped);
+                    self.srv.lifecycle.ask(WorkerExit::Stopped);
                 }
                 Control::Reload => self.request_handover(),
                 other => log::debug!("worker {}: ignoring {other:?}", self.srv.worker_id),
@@ -482,7 +466,7 @@ impl<A: App> Reactor<A> {
                 self.srv.worker_id,
                 c.peer
             );
-            self.srv.doomed.push(fd);
+            self.srv.conns.doom(fd);
             return;
         }
         if let Phase::Connecting { host, path } = &c.phase {
@@ -498,8 +482,11 @@ impl<A: App> Reactor<A> {
     /// frame or request) are copied into the connection.
     fn read(&mut self, app: &mut A, key: usize, fd: crate::reactor::Fd) {
         let mut scratch = std::mem::take(&mut self.scratch);
-        while let Some(c) = self.srv.conns.get_mut(key).filter(|c| c.fd == fd) {
-            if matches!(c.phase, Phase::Connecting { .. }) || self.srv.doomed.contains(&fd) {
+        while !self.srv.conns.is_doomed(fd) {
+            let Some(c) = self.srv.conns.get_mut(key).filter(|c| c.fd == fd) else {
+                break;
+            };
+            if matches!(c.phase, Phase::Connecting { .. }) {
                 break;
             }
             let n = match c.stream.read(&mut scratch) {
@@ -516,7 +503,7 @@ impl<A: App> Reactor<A> {
                         self.srv.worker_id,
                         c.peer
                     );
-                    self.srv.doomed.push(fd);
+                    self.srv.conns.doom(fd);
                     break;
                 }
             };
@@ -540,7 +527,7 @@ impl<A: App> Reactor<A> {
                         self.srv.worker_id,
                         c.peer
                     );
-                    self.srv.doomed.push(fd);
+                    self.srv.conns.doom(fd);
                     break;
                 }
             } else if c.rbuf.is_empty() {
@@ -574,7 +561,7 @@ impl<A: App> Reactor<A> {
     /// Decodes what waited in `rbuf` behind a deferred HTTP answer, now
     /// that it has been given.
     fn resume(&mut self, app: &mut A, fd: crate::reactor::Fd) {
-        let Some(key) = self.srv.key(fd) else { return };
+        let Some(key) = self.srv.conns.key(fd) else { return };
         let Some(c) = self.live(key, fd) else { return };
         if c.rbuf.is_empty() {
             return;
@@ -610,8 +597,8 @@ impl<A: App> Reactor<A> {
         let mut pos = 0;
         while pos <= input.len() {
             // A worker handing over still takes upgrades: they move too.
-            let stopping = self.srv.stopping && !self.srv.handing_over;
-            if self.srv.doomed.contains(&fd) {
+            let stopping = self.srv.lifecycle.draining();
+            if self.srv.conns.is_doomed(fd) {
                 return input.len();
             }
             let Some(c) = self.live(key, fd) else {
@@ -628,10 +615,12 @@ impl<A: App> Reactor<A> {
 
     /// The peer closed its side.
     fn peer_closed(&mut self, fd: crate::reactor::Fd) {
-        let Some(key) = self.srv.key(fd) else { return };
+        let Some(key) = self.srv.conns.key(fd) else {
+            return;
+        };
         let c = &self.srv.conns[key];
         if c.is_closing() || c.pending_out() == 0 {
-            self.srv.doomed.push(fd);
+            self.srv.conns.doom(fd);
         } else {
             self.srv.close_gracefully(fd); // flush what it asked for, then go
         }
@@ -645,18 +634,17 @@ impl<A: App> Reactor<A> {
             for fd in std::mem::take(&mut self.srv.resume) {
                 self.resume(app, fd);
             }
-            while let Some(fd) = self.srv.doomed.pop() {
+            while let Some(fd) = self.srv.conns.pop_doomed() {
                 self.teardown(app, fd);
             }
-            for fd in std::mem::take(&mut self.srv.dirty) {
+            for fd in self.srv.conns.take_dirty() {
                 self.flush_one(fd);
             }
             let emits = std::mem::take(&mut self.srv.emits);
             for (event, args) in &emits {
                 self.trigger(app, event, args.clone());
             }
-            if self.srv.doomed.is_empty()
-                && self.srv.dirty.is_empty()
+            if self.srv.conns.settled()
                 && self.srv.emits.is_empty()
                 && !self.redis_completions_due()
                 && self.srv.resume.is_empty()
@@ -665,7 +653,7 @@ impl<A: App> Reactor<A> {
             }
         }
         if let Some(r) = self.srv.redis.as_mut() {
-            r.flush(&self.srv.registry);
+            r.flush(self.srv.conns.registry());
         }
         self.srv.postbox.flush();
         self.srv
@@ -675,15 +663,17 @@ impl<A: App> Reactor<A> {
     }
 
     fn flush_one(&mut self, fd: crate::reactor::Fd) {
-        let Some(key) = self.srv.key(fd) else { return };
+        let Some(key) = self.srv.conns.key(fd) else {
+            return;
+        };
         let c = &mut self.srv.conns[key];
         c.dirty = false;
         match c.flush() {
-            Ok(true) if c.is_closing() && !c.linger => self.srv.doomed.push(fd),
+            Ok(true) if c.is_closing() && !c.linger => self.srv.conns.doom(fd),
             Ok(true) if c.is_closing() && !c.write_shut => {
                 c.write_shut = true;
                 if c.stream.shutdown(std::net::Shutdown::Write).is_err() {
-                    self.srv.doomed.push(fd);
+                    self.srv.conns.doom(fd);
                 }
             }
             Ok(_) => {}
@@ -693,7 +683,7 @@ impl<A: App> Reactor<A> {
                     self.srv.worker_id,
                     c.peer
                 );
-                self.srv.doomed.push(fd);
+                self.srv.conns.doom(fd);
             }
         }
     }
@@ -702,8 +692,10 @@ impl<A: App> Reactor<A> {
     /// listening, close idle connections, say 1001 to WebSocket peers, arm
     /// the `max_wait_time` deadline.
     pub(crate) fn begin_stop(&mut self, app: &mut A, exit: WorkerExit) {
-        self.srv.stopping = true;
-        self.exit = exit;
+        if let Err(e) = self.srv.lifecycle.begin_drain(exit) {
+            log::warn!("worker {}: {e}", self.srv.worker_id);
+            return;
+        }
         self.srv.row.stopping.store(1, Relaxed);
         log::info!(
             "worker {}: stopping ({exit:?}), {} connections to finish",
@@ -719,14 +711,14 @@ impl<A: App> Reactor<A> {
         self.accept_all();
         if let Some(mut l) = self.listener.take() {
             // Deregister and drop our copy only: the manager keeps the socket.
-            let _ = self.srv.registry.deregister(&mut l);
+            let _ = self.poll.registry().deregister(&mut l);
         }
         if let Some(mut l) = self.admin_listener.take() {
-            let _ = self.srv.registry.deregister(&mut l);
+            let _ = self.poll.registry().deregister(&mut l);
         }
-        let fds: Vec<_> = self.srv.conns.iter().map(|(_, c)| c.fd).collect();
+        let fds = self.srv.conns.fds();
         for fd in fds {
-            let Some(key) = self.srv.key(fd) else {
+            let Some(key) = self.srv.conns.key(fd) else {
                 continue;
             };
             let c = &mut self.srv.conns[key];
@@ -745,9 +737,7 @@ impl<A: App> Reactor<A> {
                         "going away",
                     );
                 }
-                Phase::Connecting { .. } | Phase::ClientHandshake { .. } => {
-                    self.srv.doomed.push(fd)
-                }
+                Phase::Connecting { .. } | Phase::ClientHandshake { .. } => self.srv.conns.doom(fd),
             }
         }
         let wait = Duration::from_secs_f64(self.srv.settings.max_wait_time.max(0.0));
@@ -772,6 +762,10 @@ impl<A: App> Reactor<A> {
         while self.srv.postbox.flush() && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(5));
         }
-        log::info!("worker {}: stopped ({:?})", self.srv.worker_id, self.exit);
+        log::info!(
+            "worker {}: stopped ({:?})",
+            self.srv.worker_id,
+            self.srv.lifecycle.exit()
+        );
     }
 }

@@ -34,8 +34,9 @@ use serde_json::Value;
 
 use crate::event::App;
 use crate::reactor::conn::{Conn, ConnSnapshot, Phase};
-use crate::reactor::event_loop::{token_of, Reactor, HANDOVER_TX, LISTENER};
+use crate::reactor::event_loop::{Reactor, HANDOVER_TX, LISTENER};
 use crate::reactor::handover::{Assembler, Received, MAX_FDS, MAX_PAYLOAD};
+use crate::reactor::lifecycle::{Lifecycle, Outgoing, Stage};
 use crate::reactor::server::TimerTask;
 use crate::reactor::websocket::close;
 use crate::reactor::{Fd, Handover, WorkerExit};
@@ -50,47 +51,25 @@ const ADOPT_SLACK: Duration = Duration::from_millis(1000);
 /// Close code for a connection that could not move (RFC 6455 1012).
 pub(crate) const SERVICE_RESTART: u16 = 1012;
 
-/// Handover state of one worker.
+/// A worker's handover resources (its state is in [`Lifecycle`]).
 #[derive(Default)]
 pub(crate) struct Migrate {
-    hand: Option<Handover>,       // None: no manager link
-    asm: Assembler,               // manifest pieces in flight
-    adopt_until: Option<Instant>, // adopting until END or this
-    adopt_began: Option<Instant>, // when we started waiting
-    adopted: usize,               // connections adopted so far
-    listener_pending: bool,       // listener held back until adopted
-    replacement_requested: bool,  // asked the manager (max_request)
-    out: Option<Outgoing>,        // our own handover, once begun
-}
-
-struct Outgoing {
-    began: Instant,
-    boundary_by: Instant, // stragglers get 1012 after this
-    send_by: Instant,     // give up sending after this
-    candidates: Vec<Fd>,  // connections to move
-    stage: Stage,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Stage {
-    Gathering,
-    AwaitAck { until: Instant, sent: usize },
-    Done,
+    hand: Option<Handover>, // None: no manager link
+    asm: Assembler,         // manifest pieces in flight
 }
 
 impl Migrate {
-    /// State for a worker with (or without) a handover link. With
-    /// `expect_predecessor` the worker starts adopting.
-    pub(crate) fn new(hand: Option<Handover>, max_wait: f64) -> Migrate {
+    /// The resources of a worker with (or without) a handover link, and its
+    /// initial lifecycle: with `expect_predecessor` the worker starts
+    /// adopting.
+    pub(crate) fn new(hand: Option<Handover>, max_wait: f64) -> (Migrate, Lifecycle) {
         let expect = hand.as_ref().is_some_and(|h| h.expect_predecessor);
-        let now = Instant::now();
-        Migrate {
-            adopt_until: expect.then(|| now + wait_of(max_wait) + ADOPT_SLACK),
-            adopt_began: expect.then_some(now),
-            listener_pending: expect,
+        let lifecycle = Lifecycle::new(expect, Instant::now(), wait_of(max_wait) + ADOPT_SLACK);
+        let m = Migrate {
             hand,
-            ..Migrate::default()
-        }
+            asm: Assembler::default(),
+        };
+        (m, lifecycle)
     }
 
     /// The successor's socket, to register at start.
@@ -102,35 +81,6 @@ impl Migrate {
     pub(crate) fn can_hand_over(&self) -> bool {
         self.hand.is_some()
     }
-
-    /// Whether the listener must wait for the adoption to finish.
-    pub(crate) fn listener_pending(&self) -> bool {
-        self.listener_pending
-    }
-
-    /// Whether adopting or handing over is still under way (the loop must
-    /// not end yet).
-    pub(crate) fn busy(&self) -> bool {
-        self.adopt_until.is_some() || self.out.as_ref().is_some_and(|o| o.stage != Stage::Done)
-    }
-
-    /// How long the loop may sleep before a handover deadline.
-    pub(crate) fn timeout(&self) -> Option<Duration> {
-        let now = Instant::now();
-        let mut t = self.adopt_until.map(|d| d.saturating_duration_since(now));
-        if let Some(o) = &self.out {
-            let mine = match o.stage {
-                Stage::Gathering => Some(Duration::from_millis(5)),
-                Stage::AwaitAck { until, .. } => Some(until.saturating_duration_since(now)),
-                Stage::Done => None,
-            };
-            t = match (t, mine) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-        }
-        t
-    }
 }
 
 fn wait_of(max_wait: f64) -> Duration {
@@ -141,7 +91,7 @@ impl<A: App> Reactor<A> {
     /// SIGUSR1: the manager's replacement serves; hand over (once).
     pub(crate) fn request_handover(&mut self) {
         if self.migrate.can_hand_over() {
-            self.srv.stop_request.get_or_insert(WorkerExit::HandedOver);
+            self.srv.lifecycle.ask(WorkerExit::HandedOver);
         } else {
             log::debug!(
                 "worker {}: no handover link; ignoring SIGUSR1",
@@ -157,16 +107,15 @@ impl<A: App> Reactor<A> {
         let Some(h) = &self.migrate.hand else {
             return false;
         };
-        if !std::mem::replace(&mut self.migrate.replacement_requested, true) {
+        if self.srv.lifecycle.ask_replacement() {
             log::info!(
                 "worker {}: asking for a replacement; no longer accepting",
                 self.srv.worker_id
             );
             (h.request_replacement)();
             if let Some(mut l) = self.listener.take() {
-                let _ = self.srv.registry.deregister(&mut l);
+                let _ = self.poll.registry().deregister(&mut l);
             }
-            self.migrate.listener_pending = false;
         }
         true
     }
@@ -185,9 +134,17 @@ impl<A: App> Reactor<A> {
             log::error!("worker {w}: cannot start a handover ({e}); closing connections instead");
             return self.begin_stop(app, WorkerExit::Stopped);
         }
-        self.srv.stopping = true;
-        self.srv.handing_over = true;
-        self.exit = WorkerExit::HandedOver;
+        let out = Outgoing {
+            began: now,
+            boundary_by: now + wait / 2,
+            send_by: now + wait.mul_f64(0.8),
+            candidates: Vec::new(),
+            stage: Stage::Gathering,
+        };
+        if let Err(e) = self.srv.lifecycle.begin_handover(out) {
+            log::warn!("worker {w}: {e}");
+            return;
+        }
         self.srv.row.stopping.store(1, Relaxed);
         log::info!(
             "worker {w}: handing {} connections over to the replacement",
@@ -198,36 +155,34 @@ impl<A: App> Reactor<A> {
             Self::guarded(w, "on_worker_exit", None, || app.on_worker_exit(srv));
         }
         if let Some(mut l) = self.listener.take() {
-            let _ = self.srv.registry.deregister(&mut l);
+            let _ = self.poll.registry().deregister(&mut l);
         }
         let (inbox, rx, tx) = match &self.migrate.hand {
             Some(h) => (self.srv.postbox.inbox_fd(), h.link.rx_fd(), h.link.tx_fd()),
             None => return,
         };
-        let reg = &self.srv.registry;
+        let reg = self.poll.registry();
         let _ = reg.deregister(&mut SourceFd(&inbox));
         let _ = reg.deregister(&mut SourceFd(&rx)); // our own messages arrive there
         if let Err(e) = reg.register(&mut SourceFd(&tx), HANDOVER_TX, Interest::READABLE) {
             log::warn!("worker {w}: cannot watch for the successor's ACK: {e}");
         }
-        let mut candidates = Vec::new();
-        for (_, c) in self.srv.conns.iter() {
-            if c.movable() {
-                candidates.push(c.fd);
-            } else if matches!(
+        let candidates: Vec<Fd> = self
+            .srv
+            .conns
+            .iter()
+            .filter(|c| c.movable())
+            .map(|c| c.fd)
+            .collect();
+        self.srv.conns.doom_where(|c| {
+            matches!(
                 c.phase,
                 Phase::Connecting { .. } | Phase::ClientHandshake { .. }
-            ) {
-                self.srv.doomed.push(c.fd);
-            }
-        }
-        self.migrate.out = Some(Outgoing {
-            began: now,
-            boundary_by: now + wait / 2,
-            send_by: now + wait.mul_f64(0.8),
-            candidates,
-            stage: Stage::Gathering,
+            )
         });
+        if let Some(o) = self.srv.lifecycle.outgoing_mut() {
+            o.candidates = candidates;
+        }
         self.srv
             .timers
             .insert(now, wait, None, TimerTask::StopDeadline);
@@ -238,28 +193,46 @@ impl<A: App> Reactor<A> {
     /// times out the ACK wait and the adoption. Called once per iteration.
     pub(crate) fn handover_step(&mut self, app: &mut A) {
         let now = Instant::now();
-        if self.migrate.adopt_until.is_some_and(|t| now >= t) {
+        if self
+            .srv
+            .lifecycle
+            .adoption()
+            .is_some_and(|a| now >= a.until)
+        {
             log::warn!(
                 "worker {}: the predecessor did not finish its handover in time; serving anyway",
                 self.srv.worker_id
             );
-            self.finish_adoption(app);
+            self.finish_adoption(app, "the predecessor's deadline passed");
         }
-        let Some(mut out) = self.migrate.out.take() else {
+        let Some(out) = self.srv.lifecycle.outgoing_mut() else {
             return;
         };
+        let mut out = std::mem::replace(
+            out,
+            Outgoing {
+                began: now,
+                boundary_by: now,
+                send_by: now,
+                candidates: Vec::new(),
+                stage: Stage::Finished,
+            },
+        );
+        let mut next = None; // the stage change to apply once `out` is back
         match out.stage {
             Stage::Gathering => {
                 let srv = &mut self.srv;
                 out.candidates.retain(|&fd| {
-                    let Some(k) = srv.key(fd) else { return false };
-                    let keep = srv.conns[k].movable() && !srv.doomed.contains(&fd);
+                    let Some(k) = srv.conns.key(fd) else {
+                        return false;
+                    };
+                    let keep = srv.conns[k].movable() && !srv.conns.is_doomed(fd);
                     srv.conns[k].parked &= keep; // a closing one reads again, to its EOF
                     keep
                 });
                 let mut waiting = 0;
                 for &fd in &out.candidates {
-                    if let Some(k) = srv.key(fd) {
+                    if let Some(k) = srv.conns.key(fd) {
                         let c = &mut srv.conns[k];
                         c.parked |= c.at_boundary();
                         waiting += usize::from(!c.parked);
@@ -269,7 +242,7 @@ impl<A: App> Reactor<A> {
                     let (parked, stuck): (Vec<Fd>, Vec<Fd>) = out
                         .candidates
                         .iter()
-                        .partition(|&&fd| srv.key(fd).is_some_and(|k| srv.conns[k].parked));
+                        .partition(|&&fd| srv.conns.key(fd).is_some_and(|k| srv.conns[k].parked));
                     for fd in stuck {
                         log::info!(
                             "worker {}: fd {fd} still mid-frame after {} ms; closing it with 1012",
@@ -279,10 +252,7 @@ impl<A: App> Reactor<A> {
                         srv.disconnect(fd, SERVICE_RESTART, "service restart");
                     }
                     let sent = self.send_parked(parked, out.send_by);
-                    out.stage = Stage::AwaitAck {
-                        until: Instant::now() + ACK_WAIT,
-                        sent,
-                    };
+                    next = Some(Some((sent, Instant::now() + ACK_WAIT)));
                 }
             }
             Stage::AwaitAck { until, sent } if now >= until => {
@@ -291,11 +261,21 @@ impl<A: App> Reactor<A> {
                     self.srv.worker_id,
                     ACK_WAIT.as_millis()
                 );
-                out.stage = Stage::Done;
+                next = Some(None);
             }
             _ => {}
         }
-        self.migrate.out = Some(out);
+        if let Some(o) = self.srv.lifecycle.outgoing_mut() {
+            *o = out;
+        }
+        let moved = match next {
+            Some(Some((sent, until))) => self.srv.lifecycle.sent(sent, until),
+            Some(None) => self.srv.lifecycle.ack_over(false).map(|_| ()),
+            None => Ok(()),
+        };
+        if let Err(e) = moved {
+            log::warn!("worker {}: {e}", self.srv.worker_id);
+        }
     }
 
     /// Sends the parked connections in manifests of at most [`MAX_FDS`]
@@ -307,7 +287,9 @@ impl<A: App> Reactor<A> {
         let mut batch: Vec<(Fd, Vec<u8>)> = Vec::new();
         let mut bytes = 0;
         for fd in fds {
-            let Some(k) = self.srv.key(fd) else { continue };
+            let Some(k) = self.srv.conns.key(fd) else {
+                continue;
+            };
             let json = match serde_json::to_vec(&self.srv.conns[k].snapshot(self.srv.worker_id)) {
                 Ok(j) => j,
                 Err(e) => {
@@ -353,7 +335,12 @@ impl<A: App> Reactor<A> {
         let result = {
             let fds: Vec<BorrowedFd<'_>> = batch
                 .iter()
-                .filter_map(|(fd, _)| self.srv.key(*fd).map(|k| self.srv.conns[k].stream.as_fd()))
+                .filter_map(|(fd, _)| {
+                    self.srv
+                        .conns
+                        .key(*fd)
+                        .map(|k| self.srv.conns[k].stream.as_fd())
+                })
                 .collect();
             match &self.migrate.hand {
                 Some(h) if fds.len() == batch.len() => h.link.send_manifest(&json, &fds, send_by),
@@ -374,25 +361,21 @@ impl<A: App> Reactor<A> {
             return 0;
         }
         for (fd, _) in &batch {
-            let Some(k) = self.srv.key(*fd) else { continue };
-            let mut c = self.srv.conns.remove(k);
-            // Deregister before our copy closes: the socket lives on in the
-            // successor, and epoll keys registrations by open file.
-            let _ = self.srv.registry.deregister(&mut c.stream);
+            // Deregistered before our copy closes: the socket lives on in
+            // the successor.
+            let Some(mut c) = self.srv.conns.remove(*fd) else {
+                continue;
+            };
             if let Some(t) = c.timer.take() {
                 self.srv.timers.cancel(t);
             }
         }
-        self.srv
-            .row
-            .connections
-            .store(self.srv.conns.len() as u64, Relaxed);
         batch.len()
     }
 
     /// A connection that could not move: closed properly, never reset.
     fn fail_move(&mut self, fd: Fd) {
-        if let Some(k) = self.srv.key(fd) {
+        if let Some(k) = self.srv.conns.key(fd) {
             self.srv.conns[k].parked = false;
         }
         if !self.srv.disconnect(fd, SERVICE_RESTART, "service restart") {
@@ -407,15 +390,13 @@ impl<A: App> Reactor<A> {
         loop {
             match h.link.recv_tx(&mut self.migrate.asm) {
                 Ok(Some(Received::Ack { pid })) if pid == me => {
-                    if let Some(o) = &mut self.migrate.out {
-                        if let Stage::AwaitAck { sent, .. } = o.stage {
-                            log::info!(
-                                "worker {}: handed {sent} connections over in {} ms",
-                                self.srv.worker_id,
-                                o.began.elapsed().as_millis()
-                            );
-                            o.stage = Stage::Done;
-                        }
+                    // A late or repeated ACK is refused by the lifecycle: ignored.
+                    if let Ok((sent, began)) = self.srv.lifecycle.ack_over(true) {
+                        log::info!(
+                            "worker {}: handed {sent} connections over in {} ms",
+                            self.srv.worker_id,
+                            began.elapsed().as_millis()
+                        );
                     }
                 }
                 Ok(Some(other)) => log::debug!("handover: ignoring {other:?} on the sending side"),
@@ -437,9 +418,10 @@ impl<A: App> Reactor<A> {
             match got {
                 Ok(Some(Received::Begin { from })) => {
                     log::info!("worker {w}: pid {from} is handing its connections over");
-                    if let Some(t) = &mut self.migrate.adopt_until {
-                        *t =
-                            Instant::now() + wait_of(self.srv.settings.max_wait_time) + ADOPT_SLACK;
+                    let until =
+                        Instant::now() + wait_of(self.srv.settings.max_wait_time) + ADOPT_SLACK;
+                    if self.srv.lifecycle.extend_adoption(until).is_err() {
+                        log::warn!("worker {w}: a handover BEGIN while not adopting; ignored");
                     }
                 }
                 Ok(Some(Received::Conns { conns, .. })) => {
@@ -453,7 +435,7 @@ impl<A: App> Reactor<A> {
                         log::warn!("worker {w}: cannot acknowledge pid {from}: {e}");
                     }
                     log::debug!("worker {w}: pid {from} sent {count} connections");
-                    self.finish_adoption(app);
+                    self.finish_adoption(app, "the predecessor's END");
                 }
                 Ok(Some(Received::Ack { .. })) => {}
                 Ok(None) => return,
@@ -475,36 +457,30 @@ impl<A: App> Reactor<A> {
             log::warn!("worker {w}: adopting fd {old} ({peer}): {e}; closing it");
             return;
         }
-        let key = self.srv.conns.vacant_key();
-        let fd = self.srv.fd_for(key);
+        let fd = self.srv.conns.next_fd();
         let handshake = snap.handshake_timer;
         let s = &self.srv.settings;
         let max_buf = 2 * s.package_max_length.max(s.buffer_output_size) + MAX_PAYLOAD;
         let stream = mio::net::TcpStream::from_std(std);
-        let mut conn = match Conn::from_snapshot(fd, stream, snap, max_buf) {
+        let conn = match Conn::from_snapshot(fd, stream, snap, max_buf) {
             Ok(c) => c,
             Err(why) => {
                 log::warn!("worker {w}: cannot adopt fd {old} ({peer}): {why}; closing it");
                 return;
             }
         };
-        if let Err(e) = self.srv.registry.register(
-            &mut conn.stream,
-            token_of(key),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            log::warn!("worker {w}: registering adopted fd {old} ({peer}): {e}; closing it");
-            return;
-        }
         let attrs: Option<HashMap<String, Value>> = conn
             .opened
             .then(|| conn.attrs.as_deref().cloned().unwrap_or_default());
         let pending = conn.pending_out() > 0;
+        if let Err(e) = self.srv.conns.insert(conn) {
+            log::warn!("worker {w}: registering adopted fd {old} ({peer}): {e}; closing it");
+            return;
+        }
         // Adopted connections count toward `max_conn_per_ip` here as they
         // did on the predecessor (always admitted: they are already open).
-        conn.limits.ip_counted = self.srv.per_ip.admit(conn.peer.ip(), 0);
-        self.srv.conns.insert(conn);
-        self.migrate.adopted += 1;
+        self.srv.conns.admit_ip(fd, 0);
+        self.srv.lifecycle.count_adopted();
         self.srv
             .row
             .connections
@@ -522,8 +498,7 @@ impl<A: App> Reactor<A> {
         if pending {
             self.srv.mark_dirty(fd);
         }
-        if self.srv.stopping
-            && !self.srv.handing_over
+        if self.srv.lifecycle.draining()
             && self.srv.exist(fd)
             && !self.srv.disconnect(fd, close::GOING_AWAY, "going away")
         {
@@ -533,27 +508,28 @@ impl<A: App> Reactor<A> {
 
     /// Adoption over (END or deadline): start accepting and reading the
     /// mailbox.
-    fn finish_adoption(&mut self, app: &mut A) {
-        if self.migrate.adopt_until.take().is_none() {
-            return;
-        }
-        self.srv.adopting = false;
+    fn finish_adoption(&mut self, app: &mut A, why: &str) {
+        let Ok(adoption) = self.srv.lifecycle.finish_adoption(why) else {
+            return; // not adopting (a second END, say)
+        };
         log::info!(
             "worker {}: adopted {} connections in {} ms",
             self.srv.worker_id,
-            self.migrate.adopted,
-            self.migrate
-                .adopt_began
-                .map_or(0, |t| t.elapsed().as_millis())
+            adoption.adopted,
+            adoption.began.elapsed().as_millis()
         );
-        if std::mem::take(&mut self.migrate.listener_pending) {
-            if let Some(l) = &mut self.listener {
-                if let Err(e) = self.srv.registry.register(l, LISTENER, Interest::READABLE) {
-                    log::error!(
-                        "worker {}: registering the listener: {e}",
-                        self.srv.worker_id
-                    );
-                }
+        // The listener was held back while adopting; a drain or a
+        // `max_request` replacement took it away since.
+        if let Some(l) = &mut self.listener {
+            if let Err(e) = self
+                .poll
+                .registry()
+                .register(l, LISTENER, Interest::READABLE)
+            {
+                log::error!(
+                    "worker {}: registering the listener: {e}",
+                    self.srv.worker_id
+                );
             }
             self.accept_all();
         }

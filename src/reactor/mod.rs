@@ -7,6 +7,7 @@
 //! - `dispatch` — calling hooks (panic-guarded), teardown, timers, IPC;
 //! - `server` — [`Server`], the handle hooks get, with Swoole's verbs;
 //! - `conn` — a connection: phase, owned buffers, the protocol step;
+//! - `table` — the connection table: slab, fds, flush and teardown lists;
 //! - `http` — requests, responses, the two-phase parser;
 //! - `limits` — connections per IP and messages per second per connection;
 //! - `websocket` — handshakes and the frame codec (tungstenite framing);
@@ -16,7 +17,9 @@
 //! - `resolve` — host names resolved off the loop;
 //! - `handover` — the wire protocol that moves connections between the
 //!   workers of a slot (SCM_RIGHTS + bounded manifests);
-//! - `migrate` — the loop's side of a handover: park, send, adopt.
+//! - `migrate` — the loop's side of a handover: park, send, adopt;
+//! - `lifecycle` — the worker's lifecycle state machine (adopting,
+//!   serving, draining, handing over, done).
 //!
 //! Entry points: [`run_worker`] (what a forked worker calls) and
 //! [`run_worker_until`] (the same with a [`StopHandle`], for running a
@@ -27,11 +30,13 @@ mod dispatch;
 pub mod event_loop;
 pub mod handover;
 pub mod http;
+mod lifecycle;
 pub mod limits;
 mod migrate;
 pub mod redis;
 pub mod resolve;
 pub mod server;
+mod table;
 pub mod timer;
 pub mod websocket;
 

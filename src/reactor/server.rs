@@ -1,6 +1,7 @@
 //! [`Server<A>`]: the handle every worker hook gets, with Swoole's verbs
 //! (`push`, `exist`, `disconnect`, `tick`, `task`, …). It owns the worker's
-//! connections, timers, mailboxes and Redis link; the event loop drives it.
+//! connection table (`table.rs`), timers, mailboxes, Redis link and
+//! lifecycle (`lifecycle.rs`); the event loop drives it.
 //!
 //! Verbs act at once where they can: `push` encodes straight into the
 //! connection's write buffer, which the loop flushes once per iteration
@@ -14,14 +15,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use slab::Slab;
 
 use crate::config::Settings;
 use crate::event::App;
 use crate::process::ipc::{Dest, Envelope, Postbox, SendError};
 use crate::process::scoreboard::{Row, Scoreboard};
 use crate::reactor::conn::{Conn, ConnKind, ConnSnapshot, ConnectionInfo, Phase};
+use crate::reactor::lifecycle::Lifecycle;
 use crate::reactor::redis::{client::Callback, RedisClient, Reply, Request};
+use crate::reactor::table::ConnTable;
 use crate::reactor::timer::{TimerId, TimerWheel};
 use crate::reactor::websocket::Message;
 use crate::reactor::{Fd, WorkerExit};
@@ -35,10 +37,6 @@ pub type TimerCallback<A> = Box<dyn FnMut(&mut A, &mut Server<A>, TimerId)>;
 /// peer to answer our close frame before it is cut: long enough for a
 /// healthy peer on a slow link, short enough not to hoard sockets.
 pub const LINGER: Duration = Duration::from_secs(2);
-
-/// Bits of an [`Fd`] holding the slab key; the rest is a serial number, so
-/// fds are never reused.
-const KEY_BITS: u32 = 24;
 
 /// What a timer does when it fires.
 pub(crate) enum TimerTask<A: App> {
@@ -60,29 +58,21 @@ pub(crate) enum TimerTask<A: App> {
 
 /// The application's view of its worker.
 pub struct Server<A: App> {
-    pub(crate) registry: mio::Registry, // to register outbound connections
-    pub(crate) conns: Slab<Conn>,       // token = key + FIRST_CONN
-    pub(crate) serial: u64,             // fd serial counter
+    pub(crate) conns: ConnTable, // the connections and their before-sleep lists
     pub(crate) timers: TimerWheel<TimerTask<A>>, // app and reactor timers
-    pub(crate) postbox: Postbox,        // worker/task mailboxes
+    pub(crate) postbox: Postbox, // worker/task mailboxes
     pub(crate) settings: Arc<Settings>, // this server's settings
-    pub(crate) worker_id: usize,        // slot id
-    pub(crate) task_worker: bool,       // task worker (no listener)
-    pub(crate) row: &'static Row,       // our scoreboard row
-    pub(crate) scoreboard: Scoreboard,  // everyone's rows
+    pub(crate) worker_id: usize, // slot id
+    pub(crate) task_worker: bool, // task worker (no listener)
+    pub(crate) row: &'static Row, // our scoreboard row
+    pub(crate) scoreboard: Scoreboard, // everyone's rows
     pub(crate) redis: Option<RedisClient<A, Server<A>>>, // the worker's Redis (none: no redis_url)
     pub(crate) redis_late: Vec<(Callback<A, Server<A>>, Reply)>, // completions with no client
+    pub(crate) resume: Vec<Fd>, // HTTP connections answered late: decode what waited
     pub(crate) emits: Vec<(String, Vec<Value>)>, // deferred bus triggers
-    pub(crate) dirty: Vec<Fd>,          // connections to flush before sleep
-    pub(crate) doomed: Vec<Fd>,         // connections to tear down now
-    pub(crate) resume: Vec<Fd>,         // HTTP connections answered late: decode what waited
-    pub(crate) stop_request: Option<WorkerExit>, // a stop was asked for
-    pub(crate) stopping: bool,          // draining
-    pub(crate) handing_over: bool,      // draining into the slot's successor
-    pub(crate) adopting: bool,          // taking connections from a predecessor
-    pub(crate) next_task_id: u64,       // task id counter
+    pub(crate) lifecycle: Lifecycle, // adopting, serving, draining, handing over, done
+    pub(crate) next_task_id: u64, // task id counter
     pub(crate) next_task_worker: usize, // round-robin cursor
-    pub(crate) per_ip: crate::reactor::limits::IpCounter, // max_conn_per_ip
 }
 
 impl<A: App> std::fmt::Debug for Server<A> {
@@ -91,69 +81,25 @@ impl<A: App> std::fmt::Debug for Server<A> {
             .field("worker_id", &self.worker_id)
             .field("task_worker", &self.task_worker)
             .field("connections", &self.conns.len())
-            .field("stopping", &self.stopping)
+            .field("lifecycle", &self.lifecycle.name())
             .finish()
     }
 }
 
 impl<A: App> Server<A> {
-    pub(crate) fn fd_for(&mut self, key: usize) -> Fd {
-        self.serial += 1;
-        (self.serial << KEY_BITS) | key as u64
-    }
-
-    /// The slab key of a live fd.
-    pub(crate) fn key(&self, fd: Fd) -> Option<usize> {
-        let key = (fd & ((1 << KEY_BITS) - 1)) as usize;
-        self.conns.get(key).filter(|c| c.fd == fd).map(|_| key)
-    }
-
     fn conn_mut(&mut self, fd: Fd) -> Option<&mut Conn> {
-        let key = self.key(fd)?;
-        self.conns.get_mut(key)
+        self.conns.conn_mut(fd)
     }
 
-    /// Queues a connection for the before-sleep flush; a connection past
-    /// `buffer_output_size` is cut instead (a slow reader).
+    /// Queues a connection for the before-sleep flush (see
+    /// [`ConnTable::mark_dirty`]).
     pub(crate) fn mark_dirty(&mut self, fd: Fd) {
-        let limit = self.settings.buffer_output_size;
-        let Some(c) = self.conn_mut(fd) else { return };
-        if c.pending_out() > limit {
-            log::warn!(
-                "fd {fd} ({}): {} bytes of output pending exceed buffer_output_size {limit}; disconnecting the slow reader",
-                c.peer,
-                c.pending_out()
-            );
-            c.wbuf = Vec::new();
-            c.wpos = 0;
-            self.doomed.push(fd);
-            return;
-        }
-        if !c.dirty {
-            c.dirty = true;
-            self.dirty.push(fd);
-        }
+        self.conns.mark_dirty(fd);
     }
 
     /// Starts a graceful close of `fd`: flush, shut down, linger.
     pub(crate) fn close_gracefully(&mut self, fd: Fd) {
-        let Some(c) = self.conn_mut(fd) else { return };
-        if !c.is_closing() {
-            c.begin_close();
-        }
-        self.arm_linger(fd);
-        self.mark_dirty(fd);
-    }
-
-    /// (Re)arms the linger timer of a connection on its way out.
-    pub(crate) fn arm_linger(&mut self, fd: Fd) {
-        let now = Instant::now();
-        let Some(key) = self.key(fd) else { return };
-        if let Some(old) = self.conns[key].timer.take() {
-            self.timers.cancel(old);
-        }
-        let id = self.timers.insert(now, LINGER, None, TimerTask::Linger(fd));
-        self.conns[key].timer = Some(id);
+        self.conns.close_gracefully(fd, &mut self.timers);
     }
 
     // ---- Swoole's verbs -------------------------------------------------
@@ -170,7 +116,7 @@ impl<A: App> Server<A> {
         }
         self.row.messages_out.fetch_add(1, Relaxed);
         self.mark_dirty(fd);
-        self.key(fd).is_some() && !self.doomed.contains(&fd)
+        self.conns.key(fd).is_some() && !self.conns.is_doomed(fd)
     }
 
     /// Answers the request `on_request` deferred with
@@ -211,8 +157,9 @@ impl<A: App> Server<A> {
 
     /// Whether `fd` is a live connection (not closing).
     pub fn exist(&self, fd: Fd) -> bool {
-        self.key(fd)
-            .is_some_and(|k| !self.conns[k].is_closing() && !self.doomed.contains(&fd))
+        self.conns
+            .key(fd)
+            .is_some_and(|k| !self.conns[k].is_closing() && !self.conns.is_doomed(fd))
     }
 
     /// Sends a close frame with `code` and `reason`, then closes once the
@@ -224,7 +171,7 @@ impl<A: App> Server<A> {
         if !c.queue_close(code, reason) {
             return false;
         }
-        self.arm_linger(fd);
+        self.conns.arm_linger(fd, &mut self.timers);
         self.mark_dirty(fd);
         true
     }
@@ -232,7 +179,7 @@ impl<A: App> Server<A> {
     /// Closes `fd` (pending output is flushed first; no close frame). False
     /// if it is gone.
     pub fn close(&mut self, fd: Fd) -> bool {
-        if self.key(fd).is_none() {
+        if self.conns.key(fd).is_none() {
             return false;
         }
         self.close_gracefully(fd);
@@ -241,21 +188,25 @@ impl<A: App> Server<A> {
 
     /// Facts about a connection.
     pub fn connection_info(&self, fd: Fd) -> Option<ConnectionInfo> {
-        self.key(fd).map(|k| self.conns[k].info(self.worker_id))
+        self.conns
+            .key(fd)
+            .map(|k| self.conns[k].info(self.worker_id))
     }
 
     /// Every live (not closing) connection of this worker. O(n).
     pub fn connections(&self) -> Vec<Fd> {
         self.conns
             .iter()
-            .filter(|(_, c)| !c.is_closing())
-            .map(|(_, c)| c.fd)
+            .filter(|c| !c.is_closing())
+            .map(|c| c.fd)
             .collect()
     }
 
     /// The connection as data (phase, buffers, attributes).
     pub fn snapshot(&self, fd: Fd) -> Option<ConnSnapshot> {
-        self.key(fd).map(|k| self.conns[k].snapshot(self.worker_id))
+        self.conns
+            .key(fd)
+            .map(|k| self.conns[k].snapshot(self.worker_id))
     }
 
     /// Sets an application attribute on a connection; false if it is gone.
@@ -271,7 +222,7 @@ impl<A: App> Server<A> {
 
     /// An application attribute of a connection.
     pub fn attr(&self, fd: Fd, key: &str) -> Option<&Value> {
-        let k = self.key(fd)?;
+        let k = self.conns.key(fd)?;
         self.conns[k].attrs.as_ref()?.get(key)
     }
 
@@ -424,7 +375,7 @@ impl<A: App> Server<A> {
         handler: impl FnMut(&mut A, &mut Server<A>, &[u8]) + 'static,
     ) {
         if let Some(c) = self.redis.as_mut() {
-            c.subscribe(channel.into(), Box::new(handler), &self.registry);
+            c.subscribe(channel.into(), Box::new(handler), self.conns.registry());
         }
     }
 
@@ -478,26 +429,26 @@ impl<A: App> Server<A> {
 
     /// Stops this worker gracefully (as on SIGTERM).
     pub fn stop(&mut self) {
-        self.stop_request.get_or_insert(WorkerExit::Stopped);
+        self.lifecycle.ask(WorkerExit::Stopped);
     }
 
     /// Whether the worker is draining.
     pub fn is_stopping(&self) -> bool {
-        self.stopping
+        self.lifecycle.is_stopping()
     }
 
     /// Whether this worker is stopping by handing its connections to its
     /// replacement (a rolling reload or a `max_request` replacement): they
     /// stay open, so there is no goodbye to say.
     pub fn is_handing_over(&self) -> bool {
-        self.handing_over
+        self.lifecycle.is_handing_over()
     }
 
     /// Whether this worker is still taking connections from the worker it
     /// replaces (`on_adopt` runs for each); it accepts nothing and reads no
     /// mailbox message until that is done.
     pub fn is_adopting(&self) -> bool {
-        self.adopting
+        self.lifecycle.is_adopting()
     }
 
     /// Opens an outbound WebSocket connection to `addr`, sending `host` and
@@ -511,8 +462,7 @@ impl<A: App> Server<A> {
         // As for accepted connections: small frames (an IM server's forwards
         // to the Route) must not wait for the peer's delayed ACK (Nagle).
         let _ = stream.set_nodelay(true);
-        let key = self.conns.vacant_key();
-        let fd = self.fd_for(key);
+        let fd = self.conns.next_fd();
         let phase = Phase::Connecting {
             host: host.to_string(),
             path: path.to_string(),
@@ -520,17 +470,9 @@ impl<A: App> Server<A> {
         let mut conn = Conn::new(fd, stream, addr, ConnKind::Client, phase);
         conn.path = Some(path.to_string());
         conn.opened = true; // on_close is due even if the dial fails
-        self.registry
-            .register(
-                &mut conn.stream,
-                crate::reactor::event_loop::token_of(key),
-                mio::Interest::READABLE | mio::Interest::WRITABLE,
-            )
-            .map_err(|e| {
-                io::Error::new(e.kind(), format!("ws_connect to {addr}: register: {e}"))
-            })?;
-        self.conns.insert(conn);
-        self.row.connections.store(self.conns.len() as u64, Relaxed);
+        self.conns.insert(conn).map_err(|e| {
+            io::Error::new(e.kind(), format!("ws_connect to {addr}: register: {e}"))
+        })?;
         self.arm_handshake_timer(fd);
         Ok(fd)
     }
