@@ -3,6 +3,7 @@
 pub mod apps;
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod event;
 pub mod im;
