@@ -4,6 +4,7 @@ pub mod apps;
 pub mod auth;
 pub mod backoff;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod event;
 pub mod im;

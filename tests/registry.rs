@@ -4,8 +4,9 @@
 
 mod common;
 
-use swocloud::route::protocol::Registration;
-use swocloud::route::registry::{Registry, Renew, Renewal, ServerEntry};
+use swocloud::cluster::link::Registration;
+use swocloud::cluster::servers::ServerEntry;
+use swocloud::route::registry::{Registry, Renew, Renewal};
 
 fn reg(name: &str, ip: &str, port: u16) -> Registration {
     Registration {

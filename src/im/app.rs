@@ -16,13 +16,15 @@ use std::sync::atomic::Ordering::Relaxed;
 use serde_json::{json, Value};
 
 use crate::auth;
+use crate::cluster::link::{self, Addressed, ImFrame, RouteFrame};
+use crate::cluster::presence::{self, Presence};
+use crate::cluster::user::{self, Delivered, Reconnect};
+use crate::cluster::{admin, servers, ErrorCode, Keys, ProtocolError};
 use crate::event::{App, EventBus, ServerInfo};
-use crate::im::presence::{self, Presence};
-use crate::im::protocol::{self, RouteFrame, UserFrame, WorkerMsg};
 use crate::im::registrar::Registrar;
 use crate::im::settings::ImSettings;
+use crate::im::workers::WorkerMsg;
 use crate::reactor::{Fd, Message, Request, Response, Server};
-use crate::route::registry::Registry;
 
 /// Scoreboard app counter: users connected to this worker (a gauge).
 pub const USERS: usize = 0;
@@ -76,7 +78,7 @@ pub struct ImApp {
     pub(crate) epoch: String,
     /// Registry member of this server.
     pub(crate) member: String,
-    prefix: String,
+    keys: Keys,
     /// uid → this worker's connections of that user.
     users: HashMap<String, Vec<Fd>>,
     /// connection → uid.
@@ -100,7 +102,7 @@ impl ImApp {
         } else {
             port
         };
-        let member = json!({"ip": advertise_ip, "port": advertise_port}).to_string();
+        let member = servers::member(&advertise_ip, advertise_port);
         let epoch = format!(
             "{:x}-{:x}",
             crate::process::scoreboard::now_ms(),
@@ -112,7 +114,7 @@ impl ImApp {
             advertise_port,
             epoch,
             member,
-            prefix: redis_prefix.to_string(),
+            keys: Keys::new(redis_prefix),
             users: HashMap::new(),
             uid_of: HashMap::new(),
             registrar: Registrar::default(),
@@ -137,7 +139,7 @@ impl ImApp {
         let Some(fds) = self.users.get(to) else {
             return 0;
         };
-        let frame = protocol::delivered_frame(from, data);
+        let frame = Delivered { from, data }.to_text();
         let n = fds
             .iter()
             .filter(|fd| srv.push(**fd, Message::Text(frame.clone())))
@@ -147,7 +149,7 @@ impl ImApp {
     }
 
     fn broadcast_local(&self, srv: &mut Server<Self>, from: &str, data: &Value) {
-        let frame = protocol::delivered_frame(from, data);
+        let frame = Delivered { from, data }.to_text();
         let fds: Vec<Fd> = self.uid_of.keys().copied().collect();
         let n = fds
             .into_iter()
@@ -157,7 +159,7 @@ impl ImApp {
     }
 
     fn to_worker(&self, srv: &mut Server<Self>, worker: usize, msg: &WorkerMsg) {
-        let bytes = serde_json::to_vec(msg).unwrap_or_default();
+        let bytes = msg.to_bytes();
         if let Err(e) = srv.send_message(worker, bytes) {
             log::warn!("im: cannot hand a message to worker {worker}: {e}");
         }
@@ -174,15 +176,18 @@ impl ImApp {
     fn forward_to_route(&mut self, srv: &mut Server<Self>, to: &str, from: &str, data: &Value) {
         srv.row().app[FORWARDED].fetch_add(1, Relaxed);
         if srv.worker_id() == 0 {
-            let frame =
-                json!({"method": "forward", "to": to, "from": from, "data": data}).to_string();
-            self.send_to_route(srv, frame);
-        } else {
-            let msg = WorkerMsg::Forward {
+            let frame = ImFrame::Forward(Addressed {
                 to: to.into(),
                 from: from.into(),
                 data: data.clone(),
-            };
+            });
+            self.send_to_route(srv, frame.to_text());
+        } else {
+            let msg = WorkerMsg::Forward(Addressed {
+                to: to.into(),
+                from: from.into(),
+                data: data.clone(),
+            });
             self.to_worker(srv, 0, &msg);
         }
     }
@@ -190,17 +195,17 @@ impl ImApp {
     /// A user's message: this worker, this server's other workers holding
     /// `to` (from Redis presence), and the Route for the rest.
     fn route_message(&mut self, srv: &mut Server<Self>, fd: Fd, from: &str, to: &str, data: Value) {
-        let records = srv.redis_cmd(|c| presence::all(c, &self.prefix, to));
+        let records = srv.redis_cmd(|c| presence::all(c, &self.keys, to));
         let Some(records) = records else {
             // Redis is away: deliver here, ask every sibling, and let the Route try the rest.
             self.deliver_local(srv, to, from, &data);
             self.to_siblings(
                 srv,
-                &WorkerMsg::Deliver {
+                &WorkerMsg::Deliver(Addressed {
                     to: to.into(),
                     from: from.into(),
                     data: data.clone(),
-                },
+                }),
             );
             self.forward_to_route(srv, to, from, &data);
             return;
@@ -213,10 +218,10 @@ impl ImApp {
         if mine.is_empty() && !elsewhere {
             srv.push(
                 fd,
-                Message::Text(protocol::error_frame(
-                    "offline",
-                    &format!("user {to} is not online"),
-                )),
+                Message::Text(
+                    ProtocolError::new(ErrorCode::Offline, format!("user {to} is not online"))
+                        .to_frame(),
+                ),
             );
             return;
         }
@@ -230,11 +235,11 @@ impl ImApp {
                 self.to_worker(
                     srv,
                     w,
-                    &WorkerMsg::Deliver {
+                    &WorkerMsg::Deliver(Addressed {
                         to: to.into(),
                         from: from.into(),
                         data: data.clone(),
-                    },
+                    }),
                 );
             }
         }
@@ -251,7 +256,7 @@ impl ImApp {
             })
         };
         let uid = q("uid").unwrap_or("").to_string();
-        if !protocol::valid_uid(&uid) {
+        if !crate::cluster::valid_uid(&uid) {
             srv.row().app[REFUSED].fetch_add(1, Relaxed);
             srv.disconnect(fd, 4001, "a valid uid query parameter is required");
             return;
@@ -278,7 +283,7 @@ impl ImApp {
         let p = self.presence_of(srv, fd);
         let ttl = self.cfg.presence_ttl;
         if srv
-            .redis_cmd(|c| presence::add(c, &self.prefix, &uid, &p, ttl))
+            .redis_cmd(|c| presence::add(c, &self.keys, &uid, &p, ttl))
             .is_none()
         {
             log::warn!("im: could not record {uid} online (Redis unavailable); messages to it may not be routed here");
@@ -297,8 +302,8 @@ impl ImApp {
             .iter()
             .map(|(fd, uid)| (uid.clone(), self.presence_of(srv, *fd)))
             .collect();
-        let prefix = self.prefix.clone();
-        let _ = srv.redis_cmd(|c| presence::add_many(c, &prefix, &records, ttl));
+        let keys = &self.keys;
+        let _ = srv.redis_cmd(|c| presence::add_many(c, keys, &records, ttl));
     }
 
     fn on_user_close(&mut self, srv: &mut Server<Self>, fd: Fd) {
@@ -313,7 +318,7 @@ impl ImApp {
         }
         self.set_users_gauge(srv);
         let p = self.presence_of(srv, fd);
-        let _ = srv.redis_cmd(|c| presence::remove(c, &self.prefix, &uid, &p));
+        let _ = srv.redis_cmd(|c| presence::remove(c, &self.keys, &uid, &p));
     }
 
     /// A user connection moved here: bind uid ↔ new fd and move its
@@ -330,7 +335,7 @@ impl ImApp {
         let new = self.presence_of(srv, fd);
         let ttl = self.cfg.presence_ttl;
         if srv
-            .redis_cmd(|c| presence::rekey(c, &self.prefix, &uid, &old, &new, ttl))
+            .redis_cmd(|c| presence::rekey(c, &self.keys, &uid, &old, &new, ttl))
             .is_none()
         {
             log::warn!("im: could not move {uid}'s presence to fd {fd} (Redis unavailable); it keeps fd {old_fd}");
@@ -342,8 +347,10 @@ impl ImApp {
     /// other than this one, least loaded first), before the framework
     /// closes them with 1001.
     fn say_goodbye(&mut self, srv: &mut Server<Self>) {
-        let registry = Registry::new(&self.prefix);
-        let mut others = srv.redis_cmd(|c| registry.list(c)).unwrap_or_default();
+        let keys = &self.keys;
+        let mut others = srv
+            .redis_cmd(|c| servers::list(c, keys))
+            .unwrap_or_default();
         others.retain(|e| e.member() != self.member && !e.draining);
         others.sort_by_key(|e| e.load);
         let fds: Vec<(Fd, String)> = self.uid_of.iter().map(|(fd, u)| (*fd, u.clone())).collect();
@@ -357,13 +364,19 @@ impl ImApp {
                             auth::mint(self.cfg.auth_secret.as_bytes(), &uid, "user", 3600)
                         ));
                     }
-                    json!({"method": "reconnect", "ip": e.ip, "port": e.port, "url": url})
+                    Reconnect {
+                        ip: Some(e.ip.clone()),
+                        port: Some(e.port),
+                        url: Some(url),
+                    }
                 }
-                None => {
-                    json!({"method": "reconnect", "ip": Value::Null, "port": Value::Null, "url": Value::Null})
-                }
+                None => Reconnect {
+                    ip: None,
+                    port: None,
+                    url: None,
+                },
             };
-            srv.push(fd, Message::Text(frame.to_string()));
+            srv.push(fd, Message::Text(frame.to_text()));
         }
     }
 }
@@ -409,7 +422,7 @@ impl App for ImApp {
         if srv.worker_id() == 0 {
             self.registrar.draining = true;
             if self.registrar.registered {
-                self.send_to_route(srv, json!({"method": "draining"}).to_string());
+                self.send_to_route(srv, ImFrame::Draining.to_text());
             }
         }
         self.say_goodbye(srv);
@@ -429,23 +442,26 @@ impl App for ImApp {
         let Message::Text(text) = msg else {
             srv.push(
                 fd,
-                Message::Text(protocol::error_frame(
-                    "bad_frame",
-                    "binary frames are not part of the protocol",
-                )),
+                Message::Text(
+                    ProtocolError::new(
+                        ErrorCode::BadFrame,
+                        "binary frames are not part of the protocol",
+                    )
+                    .to_frame(),
+                ),
             );
             return;
         };
         if Some(fd) == self.registrar.fd {
-            match protocol::parse_route(&text) {
-                RouteFrame::Registered => self.route_registered(srv),
-                RouteFrame::Deliver { to, from, data } => {
-                    self.deliver_local(srv, &to, &from, &data);
-                    self.to_siblings(srv, &WorkerMsg::Deliver { to, from, data });
+            match link::parse_route(&text) {
+                RouteFrame::Registered(_) => self.route_registered(srv),
+                RouteFrame::Deliver(m) => {
+                    self.deliver_local(srv, &m.to, &m.from, &m.data);
+                    self.to_siblings(srv, &WorkerMsg::Deliver(m));
                 }
-                RouteFrame::Broadcast { from, data } => {
-                    self.broadcast_local(srv, &from, &data);
-                    self.to_siblings(srv, &WorkerMsg::Broadcast { from, data });
+                RouteFrame::Broadcast(b) => {
+                    self.broadcast_local(srv, &b.from, &b.data);
+                    self.to_siblings(srv, &WorkerMsg::Broadcast(b));
                 }
                 RouteFrame::Error(e) => log::warn!("im: the Route refused a frame: {e}"),
                 RouteFrame::Unknown => log::warn!("im: ignoring an unknown frame from the Route"),
@@ -455,10 +471,10 @@ impl App for ImApp {
         let Some(from) = self.uid_of.get(&fd).cloned() else {
             return;
         };
-        match protocol::parse_user(&text) {
-            UserFrame::Send { to, data } => self.route_message(srv, fd, &from, &to, data),
-            UserFrame::Invalid(code, why) => {
-                srv.push(fd, Message::Text(protocol::error_frame(code, &why)));
+        match user::parse_user(&text) {
+            Ok(m) => self.route_message(srv, fd, &from, &m.to, m.data),
+            Err(e) => {
+                srv.push(fd, Message::Text(e.to_frame()));
             }
         }
     }
@@ -491,22 +507,21 @@ impl App for ImApp {
     }
 
     fn on_pipe_message(&mut self, srv: &mut Server<Self>, _from: usize, data: Vec<u8>) {
-        match serde_json::from_slice::<WorkerMsg>(&data) {
-            Ok(WorkerMsg::Deliver { to, from, data }) => {
-                self.deliver_local(srv, &to, &from, &data);
+        match WorkerMsg::parse(&data) {
+            Ok(WorkerMsg::Deliver(m)) => {
+                self.deliver_local(srv, &m.to, &m.from, &m.data);
             }
-            Ok(WorkerMsg::Broadcast { from, data }) => self.broadcast_local(srv, &from, &data),
-            Ok(WorkerMsg::Forward { to, from, data }) => {
-                let frame =
-                    json!({"method": "forward", "to": to, "from": from, "data": data}).to_string();
-                self.send_to_route(srv, frame);
+            Ok(WorkerMsg::Broadcast(b)) => self.broadcast_local(srv, &b.from, &b.data),
+            Ok(WorkerMsg::Forward(m)) => {
+                self.send_to_route(srv, ImFrame::Forward(m).to_text());
             }
+            Ok(WorkerMsg::Unknown) => log::warn!("im: ignoring an unknown worker message"),
             Err(e) => log::warn!("im: bad worker message: {e}"),
         }
     }
 
     fn on_request(&mut self, srv: &mut Server<Self>, req: &Request) -> Response {
-        if !crate::route::admin::allowed(srv, req, req.path_only()) {
+        if !admin::allowed(srv, req, req.path_only()) {
             return Response::json(404, &json!({"error": "not_found"}));
         }
         match (req.method.as_str(), req.path_only()) {

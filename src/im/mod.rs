@@ -6,14 +6,12 @@
 //! - [`app`]: the hooks: user connections, presence, delivery, draining.
 //! - [`registrar`]: worker 0's link to the Route (register, heartbeat,
 //!   redial with backoff and jitter).
-//! - [`presence`]: who is online where, in Redis, by instance epoch.
-//! - [`protocol`]: user, Route and worker-to-worker frames as closed enums.
+//! - [`workers`]: the messages this server's workers hand each other.
 //! - [`settings`]: the IM server's settings keys.
 
 pub mod app;
-pub mod presence;
-pub mod protocol;
 pub mod registrar;
 pub mod settings;
+pub mod workers;
 
 pub use app::ImApp;

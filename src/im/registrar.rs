@@ -10,9 +10,10 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::auth;
+use crate::cluster::link::{ImFrame, Registration};
 use crate::im::app::{ImApp, ATTR_ROUTE_LINK, ATTR_ROUTE_REGISTERED, USERS};
 use crate::reactor::{Fd, Message, Server};
 
@@ -126,23 +127,23 @@ impl ImApp {
     /// The Route link is up: register (the seed's frame, plus token, load
     /// and epoch).
     pub(crate) fn route_connected(&mut self, srv: &mut Server<Self>, fd: Fd) {
-        let mut reg = json!({
-            "method": "register",
-            "serviceName": self.cfg.service_name,
-            "ip": self.advertise_ip,
-            "port": self.advertise_port,
-            "load": self.load(srv),
-            "epoch": self.epoch,
-        });
-        if !self.cfg.auth_secret.is_empty() {
-            reg["token"] = Value::String(auth::mint(
+        let token = (!self.cfg.auth_secret.is_empty()).then(|| {
+            auth::mint(
                 self.cfg.auth_secret.as_bytes(),
                 &self.cfg.service_name,
                 "register",
                 REGISTER_TOKEN_TTL,
-            ));
-        }
-        srv.push(fd, Message::Text(reg.to_string()));
+            )
+        });
+        let reg = ImFrame::Register(Registration {
+            service_name: self.cfg.service_name.clone(),
+            ip: self.advertise_ip.clone(),
+            port: self.advertise_port,
+            token,
+            load: Some(self.load(srv)),
+            epoch: Some(self.epoch.clone()),
+        });
+        srv.push(fd, Message::Text(reg.to_text()));
         log::info!(
             "im: connected to the Route at {}; registering as {}",
             self.cfg.route_url,
@@ -163,7 +164,7 @@ impl ImApp {
             self.epoch
         );
         if self.registrar.draining {
-            self.send_to_route(srv, json!({"method": "draining"}).to_string());
+            self.send_to_route(srv, ImFrame::Draining.to_text());
         }
         if let Some(fd) = self.registrar.fd {
             while let Some(frame) = self.registrar.queue.pop_front() {
@@ -203,7 +204,7 @@ impl ImApp {
             let load = self.load(srv);
             srv.push(
                 fd,
-                Message::Text(json!({"method": "heartbeat", "load": load}).to_string()),
+                Message::Text(ImFrame::Heartbeat { load: Some(load) }.to_text()),
             );
         }
     }

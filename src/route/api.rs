@@ -24,8 +24,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::auth::{self, constant_eq};
-use crate::im::presence;
-use crate::im::protocol::valid_uid;
+use crate::cluster::{admin, valid_uid};
 use crate::reactor::{Request, Response, Server};
 use crate::route::app::RouteApp;
 use crate::route::delivery;
@@ -37,7 +36,7 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 /// Routes one request.
 pub fn handle(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> Response {
     let path = req.path_only();
-    if !crate::route::admin::allowed(srv, req, path) {
+    if !admin::allowed(srv, req, path) {
         return Response::json(404, &json!({"error": "not_found", "path": path}));
     }
     if path.starts_with("/api/") && !authorized(app, req) {
@@ -62,7 +61,7 @@ pub fn handle(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> 
         }
         ("GET", "/route") => route_user(app, srv, req),
         ("POST", "/api/send") => send(app, srv, req),
-        ("POST", "/api/broadcast") => broadcast(srv, req),
+        ("POST", "/api/broadcast") => broadcast(app, srv, req),
         ("GET", "/api/online") => online(app, srv, req),
         (_, "/api/send" | "/api/broadcast") => {
             Response::json(405, &json!({"error": "method_not_allowed"}))
@@ -163,11 +162,11 @@ fn route_user(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> 
     let Some(chosen) = app.picker.pick(app.cfg.balancer, &servers, uid).cloned() else {
         return bad(503, "no_server", "no live IM server is registered");
     };
-    let prefix = srv.settings().redis_prefix.clone();
+    let route_key = app.registry.keys().route(uid);
     let member = chosen.member();
     let _ = srv.redis_cmd(|c| {
         redis::cmd("SET")
-            .arg(presence::route_key(&prefix, uid))
+            .arg(&route_key)
             .arg(&member)
             .arg("EX")
             .arg(ROUTE_RECORD_TTL)
@@ -217,7 +216,7 @@ fn send(app: &mut RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> Respon
 }
 
 /// `POST /api/broadcast {"data"}`.
-fn broadcast(srv: &mut Server<RouteApp>, req: &Request) -> Response {
+fn broadcast(app: &RouteApp, srv: &mut Server<RouteApp>, req: &Request) -> Response {
     let body = match json_body(req) {
         Ok(b) => b,
         Err(r) => return r,
@@ -226,7 +225,7 @@ fn broadcast(srv: &mut Server<RouteApp>, req: &Request) -> Response {
         return bad(400, "bad_request", "field `data` is required");
     };
     let from = body.get("from").and_then(|v| v.as_str()).unwrap_or("api");
-    match delivery::broadcast(srv, from, data) {
+    match delivery::broadcast(app, srv, from, data) {
         Some(n) => Response::json(200, &json!({"routes": n})),
         None => bad(503, "unavailable", "Redis is unreachable; nothing was sent"),
     }
@@ -292,7 +291,7 @@ fn metrics(app: &RouteApp, srv: &Server<RouteApp>) -> Response {
 struct ServersDoc<'a> {
     count: usize,
     source: &'a str,
-    servers: &'a [crate::route::registry::ServerEntry],
+    servers: &'a [crate::cluster::servers::ServerEntry],
 }
 
 /// `GET /api/servers`. From a warm cache the serialised answer is kept per

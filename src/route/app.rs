@@ -13,17 +13,17 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use serde_json::json;
-
 use crate::auth;
+use crate::cluster::link::{self, ImFrame, Registered, Registration, RouteFrame};
+use crate::cluster::servers::ServerEntry;
+use crate::cluster::{ErrorCode, ProtocolError};
 use crate::event::{App, ServerInfo};
 use crate::process::scoreboard::now_ms;
 use crate::reactor::{Fd, Message, Request, Response, Server};
 use crate::route::balancer::Picker;
 use crate::route::cache::{self, SharedCache};
 use crate::route::delivery;
-use crate::route::protocol::{self, code, Command, ProtocolError, Registration};
-use crate::route::registry::{Registry, Renew, Renewal, ServerEntry};
+use crate::route::registry::{Registry, Renew, Renewal};
 use crate::route::settings::RouteSettings;
 use crate::route::stats;
 
@@ -218,7 +218,9 @@ impl RouteApp {
                 );
                 srv.push(
                     fd,
-                    Message::Text(ProtocolError::new(code::UNAUTHORIZED, e.to_string()).to_frame()),
+                    Message::Text(
+                        ProtocolError::new(ErrorCode::Unauthorized, e.to_string()).to_frame(),
+                    ),
                 );
                 srv.disconnect(fd, 1008, "unauthorized");
                 return;
@@ -254,7 +256,7 @@ impl RouteApp {
             srv.push(
                 fd,
                 Message::Text(
-                    ProtocolError::new(code::UNAVAILABLE, "Redis is unreachable: the registration is kept and will be stored and acknowledged when it returns")
+                    ProtocolError::new(ErrorCode::Unavailable, "Redis is unreachable: the registration is kept and will be stored and acknowledged when it returns")
                         .to_frame(),
                 ),
             );
@@ -293,7 +295,7 @@ impl RouteApp {
             fd,
             Message::Text(
                 ProtocolError::new(
-                    code::RATE_LIMITED,
+                    ErrorCode::RateLimited,
                     format!("at most {max} registrations per address"),
                 )
                 .to_frame(),
@@ -475,15 +477,14 @@ impl RouteApp {
 }
 
 fn registered_frame(e: &ServerEntry, lease: Duration) -> String {
-    json!({
-        "method": "registered",
-        "serviceName": e.service_name,
-        "ip": e.ip,
-        "port": e.port,
-        "node": e.node,
-        "lease_ms": lease.as_millis() as u64,
+    RouteFrame::Registered(Registered {
+        service_name: e.service_name.clone(),
+        ip: e.ip.clone(),
+        port: e.port,
+        node: e.node.clone(),
+        lease_ms: lease.as_millis() as u64,
     })
-    .to_string()
+    .to_text()
 }
 
 impl App for RouteApp {
@@ -524,9 +525,10 @@ impl App for RouteApp {
             ));
             match srv.self_sender() {
                 Ok(sender) => {
+                    let keys = self.registry.keys();
                     let channels = vec![
-                        delivery::worker_channel(&prefix, &self.node_pid()),
-                        delivery::broadcast_channel(&prefix),
+                        keys.worker_channel(&self.node_pid()),
+                        keys.broadcast_channel(),
                     ];
                     delivery::spawn_relay(url, channels, sender, srv.worker_id());
                 }
@@ -576,17 +578,17 @@ impl App for RouteApp {
                     srv,
                     fd,
                     &ProtocolError::new(
-                        code::BAD_FRAME,
+                        ErrorCode::BadFrame,
                         "binary frames are not part of the protocol",
                     ),
                 );
                 return;
             }
         };
-        match protocol::parse(&text) {
+        match link::parse_im(&text) {
             Err(e) => self.reply_error(srv, fd, &e),
-            Ok(Command::Register(reg)) => self.register(srv, fd, reg),
-            Ok(Command::Heartbeat { load }) => {
+            Ok(ImFrame::Register(reg)) => self.register(srv, fd, reg),
+            Ok(ImFrame::Heartbeat { load }) => {
                 match self.peers.get_mut(&fd).and_then(|p| p.held.as_mut()) {
                     Some(h) => {
                         if let Some(l) = load {
@@ -596,11 +598,11 @@ impl App for RouteApp {
                     None => self.reply_error(
                         srv,
                         fd,
-                        &ProtocolError::new(code::NOT_REGISTERED, "register first"),
+                        &ProtocolError::new(ErrorCode::NotRegistered, "register first"),
                     ),
                 }
             }
-            Ok(Command::Forward { to, from, data }) => {
+            Ok(ImFrame::Forward(link::Addressed { to, from, data })) => {
                 let Some(member) = self
                     .peers
                     .get(&fd)
@@ -610,7 +612,7 @@ impl App for RouteApp {
                     self.reply_error(
                         srv,
                         fd,
-                        &ProtocolError::new(code::NOT_REGISTERED, "register first"),
+                        &ProtocolError::new(ErrorCode::NotRegistered, "register first"),
                     );
                     return;
                 };
@@ -618,7 +620,7 @@ impl App for RouteApp {
                     log::warn!("route: could not forward a message to {to}: Redis unavailable");
                 }
             }
-            Ok(Command::Draining) => {
+            Ok(ImFrame::Draining) => {
                 let held = self.peers.get_mut(&fd).and_then(|p| p.held.as_mut());
                 let Some(h) = held else { return };
                 h.entry.draining = true;
@@ -634,10 +636,10 @@ impl App for RouteApp {
                 let _ = srv.redis_cmd(|c| self.registry.renew(c, &member, &owner, &r));
                 self.save_held(srv, fd);
             }
-            Ok(Command::Unknown(m)) => self.reply_error(
+            Ok(ImFrame::Unknown) => self.reply_error(
                 srv,
                 fd,
-                &ProtocolError::new(code::UNKNOWN_METHOD, format!("unknown method {m:?}")),
+                &ProtocolError::new(ErrorCode::UnknownMethod, "unknown method"),
             ),
         }
     }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 
-use crate::route::registry::ServerEntry;
+use crate::cluster::servers::ServerEntry;
 use crate::route::settings::Balancer;
 
 /// Virtual nodes per server on the hash ring.

@@ -12,7 +12,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::route::registry::{Registry, ServerEntry};
+use crate::cluster::servers::ServerEntry;
+use crate::route::registry::Registry;
 
 /// First reconnect delay; doubles up to [`BACKOFF_MAX`].
 const BACKOFF_START: Duration = Duration::from_millis(100);

@@ -2,7 +2,7 @@
 //! from an IM server for a user it does not hold, to the IM servers that
 //! hold the user — whichever Route worker or node took the request.
 //!
-//! A user's valid connections are read from presence ([`crate::im::presence`])
+//! A user's valid connections are read from presence ([`crate::cluster::presence`])
 //! and checked against the registry in Redis (same server, same instance
 //! epoch; anything else is stale and deleted). Each IM server is reached
 //! through the Route worker that holds its registration connection: directly
@@ -15,13 +15,14 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::im::presence::{self, Presence};
+use crate::cluster::link::{self, Addressed, RouteFrame};
+use crate::cluster::presence::{self, Presence};
+use crate::cluster::servers::{self, ServerEntry};
 use crate::process::ipc::{Envelope, PipeSender};
 use crate::reactor::{Fd, Message, Server};
 use crate::route::app::RouteApp;
-use crate::route::registry::ServerEntry;
 
 /// A relayed frame: push `frame` to IM-server connection `fd` (or to all).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -34,16 +35,6 @@ pub struct Relay {
     pub owner: Option<String>,
     /// The text frame to push.
     pub frame: String,
-}
-
-/// This worker's channel name.
-pub fn worker_channel(prefix: &str, node_pid: &str) -> String {
-    format!("{prefix}route:worker:{node_pid}")
-}
-
-/// The broadcast channel.
-pub fn broadcast_channel(prefix: &str) -> String {
-    format!("{prefix}route:broadcast")
 }
 
 /// Starts the relay thread: SUBSCRIBE to this worker's channel and the
@@ -94,27 +85,20 @@ pub fn locate(
     srv: &mut Server<RouteApp>,
     uid: &str,
 ) -> Option<Vec<(ServerEntry, usize)>> {
-    let prefix = srv.settings().redis_prefix.clone();
-    let records = srv.redis_cmd(|c| presence::all(c, &prefix, uid))?;
+    let keys = app.registry.keys();
+    let records = srv.redis_cmd(|c| presence::all(c, keys, uid))?;
     if records.is_empty() {
         return Some(Vec::new());
     }
     let mut members: Vec<String> = records.iter().map(|p| p.member.clone()).collect();
     members.sort();
     members.dedup();
-    let details_key = app.registry.keys().details.clone();
-    let found: Vec<Option<String>> =
-        srv.redis_cmd(|c| redis::cmd("HMGET").arg(&details_key).arg(&members).query(c))?;
-    let entries: HashMap<String, ServerEntry> = members
-        .iter()
-        .zip(found)
-        .filter_map(|(m, j)| Some((m.clone(), serde_json::from_str::<ServerEntry>(&j?).ok()?)))
-        .collect();
+    let entries = srv.redis_cmd(|c| servers::details(c, keys, &members))?;
     let (valid, stale): (Vec<Presence>, Vec<Presence>) = records
         .into_iter()
         .partition(|p| entries.get(&p.member).is_some_and(|e| e.epoch == p.epoch));
     if !stale.is_empty() {
-        let _ = srv.redis_cmd(|c| presence::remove_fields(c, &prefix, uid, &stale));
+        let _ = srv.redis_cmd(|c| presence::remove_fields(c, keys, uid, &stale));
     }
     let mut counts: HashMap<String, usize> = HashMap::new();
     for p in &valid {
@@ -141,7 +125,12 @@ pub fn deliver(
     exclude: Option<&str>,
 ) -> Option<usize> {
     let targets = locate(app, srv, to)?;
-    let frame = json!({"method": "deliver", "to": to, "from": from, "data": data}).to_string();
+    let frame = RouteFrame::Deliver(Addressed {
+        to: to.to_string(),
+        from: from.to_string(),
+        data: data.clone(),
+    })
+    .to_text();
     let mut delivered = 0;
     for (entry, devices) in targets {
         if exclude == Some(entry.member().as_str()) {
@@ -165,7 +154,7 @@ fn relay(app: &RouteApp, srv: &mut Server<RouteApp>, entry: &ServerEntry, frame:
     if owner_worker == app.node_pid() {
         return srv.push(fd, Message::Text(frame.to_string()));
     }
-    let channel = worker_channel(&srv.settings().redis_prefix, owner_worker);
+    let channel = app.registry.keys().worker_channel(owner_worker);
     let payload = serde_json::to_string(&Relay {
         fd: Some(fd),
         owner: Some(owner_worker.to_string()),
@@ -184,15 +173,24 @@ fn relay(app: &RouteApp, srv: &mut Server<RouteApp>, entry: &ServerEntry, frame:
 
 /// Sends `data` to every user of every IM server; returns how many Route
 /// workers took it.
-pub fn broadcast(srv: &mut Server<RouteApp>, from: &str, data: &Value) -> Option<i64> {
-    let frame = json!({"method": "broadcast", "from": from, "data": data}).to_string();
+pub fn broadcast(
+    app: &RouteApp,
+    srv: &mut Server<RouteApp>,
+    from: &str,
+    data: &Value,
+) -> Option<i64> {
+    let frame = RouteFrame::Broadcast(link::Broadcast {
+        from: from.to_string(),
+        data: data.clone(),
+    })
+    .to_text();
     let payload = serde_json::to_string(&Relay {
         fd: None,
         owner: None,
         frame,
     })
     .unwrap_or_default();
-    let channel = broadcast_channel(&srv.settings().redis_prefix);
+    let channel = app.registry.keys().broadcast_channel();
     srv.redis_cmd(|c| {
         redis::cmd("PUBLISH")
             .arg(&channel)

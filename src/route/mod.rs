@@ -1,23 +1,19 @@
 //! The Route: the IM cluster's registry of live IM servers (the seed's
 //! duties 1, 2, 4, 5 and 7), on the framework.
 //!
-//! - [`protocol`]: the WebSocket frames IM servers send, as a closed enum.
 //! - [`registry`]: the Redis data model and its atomic scripts.
 //! - [`cache`]: each worker's in-memory copy, kept current over pub/sub.
 //! - [`app`]: the hooks: register, heartbeats, liveness sweep.
 //! - [`api`]: the HTTP endpoints.
-//! - [`admin`]: which endpoints the admin address (`admin_listen`) keeps.
 //! - [`settings`]: the Route's own settings keys.
 //! - [`stats`]: the Route's counters (scoreboard indices for `/metrics`).
 //! - [`status`]: the Route's section of `swocloud status`.
 
-pub mod admin;
 pub mod api;
 pub mod app;
 pub mod balancer;
 pub mod cache;
 pub mod delivery;
-pub mod protocol;
 pub mod registry;
 pub mod settings;
 pub mod stats;

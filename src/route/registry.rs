@@ -1,13 +1,13 @@
 //! The registry's Redis data model, and every write to it as one atomic Lua
 //! script (a half-done registration would leave a lie in Redis).
 //!
-//! Keys, under the configured prefix `P`:
+//! Keys, under the configured prefix `P` (named by [`Keys`]):
 //!
 //! | key | type | content |
 //! |-----|------|---------|
 //! | `P im_server` | SET | `{"ip":"…","port":N}` — exactly the seed's encoding, for programs that read it |
 //! | `P im_server:lease` | ZSET | member → lease expiry (Unix ms), renewed by the holder's sweep |
-//! | `P im_server:details` | HASH | member → JSON [`ServerEntry`] |
+//! | `P im_server:details` | HASH | member → JSON [`ServerEntry`] (the format is `cluster::servers`') |
 //! | `P im_server:by_name` | HASH | serviceName → member (a re-registration replaces its old entry) |
 //! | `P im_server:events` | pub/sub channel | `{"event":"register"|"remove"|"update","member":…,"cause":…}` |
 //!
@@ -18,97 +18,9 @@
 //! lease expires.
 
 use redis::{Connection, RedisResult, Script};
-use serde::{Deserialize, Serialize};
 
-use crate::route::protocol::Registration;
-
-/// The key names for one prefix.
-#[derive(Debug, Clone)]
-pub struct Keys {
-    /// The seed's set.
-    pub set: String,
-    /// Lease ZSET.
-    pub lease: String,
-    /// Details HASH.
-    pub details: String,
-    /// serviceName → member HASH.
-    pub by_name: String,
-    /// Change notifications channel.
-    pub channel: String,
-}
-
-impl Keys {
-    /// Keys under `prefix` (empty: the seed's names).
-    pub fn new(prefix: &str) -> Keys {
-        Keys {
-            set: format!("{prefix}im_server"),
-            lease: format!("{prefix}im_server:lease"),
-            details: format!("{prefix}im_server:details"),
-            by_name: format!("{prefix}im_server:by_name"),
-            channel: format!("{prefix}im_server:events"),
-        }
-    }
-}
-
-/// What the Route knows of one IM server.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServerEntry {
-    /// The seed's `serviceName`.
-    #[serde(rename = "serviceName")]
-    pub service_name: String,
-    /// Advertised IP.
-    pub ip: String,
-    /// Advertised port.
-    pub port: u16,
-    /// Connected users, as last reported.
-    pub load: u64,
-    /// Instance epoch (new at each IM server start; empty if not sent).
-    #[serde(default)]
-    pub epoch: String,
-    /// When it registered (Unix ms).
-    pub registered_at_ms: u64,
-    /// Last renewal (Unix ms).
-    pub last_seen_ms: u64,
-    /// Route node holding its connection.
-    pub node: String,
-    /// Route worker id holding its connection.
-    pub worker: u32,
-    /// Owner token: node/pid/connection.
-    pub owner: String,
-    /// Whether it is draining (no new users).
-    #[serde(default)]
-    pub draining: bool,
-}
-
-impl ServerEntry {
-    /// Builds the entry for a registration.
-    pub fn new(
-        reg: &Registration,
-        node: &str,
-        worker: u32,
-        owner: &str,
-        now_ms: u64,
-    ) -> ServerEntry {
-        ServerEntry {
-            service_name: reg.service_name.clone(),
-            ip: reg.ip.clone(),
-            port: reg.port,
-            load: reg.load.unwrap_or(0),
-            epoch: reg.epoch.clone().unwrap_or_default(),
-            registered_at_ms: now_ms,
-            last_seen_ms: now_ms,
-            node: node.to_string(),
-            worker,
-            owner: owner.to_string(),
-            draining: false,
-        }
-    }
-
-    /// The seed-encoded set member.
-    pub fn member(&self) -> String {
-        serde_json::json!({"ip": self.ip, "port": self.port}).to_string()
-    }
-}
+use crate::cluster::keys::Keys;
+use crate::cluster::servers::{self, ServerEntry};
 
 const REGISTER: &str = r#"
 local old = redis.call('HGET', KEYS[4], ARGV[3])
@@ -367,17 +279,6 @@ impl Registry {
 
     /// Every entry with details, sorted by serviceName.
     pub fn list(&self, c: &mut Connection) -> RedisResult<Vec<ServerEntry>> {
-        let map: std::collections::HashMap<String, String> =
-            redis::cmd("HGETALL").arg(&self.keys.details).query(c)?;
-        let mut v: Vec<ServerEntry> = map
-            .values()
-            .filter_map(|j| serde_json::from_str(j).ok())
-            .collect();
-        v.sort_by(|a, b| {
-            a.service_name
-                .cmp(&b.service_name)
-                .then(a.port.cmp(&b.port))
-        });
-        Ok(v)
+        servers::list(c, &self.keys)
     }
 }

@@ -1,9 +1,9 @@
-//! The admin address (`admin_listen`): when it is set, the operator's
+//! The admin address (`admin_listen`), for both apps: when it is set, the operator's
 //! endpoints — `/api/*`, `/metrics`, `/dashboard` — are answered only on
 //! connections the worker accepted on that address, and are `404 Not
 //! Found` on the public one (as if they did not exist, so a scan of the
 //! public port learns nothing). `/health`, `/ready` and `/route` stay on
-//! both. The IM server applies the same rule to its `/metrics`.
+//! both (the IM server's `/metrics` is admin-only too).
 //!
 //! The admin address is no authentication: bind it to loopback or a
 //! private network, and keep `api_key` set.

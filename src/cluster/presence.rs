@@ -1,7 +1,7 @@
 //! Who is online where: the user → connection records the IM servers write
 //! and the Route reads.
 //!
-//! `P im_user:<uid>` is a HASH with one field per connection,
+//! `P im_user:<uid>` ([`Keys::user`]) is a HASH with one field per connection,
 //! `<server member>|<worker id>|<fd>`, whose value is the IM server's
 //! instance epoch. A record is valid only while its server is registered
 //! with the same epoch: when a server dies or restarts, every record of its
@@ -9,6 +9,8 @@
 //! lazily); the key's TTL is only a last-resort sweep.
 
 use redis::{Connection, RedisResult};
+
+use crate::cluster::keys::Keys;
 
 /// One connection of a user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +26,8 @@ pub struct Presence {
 }
 
 impl Presence {
-    fn field(&self) -> String {
+    /// The record's HASH field, `<member>|<worker>|<fd>`.
+    pub fn field(&self) -> String {
         format!("{}|{}|{}", self.member, self.worker, self.fd)
     }
 
@@ -42,25 +45,15 @@ impl Presence {
     }
 }
 
-/// The key of `uid`'s records.
-pub fn key(prefix: &str, uid: &str) -> String {
-    format!("{prefix}im_user:{uid}")
-}
-
-/// The key of `uid`'s last routing decision.
-pub fn route_key(prefix: &str, uid: &str) -> String {
-    format!("{prefix}im_route:{uid}")
-}
-
 /// Appends "record `p` for `uid` and extend the key's TTL" to `pipe`.
-fn push_add(pipe: &mut redis::Pipeline, prefix: &str, uid: &str, p: &Presence, ttl_secs: u64) {
+fn push_add(pipe: &mut redis::Pipeline, keys: &Keys, uid: &str, p: &Presence, ttl_secs: u64) {
     pipe.cmd("HSET")
-        .arg(key(prefix, uid))
+        .arg(keys.user(uid))
         .arg(p.field())
         .arg(&p.epoch)
         .ignore()
         .cmd("EXPIRE")
-        .arg(key(prefix, uid))
+        .arg(keys.user(uid))
         .arg(ttl_secs)
         .ignore();
 }
@@ -68,14 +61,14 @@ fn push_add(pipe: &mut redis::Pipeline, prefix: &str, uid: &str, p: &Presence, t
 /// Records a connection of `uid` (and extends the key's TTL).
 pub fn add(
     c: &mut Connection,
-    prefix: &str,
+    keys: &Keys,
     uid: &str,
     p: &Presence,
     ttl_secs: u64,
 ) -> RedisResult<()> {
     let mut pipe = redis::pipe();
     pipe.atomic();
-    push_add(&mut pipe, prefix, uid, p, ttl_secs);
+    push_add(&mut pipe, keys, uid, p, ttl_secs);
     pipe.query(c)
 }
 
@@ -84,7 +77,7 @@ pub fn add(
 /// new id, and there is never a moment where `uid` looks offline.
 pub fn rekey(
     c: &mut Connection,
-    prefix: &str,
+    keys: &Keys,
     uid: &str,
     old: &Presence,
     new: &Presence,
@@ -93,31 +86,31 @@ pub fn rekey(
     let mut pipe = redis::pipe();
     pipe.atomic()
         .cmd("HDEL")
-        .arg(key(prefix, uid))
+        .arg(keys.user(uid))
         .arg(old.field())
         .ignore();
-    push_add(&mut pipe, prefix, uid, new, ttl_secs);
+    push_add(&mut pipe, keys, uid, new, ttl_secs);
     pipe.query(c)
 }
 
 /// [`add`] for many connections in one pipelined round trip.
 pub fn add_many(
     c: &mut Connection,
-    prefix: &str,
+    keys: &Keys,
     records: &[(String, Presence)],
     ttl_secs: u64,
 ) -> RedisResult<()> {
     let mut pipe = redis::pipe();
     for (uid, p) in records {
-        push_add(&mut pipe, prefix, uid, p, ttl_secs);
+        push_add(&mut pipe, keys, uid, p, ttl_secs);
     }
     pipe.query(c)
 }
 
 /// Forgets a connection of `uid`.
-pub fn remove(c: &mut Connection, prefix: &str, uid: &str, p: &Presence) -> RedisResult<()> {
+pub fn remove(c: &mut Connection, keys: &Keys, uid: &str, p: &Presence) -> RedisResult<()> {
     redis::cmd("HDEL")
-        .arg(key(prefix, uid))
+        .arg(keys.user(uid))
         .arg(p.field())
         .query(c)
 }
@@ -125,7 +118,7 @@ pub fn remove(c: &mut Connection, prefix: &str, uid: &str, p: &Presence) -> Redi
 /// Forgets several records of `uid` (stale ones the Route found).
 pub fn remove_fields(
     c: &mut Connection,
-    prefix: &str,
+    keys: &Keys,
     uid: &str,
     stale: &[Presence],
 ) -> RedisResult<()> {
@@ -133,7 +126,7 @@ pub fn remove_fields(
         return Ok(());
     }
     let mut cmd = redis::cmd("HDEL");
-    cmd.arg(key(prefix, uid));
+    cmd.arg(keys.user(uid));
     for p in stale {
         cmd.arg(p.field());
     }
@@ -141,9 +134,9 @@ pub fn remove_fields(
 }
 
 /// Every record of `uid`, valid or not.
-pub fn all(c: &mut Connection, prefix: &str, uid: &str) -> RedisResult<Vec<Presence>> {
+pub fn all(c: &mut Connection, keys: &Keys, uid: &str) -> RedisResult<Vec<Presence>> {
     let map: std::collections::HashMap<String, String> =
-        redis::cmd("HGETALL").arg(key(prefix, uid)).query(c)?;
+        redis::cmd("HGETALL").arg(keys.user(uid)).query(c)?;
     Ok(map
         .into_iter()
         .filter_map(|(f, e)| Presence::parse(&f, e))

@@ -1,0 +1,131 @@
+//! The registry's record format, which the Route writes and both apps read:
+//! the seed's set member `{"ip":"…","port":N}` and the JSON details of each
+//! live IM server ([`ServerEntry`]), with the two reads of them. The writes
+//! (atomic Lua scripts) belong to the Route (`route::registry`).
+
+use std::collections::HashMap;
+
+use redis::{Connection, RedisResult};
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::keys::Keys;
+use crate::cluster::link::Registration;
+
+/// The seed's set member for an address. Its bytes are the seed's PHP
+/// `json_encode(['ip' => …, 'port' => …])`: programs match on them.
+pub fn member(ip: &str, port: u16) -> String {
+    #[derive(Serialize)]
+    struct Member<'a> {
+        ip: &'a str,
+        port: u16,
+    }
+    super::encode(&Member { ip, port })
+}
+
+/// What the Route knows of one IM server (`im_server:details`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerEntry {
+    /// The seed's `serviceName`.
+    #[serde(rename = "serviceName")]
+    pub service_name: String,
+    /// Advertised IP.
+    pub ip: String,
+    /// Advertised port.
+    pub port: u16,
+    /// Connected users, as last reported.
+    pub load: u64,
+    /// Instance epoch (new at each IM server start; empty if not sent).
+    #[serde(default)]
+    pub epoch: String,
+    /// When it registered (Unix ms).
+    pub registered_at_ms: u64,
+    /// Last renewal (Unix ms).
+    pub last_seen_ms: u64,
+    /// Route node holding its connection.
+    pub node: String,
+    /// Route worker id holding its connection.
+    pub worker: u32,
+    /// Owner token: node/pid/connection.
+    pub owner: String,
+    /// Whether it is draining (no new users).
+    #[serde(default)]
+    pub draining: bool,
+}
+
+impl ServerEntry {
+    /// Builds the entry for a registration.
+    pub fn new(
+        reg: &Registration,
+        node: &str,
+        worker: u32,
+        owner: &str,
+        now_ms: u64,
+    ) -> ServerEntry {
+        ServerEntry {
+            service_name: reg.service_name.clone(),
+            ip: reg.ip.clone(),
+            port: reg.port,
+            load: reg.load.unwrap_or(0),
+            epoch: reg.epoch.clone().unwrap_or_default(),
+            registered_at_ms: now_ms,
+            last_seen_ms: now_ms,
+            node: node.to_string(),
+            worker,
+            owner: owner.to_string(),
+            draining: false,
+        }
+    }
+
+    /// The seed-encoded set member.
+    pub fn member(&self) -> String {
+        member(&self.ip, self.port)
+    }
+}
+
+/// Every entry with details, sorted by serviceName then port. One HGETALL.
+pub fn list(c: &mut Connection, keys: &Keys) -> RedisResult<Vec<ServerEntry>> {
+    let map: HashMap<String, String> = redis::cmd("HGETALL").arg(&keys.details).query(c)?;
+    let mut v: Vec<ServerEntry> = map
+        .values()
+        .filter_map(|j| serde_json::from_str(j).ok())
+        .collect();
+    v.sort_by(|a, b| {
+        a.service_name
+            .cmp(&b.service_name)
+            .then(a.port.cmp(&b.port))
+    });
+    Ok(v)
+}
+
+/// The entries of `members` that are registered (one HMGET); unknown or
+/// unreadable members are absent from the map.
+pub fn details(
+    c: &mut Connection,
+    keys: &Keys,
+    members: &[String],
+) -> RedisResult<HashMap<String, ServerEntry>> {
+    if members.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let found: Vec<Option<String>> = redis::cmd("HMGET")
+        .arg(&keys.details)
+        .arg(members)
+        .query(c)?;
+    Ok(members
+        .iter()
+        .zip(found)
+        .filter_map(|(m, j)| Some((m.clone(), serde_json::from_str::<ServerEntry>(&j?).ok()?)))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_member_is_the_seeds_encoding() {
+        assert_eq!(
+            super::member("192.168.100.153", 9000),
+            r#"{"ip":"192.168.100.153","port":9000}"#
+        );
+        assert_eq!(super::member("::1", 1), r#"{"ip":"::1","port":1}"#);
+    }
+}

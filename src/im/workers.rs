@@ -1,0 +1,61 @@
+//! Messages between the workers of one IM server, over the framework's
+//! worker-to-worker pipe (`send_message` → `on_pipe_message`). Their bodies
+//! are the cluster's own [`Addressed`] and [`Broadcast`]: a message a
+//! worker hands a sibling is the one it got from a user or the Route.
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::link::{Addressed, Broadcast};
+
+/// One hand-off between workers (JSON, tagged by `kind`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum WorkerMsg {
+    /// Deliver to your local connections of `to`.
+    Deliver(Addressed),
+    /// Deliver to all your local users.
+    Broadcast(Broadcast),
+    /// (to worker 0) Forward through the Route.
+    Forward(Addressed),
+    /// A kind this build does not know (a newer sibling during a reload).
+    #[serde(other, skip_serializing)]
+    Unknown,
+}
+
+impl WorkerMsg {
+    /// The message's bytes on the pipe.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_else(|e| {
+            log::error!("im: cannot serialise a worker message: {e}");
+            Vec::new()
+        })
+    }
+
+    /// Parses a pipe message; malformed input is `Err` with the reason.
+    pub fn parse(bytes: &[u8]) -> Result<WorkerMsg, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pipe_format_is_unchanged() {
+        let m = WorkerMsg::Deliver(Addressed {
+            to: "u2".into(),
+            from: "u1".into(),
+            data: serde_json::json!(1),
+        });
+        assert_eq!(
+            String::from_utf8(m.to_bytes()).unwrap(),
+            r#"{"kind":"deliver","to":"u2","from":"u1","data":1}"#
+        );
+        assert_eq!(WorkerMsg::parse(&m.to_bytes()).unwrap(), m);
+        assert_eq!(
+            WorkerMsg::parse(br#"{"kind":"later"}"#).unwrap(),
+            WorkerMsg::Unknown
+        );
+    }
+}
