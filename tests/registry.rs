@@ -25,6 +25,29 @@ fn members(c: &mut redis::Connection, key: &str) -> Vec<String> {
     v
 }
 
+// The registry's requests, run on a plain connection.
+type Res<T> = redis::RedisResult<T>;
+
+fn register(c: &mut redis::Connection, r: &Registry, e: &ServerEntry, until: u64) -> Res<()> {
+    common::redis_run::<i64>(c, r.register(e, until)).map(drop)
+}
+
+fn remove(c: &mut redis::Connection, r: &Registry, m: &str, owner: &str, cause: &str) -> Res<bool> {
+    common::redis_run::<i64>(c, r.remove(m, owner, cause)).map(|n| n == 1)
+}
+
+fn renew(c: &mut redis::Connection, r: &Registry, m: &str, owner: &str, rn: &Renew) -> Res<Renewal> {
+    common::redis_run::<i64>(c, r.renew(m, owner, rn)).map(Renewal::from_code)
+}
+
+fn reap(c: &mut redis::Connection, r: &Registry, now: u64) -> Res<Vec<String>> {
+    common::redis_run(c, r.reap(now))
+}
+
+fn list(c: &mut redis::Connection, r: &Registry) -> Res<Vec<ServerEntry>> {
+    common::redis_run(c, r.list()).map(swocloud::cluster::servers::parse_list)
+}
+
 #[test]
 fn registry_scripts_keep_the_seed_set_and_their_invariants() {
     let redis = common::RedisServer::start();
@@ -37,12 +60,12 @@ fn registry_scripts_keep_the_seed_set_and_their_invariants() {
         "node/1/1",
         1_000,
     );
-    r.register(&mut c, &a, 10_000).unwrap();
+    register(&mut c, &r, &a, 10_000).unwrap();
     assert_eq!(
         members(&mut c, "im_server"),
         vec![r#"{"ip":"192.168.100.153","port":9000}"#]
     );
-    assert_eq!(r.list(&mut c).unwrap(), vec![a.clone()]);
+    assert_eq!(list(&mut c, &r).unwrap(), vec![a.clone()]);
 
     // Same serviceName from a new address (restart elsewhere): replaced atomically.
     let a2 = ServerEntry::new(
@@ -52,19 +75,19 @@ fn registry_scripts_keep_the_seed_set_and_their_invariants() {
         "node/2/7",
         2_000,
     );
-    r.register(&mut c, &a2, 10_000).unwrap();
+    register(&mut c, &r, &a2, 10_000).unwrap();
     assert_eq!(
         members(&mut c, "im_server"),
         vec![r#"{"ip":"127.0.0.2","port":9001}"#]
     );
 
     // The old owner's late close removes nothing.
-    assert!(!r
-        .remove(&mut c, &a2.member(), "node/1/1", "closed")
+    assert!(!remove(&mut c, &r, &a2.member(), "node/1/1", "closed")
         .unwrap());
     assert_eq!(
-        r.renew(
+        renew(
             &mut c,
+            &r,
             &a2.member(),
             "node/1/1",
             &Renew {
@@ -78,8 +101,9 @@ fn registry_scripts_keep_the_seed_set_and_their_invariants() {
         Renewal::Superseded
     );
     assert_eq!(
-        r.renew(
+        renew(
             &mut c,
+            &r,
             &a2.member(),
             "node/2/7",
             &Renew {
@@ -92,7 +116,7 @@ fn registry_scripts_keep_the_seed_set_and_their_invariants() {
         .unwrap(),
         Renewal::Renewed
     );
-    let listed = r.list(&mut c).unwrap();
+    let listed = list(&mut c, &r).unwrap();
     assert_eq!(
         (listed[0].load, listed[0].draining, listed[0].last_seen_ms),
         (9, true, 3_000)
@@ -106,12 +130,13 @@ fn registry_scripts_keep_the_seed_set_and_their_invariants() {
         "node/1/2",
         1_000,
     );
-    r.register(&mut c, &b, 5_000).unwrap();
-    assert_eq!(r.reap(&mut c, 6_000).unwrap(), vec![b.member()]);
+    register(&mut c, &r, &b, 5_000).unwrap();
+    assert_eq!(reap(&mut c, &r, 6_000).unwrap(), vec![b.member()]);
     assert_eq!(members(&mut c, "im_server"), vec![a2.member()]);
     assert_eq!(
-        r.renew(
+        renew(
             &mut c,
+            &r,
             &b.member(),
             "node/1/2",
             &Renew {
@@ -126,8 +151,7 @@ fn registry_scripts_keep_the_seed_set_and_their_invariants() {
     );
 
     // The owner's close removes it and every trace of it.
-    assert!(r
-        .remove(&mut c, &a2.member(), "node/2/7", "closed")
+    assert!(remove(&mut c, &r, &a2.member(), "node/2/7", "closed")
         .unwrap());
     assert!(members(&mut c, "im_server").is_empty());
     let n: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
@@ -140,7 +164,7 @@ fn a_prefix_moves_every_key() {
     let mut c = redis.client();
     let r = Registry::new("app1:");
     let a = ServerEntry::new(&reg("IM_1", "127.0.0.2", 9000), "n", 0, "o", 1);
-    r.register(&mut c, &a, 10).unwrap();
+    register(&mut c, &r, &a, 10).unwrap();
     let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut c).unwrap();
     keys.sort();
     assert_eq!(

@@ -57,6 +57,12 @@ impl Keys {
         format!("{}route:worker:{node_pid}", self.prefix)
     }
 
+    /// The channel IM servers announce presence changes on (the payload is
+    /// the uid): Route workers drop the user's cached location.
+    pub fn presence_channel(&self) -> String {
+        format!("{}im_user:events", self.prefix)
+    }
+
     /// The channel every Route worker listens to.
     pub fn broadcast_channel(&self) -> String {
         format!("{}route:broadcast", self.prefix)

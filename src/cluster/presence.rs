@@ -8,9 +8,10 @@
 //! old instance is invalid at once (the Route filters them and deletes them
 //! lazily); the key's TTL is only a last-resort sweep.
 
-use redis::{Connection, RedisResult};
+use std::collections::HashMap;
 
 use crate::cluster::keys::Keys;
+use crate::reactor::redis::Request;
 
 /// One connection of a user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,96 +52,78 @@ fn push_add(pipe: &mut redis::Pipeline, keys: &Keys, uid: &str, p: &Presence, tt
         .arg(keys.user(uid))
         .arg(p.field())
         .arg(&p.epoch)
-        .ignore()
         .cmd("EXPIRE")
         .arg(keys.user(uid))
-        .arg(ttl_secs)
-        .ignore();
+        .arg(ttl_secs);
 }
 
-/// Records a connection of `uid` (and extends the key's TTL).
-pub fn add(
-    c: &mut Connection,
-    keys: &Keys,
-    uid: &str,
-    p: &Presence,
-    ttl_secs: u64,
-) -> RedisResult<()> {
+/// Appends the presence event for `uid`: every Route worker caching the
+/// user's location forgets it ([`Keys::presence_channel`]).
+fn push_event(pipe: &mut redis::Pipeline, keys: &Keys, uid: &str) {
+    pipe.cmd("PUBLISH").arg(keys.presence_channel()).arg(uid);
+}
+
+/// Records a connection of `uid` (and extends the key's TTL), then
+/// announces it. One MULTI.
+pub fn add(keys: &Keys, uid: &str, p: &Presence, ttl_secs: u64) -> Request {
     let mut pipe = redis::pipe();
-    pipe.atomic();
     push_add(&mut pipe, keys, uid, p, ttl_secs);
-    pipe.query(c)
+    push_event(&mut pipe, keys, uid);
+    Request::Atomic(pipe)
 }
 
 /// Moves a connection's record to its new worker/fd in one transaction
 /// (HDEL + HSET + EXPIRE in MULTI): after a handover the connection has a
 /// new id, and there is never a moment where `uid` looks offline.
-pub fn rekey(
-    c: &mut Connection,
-    keys: &Keys,
-    uid: &str,
-    old: &Presence,
-    new: &Presence,
-    ttl_secs: u64,
-) -> RedisResult<()> {
+pub fn rekey(keys: &Keys, uid: &str, old: &Presence, new: &Presence, ttl_secs: u64) -> Request {
     let mut pipe = redis::pipe();
-    pipe.atomic()
-        .cmd("HDEL")
-        .arg(keys.user(uid))
-        .arg(old.field())
-        .ignore();
+    pipe.cmd("HDEL").arg(keys.user(uid)).arg(old.field());
     push_add(&mut pipe, keys, uid, new, ttl_secs);
-    pipe.query(c)
+    push_event(&mut pipe, keys, uid);
+    Request::Atomic(pipe)
 }
 
-/// [`add`] for many connections in one pipelined round trip.
-pub fn add_many(
-    c: &mut Connection,
-    keys: &Keys,
-    records: &[(String, Presence)],
-    ttl_secs: u64,
-) -> RedisResult<()> {
+/// [`add`] for many connections, pipelined, without events (a refresh
+/// rewrites what is already announced).
+pub fn add_many(keys: &Keys, records: &[(String, Presence)], ttl_secs: u64) -> Request {
     let mut pipe = redis::pipe();
     for (uid, p) in records {
         push_add(&mut pipe, keys, uid, p, ttl_secs);
     }
-    pipe.query(c)
+    Request::Pipe(pipe)
 }
 
-/// Forgets a connection of `uid`.
-pub fn remove(c: &mut Connection, keys: &Keys, uid: &str, p: &Presence) -> RedisResult<()> {
-    redis::cmd("HDEL")
-        .arg(keys.user(uid))
-        .arg(p.field())
-        .query(c)
+/// Forgets a connection of `uid`, and announces it.
+pub fn remove(keys: &Keys, uid: &str, p: &Presence) -> Request {
+    let mut pipe = redis::pipe();
+    pipe.cmd("HDEL").arg(keys.user(uid)).arg(p.field());
+    push_event(&mut pipe, keys, uid);
+    Request::Pipe(pipe)
 }
 
 /// Forgets several records of `uid` (stale ones the Route found).
-pub fn remove_fields(
-    c: &mut Connection,
-    keys: &Keys,
-    uid: &str,
-    stale: &[Presence],
-) -> RedisResult<()> {
-    if stale.is_empty() {
-        return Ok(());
-    }
+pub fn remove_fields(keys: &Keys, uid: &str, stale: &[Presence]) -> Request {
     let mut cmd = redis::cmd("HDEL");
     cmd.arg(keys.user(uid));
     for p in stale {
         cmd.arg(p.field());
     }
-    cmd.query(c)
+    Request::Cmd(cmd)
 }
 
-/// Every record of `uid`, valid or not.
-pub fn all(c: &mut Connection, keys: &Keys, uid: &str) -> RedisResult<Vec<Presence>> {
-    let map: std::collections::HashMap<String, String> =
-        redis::cmd("HGETALL").arg(keys.user(uid)).query(c)?;
-    Ok(map
-        .into_iter()
+/// Reads every record of `uid`, valid or not; parse the reply with
+/// [`parse_all`].
+pub fn all(keys: &Keys, uid: &str) -> Request {
+    let mut c = redis::cmd("HGETALL");
+    c.arg(keys.user(uid));
+    Request::Cmd(c)
+}
+
+/// The records in an [`all`] reply.
+pub fn parse_all(map: HashMap<String, String>) -> Vec<Presence> {
+    map.into_iter()
         .filter_map(|(f, e)| Presence::parse(&f, e))
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use redis::{Connection, RedisResult};
+use crate::reactor::redis::Request;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::keys::Keys;
@@ -82,9 +82,16 @@ impl ServerEntry {
     }
 }
 
-/// Every entry with details, sorted by serviceName then port. One HGETALL.
-pub fn list(c: &mut Connection, keys: &Keys) -> RedisResult<Vec<ServerEntry>> {
-    let map: HashMap<String, String> = redis::cmd("HGETALL").arg(&keys.details).query(c)?;
+/// Reads every entry (one HGETALL); parse the reply with [`parse_list`].
+pub fn list(keys: &Keys) -> Request {
+    let mut c = redis::cmd("HGETALL");
+    c.arg(&keys.details);
+    Request::Cmd(c)
+}
+
+/// The entries of a [`list`] reply, sorted by serviceName then port;
+/// unreadable ones are skipped.
+pub fn parse_list(map: HashMap<String, String>) -> Vec<ServerEntry> {
     let mut v: Vec<ServerEntry> = map
         .values()
         .filter_map(|j| serde_json::from_str(j).ok())
@@ -94,28 +101,7 @@ pub fn list(c: &mut Connection, keys: &Keys) -> RedisResult<Vec<ServerEntry>> {
             .cmp(&b.service_name)
             .then(a.port.cmp(&b.port))
     });
-    Ok(v)
-}
-
-/// The entries of `members` that are registered (one HMGET); unknown or
-/// unreadable members are absent from the map.
-pub fn details(
-    c: &mut Connection,
-    keys: &Keys,
-    members: &[String],
-) -> RedisResult<HashMap<String, ServerEntry>> {
-    if members.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let found: Vec<Option<String>> = redis::cmd("HMGET")
-        .arg(&keys.details)
-        .arg(members)
-        .query(c)?;
-    Ok(members
-        .iter()
-        .zip(found)
-        .filter_map(|(m, j)| Some((m.clone(), serde_json::from_str::<ServerEntry>(&j?).ok()?)))
-        .collect())
+    v
 }
 
 #[cfg(test)]

@@ -1,26 +1,33 @@
 //! Each Route worker's in-memory copy of the registry (the seed's duty 7):
 //! lookups cost no Redis round trip when warm.
 //!
-//! A subscriber thread per worker (started after fork, in on_worker_start)
-//! holds two Redis connections of its own: one SUBSCRIBEd to the registry's
-//! change channel, one to re-read the details hash. Every change message,
-//! and every `refresh` interval without one, triggers a full re-read (a
-//! registry is at most thousands of entries: one HGETALL). While Redis is
-//! unreachable the cache keeps its last content, marked stale, and the
-//! thread reconnects with backoff.
+//! The copy lives on the worker's loop: its subscriber connection listens
+//! to the registry's change channel, and every change message, and every
+//! `cache_refresh` interval, re-reads the details hash with one HGETALL on
+//! the worker's non-blocking client (a registry is at most thousands of
+//! entries). Reads are coalesced: a change that arrives while one is under
+//! way only asks for one more afterwards. While Redis is unreachable the
+//! cache keeps its last content, marked stale.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::cluster::servers::ServerEntry;
-use crate::route::registry::Registry;
+use crate::cluster::keys::Keys;
+use crate::cluster::servers::{self, ServerEntry};
+use crate::event::App;
+use crate::reactor::Server;
 
-/// First reconnect delay; doubles up to [`BACKOFF_MAX`].
-const BACKOFF_START: Duration = Duration::from_millis(100);
-/// Longest reconnect delay.
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// Connect timeout for the subscriber's connections.
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Where the reads stand.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// No read under way.
+    #[default]
+    Idle,
+    /// One is under way.
+    Busy,
+    /// One is under way and a change came meanwhile: read once more.
+    BusyAgain,
+}
 
 /// The cached registry.
 #[derive(Debug, Default, Clone)]
@@ -29,101 +36,81 @@ pub struct Cache {
     pub entries: Vec<ServerEntry>,
     /// When the last successful refresh happened.
     pub refreshed_at: Option<Instant>,
-    /// Whether the subscriber is connected now.
+    /// Whether the last read succeeded and the change channel is verified.
     pub connected: bool,
     /// The last error, if any.
     pub last_error: Option<String>,
-    /// Refreshes so far.
+    /// Refreshes so far (a generation number: it changes with `entries`).
     pub refreshes: u64,
+    reading: Reading, // coalesces reads
 }
+
+/// How the cache's owner finds it in its application.
+pub type CacheOf<A> = fn(&mut A) -> &mut Cache;
 
 impl Cache {
     /// Whether the content is recent enough to trust (refreshed within
-    /// `max_age` and the subscriber connected).
+    /// `max_age` and the change channel verified).
     pub fn fresh(&self, max_age: Duration) -> bool {
         self.connected && self.refreshed_at.is_some_and(|t| t.elapsed() <= max_age)
     }
-}
 
-/// A cache shared between the worker's loop and its subscriber thread.
-pub type SharedCache = Arc<Mutex<Cache>>;
-
-/// Starts the subscriber thread for `url` and returns the shared cache.
-pub fn spawn(url: String, prefix: String, refresh: Duration, worker_id: usize) -> SharedCache {
-    let cache: SharedCache = Arc::default();
-    let shared = cache.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("route-cache-{worker_id}"))
-        .spawn(move || run(&url, &Registry::new(&prefix), refresh, &shared));
-    if let Err(e) = spawned {
-        log::error!("cannot start the registry cache thread: {e}");
+    /// Subscribes to the registry's changes, reads it now and every
+    /// `refresh`. `of` finds the cache in the application.
+    pub fn start<A: App>(srv: &mut Server<A>, keys: &Keys, refresh: Duration, of: CacheOf<A>) {
+        let k = keys.clone();
+        srv.redis_subscribe(keys.channel.clone(), move |app: &mut A, srv, _payload| {
+            Cache::reload(app, srv, &k, of);
+        });
+        let k = keys.clone();
+        Cache::reload_now(srv, &k, of);
+        let ms = (refresh.as_secs_f64().max(0.05) * 1000.0) as u64;
+        srv.tick(ms, move |app: &mut A, srv, _| Cache::reload(app, srv, &k, of));
     }
-    cache
-}
 
-fn lock(c: &SharedCache) -> std::sync::MutexGuard<'_, Cache> {
-    c.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn run(url: &str, registry: &Registry, refresh: Duration, cache: &SharedCache) {
-    let mut backoff = BACKOFF_START;
-    loop {
-        match session(url, registry, refresh, cache) {
-            Ok(()) => return,
-            Err(e) => {
-                let mut c = lock(cache);
-                if c.connected || c.last_error.is_none() {
-                    log::warn!("registry cache: lost Redis ({e}); serving the last known list while reconnecting");
-                }
-                c.connected = false;
-                c.last_error = Some(e.to_string());
+    /// Asks for a re-read (coalesced with one under way).
+    pub fn reload<A: App>(app: &mut A, srv: &mut Server<A>, keys: &Keys, of: CacheOf<A>) {
+        let c = of(app);
+        match c.reading {
+            Reading::Idle => {
+                c.reading = Reading::Busy;
+                Cache::reload_now(srv, keys, of);
             }
-        }
-        std::thread::sleep(backoff);
-        backoff = (backoff * 2).min(BACKOFF_MAX);
-        if lock(cache).connected {
-            backoff = BACKOFF_START;
+            Reading::Busy | Reading::BusyAgain => c.reading = Reading::BusyAgain,
         }
     }
-}
 
-/// One connected period: subscribe, refresh, wait for changes.
-fn session(
-    url: &str,
-    registry: &Registry,
-    refresh: Duration,
-    cache: &SharedCache,
-) -> redis::RedisResult<()> {
-    let client = redis::Client::open(url)?;
-    let mut data = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
-    data.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut sub = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
-    let mut pubsub = sub.as_pubsub();
-    pubsub.subscribe(&registry.keys().channel)?;
-    pubsub.set_read_timeout(Some(refresh))?;
-    reload(&mut data, registry, cache)?;
-    if lock(cache).last_error.take().is_some() {
-        log::info!("registry cache: Redis is back");
+    fn reload_now<A: App>(srv: &mut Server<A>, keys: &Keys, of: CacheOf<A>) {
+        let k = keys.clone();
+        srv.redis(
+            servers::list(keys),
+            move |app: &mut A, srv, r: redis::RedisResult<HashMap<String, String>>| {
+                let verified = srv.redis_ready().is_ok();
+                let c = of(app);
+                match r {
+                    Ok(map) => {
+                        c.entries = servers::parse_list(map);
+                        c.refreshed_at = Some(Instant::now());
+                        c.refreshes += 1;
+                        if c.last_error.take().is_some() {
+                            log::info!("registry cache: Redis is back");
+                        }
+                        c.connected = verified;
+                    }
+                    Err(e) => {
+                        if c.connected || c.last_error.is_none() {
+                            log::warn!("registry cache: cannot read the registry ({e}); serving the last known list");
+                        }
+                        c.connected = false;
+                        c.last_error = Some(e.to_string());
+                    }
+                }
+                let again = c.reading == Reading::BusyAgain;
+                c.reading = if again { Reading::Busy } else { Reading::Idle };
+                if again {
+                    Cache::reload_now(srv, &k, of);
+                }
+            },
+        );
     }
-    loop {
-        match pubsub.get_message() {
-            Ok(_) => reload(&mut data, registry, cache)?,
-            Err(e) if e.is_timeout() => reload(&mut data, registry, cache)?,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-fn reload(
-    c: &mut redis::Connection,
-    registry: &Registry,
-    cache: &SharedCache,
-) -> redis::RedisResult<()> {
-    let entries = registry.list(c)?;
-    let mut g = lock(cache);
-    g.entries = entries;
-    g.refreshed_at = Some(Instant::now());
-    g.connected = true;
-    g.refreshes += 1;
-    Ok(())
 }

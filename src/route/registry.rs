@@ -17,17 +17,30 @@
 //! stops renewing; any worker's [`reap`] then removes the entry once its
 //! lease expires.
 
-use redis::{Connection, RedisResult, Script};
-
 use crate::cluster::keys::Keys;
 use crate::cluster::servers::{self, ServerEntry};
+use crate::reactor::redis::{Request, Script};
+
+/// Drops `m` from the set, the lease ZSET and the details, and its name
+/// from `by_name` if it still points at `m`; `cur` is its details JSON (or
+/// false). Prepended to every script that removes a member (KEYS[1..4]
+/// are set, lease, details, by_name in each).
+const DROP: &str = r#"
+local function drop(m, cur)
+  redis.call('SREM', KEYS[1], m)
+  redis.call('ZREM', KEYS[2], m)
+  redis.call('HDEL', KEYS[3], m)
+  if cur then
+    local ok, d = pcall(cjson.decode, cur)
+    if ok and redis.call('HGET', KEYS[4], d.serviceName) == m then redis.call('HDEL', KEYS[4], d.serviceName) end
+  end
+end
+"#;
 
 const REGISTER: &str = r#"
 local old = redis.call('HGET', KEYS[4], ARGV[3])
 if old and old ~= ARGV[1] then
-  redis.call('SREM', KEYS[1], old)
-  redis.call('ZREM', KEYS[2], old)
-  redis.call('HDEL', KEYS[3], old)
+  drop(old, false)
 end
 local prev = redis.call('HGET', KEYS[3], ARGV[1])
 if prev then
@@ -49,12 +62,7 @@ local cur = redis.call('HGET', KEYS[3], ARGV[1])
 if not cur then return 0 end
 local ok, d = pcall(cjson.decode, cur)
 if ARGV[2] ~= '' and (not ok or d.owner ~= ARGV[2]) then return 0 end
-redis.call('SREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
-if ok and redis.call('HGET', KEYS[4], d.serviceName) == ARGV[1] then
-  redis.call('HDEL', KEYS[4], d.serviceName)
-end
+drop(ARGV[1], cur)
 redis.call('PUBLISH', ARGV[4], cjson.encode({event='remove', member=ARGV[1], cause=ARGV[3]}))
 return 1
 "#;
@@ -90,14 +98,7 @@ return 1
 const REAP: &str = r#"
 local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, 256)
 for _, m in ipairs(dead) do
-  local cur = redis.call('HGET', KEYS[3], m)
-  redis.call('SREM', KEYS[1], m)
-  redis.call('ZREM', KEYS[2], m)
-  redis.call('HDEL', KEYS[3], m)
-  if cur then
-    local ok, d = pcall(cjson.decode, cur)
-    if ok and redis.call('HGET', KEYS[4], d.serviceName) == m then redis.call('HDEL', KEYS[4], d.serviceName) end
-  end
+  drop(m, redis.call('HGET', KEYS[3], m))
   redis.call('PUBLISH', ARGV[2], cjson.encode({event='remove', member=m, cause='lease'}))
 end
 return dead
@@ -138,16 +139,28 @@ pub enum Renewal {
     Superseded,
 }
 
+impl Renewal {
+    /// The outcome a renew or rehome script returned.
+    pub fn from_code(n: i64) -> Renewal {
+        match n {
+            1 => Renewal::Renewed,
+            0 => Renewal::Missing,
+            _ => Renewal::Superseded,
+        }
+    }
+}
+
 impl Registry {
     /// A registry under `prefix`.
     pub fn new(prefix: &str) -> Registry {
+        let with_drop = |body: &str| Script::new(&format!("{DROP}{body}"));
         Registry {
             keys: Keys::new(prefix),
-            register: Script::new(REGISTER),
-            remove: Script::new(REMOVE),
+            register: with_drop(REGISTER),
+            remove: with_drop(REMOVE),
             renew: Script::new(RENEW),
             rehome: Script::new(REHOME),
-            reap: Script::new(REAP),
+            reap: with_drop(REAP),
         }
     }
 
@@ -157,15 +170,12 @@ impl Registry {
     }
 
     /// Stores (or replaces) an entry with a lease until `lease_until_ms`.
-    pub fn register(
-        &self,
-        c: &mut Connection,
-        e: &ServerEntry,
-        lease_until_ms: u64,
-    ) -> RedisResult<()> {
+    /// Reply: 1.
+    pub fn register(&self, e: &ServerEntry, lease_until_ms: u64) -> Request {
         let k = &self.keys;
         let json = serde_json::to_string(e).unwrap_or_default();
         self.register
+            .call()
             .key(&k.set)
             .key(&k.lease)
             .key(&k.details)
@@ -175,21 +185,15 @@ impl Registry {
             .arg(&e.service_name)
             .arg(lease_until_ms)
             .arg(&k.channel)
-            .invoke::<i64>(c)
-            .map(drop)
+            .into()
     }
 
     /// Removes `member` if `owner` still owns it (empty owner: always).
-    /// Returns whether something was removed.
-    pub fn remove(
-        &self,
-        c: &mut Connection,
-        member: &str,
-        owner: &str,
-        cause: &str,
-    ) -> RedisResult<bool> {
+    /// Reply: 1 when something was removed, else 0.
+    pub fn remove(&self, member: &str, owner: &str, cause: &str) -> Request {
         let k = &self.keys;
         self.remove
+            .call()
             .key(&k.set)
             .key(&k.lease)
             .key(&k.details)
@@ -198,22 +202,15 @@ impl Registry {
             .arg(owner)
             .arg(cause)
             .arg(&k.channel)
-            .invoke::<i64>(c)
-            .map(|n| n == 1)
+            .into()
     }
 
     /// Renews an owned entry's lease, updating its load and draining flag.
-    #[allow(clippy::too_many_arguments)] // one Lua script call: each argument is a script input
-    pub fn renew(
-        &self,
-        c: &mut Connection,
-        member: &str,
-        owner: &str,
-        r: &Renew,
-    ) -> RedisResult<Renewal> {
+    /// Reply: a code for [`Renewal::from_code`].
+    pub fn renew(&self, member: &str, owner: &str, r: &Renew) -> Request {
         let k = &self.keys;
-        let n: i64 = self
-            .renew
+        self.renew
+            .call()
             .key(&k.lease)
             .key(&k.details)
             .arg(member)
@@ -223,31 +220,26 @@ impl Registry {
             .arg(r.now_ms)
             .arg(r.draining.map_or(String::new(), |d| d.to_string()))
             .arg(&k.channel)
-            .invoke(c)?;
-        Ok(match n {
-            1 => Renewal::Renewed,
-            0 => Renewal::Missing,
-            _ => Renewal::Superseded,
-        })
+            .into()
     }
 
     /// A Route worker adopted the connection of `member` (handover): if
     /// `old_owner` still owns the entry, rewrite its owner and worker in
     /// place — no removal, no re-registration, `registered_at_ms` kept — and
-    /// publish an `update` event. `Renewed` when done, `Missing` when the
-    /// entry is gone, `Superseded` when someone else owns it.
+    /// publish an `update` event. Reply: a code for [`Renewal::from_code`]
+    /// (`Renewed` when done, `Missing` when gone, `Superseded` when someone
+    /// else owns it).
     pub fn rehome(
         &self,
-        c: &mut Connection,
         member: &str,
         old_owner: &str,
         new_owner: &str,
         worker: u32,
         now_ms: u64,
-    ) -> RedisResult<Renewal> {
+    ) -> Request {
         let k = &self.keys;
-        let n: i64 = self
-            .rehome
+        self.rehome
+            .call()
             .key(&k.details)
             .arg(member)
             .arg(old_owner)
@@ -255,30 +247,26 @@ impl Registry {
             .arg(worker)
             .arg(now_ms)
             .arg(&k.channel)
-            .invoke(c)?;
-        Ok(match n {
-            1 => Renewal::Renewed,
-            0 => Renewal::Missing,
-            _ => Renewal::Superseded,
-        })
+            .into()
     }
 
-    /// Removes every entry whose lease expired before `now_ms`; returns the
-    /// removed members.
-    pub fn reap(&self, c: &mut Connection, now_ms: u64) -> RedisResult<Vec<String>> {
+    /// Removes every entry whose lease expired before `now_ms` (at most
+    /// 256 per call). Reply: the removed members.
+    pub fn reap(&self, now_ms: u64) -> Request {
         let k = &self.keys;
         self.reap
+            .call()
             .key(&k.set)
             .key(&k.lease)
             .key(&k.details)
             .key(&k.by_name)
             .arg(now_ms)
             .arg(&k.channel)
-            .invoke(c)
+            .into()
     }
 
-    /// Every entry with details, sorted by serviceName.
-    pub fn list(&self, c: &mut Connection) -> RedisResult<Vec<ServerEntry>> {
-        servers::list(c, &self.keys)
+    /// Every entry with details: reply parsed by [`servers::parse_list`].
+    pub fn list(&self) -> Request {
+        servers::list(&self.keys)
     }
 }

@@ -149,6 +149,21 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
 // Private Redis
 // ---------------------------------------------------------------------------
 
+/// Runs one of the worker client's [`Request`]s on a plain blocking
+/// connection (the registry and presence builders, in tests).
+pub fn redis_run<T: redis::FromRedisValue>(
+    c: &mut redis::Connection,
+    req: swocloud::reactor::redis::Request,
+) -> redis::RedisResult<T> {
+    use swocloud::reactor::redis::Request;
+    match req {
+        Request::Cmd(cmd) => cmd.query(c),
+        Request::Pipe(p) => p.query(c),
+        Request::Atomic(mut p) => p.atomic().query(c),
+        Request::Script(s) => s.eval_cmd().query(c),
+    }
+}
+
 /// A private `redis-server` on a free loopback port, without persistence,
 /// killed when dropped.
 pub struct RedisServer {

@@ -63,6 +63,12 @@ impl ScriptCall {
         self
     }
 
+    /// The call as one `EVAL` command (with the source): for a program
+    /// that runs it on a plain connection, such as a test.
+    pub fn eval_cmd(&self) -> Cmd {
+        self.command(true)
+    }
+
     /// The `EVALSHA` (or, with `by_source`, `EVAL`) command.
     pub(crate) fn command(&self, by_source: bool) -> Cmd {
         let mut c = if by_source {
