@@ -3,15 +3,27 @@
 //! `StareListen` registration, and duties 3 and 6 of the seed's Route on the
 //! user's side).
 //!
-//! - [`app`]: the hooks: user connections, presence, delivery, draining.
-//! - [`registrar`]: worker 0's link to the Route (register, heartbeat,
+//! - [`app`]: [`ImApp`], which wires the framework's hooks to the
+//!   components below and routes a user's message.
+//! - [`sessions`]: this worker's users (admission, pushes, farewell).
+//! - [`presence_store`]: this server's Redis calls (presence, registry read).
+//! - [`route_link`]: worker 0's link to the Route (register, heartbeat,
 //!   redial with backoff and jitter).
+//! - [`http`]: `/health`, `/ready`, `/metrics`.
+//! - [`stats`]: the IM server's counters.
 //! - [`workers`]: the messages this server's workers hand each other.
 //! - [`settings`]: the IM server's settings keys.
+//!
+//! The wire protocol and the shared record formats are [`crate::cluster`]'s;
+//! nothing here imports [`crate::route`].
 
 pub mod app;
-pub mod registrar;
+pub mod http;
+pub mod presence_store;
+pub mod route_link;
+pub mod sessions;
 pub mod settings;
+pub mod stats;
 pub mod workers;
 
 pub use app::ImApp;

@@ -6,6 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::link::{Addressed, Broadcast};
+use crate::event::App;
+use crate::reactor::Server;
 
 /// One hand-off between workers (JSON, tagged by `kind`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +36,21 @@ impl WorkerMsg {
     /// Parses a pipe message; malformed input is `Err` with the reason.
     pub fn parse(bytes: &[u8]) -> Result<WorkerMsg, serde_json::Error> {
         serde_json::from_slice(bytes)
+    }
+}
+
+/// Hands `msg` to worker `worker` of this server.
+pub fn send<A: App>(srv: &mut Server<A>, worker: usize, msg: &WorkerMsg) {
+    if let Err(e) = srv.send_message(worker, msg.to_bytes()) {
+        log::warn!("im: cannot hand a message to worker {worker}: {e}");
+    }
+}
+
+/// Hands `msg` to every other worker of this server.
+pub fn to_siblings<A: App>(srv: &mut Server<A>, msg: &WorkerMsg) {
+    let me = srv.worker_id();
+    for w in (0..srv.worker_count()).filter(|w| *w != me) {
+        send(srv, w, msg);
     }
 }
 

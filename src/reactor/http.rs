@@ -54,6 +54,14 @@ impl Request {
         self.path.split_once('?').map(|(_, q)| q)
     }
 
+    /// The first value of `key` in the query string, as sent (not
+    /// percent-decoded: every parameter the apps read — uids, JWTs, flags —
+    /// is restricted to characters that need no escaping, so decoding
+    /// would only add a copy and a dependency). O(query length).
+    pub fn query_param(&self, key: &str) -> Option<&str> {
+        query_param(self.query()?, key)
+    }
+
     /// Whether the connection may stay open after the response.
     pub fn keep_alive(&self) -> bool {
         let conn = self.header("connection").unwrap_or("");
@@ -239,9 +247,28 @@ pub fn error_response(status: u16, why: &str) -> Vec<u8> {
     out
 }
 
+/// The first value of `key` in a query string `a=1&b=2` (see
+/// [`Request::query_param`]); a key without `=` has no value.
+pub fn query_param<'q>(query: &'q str, key: &str) -> Option<&'q str> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_params() {
+        let q = "uid=u1&token=a.b-c&fresh=1&flag&uidx=no";
+        assert_eq!(query_param(q, "uid"), Some("u1"));
+        assert_eq!(query_param(q, "token"), Some("a.b-c"));
+        assert_eq!(query_param(q, "fresh"), Some("1"));
+        assert_eq!(query_param(q, "flag"), None);
+        assert_eq!(query_param(q, "missing"), None);
+        assert_eq!(query_param("uidx=1&uid=2", "uid"), Some("2"));
+    }
 
     #[test]
     fn parses_in_two_phases_with_body() {

@@ -3,8 +3,17 @@
 //!
 //! - [`registry`]: the Redis data model and its atomic scripts.
 //! - [`cache`]: each worker's in-memory copy, kept current over pub/sub.
-//! - [`app`]: the hooks: register, heartbeats, liveness sweep.
+//! - [`app`]: [`RouteApp`], which wires the framework's hooks to the
+//!   components below.
+//! - [`registrations`]: the IM-server connections, the registry writes,
+//!   the liveness sweep.
+//! - [`delivery`]: locating users and relaying frames between Route workers.
+//! - [`directory`]: the live-server list (cache, balancer) for the API.
 //! - [`api`]: the HTTP endpoints.
+//! - [`balancer`]: picking an IM server for a user.
+//!
+//! The wire protocol, the key schema and the shared record formats are
+//! [`crate::cluster`]'s; nothing here imports [`crate::im`].
 //! - [`settings`]: the Route's own settings keys.
 //! - [`stats`]: the Route's counters (scoreboard indices for `/metrics`).
 //! - [`status`]: the Route's section of `swocloud status`.
@@ -14,6 +23,8 @@ pub mod app;
 pub mod balancer;
 pub mod cache;
 pub mod delivery;
+pub mod directory;
+pub mod registrations;
 pub mod registry;
 pub mod settings;
 pub mod stats;

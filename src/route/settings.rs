@@ -1,7 +1,11 @@
-//! The Route's own settings keys (beside the framework's), and its
-//! defaults for framework keys.
+//! The Route's own settings keys (beside the framework's), its defaults
+//! for framework keys, and the liveness timings derived from them.
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::config::Settings;
 
 /// How `/route` picks an IM server for a user.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,4 +78,28 @@ pub fn framework_defaults() -> toml::Table {
         toml::Value::Integer(20_000),
     );
     t
+}
+
+/// How often the registrations' sweep runs: `heartbeat_check_interval`
+/// (3 s when unset).
+pub fn sweep_every(s: &Settings) -> Duration {
+    let i = s.heartbeat_check_interval;
+    Duration::from_secs_f64(if i > 0.0 { i } else { 3.0 })
+}
+
+/// Lease length: a holder renews every sweep; three missed sweeps (or the
+/// idle time, whichever is longer) and any worker may reap it.
+pub fn lease(s: &Settings) -> Duration {
+    let sweep = sweep_every(s);
+    Duration::from_secs_f64(s.heartbeat_idle_time.max(2.0 * sweep.as_secs_f64())) + sweep
+}
+
+/// How long a registered peer may stay silent: `heartbeat_idle_time`
+/// (three sweeps when unset).
+pub fn idle(s: &Settings) -> Duration {
+    Duration::from_secs_f64(if s.heartbeat_idle_time > 0.0 {
+        s.heartbeat_idle_time
+    } else {
+        3.0 * sweep_every(s).as_secs_f64()
+    })
 }

@@ -1,0 +1,313 @@
+//! The IM server's link to the Route (the seed's `StareListen`), held by
+//! worker 0: a listener on `workerStart` dials the Route over WebSocket,
+//! registers, then reports its load every `route_heartbeat` seconds. When
+//! the Route goes away it redials with exponential backoff and jitter and
+//! registers again, so a Route restart heals by itself. Messages other
+//! workers forward to the Route queue here (bounded) while the link is down.
+//!
+//! [`RouteLink`] is the mechanism (dial, register, queue, redial delays);
+//! the app owns the timers: a method that wants to run again later returns
+//! the delay, and the app schedules it. The link makes no Redis call.
+
+use std::collections::HashMap;
+use std::collections::VecDeque;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::auth;
+use crate::cluster::link::{Addressed, ImFrame, Registration};
+use crate::event::App;
+use crate::im::settings::ImSettings;
+use crate::reactor::{Fd, Message, Server};
+
+/// Connection attribute on the Route link: true.
+const ATTR_ROUTE_LINK: &str = "im.route_link";
+/// Connection attribute on the Route link: the Route acknowledged us.
+const ATTR_ROUTE_REGISTERED: &str = "im.route_registered";
+
+/// First redial delay.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+/// Longest redial delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Forwards kept while the Route is unreachable; older ones are dropped
+/// (and counted) past this.
+const MAX_QUEUED: usize = 10_000;
+/// How often a worker still adopting checks whether the Route link came
+/// with the connections (before dialling one of its own).
+const ADOPT_POLL_MS: u64 = 50;
+/// Lifetime of the registration tokens this server mints for itself.
+const REGISTER_TOKEN_TTL: u64 = 3600;
+
+/// Who this IM server says it is when it registers.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    /// `serviceName`.
+    pub service_name: String,
+    /// Advertised IP.
+    pub ip: String,
+    /// Advertised port.
+    pub port: u16,
+    /// Instance epoch.
+    pub epoch: String,
+}
+
+/// Worker 0's link to the Route.
+#[derive(Debug, Default)]
+pub struct RouteLink {
+    /// `ws://` URL of the Route.
+    url: String,
+    /// Mints registration tokens when not empty.
+    auth_secret: String,
+    identity: Identity,
+    /// The connection to the Route, once dialled.
+    fd: Option<Fd>,
+    /// Whether the Route acknowledged the registration.
+    registered: bool,
+    /// Failed dials in a row.
+    attempts: u32,
+    /// Frames waiting for the link.
+    queue: VecDeque<String>,
+    /// Forwards dropped because the queue was full.
+    dropped: u64,
+    /// xorshift state for the jitter.
+    rng: u64,
+    /// The server is draining: tell the Route once registered.
+    draining: bool,
+}
+
+/// `ws://host:port/path` → (address, host header, path).
+pub fn parse_ws_url(url: &str) -> Result<(SocketAddr, String, String), String> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or_else(|| format!("route_url {url:?} must start with ws://"))?;
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].to_string()),
+        None => (rest, "/".to_string()),
+    };
+    let addr = hostport
+        .to_socket_addrs()
+        .map_err(|e| format!("route_url {url:?}: cannot resolve {hostport}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("route_url {url:?}: {hostport} has no address"))?;
+    Ok((addr, hostport.to_string(), path))
+}
+
+impl RouteLink {
+    fn jitter(&mut self) -> f64 {
+        if self.rng == 0 {
+            self.rng = u64::from(std::process::id()) << 32
+                | crate::process::scoreboard::now_ms() & 0xffff_ffff
+                | 1;
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        0.5 + (self.rng % 1000) as f64 / 2000.0
+    }
+
+    /// The next redial delay: exponential, capped, with 50–100 % jitter.
+    fn next_delay(&mut self) -> Duration {
+        let base = BACKOFF_START
+            .saturating_mul(1 << self.attempts.min(8))
+            .min(BACKOFF_MAX);
+        self.attempts += 1;
+        base.mul_f64(self.jitter())
+    }
+
+    /// The link for these settings and this identity.
+    pub fn new(cfg: &ImSettings, identity: Identity) -> RouteLink {
+        RouteLink {
+            url: cfg.route_url.clone(),
+            auth_secret: cfg.auth_secret.clone(),
+            identity,
+            ..RouteLink::default()
+        }
+    }
+
+    /// Whether `fd` is the Route link.
+    pub fn is_link(&self, fd: Fd) -> bool {
+        self.fd == Some(fd)
+    }
+
+    /// Whether the Route acknowledged the registration.
+    pub fn is_registered(&self) -> bool {
+        self.registered
+    }
+
+    /// Forwards dropped so far because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Dials the Route. Returns when to call again: while adopting (the
+    /// predecessor's link may be on its way), or after a failed dial.
+    pub fn dial<A: App>(&mut self, srv: &mut Server<A>) -> Option<Duration> {
+        if srv.is_stopping() || self.fd.is_some() {
+            return None;
+        }
+        if srv.is_adopting() {
+            return Some(Duration::from_millis(ADOPT_POLL_MS));
+        }
+        let dialled = parse_ws_url(&self.url).and_then(|(addr, host, path)| {
+            srv.ws_connect(addr, &host, &path)
+                .map_err(|e| e.to_string())
+        });
+        match dialled {
+            Ok(fd) => {
+                self.fd = Some(fd);
+                srv.set_attr(fd, ATTR_ROUTE_LINK, Value::Bool(true));
+                None
+            }
+            Err(e) => {
+                log::warn!("im: cannot dial the Route at {}: {e}", self.url);
+                Some(self.redial_delay())
+            }
+        }
+    }
+
+    fn redial_delay(&mut self) -> Duration {
+        let delay = self.next_delay();
+        log::info!("im: redialling the Route in {} ms", delay.as_millis());
+        delay
+    }
+
+    /// The link is up: register (the seed's frame, plus token, load and
+    /// epoch).
+    pub fn connected<A: App>(&mut self, srv: &mut Server<A>, fd: Fd, load: u64) {
+        let id = &self.identity;
+        let token = (!self.auth_secret.is_empty()).then(|| {
+            auth::mint(
+                self.auth_secret.as_bytes(),
+                &id.service_name,
+                "register",
+                REGISTER_TOKEN_TTL,
+            )
+        });
+        let reg = ImFrame::Register(Registration {
+            service_name: id.service_name.clone(),
+            ip: id.ip.clone(),
+            port: id.port,
+            token,
+            load: Some(load),
+            epoch: Some(id.epoch.clone()),
+        });
+        srv.push(fd, Message::Text(reg.to_text()));
+        log::info!(
+            "im: connected to the Route at {}; registering as {}",
+            self.url,
+            id.service_name
+        );
+    }
+
+    /// The Route acknowledged: reset the backoff, flush what waited.
+    pub fn registered<A: App>(&mut self, srv: &mut Server<A>) {
+        self.registered = true;
+        if let Some(fd) = self.fd {
+            srv.set_attr(fd, ATTR_ROUTE_REGISTERED, Value::Bool(true));
+        }
+        self.attempts = 0;
+        log::info!(
+            "im: registered with the Route as {} (epoch {})",
+            self.identity.service_name,
+            self.identity.epoch
+        );
+        if self.draining {
+            self.send(srv, &ImFrame::Draining);
+        }
+        if let Some(fd) = self.fd {
+            while let Some(frame) = self.queue.pop_front() {
+                srv.push(fd, Message::Text(frame));
+            }
+        }
+    }
+
+    /// A connection moved here from the worker this one replaced: if it is
+    /// the Route link, take it (registered or not) and return true.
+    pub fn adopt<A: App>(
+        &mut self,
+        srv: &mut Server<A>,
+        fd: Fd,
+        attrs: &HashMap<String, Value>,
+    ) -> bool {
+        if attrs.get(ATTR_ROUTE_LINK) != Some(&Value::Bool(true)) {
+            return false;
+        }
+        let registered = attrs.get(ATTR_ROUTE_REGISTERED) == Some(&Value::Bool(true));
+        log::info!("im: took over the Route link (fd {fd}, registered: {registered})");
+        self.fd = Some(fd);
+        if registered {
+            self.registered(srv);
+        }
+        true
+    }
+
+    /// The link closed: forget it. Returns when to redial (None while
+    /// stopping).
+    pub fn closed<A: App>(&mut self, srv: &Server<A>) -> Option<Duration> {
+        self.fd = None;
+        if std::mem::take(&mut self.registered) {
+            log::warn!("im: lost the Route connection");
+        }
+        (!srv.is_stopping()).then(|| self.redial_delay())
+    }
+
+    /// Sends a frame to the Route now, or queues it (bounded) until the
+    /// link is back.
+    pub fn send<A: App>(&mut self, srv: &mut Server<A>, frame: &ImFrame) {
+        let text = frame.to_text();
+        match self.fd.filter(|_| self.registered) {
+            Some(fd) if srv.push(fd, Message::Text(text.clone())) => {}
+            _ => {
+                if self.queue.len() >= MAX_QUEUED {
+                    self.queue.pop_front();
+                    self.dropped += 1;
+                }
+                self.queue.push_back(text);
+            }
+        }
+    }
+
+    /// Forwards a message for a user on another server.
+    pub fn forward<A: App>(&mut self, srv: &mut Server<A>, msg: Addressed) {
+        self.send(srv, &ImFrame::Forward(msg));
+    }
+
+    /// The heartbeat: a load report (only while registered).
+    pub fn heartbeat<A: App>(&mut self, srv: &mut Server<A>, load: u64) {
+        if let (Some(fd), true) = (self.fd, self.registered) {
+            let beat = ImFrame::Heartbeat { load: Some(load) };
+            srv.push(fd, Message::Text(beat.to_text()));
+        }
+    }
+
+    /// The server is stopping: tell the Route (now, or once registered).
+    pub fn drain<A: App>(&mut self, srv: &mut Server<A>) {
+        self.draining = true;
+        if self.registered {
+            self.send(srv, &ImFrame::Draining);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_backoff() {
+        let (addr, host, path) = parse_ws_url("ws://127.0.0.1:9500/").unwrap();
+        assert_eq!(
+            (addr.port(), host.as_str(), path.as_str()),
+            (9500, "127.0.0.1:9500", "/")
+        );
+        assert_eq!(parse_ws_url("ws://127.0.0.1:9500").unwrap().2, "/");
+        assert!(parse_ws_url("http://x").is_err());
+        let mut r = RouteLink::default();
+        let delays: Vec<Duration> = (0..12).map(|_| r.next_delay()).collect();
+        assert!(delays[0] <= BACKOFF_START && delays[0] >= BACKOFF_START / 2);
+        assert!(delays.iter().all(|d| *d <= BACKOFF_MAX));
+        assert!(delays[11] >= BACKOFF_MAX / 2, "capped growth: {delays:?}");
+    }
+}

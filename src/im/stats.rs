@@ -1,0 +1,60 @@
+//! The IM server's counters: named indices into the scoreboard rows' `app`
+//! array, so `/metrics` and the Route's load figure sum them over every
+//! worker.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use crate::event::App;
+use crate::metrics::AppCounter;
+use crate::reactor::Server;
+
+/// Users connected to this worker (a gauge).
+pub const USERS: usize = 0;
+/// Messages delivered to local users.
+pub const DELIVERED: usize = 1;
+/// Messages forwarded to the Route.
+pub const FORWARDED: usize = 2;
+/// User connections refused (bad or missing token).
+pub const REFUSED: usize = 3;
+
+/// The IM server's counters as `/metrics` exports them (summed over workers).
+pub const COUNTERS: &[AppCounter] = &[
+    AppCounter {
+        index: DELIVERED,
+        name: "swocloud_im_messages_delivered_total",
+        help: "Messages pushed to local users' connections.",
+        label: None,
+    },
+    AppCounter {
+        index: FORWARDED,
+        name: "swocloud_im_messages_forwarded_total",
+        help: "User messages forwarded through the Route to other IM servers.",
+        label: None,
+    },
+    AppCounter {
+        index: REFUSED,
+        name: "swocloud_im_connections_refused_total",
+        help: "User connections refused for a missing uid or a bad token (close 4001).",
+        label: None,
+    },
+];
+
+/// Adds `n` to this worker's counter `index`.
+pub fn add<A: App>(srv: &Server<A>, index: usize, n: u64) {
+    srv.row().app[index].fetch_add(n, Relaxed);
+}
+
+/// Sets this worker's users gauge.
+pub fn set_users<A: App>(srv: &Server<A>, n: usize) {
+    srv.row().app[USERS].store(n as u64, Relaxed);
+}
+
+/// Users connected to this server, over all its workers. O(workers).
+pub fn load<A: App>(srv: &Server<A>) -> u64 {
+    let sb = srv.scoreboard();
+    sb.snapshot()
+        .iter()
+        .filter(|r| r.role == "worker")
+        .map(|r| sb.row(r.index).app[USERS].load(Relaxed))
+        .sum()
+}
