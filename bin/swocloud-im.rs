@@ -12,7 +12,7 @@ fn main() {
         "A swocloud IM server: holds users' WebSocket connections and delivers their messages",
         framework_defaults(),
         |settings, cfg: ImSettings| {
-            swocloud::im::route_link::parse_ws_url(&cfg.route_url)?;
+            swocloud::im::route_link::check_ws_url(&cfg.route_url)?;
             Ok(ImApp::new(
                 cfg,
                 &settings.host,

@@ -69,7 +69,8 @@ fn main() {
             None => h_fail += 1,
         }
         if !users.is_empty() {
-            let ws = &mut users[i % users.len()];
+            let n = users.len();
+            let ws = &mut users[i % n];
             i += 1;
             let t = Instant::now();
             let ok = ws.send(Message::Ping(vec![1u8].into())).is_ok()

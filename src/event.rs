@@ -48,6 +48,14 @@ pub struct WorkerFailure {
     pub signal: i32,
 }
 
+/// An application that owns a component `C`: how the component's Redis
+/// callbacks (`srv.redis(req, |app, srv, reply| …)`), which get the whole
+/// application, find the component again without knowing the app's type.
+pub trait Holds<C>: App {
+    /// The component.
+    fn part(&mut self) -> &mut C;
+}
+
 /// A swocloud application: implement the hooks you need.
 #[allow(unused_variables)]
 pub trait App: Sized + 'static {

@@ -859,51 +859,7 @@ fn ws_connect_to_a_closed_port_reports_on_close() {
     wait_until("on_close", || got.lock().unwrap().as_slice() == ["closed"]);
 }
 
-// ---- Redis ------------------------------------------------------------------
-
-struct RedisProbe {
-    ok: Arc<Mutex<Option<bool>>>,
-}
-
-impl App for RedisProbe {
-    fn on_worker_start(&mut self, srv: &mut Server<Self>) {
-        let pong: Option<String> = srv.redis_cmd(|c| redis::cmd("PING").query(c));
-        *self.ok.lock().unwrap() = Some(pong.as_deref() == Some("PONG") && srv.redis_ok());
-    }
-}
-
-#[test]
-fn redis_link_up_and_down() {
-    let ok = Arc::new(Mutex::new(None));
-    let o = ok.clone();
-    let w = single(
-        settings(|s| s.redis_url = Some("redis://127.0.0.1:6379/".into())),
-        move || RedisProbe { ok: o },
-    );
-    let up = ok.lock().unwrap().unwrap();
-    drop(w);
-    // Redis down (a closed port): the worker starts anyway and serves.
-    let (l, dead) = listener();
-    drop(l);
-    let ok2 = Arc::new(Mutex::new(None));
-    let o2 = ok2.clone();
-    let w = single(
-        settings(|s| s.redis_url = Some(format!("redis://{dead}/"))),
-        move || RedisProbe { ok: o2 },
-    );
-    assert_eq!(*ok2.lock().unwrap(), Some(false));
-    drop(w);
-    // Redis is expected on 127.0.0.1:6379; when it is reachable the link
-    // must have come up before on_worker_start.
-    if TcpStream::connect("127.0.0.1:6379").is_ok() {
-        assert!(
-            up,
-            "redis reachable but the worker's link was not up in on_worker_start"
-        );
-    } else {
-        eprintln!("note: no Redis on 127.0.0.1:6379; only the down path was checked");
-    }
-}
+// The worker's Redis client: tests/redis_client.rs.
 
 #[test]
 fn emit_triggers_the_bus_after_the_hook_returns() {

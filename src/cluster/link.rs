@@ -8,12 +8,13 @@
 //!   {"method":"register","serviceName":"IM_1","ip":"192.168.100.153","port":9000}
 //!        (the seed's frame, unchanged; + "token" when auth is on, + optional "load", "epoch")
 //!   {"method":"heartbeat","load":12}
-//!   {"method":"forward","to":"U2","from":"U1","data":…}
+//!   {"method":"forward","to":"U2","from":"U1","data":…[,"sender":"W/FD"][,"here":true]}
 //!   {"method":"draining"}
 //! Route → IM  [`RouteFrame`]
 //!   {"method":"registered","serviceName":"IM_1","ip":…,"port":…,"node":…,"lease_ms":…}
 //!   {"method":"deliver","to":"U2","from":"U1","data":…}
 //!   {"method":"broadcast","from":…,"data":…}
+//!   {"method":"offline","to":"U2","sender":"W/FD"}   the forward's user is online nowhere
 //!   {"error":{"code":"…","message":"…"}}     (see [`crate::cluster::error`])
 //! ```
 
@@ -35,6 +36,37 @@ pub struct Addressed {
     pub from: String,
     /// Payload (any JSON).
     pub data: Value,
+    /// `forward` only: the sending connection on the IM server
+    /// (`<worker>/<fd>`), where an `offline` answer goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+    /// `forward` only: the IM server already delivered to its own
+    /// connections of `to`; the Route delivers to the other servers only,
+    /// and says nothing if there are none.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub here: bool,
+}
+
+impl Addressed {
+    /// A message from `from` to `to`.
+    pub fn new(to: String, from: String, data: Value) -> Addressed {
+        Addressed {
+            to,
+            from,
+            data,
+            sender: None,
+            here: false,
+        }
+    }
+}
+
+/// The Route's answer to a `forward` whose user is online nowhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offline {
+    /// The uid that is not online.
+    pub to: String,
+    /// The `sender` of the forward.
+    pub sender: String,
 }
 
 /// A message for every user: the body of `broadcast`.
@@ -153,6 +185,8 @@ pub enum RouteFrame {
     Deliver(Addressed),
     /// Deliver to every local user.
     Broadcast(Broadcast),
+    /// The user of a `forward` is online nowhere.
+    Offline(Offline),
     /// A refused frame (`{"error":…}`: no `method`).
     #[serde(skip)]
     Error(ProtocolError),
@@ -289,13 +323,20 @@ mod tests {
 
     #[test]
     fn frames_round_trip() {
-        let a = Addressed {
-            to: "u2".into(),
-            from: "u1".into(),
-            data: json!({"x": [1, 2]}),
+        let a = Addressed::new("u2".into(), "u1".into(), json!({"x": [1, 2]}));
+        let fwd = Addressed {
+            sender: Some("1/42".into()),
+            here: true,
+            ..a.clone()
         };
+        assert_eq!(
+            ImFrame::Forward(a.clone()).to_text(),
+            r#"{"method":"forward","to":"u2","from":"u1","data":{"x":[1,2]}}"#,
+            "the optional fields stay off the wire when unset"
+        );
         for f in [
             ImFrame::Forward(a.clone()),
+            ImFrame::Forward(fwd),
             ImFrame::Heartbeat { load: Some(3) },
             ImFrame::Draining,
         ] {
@@ -311,6 +352,10 @@ mod tests {
         for f in [
             RouteFrame::Registered(reg),
             RouteFrame::Deliver(a),
+            RouteFrame::Offline(Offline {
+                to: "u2".into(),
+                sender: "0/7".into(),
+            }),
             RouteFrame::Broadcast(Broadcast {
                 from: "api".into(),
                 data: json!(1),

@@ -6,15 +6,18 @@
 //! `/route` hands out). With `auth_secret` set the token must be a JWT for
 //! `aud=user, sub=U`, else the connection is closed with 4001 and a reason.
 //! A user's frame `{"to":"U2","data":…}` is delivered to U2's connections on
-//! this server (looked up in Redis presence, by worker) and forwarded
-//! through the Route for U2's connections elsewhere; each delivered frame is
-//! `{"from":"U1","data":…}`.
+//! this server (the workers holding U2 are known from the server-wide
+//! [`Directory`], without asking Redis) and forwarded through the Route for
+//! U2's connections elsewhere (the Route knows, from its own cache); each
+//! delivered frame is `{"from":"U1","data":…}`. A user online nowhere gets
+//! `{"error":{"code":"offline"}}` back, from the Route's answer.
 //!
 //! [`ImApp`] owns the components and wires the framework's hooks to them:
 //!
 //! | component | owns |
 //! |-----------|------|
 //! | [`Sessions`] | this worker's users: admission, uid ↔ connection, pushes, farewell |
+//! | [`Directory`] | the whole server's users, by worker (kept by the workers' messages) |
 //! | [`PresenceStore`] | every Redis call: presence records, the registry read |
 //! | [`RouteLink`] | worker 0's link to the Route: dial, register, queue, heartbeat |
 //!
@@ -27,11 +30,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::cluster::link::{self, Addressed, RouteFrame};
+use crate::cluster::link::{self, Addressed, Offline, RouteFrame};
 use crate::cluster::servers;
 use crate::cluster::user::{self, UserSend};
 use crate::cluster::{ErrorCode, ProtocolError};
 use crate::event::{App, EventBus, ServerInfo};
+use crate::im::directory::Directory;
 use crate::im::http;
 use crate::im::presence_store::PresenceStore;
 use crate::im::route_link::{Identity, RouteLink};
@@ -46,6 +50,7 @@ use crate::reactor::{Fd, Message, Request, Response, Server};
 pub struct ImApp {
     cfg: ImSettings,
     sessions: Sessions,
+    directory: Directory,
     presence: PresenceStore,
     /// The Route link (used on worker 0 only).
     route: RouteLink,
@@ -81,6 +86,7 @@ impl ImApp {
         };
         ImApp {
             sessions: Sessions::new(&cfg.auth_secret),
+            directory: Directory::default(),
             presence: PresenceStore::new(redis_prefix, member, epoch, cfg.presence_ttl),
             route: RouteLink::new(&cfg, identity),
             cfg,
@@ -111,43 +117,32 @@ impl ImApp {
         }
     }
 
-    /// A user's message: this worker, this server's other workers holding
-    /// `to` (from Redis presence), and the Route for the rest.
+    /// A user's message: to the workers of this server that hold `to`
+    /// (from the directory), and through the Route, which delivers to the
+    /// other servers holding `to` (other devices) or answers `offline`.
+    /// No Redis call.
     fn route_message(&mut self, srv: &mut Server<Self>, fd: Fd, from: String, msg: UserSend) {
         let UserSend { to, data } = msg;
-        let Some(records) = self.presence.lookup(srv, &to) else {
-            // Redis is away: deliver here, ask every sibling, and let the Route try the rest.
-            self.sessions.deliver(srv, &to, &from, &data);
-            let msg = Addressed { to, from, data };
-            workers::to_siblings(srv, &WorkerMsg::Deliver(msg.clone()));
-            self.forward_to_route(srv, msg);
-            return;
-        };
-        let mut workers: Vec<usize> = records
-            .iter()
-            .filter(|p| self.presence.is_mine(p))
-            .map(|p| p.worker)
-            .collect();
-        let elsewhere = records.iter().any(|p| p.member != self.presence.member());
-        if workers.is_empty() && !elsewhere {
-            let offline =
-                ProtocolError::new(ErrorCode::Offline, format!("user {to} is not online"));
-            srv.push(fd, Message::Text(offline.to_frame()));
-            return;
-        }
-        workers.sort_unstable();
-        workers.dedup();
-        let msg = Addressed { to, from, data };
-        for w in workers {
-            if w == srv.worker_id() {
+        let mut msg = Addressed::new(to, from, data);
+        let here = self.deliver_here(srv, &msg);
+        msg.here = here;
+        msg.sender = Some(format!("{}/{fd}", srv.worker_id()));
+        self.forward_to_route(srv, msg);
+    }
+
+    /// Delivers to this server's connections of `msg.to`, by worker;
+    /// whether it has any.
+    fn deliver_here(&mut self, srv: &mut Server<Self>, msg: &Addressed) -> bool {
+        let me = srv.worker_id();
+        let workers: Vec<usize> = self.directory.workers(&msg.to).collect();
+        for w in &workers {
+            if *w == me {
                 self.sessions.deliver(srv, &msg.to, &msg.from, &msg.data);
             } else {
-                workers::send(srv, w, &WorkerMsg::Deliver(msg.clone()));
+                workers::send(srv, *w, &WorkerMsg::Deliver(msg.clone()));
             }
         }
-        if elsewhere {
-            self.forward_to_route(srv, msg);
-        }
+        !workers.is_empty()
     }
 
     /// A frame on the Route link.
@@ -155,16 +150,44 @@ impl ImApp {
         match link::parse_route(text) {
             RouteFrame::Registered(_) => self.route.registered(srv),
             RouteFrame::Deliver(m) => {
-                self.sessions.deliver(srv, &m.to, &m.from, &m.data);
-                workers::to_siblings(srv, &WorkerMsg::Deliver(m));
+                if !self.deliver_here(srv, &m) {
+                    // Not (yet) in the directory: a user who connected a
+                    // moment ago, or a sibling that just restarted. Ask all.
+                    self.sessions.deliver(srv, &m.to, &m.from, &m.data);
+                    workers::to_siblings(srv, &WorkerMsg::Deliver(m));
+                }
             }
             RouteFrame::Broadcast(b) => {
                 self.sessions.broadcast(srv, &b.from, &b.data);
                 workers::to_siblings(srv, &WorkerMsg::Broadcast(b));
             }
+            RouteFrame::Offline(o) => self.offline(srv, o),
             RouteFrame::Error(e) => log::warn!("im: the Route refused a frame: {e}"),
             RouteFrame::Unknown => log::warn!("im: ignoring an unknown frame from the Route"),
         }
+    }
+
+    /// The Route found `o.to` online nowhere: tell the sender.
+    fn offline(&mut self, srv: &mut Server<Self>, o: Offline) {
+        let parsed = o
+            .sender
+            .split_once('/')
+            .and_then(|(w, fd)| Some((w.parse::<usize>().ok()?, fd.parse::<Fd>().ok()?)));
+        match parsed {
+            Some((w, fd)) if w == srv.worker_id() => {
+                let e = ProtocolError::new(ErrorCode::Offline, format!("user {} is not online", o.to));
+                srv.push(fd, Message::Text(e.to_frame()));
+            }
+            Some((w, fd)) => workers::send(srv, w, &WorkerMsg::Offline { to: o.to, fd }),
+            None => log::debug!("im: an offline answer for an unknown sender {:?}", o.sender),
+        }
+    }
+
+    /// A user connection of this worker now exists: the directory, its
+    /// siblings' directories, and presence in Redis.
+    fn joined(&mut self, srv: &mut Server<Self>, uid: &str) {
+        self.directory.add(uid, srv.worker_id());
+        workers::to_siblings(srv, &WorkerMsg::Joined { uid: uid.to_string() });
     }
 }
 
@@ -191,6 +214,13 @@ impl App for ImApp {
     }
 
     fn on_worker_start(&mut self, srv: &mut Server<Self>) {
+        if !srv.is_task_worker() {
+            // Siblings forget what this slot held before and send theirs.
+            workers::to_siblings(srv, &WorkerMsg::Hello);
+            if srv.redis_configured() {
+                PresenceStore::watch_servers(srv, |app: &mut ImApp| &mut app.presence);
+            }
+        }
         if srv.worker_id() == 0 && !srv.is_task_worker() {
             let ms = (self.cfg.route_heartbeat.max(0.05) * 1000.0) as u64;
             srv.tick(ms, |app: &mut ImApp, srv, _| {
@@ -213,7 +243,7 @@ impl App for ImApp {
         if srv.worker_id() == 0 {
             self.route.drain(srv);
         }
-        let others = self.presence.other_servers(srv);
+        let others = self.presence.other_servers();
         self.sessions.say_goodbye(srv, &others);
     }
 
@@ -228,9 +258,8 @@ impl App for ImApp {
         let Some(uid) = self.sessions.open(srv, fd, req) else {
             return;
         };
-        if !self.presence.record(srv, &uid, fd) {
-            log::warn!("im: could not record {uid} online (Redis unavailable); messages to it may not be routed here");
-        }
+        self.joined(srv, &uid);
+        self.presence.record(srv, &uid, fd);
     }
 
     fn on_message(&mut self, srv: &mut Server<Self>, fd: Fd, msg: Message) {
@@ -266,10 +295,8 @@ impl App for ImApp {
             log::debug!("im: adopted fd {fd} without a user");
             return;
         };
-        if !self.presence.rekey(srv, &uid, old_fd, fd) {
-            log::warn!("im: could not move {uid}'s presence to fd {fd} (Redis unavailable); it keeps fd {old_fd}");
-            self.sessions.keep_presence_fd(srv, fd, old_fd);
-        }
+        self.joined(srv, &uid);
+        self.presence.rekey(srv, &uid, old_fd, fd);
     }
 
     fn on_close(&mut self, srv: &mut Server<Self>, fd: Fd) {
@@ -278,17 +305,36 @@ impl App for ImApp {
                 Self::redial_after(srv, delay);
             }
         } else if let Some(uid) = self.sessions.close(srv, fd) {
+            self.directory.remove(&uid, srv.worker_id());
+            workers::to_siblings(srv, &WorkerMsg::Left { uid: uid.clone() });
             self.presence.forget(srv, &uid, fd);
         }
     }
 
-    fn on_pipe_message(&mut self, srv: &mut Server<Self>, _from: usize, data: Vec<u8>) {
+    fn on_pipe_message(&mut self, srv: &mut Server<Self>, from: usize, data: Vec<u8>) {
         match WorkerMsg::parse(&data) {
             Ok(WorkerMsg::Deliver(m)) => {
                 self.sessions.deliver(srv, &m.to, &m.from, &m.data);
             }
             Ok(WorkerMsg::Broadcast(b)) => self.sessions.broadcast(srv, &b.from, &b.data),
             Ok(WorkerMsg::Forward(m)) => self.route.forward(srv, m),
+            Ok(WorkerMsg::Offline { to, fd }) => {
+                let e = ProtocolError::new(ErrorCode::Offline, format!("user {to} is not online"));
+                srv.push(fd, Message::Text(e.to_frame()));
+            }
+            Ok(WorkerMsg::Joined { uid }) => self.directory.add(&uid, from),
+            Ok(WorkerMsg::Left { uid }) => self.directory.remove(&uid, from),
+            Ok(WorkerMsg::Hello) => {
+                self.directory.drop_worker(from);
+                let uids = self.sessions.all().map(|(_, u)| u.to_string()).collect();
+                workers::send(srv, from, &WorkerMsg::Roster { uids });
+            }
+            Ok(WorkerMsg::Roster { uids }) => {
+                self.directory.drop_worker(from);
+                for u in uids {
+                    self.directory.add(&u, from);
+                }
+            }
             Ok(WorkerMsg::Unknown) => log::warn!("im: ignoring an unknown worker message"),
             Err(e) => log::warn!("im: bad worker message: {e}"),
         }

@@ -6,6 +6,7 @@
 //! - [`app`]: [`ImApp`], which wires the framework's hooks to the
 //!   components below and routes a user's message.
 //! - [`sessions`]: this worker's users (admission, pushes, farewell).
+//! - [`directory`]: which worker of this server holds which user.
 //! - [`presence_store`]: this server's Redis calls (presence, registry read).
 //! - [`route_link`]: worker 0's link to the Route (register, heartbeat,
 //!   redial with backoff and jitter).
@@ -18,6 +19,7 @@
 //! nothing here imports [`crate::route`].
 
 pub mod app;
+pub mod directory;
 pub mod http;
 pub mod presence_store;
 pub mod route_link;

@@ -3,7 +3,9 @@
 //! and the registry read it needs when draining.
 //!
 //! [`PresenceStore`] knows who this server is (its registry member and
-//! instance epoch); every method is one Redis call.
+//! instance epoch). Nothing here waits for Redis: writes go out on the
+//! worker's non-blocking client (removals and handover moves as durable
+//! requests), and the registry is re-read in the background.
 
 use crate::cluster::presence::{self, Presence};
 use crate::cluster::servers::{self, ServerEntry};
@@ -21,7 +23,16 @@ pub struct PresenceStore {
     epoch: String,
     /// TTL of a user's presence key (last-resort expiry).
     ttl_secs: u64,
+    /// The registry as last read (for the farewell's reconnect hints).
+    servers: Vec<ServerEntry>,
 }
+
+/// Connections per presence-refresh request: bounds the size of one
+/// request and of the loop iteration that builds it.
+pub const REFRESH_CHUNK: usize = 1000;
+
+/// How often the registry is re-read for the farewell hints.
+pub const SERVERS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl PresenceStore {
     /// The store of the server at `member` with instance `epoch`.
@@ -31,6 +42,7 @@ impl PresenceStore {
             member,
             epoch,
             ttl_secs,
+            servers: Vec::new(),
         }
     }
 
@@ -58,28 +70,38 @@ impl PresenceStore {
         }
     }
 
-    /// Records connection `fd` of `uid`. False when Redis is unavailable.
-    /// Redis: HSET + EXPIRE in MULTI.
-    pub fn record<A: App>(&self, srv: &mut Server<A>, uid: &str, fd: Fd) -> bool {
+    /// Records connection `fd` of `uid` and announces it. Redis: HSET +
+    /// EXPIRE + PUBLISH in MULTI, not waited for; a failure is logged, and
+    /// the next refresh writes it again.
+    pub fn record<A: App>(&self, srv: &mut Server<A>, uid: &str, fd: Fd) {
         let p = self.record_of(srv, fd);
-        srv.redis_cmd(|c| presence::add(c, &self.keys, uid, &p, self.ttl_secs))
-            .is_some()
+        let who = uid.to_string();
+        srv.redis(
+            presence::add(&self.keys, uid, &p, self.ttl_secs),
+            move |_: &mut A, _srv, r: redis::RedisResult<redis::Value>| {
+                if let Err(e) = r {
+                    log::warn!("im: could not record {who} online ({e}); the next presence refresh retries");
+                }
+            },
+        );
     }
 
-    /// Moves `uid`'s record from `old_fd` to `new_fd` (handover). False when
-    /// Redis is unavailable. Redis: HDEL + HSET + EXPIRE in MULTI.
-    pub fn rekey<A: App>(&self, srv: &mut Server<A>, uid: &str, old_fd: Fd, new_fd: Fd) -> bool {
+    /// Moves `uid`'s record from `old_fd` to `new_fd` (handover). Redis:
+    /// HDEL + HSET + EXPIRE + PUBLISH in MULTI, durable (kept and sent
+    /// again if Redis is away).
+    pub fn rekey<A: App>(&self, srv: &mut Server<A>, uid: &str, old_fd: Fd, new_fd: Fd) {
         let new = self.record_of(srv, new_fd);
         let old = Presence {
             fd: old_fd,
             ..new.clone()
         };
-        srv.redis_cmd(|c| presence::rekey(c, &self.keys, uid, &old, &new, self.ttl_secs))
-            .is_some()
+        srv.redis_durable(presence::rekey(&self.keys, uid, &old, &new, self.ttl_secs));
     }
 
     /// Rewrites the records of every connection in `users` (so a Redis
-    /// restarted empty heals). Redis: one pipeline. O(users).
+    /// restarted empty heals): [`REFRESH_CHUNK`] connections per request,
+    /// one request per loop iteration, so neither a write nor an iteration
+    /// grows with the number of users.
     pub fn refresh<'u, A: App>(
         &self,
         srv: &mut Server<A>,
@@ -91,32 +113,62 @@ impl PresenceStore {
         let records: Vec<(String, Presence)> = users
             .map(|(fd, uid)| (uid.to_string(), self.record_of(srv, fd)))
             .collect();
-        if records.is_empty() {
-            return;
-        }
-        let _ = srv.redis_cmd(|c| presence::add_many(c, &self.keys, &records, self.ttl_secs));
+        refresh_step(srv, self.keys.clone(), self.ttl_secs, records);
     }
 
-    /// Forgets connection `fd` of `uid`. Redis: HDEL.
+    /// Forgets connection `fd` of `uid` and announces it. Redis: HDEL +
+    /// PUBLISH, durable.
     pub fn forget<A: App>(&self, srv: &mut Server<A>, uid: &str, fd: Fd) {
         let p = self.record_of(srv, fd);
-        let _ = srv.redis_cmd(|c| presence::remove(c, &self.keys, uid, &p));
+        srv.redis_durable(presence::remove(&self.keys, uid, &p));
     }
 
-    /// Every record of `uid`, on any server; None when Redis is
-    /// unavailable. Redis: HGETALL.
-    pub fn lookup<A: App>(&self, srv: &mut Server<A>, uid: &str) -> Option<Vec<Presence>> {
-        srv.redis_cmd(|c| presence::all(c, &self.keys, uid))
+    /// Re-reads the registry (every [`SERVERS_EVERY`]) so that a draining
+    /// worker can point its users at the other servers without asking
+    /// Redis then. `of` finds this store in the application.
+    pub fn watch_servers<A: App>(srv: &mut Server<A>, of: fn(&mut A) -> &mut PresenceStore) {
+        let read = move |_: &mut A, srv: &mut Server<A>, _| {
+            let keys = Keys::new(&srv.settings().redis_prefix);
+            srv.redis(
+                servers::list(&keys),
+                move |app: &mut A, _srv, r: redis::RedisResult<std::collections::HashMap<String, String>>| {
+                    if let Ok(map) = r {
+                        of(app).servers = servers::parse_list(map);
+                    }
+                },
+            );
+        };
+        srv.after(0, read);
+        srv.tick(SERVERS_EVERY.as_millis() as u64, read);
     }
 
-    /// The other live, non-draining IM servers, least loaded first (empty
-    /// when Redis is unavailable). Redis: HGETALL of the registry details.
-    pub fn other_servers<A: App>(&self, srv: &mut Server<A>) -> Vec<ServerEntry> {
-        let mut others = srv
-            .redis_cmd(|c| servers::list(c, &self.keys))
-            .unwrap_or_default();
-        others.retain(|e| e.member() != self.member && !e.draining);
+    /// The other live, non-draining IM servers, least loaded first, as of
+    /// the last read (no Redis call).
+    pub fn other_servers(&self) -> Vec<ServerEntry> {
+        let mut others: Vec<ServerEntry> = self
+            .servers
+            .iter()
+            .filter(|e| e.member() != self.member && !e.draining)
+            .cloned()
+            .collect();
         others.sort_by_key(|e| e.load);
         others
+    }
+}
+
+/// Sends one chunk of a refresh and schedules the next.
+fn refresh_step<A: App>(srv: &mut Server<A>, keys: Keys, ttl: u64, mut rest: Vec<(String, Presence)>) {
+    if rest.is_empty() {
+        return;
+    }
+    let tail = rest.split_off(rest.len().min(REFRESH_CHUNK));
+    srv.redis_send(presence::add_many(&keys, &rest, ttl));
+    if !tail.is_empty() {
+        let mut tail = Some(tail);
+        srv.after(0, move |_: &mut A, srv, _| {
+            if let Some(t) = tail.take() {
+                refresh_step(srv, keys.clone(), ttl, t);
+            }
+        });
     }
 }

@@ -11,7 +11,6 @@
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -20,6 +19,7 @@ use crate::auth;
 use crate::cluster::link::{Addressed, ImFrame, Registration};
 use crate::event::App;
 use crate::im::settings::ImSettings;
+use crate::reactor::resolve::Resolver;
 use crate::reactor::{Fd, Message, Server};
 
 /// Connection attribute on the Route link: true.
@@ -75,10 +75,42 @@ pub struct RouteLink {
     rng: u64,
     /// The server is draining: tell the Route once registered.
     draining: bool,
+    /// Where the Route is (made at the first dial, in the worker).
+    target: Option<Target>,
 }
 
-/// `ws://host:port/path` → (address, host header, path).
-pub fn parse_ws_url(url: &str) -> Result<(SocketAddr, String, String), String> {
+/// Where the Route is: its address (kept current off the loop), the
+/// `Host` header and the path.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The host's addresses.
+    pub resolver: Resolver,
+    /// `host:port`, for the `Host` header.
+    pub host: String,
+    /// Request path.
+    pub path: String,
+}
+
+/// `ws://host:port/path` → a [`Target`]. An IP literal needs no lookup; a
+/// name is looked up once here and then by the resolver's own thread, so
+/// call it in the worker (after the fork), never in the loop's hot path.
+pub fn parse_ws_url(url: &str) -> Result<Target, String> {
+    let (host, port, hostport, path) = split_ws_url(url)?;
+    Ok(Target {
+        resolver: Resolver::new(host, port),
+        host: hostport.to_string(),
+        path,
+    })
+}
+
+/// Checks a `route_url` without looking anything up (what the master does
+/// before it forks: no thread, no DNS).
+pub fn check_ws_url(url: &str) -> Result<(), String> {
+    split_ws_url(url).map(drop)
+}
+
+/// `ws://host:port/path` → (host, port, `host:port`, path).
+fn split_ws_url(url: &str) -> Result<(&str, u16, &str, String), String> {
     let rest = url
         .strip_prefix("ws://")
         .ok_or_else(|| format!("route_url {url:?} must start with ws://"))?;
@@ -86,12 +118,11 @@ pub fn parse_ws_url(url: &str) -> Result<(SocketAddr, String, String), String> {
         Some(i) => (&rest[..i], rest[i..].to_string()),
         None => (rest, "/".to_string()),
     };
-    let addr = hostport
-        .to_socket_addrs()
-        .map_err(|e| format!("route_url {url:?}: cannot resolve {hostport}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("route_url {url:?}: {hostport} has no address"))?;
-    Ok((addr, hostport.to_string(), path))
+    let (host, port) = hostport
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        .ok_or_else(|| format!("route_url {url:?}: expected host:port"))?;
+    Ok((host, port, hostport, path))
 }
 
 impl RouteLink {
@@ -150,10 +181,24 @@ impl RouteLink {
         if srv.is_adopting() {
             return Some(Duration::from_millis(ADOPT_POLL_MS));
         }
-        let dialled = parse_ws_url(&self.url).and_then(|(addr, host, path)| {
-            srv.ws_connect(addr, &host, &path)
-                .map_err(|e| e.to_string())
-        });
+        if self.target.is_none() {
+            match parse_ws_url(&self.url) {
+                Ok(t) => self.target = Some(t),
+                Err(e) => {
+                    log::error!("im: {e}");
+                    return Some(self.redial_delay());
+                }
+            }
+        }
+        let dialled = match &self.target {
+            Some(t) => match t.resolver.current().first() {
+                Some(addr) => srv
+                    .ws_connect(*addr, &t.host, &t.path)
+                    .map_err(|e| e.to_string()),
+                None => Err(format!("{} does not resolve (yet)", t.resolver.describe())),
+            },
+            None => Err("no route_url".to_string()),
+        };
         match dialled {
             Ok(fd) => {
                 self.fd = Some(fd);
@@ -297,13 +342,14 @@ mod tests {
 
     #[test]
     fn urls_and_backoff() {
-        let (addr, host, path) = parse_ws_url("ws://127.0.0.1:9500/").unwrap();
+        let t = parse_ws_url("ws://127.0.0.1:9500/").unwrap();
         assert_eq!(
-            (addr.port(), host.as_str(), path.as_str()),
+            (t.resolver.current()[0].port(), t.host.as_str(), t.path.as_str()),
             (9500, "127.0.0.1:9500", "/")
         );
-        assert_eq!(parse_ws_url("ws://127.0.0.1:9500").unwrap().2, "/");
+        assert_eq!(parse_ws_url("ws://127.0.0.1:9500").unwrap().path, "/");
         assert!(parse_ws_url("http://x").is_err());
+        assert!(parse_ws_url("ws://no-port/").is_err());
         let mut r = RouteLink::default();
         let delays: Vec<Duration> = (0..12).map(|_| r.next_delay()).collect();
         assert!(delays[0] <= BACKOFF_START && delays[0] >= BACKOFF_START / 2);

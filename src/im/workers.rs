@@ -2,6 +2,8 @@
 //! worker-to-worker pipe (`send_message` → `on_pipe_message`). Their bodies
 //! are the cluster's own [`Addressed`] and [`Broadcast`]: a message a
 //! worker hands a sibling is the one it got from a user or the Route.
+//! `Joined`, `Left`, `Hello` and `Roster` keep every worker's
+//! [`crate::im::directory::Directory`] of the whole server current.
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +21,32 @@ pub enum WorkerMsg {
     Broadcast(Broadcast),
     /// (to worker 0) Forward through the Route.
     Forward(Addressed),
+    /// (from worker 0) `to` is online nowhere: tell connection `fd`.
+    Offline {
+        /// The uid that is not online.
+        to: String,
+        /// The sender's connection on the receiving worker.
+        fd: u64,
+    },
+    /// A user connected on the sending worker (one per connection).
+    Joined {
+        /// Its uid.
+        uid: String,
+    },
+    /// A user's connection on the sending worker closed.
+    Left {
+        /// Its uid.
+        uid: String,
+    },
+    /// The sending worker (re)started with no users: forget what it held
+    /// and send it your roster.
+    Hello,
+    /// The sending worker's users, one entry per connection (the answer
+    /// to [`WorkerMsg::Hello`]).
+    Roster {
+        /// Uids, repeated per connection.
+        uids: Vec<String>,
+    },
     /// A kind this build does not know (a newer sibling during a reload).
     #[serde(other, skip_serializing)]
     Unknown,
@@ -60,11 +88,11 @@ mod tests {
 
     #[test]
     fn the_pipe_format_is_unchanged() {
-        let m = WorkerMsg::Deliver(Addressed {
-            to: "u2".into(),
-            from: "u1".into(),
-            data: serde_json::json!(1),
-        });
+        let m = WorkerMsg::Deliver(Addressed::new(
+            "u2".into(),
+            "u1".into(),
+            serde_json::json!(1),
+        ));
         assert_eq!(
             String::from_utf8(m.to_bytes()).unwrap(),
             r#"{"kind":"deliver","to":"u2","from":"u1","data":1}"#
@@ -74,5 +102,18 @@ mod tests {
             WorkerMsg::parse(br#"{"kind":"later"}"#).unwrap(),
             WorkerMsg::Unknown
         );
+        for m in [
+            WorkerMsg::Hello,
+            WorkerMsg::Joined { uid: "a".into() },
+            WorkerMsg::Roster {
+                uids: vec!["a".into(), "a".into()],
+            },
+            WorkerMsg::Offline {
+                to: "b".into(),
+                fd: 3,
+            },
+        ] {
+            assert_eq!(WorkerMsg::parse(&m.to_bytes()).unwrap(), m);
+        }
     }
 }

@@ -61,11 +61,18 @@ impl<A: App> Reactor<A> {
                 self.count_request();
                 let keep = req.keep_alive() && !self.srv.lifecycle.draining();
                 let srv = &mut self.srv;
-                let (resp, keep) =
+                srv.in_request = Some(fd);
+                let (mut resp, keep) =
                     match Self::guarded(w, "on_request", Some(fd), || app.on_request(srv, &req)) {
                         Some(r) => (r, keep),
                         None => (Response::text(500, "internal server error\n"), false),
                     };
+                srv.in_request = None;
+                if let Some(early) = srv.early.take() {
+                    if resp.is_later() {
+                        resp = early;
+                    }
+                }
                 let Some(key) = self.srv.conns.key(fd) else {
                     return false;
                 };

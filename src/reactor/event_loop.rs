@@ -203,6 +203,8 @@ impl<A: App> Reactor<A> {
             scoreboard: ctx.scoreboard,
             emits: Vec::new(),
             resume: Vec::new(),
+            in_request: None,
+            early: None,
             lifecycle,
             next_task_id: 0,
             next_task_worker: ctx.worker_id,

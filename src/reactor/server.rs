@@ -69,6 +69,8 @@ pub struct Server<A: App> {
     pub(crate) redis: Option<RedisClient<A, Server<A>>>, // the worker's Redis (none: no redis_url)
     pub(crate) redis_late: Vec<(Callback<A, Server<A>>, Reply)>, // completions with no client
     pub(crate) resume: Vec<Fd>, // HTTP connections answered late: decode what waited
+    pub(crate) in_request: Option<Fd>, // the connection whose on_request runs now
+    pub(crate) early: Option<crate::reactor::Response>, // its answer, given before it returned later()
     pub(crate) emits: Vec<(String, Vec<Value>)>, // deferred bus triggers
     pub(crate) lifecycle: Lifecycle, // adopting, serving, draining, handing over, done
     pub(crate) next_task_id: u64, // task id counter
@@ -124,10 +126,17 @@ impl<A: App> Server<A> {
     /// Requests the client pipelined meanwhile are then decoded, in order.
     /// False if `fd` is gone or has no answer pending.
     pub fn respond(&mut self, fd: Fd, resp: crate::reactor::Response) -> bool {
+        let inside = self.in_request == Some(fd);
         let Some(c) = self.conn_mut(fd) else {
             return false;
         };
         let Phase::HttpAnswering { keep } = c.phase else {
+            // Answered from inside the `on_request` that is deferring it
+            // (the data was at hand after all): the loop uses this answer.
+            if inside && matches!(c.phase, Phase::Http) {
+                self.early = Some(resp);
+                return true;
+            }
             return false;
         };
         c.phase = Phase::Http;
@@ -366,6 +375,22 @@ impl<A: App> Server<A> {
         }
     }
 
+    /// [`Server::redis_durable`] whose reply also reaches `cb` (once it got
+    /// through; an error only if it could not be kept).
+    pub fn redis_durable_then<T: redis::FromRedisValue + 'static>(
+        &mut self,
+        req: impl Into<Request>,
+        cb: impl FnOnce(&mut A, &mut Server<A>, redis::RedisResult<T>) + 'static,
+    ) {
+        let cb: Callback<A, Server<A>> = Box::new(move |app, srv, r: Reply| {
+            cb(app, srv, r.and_then(T::from_owned_redis_value))
+        });
+        match self.redis.as_mut() {
+            Some(c) => c.cmd.submit(req.into(), Some(cb), true),
+            None => self.redis_late.push((cb, Err(not_configured()))),
+        }
+    }
+
     /// Calls `handler` with the payload of every message published on
     /// `channel`, on this worker's subscriber connection (resubscribed
     /// after every reconnect, verified by a self-probe).
@@ -377,6 +402,13 @@ impl<A: App> Server<A> {
         if let Some(c) = self.redis.as_mut() {
             c.subscribe(channel.into(), Box::new(handler), self.conns.registry());
         }
+    }
+
+    /// Counts the subscriber connection's (re)connects: when it changes,
+    /// messages published in between may have been missed, so what they
+    /// would have invalidated must be dropped.
+    pub fn redis_sub_generation(&self) -> u64 {
+        self.redis.as_ref().map_or(0, |c| c.sub.generation)
     }
 
     /// Whether a Redis URL is configured.

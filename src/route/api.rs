@@ -23,7 +23,6 @@
 //! (read-only), delivery and the directory — for the length of one request;
 //! the answers are typed structs.
 
-use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::auth::{self, constant_eq};
@@ -31,8 +30,11 @@ use crate::cluster::link::{Addressed, Broadcast};
 use crate::cluster::{admin, valid_uid};
 use crate::event::App;
 use crate::reactor::{Request, Response, Server};
-use crate::route::delivery::Delivery;
-use crate::route::directory::Directory;
+use crate::route::answers::{
+    answer, bad, method_not_allowed, not_found, BroadcastDone, Health, Ready, Routed,
+};
+use crate::route::delivery::{Delivery, DeliveryHost, Waiting};
+use crate::route::directory::{servers_doc, Directory};
 use crate::route::registrations::Registrations;
 use crate::route::settings::RouteSettings;
 use crate::route::stats;
@@ -42,106 +44,6 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// Lifetime of the user tokens `/route` hands out.
 const USER_TOKEN_TTL: u64 = 3600;
-
-/// A refusal: `{"error", ["message"], ["path"], ["uid"]}`.
-#[derive(Serialize)]
-struct Refusal<'a> {
-    error: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    message: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    path: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    uid: Option<&'a str>,
-}
-
-impl<'a> Refusal<'a> {
-    fn new(error: &'a str) -> Self {
-        Refusal {
-            error,
-            message: None,
-            path: None,
-            uid: None,
-        }
-    }
-}
-
-/// `/health`.
-#[derive(Serialize)]
-struct Health {
-    status: &'static str,
-    worker_id: usize,
-    pid: u32,
-}
-
-/// `/ready`: `{"ready":true}`, or false with the reasons.
-#[derive(Serialize)]
-struct Ready {
-    ready: bool,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    reasons: Vec<String>,
-}
-
-/// `/route`.
-#[derive(Serialize)]
-struct Routed<'a> {
-    ip: &'a str,
-    port: u16,
-    token: &'a str,
-    url: &'a str,
-    #[serde(rename = "serviceName")]
-    service_name: &'a str,
-}
-
-/// `/api/send`.
-#[derive(Serialize)]
-struct Sent {
-    delivered: usize,
-}
-
-/// `/api/broadcast`.
-#[derive(Serialize)]
-struct BroadcastDone {
-    routes: i64,
-}
-
-/// `/api/online`.
-#[derive(Serialize)]
-struct Online<'a> {
-    uid: &'a str,
-    online: bool,
-    connections: usize,
-    servers: Vec<&'a str>,
-}
-
-fn answer(status: u16, body: &impl Serialize) -> Response {
-    Response::new(status, serde_json::to_vec(body).unwrap_or_default())
-        .with_header("Content-Type", "application/json")
-}
-
-fn bad(status: u16, error: &str, message: &str) -> Response {
-    answer(
-        status,
-        &Refusal {
-            message: Some(message),
-            ..Refusal::new(error)
-        },
-    )
-}
-
-fn not_found(path: &str) -> Response {
-    answer(
-        404,
-        &Refusal {
-            path: Some(path),
-            ..Refusal::new("not_found")
-        },
-    )
-}
-
-fn method_not_allowed(allow: &str) -> Response {
-    answer(405, &Refusal::new("method_not_allowed")).with_header("Allow", allow)
-}
 
 fn json_body(req: &Request) -> Result<Map<String, Value>, Response> {
     match serde_json::from_slice::<Value>(&req.body) {
@@ -159,14 +61,14 @@ pub struct Api<'a> {
     /// This worker's registrations (read-only: fallback lists, counts).
     pub regs: &'a Registrations,
     /// Locating and reaching users.
-    pub delivery: &'a Delivery,
+    pub delivery: &'a mut Delivery,
     /// The live servers, the cache and the balancer.
     pub directory: &'a mut Directory,
 }
 
 impl Api<'_> {
     /// Routes one request.
-    pub fn handle<A: App>(&mut self, srv: &mut Server<A>, req: &Request) -> Response {
+    pub fn handle<A: DeliveryHost>(&mut self, srv: &mut Server<A>, req: &Request) -> Response {
         let path = req.path_only();
         if !admin::allowed(srv, req, path) {
             return not_found(path);
@@ -193,9 +95,11 @@ impl Api<'_> {
             ("GET", "/dashboard") => Response::new(200, DASHBOARD)
                 .with_header("Content-Type", "text/html; charset=utf-8")
                 .with_header("Cache-Control", "no-cache"),
+            ("GET", "/api/servers") if req.query_param("fresh") == Some("1") => {
+                self.fresh_servers(srv, req)
+            }
             ("GET", "/api/servers") => {
-                let fresh = req.query_param("fresh") == Some("1");
-                let body = self.directory.servers_json(srv, self.regs, fresh);
+                let body = self.directory.servers_json(self.regs);
                 Response::new(200, body).with_header("Content-Type", "application/json")
             }
             ("GET", "/route") => self.route_user(srv, req),
@@ -255,7 +159,7 @@ impl Api<'_> {
                 return bad(401, "unauthorized", &e.to_string());
             }
         }
-        let Some(chosen) = self.directory.pick(srv, self.regs, uid) else {
+        let Some(chosen) = self.directory.pick(self.regs, uid) else {
             return bad(503, "no_server", "no live IM server is registered");
         };
         self.directory.record_route(srv, uid, &chosen.member());
@@ -281,7 +185,7 @@ impl Api<'_> {
     }
 
     /// `POST /api/send {"uid","data"}`.
-    fn send<A: App>(&self, srv: &mut Server<A>, req: &Request) -> Response {
+    fn send<A: DeliveryHost>(&mut self, srv: &mut Server<A>, req: &Request) -> Response {
         let mut body = match json_body(req) {
             Ok(b) => b,
             Err(r) => return r,
@@ -302,22 +206,31 @@ impl Api<'_> {
             return bad(400, "bad_request", "field `data` is required");
         };
         let from = body.get("from").and_then(Value::as_str).unwrap_or("api");
-        let msg = Addressed {
-            to: uid.clone(),
-            from: from.to_string(),
-            data,
-        };
-        match self.delivery.deliver(self.regs, srv, msg, None) {
-            None => bad(503, "unavailable", "Redis is unreachable; nothing was sent"),
-            Some(0) => answer(
-                404,
-                &Refusal {
-                    uid: Some(&uid),
-                    ..Refusal::new("offline")
-                },
-            ),
-            Some(n) => answer(200, &Sent { delivered: n }),
-        }
+        let msg = Addressed::new(uid.clone(), from.to_string(), data);
+        let w = Waiting::Send { msg, http: req.fd };
+        self.delivery
+            .submit(srv, self.directory.cache(), self.regs, &uid, w);
+        Response::later()
+    }
+
+    /// `GET /api/servers?fresh=1`: read Redis now.
+    fn fresh_servers<A: App>(&self, srv: &mut Server<A>, req: &Request) -> Response {
+        let http = req.fd;
+        srv.redis(
+            self.delivery.list_request(),
+            move |_: &mut A, srv, r: redis::RedisResult<std::collections::HashMap<String, String>>| {
+                let resp = match r {
+                    Ok(map) => {
+                        let entries = crate::cluster::servers::parse_list(map);
+                        Response::new(200, servers_doc(&entries, "redis"))
+                            .with_header("Content-Type", "application/json")
+                    }
+                    Err(e) => bad(503, "unavailable", &format!("Redis: {e}")),
+                };
+                srv.respond(http, resp);
+            },
+        );
+        Response::later()
     }
 
     /// `POST /api/broadcast {"data"}`.
@@ -334,14 +247,15 @@ impl Api<'_> {
             from: from.to_string(),
             data,
         };
-        match self.delivery.broadcast(srv, msg) {
-            Some(n) => answer(200, &BroadcastDone { routes: n }),
-            None => bad(503, "unavailable", "Redis is unreachable; nothing was sent"),
+        if self.delivery.broadcast(srv, msg) {
+            answer(200, &BroadcastDone { routes: 1 })
+        } else {
+            bad(503, "unavailable", "Redis is unreachable; nothing was sent")
         }
     }
 
     /// `GET /api/online?uid=U`.
-    fn online<A: App>(&self, srv: &mut Server<A>, req: &Request) -> Response {
+    fn online<A: DeliveryHost>(&mut self, srv: &mut Server<A>, req: &Request) -> Response {
         let Some(uid) = req.query_param("uid").filter(|u| valid_uid(u)) else {
             return bad(
                 400,
@@ -349,22 +263,13 @@ impl Api<'_> {
                 "a valid uid query parameter is required",
             );
         };
-        match self.delivery.locate(srv, uid) {
-            None => bad(503, "unavailable", "Redis is unreachable"),
-            Some(found) => {
-                let connections: usize = found.iter().map(|(_, n)| n).sum();
-                let servers = found.iter().map(|(e, _)| e.service_name.as_str()).collect();
-                answer(
-                    200,
-                    &Online {
-                        uid,
-                        online: connections > 0,
-                        connections,
-                        servers,
-                    },
-                )
-            }
-        }
+        let w = Waiting::Online {
+            uid: uid.to_string(),
+            http: req.fd,
+        };
+        self.delivery
+            .submit(srv, self.directory.cache(), self.regs, uid, w);
+        Response::later()
     }
 
     /// `/metrics`: the framework's figures and the Route's counters, summed

@@ -18,10 +18,11 @@ use serde_json::Value;
 
 use crate::cluster::link::{self, ImFrame};
 use crate::cluster::{ErrorCode, ProtocolError};
-use crate::event::{App, ServerInfo};
+use crate::event::{App, Holds, ServerInfo};
 use crate::reactor::{Fd, Message, Request, Response, Server};
 use crate::route::api::Api;
-use crate::route::delivery::Delivery;
+use crate::route::cache::Cache;
+use crate::route::delivery::{Delivery, DeliveryHost, Waiting};
 use crate::route::directory::Directory;
 use crate::route::registrations::Registrations;
 use crate::route::settings::{self, RouteSettings};
@@ -71,13 +72,13 @@ impl RouteApp {
                     return;
                 };
                 let to = msg.to.clone();
-                if self
-                    .delivery
-                    .deliver(&self.regs, srv, msg, Some(&member))
-                    .is_none()
-                {
-                    log::warn!("route: could not forward a message to {to}: Redis unavailable");
-                }
+                let w = Waiting::Forward {
+                    msg,
+                    origin: member,
+                    link: fd,
+                };
+                self.delivery
+                    .submit(srv, self.directory.cache(), &self.regs, &to, w);
             }
             Ok(ImFrame::Draining) => self.regs.draining(srv, fd),
             // parse_im refuses unknown methods by name; this is the backstop.
@@ -87,6 +88,18 @@ impl RouteApp {
                 &ProtocolError::new(ErrorCode::UnknownMethod, "unknown method"),
             ),
         }
+    }
+}
+
+impl Holds<Registrations> for RouteApp {
+    fn part(&mut self) -> &mut Registrations {
+        &mut self.regs
+    }
+}
+
+impl DeliveryHost for RouteApp {
+    fn delivery_parts(&mut self) -> (&mut Delivery, &Cache, &Registrations) {
+        (&mut self.delivery, self.directory.cache(), &self.regs)
     }
 }
 
@@ -111,8 +124,9 @@ impl App for RouteApp {
             let node = self.node_name(srv);
             self.regs.set_node(node);
         }
-        self.directory.start(srv);
-        self.delivery.start_relay(srv, &self.regs.node_pid());
+        self.directory
+            .start(srv, |app: &mut RouteApp| app.directory.cache_mut());
+        self.delivery.start(srv, &self.regs.node_pid());
         let every = settings::sweep_every(srv.settings()).as_millis() as u64;
         srv.tick(every, |app: &mut RouteApp, srv, _| app.regs.sweep(srv));
     }
@@ -151,7 +165,7 @@ impl App for RouteApp {
         Api {
             cfg: &self.cfg,
             regs: &self.regs,
-            delivery: &self.delivery,
+            delivery: &mut self.delivery,
             directory: &mut self.directory,
         }
         .handle(srv, req)

@@ -42,6 +42,12 @@ pub struct Cache {
     pub last_error: Option<String>,
     /// Refreshes so far (a generation number: it changes with `entries`).
     pub refreshes: u64,
+    /// member → index in `entries`.
+    pub by_member: HashMap<String, usize>,
+    /// A hash of every entry's (member, epoch, owner): it changes when a
+    /// server comes, goes, restarts or moves to another Route worker, not
+    /// when only loads change.
+    pub topology: u64,
     reading: Reading, // coalesces reads
 }
 
@@ -53,6 +59,24 @@ impl Cache {
     /// `max_age` and the change channel verified).
     pub fn fresh(&self, max_age: Duration) -> bool {
         self.connected && self.refreshed_at.is_some_and(|t| t.elapsed() <= max_age)
+    }
+
+    /// The entry of `member`, if registered.
+    pub fn entry(&self, member: &str) -> Option<&ServerEntry> {
+        self.by_member.get(member).and_then(|i| self.entries.get(*i))
+    }
+
+    fn set_entries(&mut self, entries: Vec<ServerEntry>) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.by_member.clear();
+        for (i, e) in entries.iter().enumerate() {
+            let m = e.member();
+            (&m, &e.epoch, &e.owner).hash(&mut h);
+            self.by_member.insert(m, i);
+        }
+        self.topology = h.finish();
+        self.entries = entries;
     }
 
     /// Subscribes to the registry's changes, reads it now and every
@@ -89,7 +113,7 @@ impl Cache {
                 let c = of(app);
                 match r {
                     Ok(map) => {
-                        c.entries = servers::parse_list(map);
+                        c.set_entries(servers::parse_list(map));
                         c.refreshed_at = Some(Instant::now());
                         c.refreshes += 1;
                         if c.last_error.take().is_some() {

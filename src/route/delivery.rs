@@ -1,31 +1,34 @@
 //! Message forwarding (the seed's duty 6): from any program over HTTP, or
-//! from an IM server for a user it does not hold, to the IM servers that
-//! hold the user — whichever Route worker or node took the request.
+//! from an IM server for a user on another one, to the IM servers that
+//! hold the user, whichever Route worker or node took the request.
 //!
-//! A user's valid connections are read from presence ([`crate::cluster::presence`])
-//! and checked against the registry in Redis (same server, same instance
-//! epoch; anything else is stale and deleted). Each IM server is reached
-//! through the Route worker that holds its registration connection: directly
-//! when that is this worker, else over Redis pub/sub on that worker's
-//! channel `P route:worker:<node>/<pid>`, which a subscriber thread in every
-//! worker relays into its own loop (through the worker's inbox, as a pipe
-//! message). Broadcasts go to `P route:broadcast`, which every worker relays
-//! to every IM server it holds.
+//! Where a user is comes from this worker's [`Locations`] cache, so the
+//! common message costs no Redis command: the cache is filled by one
+//! HGETALL of the user's presence ([`crate::cluster::presence`]) on a miss,
+//! kept current by the presence events IM servers publish, and cleared
+//! when the registry's topology changes (a server comes, goes, restarts or
+//! moves) or the subscriber reconnects. Records are checked against the
+//! registry (same server, same instance epoch); stale ones are deleted.
+//! Messages that wait for a lookup keep their order.
 //!
-//! [`Delivery`] reads the registrations it relays for ([`Registrations`])
-//! and owns nothing else; its Redis calls are [`Delivery::locate`]'s three
-//! and [`Delivery::publish`].
+//! Each IM server is reached through the Route worker that holds its
+//! registration connection: directly when that is this worker; through the
+//! worker mailbox when it is another worker of this node; over Redis
+//! pub/sub on that worker's channel `P route:worker:<node>/<pid>` when it
+//! is on another node. Broadcasts go to `P route:broadcast`, which every
+//! worker relays to every IM server it holds.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use crate::cluster::keys::Keys;
-use crate::cluster::link::{Addressed, Broadcast, RouteFrame};
+use crate::cluster::link::{Addressed, Broadcast, Offline, RouteFrame};
 use crate::cluster::presence::{self, Presence};
 use crate::cluster::servers::{self, ServerEntry};
 use crate::event::App;
-use crate::process::ipc::{Envelope, PipeSender};
 use crate::reactor::{Fd, Message, Server};
+use crate::route::answers::{answer, bad, Online, Refusal, Sent};
+use crate::route::cache::Cache;
+use crate::route::locations::{Locations, Route};
 use crate::route::registrations::Registrations;
 
 /// A relayed frame: push `frame` to IM-server connection `fd` (or to all).
@@ -41,10 +44,52 @@ pub struct Relay {
     pub frame: String,
 }
 
+/// A user's connection, resolved: its record and its server's entry.
+pub type Target = (Presence, ServerEntry);
+
+/// Something that needs to know where a user is.
+#[derive(Debug)]
+pub enum Waiting {
+    /// An IM server's `forward` (from its link `link`, registered as
+    /// `origin`).
+    Forward {
+        /// The message.
+        msg: Addressed,
+        /// The forwarding server's member.
+        origin: String,
+        /// Its link.
+        link: Fd,
+    },
+    /// `POST /api/send`, answered on `http`.
+    Send {
+        /// The message.
+        msg: Addressed,
+        /// The HTTP connection waiting for the answer.
+        http: Fd,
+    },
+    /// `GET /api/online`, answered on `http`.
+    Online {
+        /// The uid asked about.
+        uid: String,
+        /// The HTTP connection waiting for the answer.
+        http: Fd,
+    },
+}
+
+/// What the delivery's callbacks need from the application.
+pub trait DeliveryHost: App {
+    /// The delivery, with read access to the registry cache and this
+    /// worker's registrations.
+    fn delivery_parts(&mut self) -> (&mut Delivery, &Cache, &Registrations);
+}
+
 /// Locating users and relaying frames to the IM servers that hold them.
 #[derive(Debug)]
 pub struct Delivery {
     keys: Keys,
+    locations: Locations<Target, Waiting>, // where users are; what waits
+    topology: u64,                        // the registry cache's topology the locations hold for
+    sub_generation: u64,                  // the subscriber connection they hold for
 }
 
 impl Delivery {
@@ -52,95 +97,268 @@ impl Delivery {
     pub fn new(redis_prefix: &str) -> Delivery {
         Delivery {
             keys: Keys::new(redis_prefix),
+            locations: Locations::default(),
+            topology: 0,
+            sub_generation: 0,
         }
     }
 
-    /// Starts this worker's relay thread (when Redis is configured):
-    /// `node_pid`'s channel and the broadcast channel, into the loop.
-    pub fn start_relay<A: App>(&self, srv: &Server<A>, node_pid: &str) {
-        let Some(url) = srv.settings().redis_url.clone() else {
-            return;
-        };
-        match srv.self_sender() {
-            Ok(sender) => {
-                let channels = vec![
-                    self.keys.worker_channel(node_pid),
-                    self.keys.broadcast_channel(),
-                ];
-                spawn_relay(url, channels, sender, srv.worker_id());
+    /// Subscribes this worker to its relay channel, the broadcast channel
+    /// and the presence events.
+    pub fn start<A: DeliveryHost>(&self, srv: &mut Server<A>, node_pid: &str) {
+        for ch in [self.keys.worker_channel(node_pid), self.keys.broadcast_channel()] {
+            srv.redis_subscribe(ch, |app: &mut A, srv, payload| {
+                let (d, _, regs) = app.delivery_parts();
+                d.on_relay(regs, srv, payload);
+            });
+        }
+        srv.redis_subscribe(self.keys.presence_channel(), |app: &mut A, _srv, uid| {
+            let (d, _, _) = app.delivery_parts();
+            d.locations.invalidate(&String::from_utf8_lossy(uid));
+        });
+    }
+
+    /// (hits, misses, cached uids, lookups under way).
+    pub fn stats(&self) -> (u64, u64, usize, usize) {
+        self.locations.stats()
+    }
+
+    /// Delivers or answers `w` once `uid`'s location is known: at once
+    /// from the cache, else after one lookup (messages to `uid` queue
+    /// behind it, in order).
+    pub fn submit<A: DeliveryHost>(
+        &mut self,
+        srv: &mut Server<A>,
+        cache: &Cache,
+        regs: &Registrations,
+        uid: &str,
+        w: Waiting,
+    ) {
+        let generation = srv.redis_sub_generation();
+        if cache.topology != self.topology || generation != self.sub_generation {
+            self.locations.clear();
+            self.topology = cache.topology;
+            self.sub_generation = generation;
+        }
+        match self.locations.route(uid, w) {
+            (Route::Known(targets), Some(w)) => {
+                let targets = targets.to_vec();
+                self.complete(srv, regs, w, Ok(&targets));
             }
-            Err(e) => log::error!(
-                "route: no delivery relay for worker {}: {e}",
-                srv.worker_id()
-            ),
+            (Route::Lookup, _) => {
+                let who = uid.to_string();
+                srv.redis(
+                    presence::all(&self.keys, uid),
+                    move |app: &mut A, srv, r: redis::RedisResult<HashMap<String, String>>| {
+                        let (d, cache, regs) = app.delivery_parts();
+                        d.located(srv, cache, regs, &who, r.map(presence::parse_all));
+                    },
+                );
+            }
+            _ => {}
         }
     }
 
-    /// A user's valid connections grouped by IM server, after deleting
-    /// stale records. `None`: Redis is unavailable. Redis: HGETALL, HMGET,
-    /// and HDEL when some records are stale.
-    pub fn locate<A: App>(
+    /// A presence lookup's answer: check the records against the registry
+    /// (asking Redis only for servers the cache does not know yet), then
+    /// serve what waited.
+    fn located<A: DeliveryHost>(
+        &mut self,
+        srv: &mut Server<A>,
+        cache: &Cache,
+        regs: &Registrations,
+        uid: &str,
+        r: redis::RedisResult<Vec<Presence>>,
+    ) {
+        let records = match r {
+            Ok(v) => v,
+            Err(e) => return self.finish(srv, regs, uid, Err(e.to_string())),
+        };
+        let unknown: Vec<String> = {
+            let mut u: Vec<String> = records
+                .iter()
+                .filter(|p| cache.entry(&p.member).is_none())
+                .map(|p| p.member.clone())
+                .collect();
+            u.sort();
+            u.dedup();
+            u
+        };
+        if unknown.is_empty() {
+            let targets = self.resolve(srv, uid, records, |m| cache.entry(m).cloned());
+            return self.finish(srv, regs, uid, Ok(targets));
+        }
+        let mut c = redis::cmd("HMGET");
+        c.arg(&self.keys.details).arg(&unknown);
+        let who = uid.to_string();
+        srv.redis(c, move |app: &mut A, srv, r: redis::RedisResult<Vec<Option<String>>>| {
+            let (d, cache, regs) = app.delivery_parts();
+            let found: HashMap<String, ServerEntry> = match r {
+                Ok(v) => unknown
+                    .into_iter()
+                    .zip(v)
+                    .filter_map(|(m, j)| Some((m, serde_json::from_str(&j?).ok()?)))
+                    .collect(),
+                Err(e) => return d.finish(srv, regs, &who, Err(e.to_string())),
+            };
+            let targets = d.resolve(srv, &who, records, |m| {
+                cache.entry(m).cloned().or_else(|| found.get(m).cloned())
+            });
+            d.finish(srv, regs, &who, Ok(targets));
+        });
+    }
+
+    /// Keeps the records whose server is registered with the same epoch;
+    /// deletes the others from Redis (not waited for).
+    fn resolve<A: App>(
         &self,
         srv: &mut Server<A>,
         uid: &str,
-    ) -> Option<Vec<(ServerEntry, usize)>> {
-        let keys = &self.keys;
-        let records = srv.redis_cmd(|c| presence::all(c, keys, uid))?;
-        if records.is_empty() {
-            return Some(Vec::new());
+        records: Vec<Presence>,
+        entry: impl Fn(&str) -> Option<ServerEntry>,
+    ) -> Vec<Target> {
+        let mut valid = Vec::new();
+        let mut stale = Vec::new();
+        for p in records {
+            match entry(&p.member) {
+                Some(e) if e.epoch == p.epoch => valid.push((p, e)),
+                _ => stale.push(p),
+            }
         }
-        let mut members: Vec<String> = records.iter().map(|p| p.member.clone()).collect();
-        members.sort();
-        members.dedup();
-        let entries = srv.redis_cmd(|c| servers::details(c, keys, &members))?;
-        let (valid, stale): (Vec<Presence>, Vec<Presence>) = records
-            .into_iter()
-            .partition(|p| entries.get(&p.member).is_some_and(|e| e.epoch == p.epoch));
         if !stale.is_empty() {
-            let _ = srv.redis_cmd(|c| presence::remove_fields(c, keys, uid, &stale));
+            srv.redis_send(presence::remove_fields(&self.keys, uid, &stale));
         }
-        let mut counts: HashMap<String, usize> = HashMap::new();
-        for p in &valid {
-            *counts.entry(p.member.clone()).or_default() += 1;
-        }
-        let mut out: Vec<(ServerEntry, usize)> = counts
-            .into_iter()
-            .filter_map(|(m, n)| Some((entries.get(&m)?.clone(), n)))
-            .collect();
-        out.sort_by(|a, b| a.0.service_name.cmp(&b.0.service_name));
-        Some(out)
+        valid
     }
 
-    /// Delivers `msg` to every valid connection of `msg.to`, except on the
-    /// IM server `exclude` (the one that already delivered locally).
-    /// Returns the number of user connections the message was handed to,
-    /// or `None` when Redis is unavailable.
-    pub fn deliver<A: App>(
-        &self,
-        regs: &Registrations,
+    fn finish<A: App>(
+        &mut self,
         srv: &mut Server<A>,
+        regs: &Registrations,
+        uid: &str,
+        r: Result<Vec<Target>, String>,
+    ) {
+        let (waiting, targets) = self.locations.finish(uid, r.as_ref().ok().cloned());
+        let why = r.as_ref().err().map_or("", String::as_str);
+        for w in waiting {
+            match &targets {
+                Some(t) => self.complete(srv, regs, w, Ok(t.as_slice())),
+                None => self.complete(srv, regs, w, Err(why)),
+            }
+        }
+    }
+
+    /// Serves one waiting request with the user's connections (or the
+    /// lookup's error).
+    fn complete<A: App>(
+        &self,
+        srv: &mut Server<A>,
+        regs: &Registrations,
+        w: Waiting,
+        targets: Result<&[Target], &str>,
+    ) {
+        match w {
+            Waiting::Forward { msg, origin, link } => {
+                let (here, to) = (msg.here, msg.to.clone());
+                let sender = msg.sender.clone();
+                let exclude = here.then_some(origin.as_str());
+                let delivered = match targets {
+                    Ok(t) => self.deliver(srv, regs, t, msg, exclude),
+                    Err(e) => {
+                        log::warn!("route: could not locate {to}: {e}");
+                        0
+                    }
+                };
+                if delivered == 0 && !here {
+                    if let Some(sender) = sender {
+                        let f = RouteFrame::Offline(Offline { to, sender });
+                        srv.push(link, Message::Text(f.to_text()));
+                    }
+                }
+            }
+            Waiting::Send { msg, http } => {
+                let uid = msg.to.clone();
+                let resp = match targets {
+                    Err(e) => bad(503, "unavailable", &format!("Redis: {e}; nothing was sent")),
+                    Ok(t) => match self.deliver(srv, regs, t, msg, None) {
+                        0 => answer(
+                            404,
+                            &Refusal {
+                                uid: Some(&uid),
+                                ..Refusal::new("offline")
+                            },
+                        ),
+                        n => answer(200, &Sent { delivered: n }),
+                    },
+                };
+                srv.respond(http, resp);
+            }
+            Waiting::Online { uid, http } => {
+                let resp = match targets {
+                    Err(e) => bad(503, "unavailable", &format!("Redis: {e}")),
+                    Ok(t) => {
+                        let mut servers: Vec<&str> =
+                            t.iter().map(|(_, e)| e.service_name.as_str()).collect();
+                        servers.sort_unstable();
+                        servers.dedup();
+                        answer(
+                            200,
+                            &Online {
+                                uid: &uid,
+                                online: !t.is_empty(),
+                                connections: t.len(),
+                                servers,
+                            },
+                        )
+                    }
+                };
+                srv.respond(http, resp);
+            }
+        }
+    }
+
+    /// Hands `msg` to every server of `targets` except `exclude`; returns
+    /// the user connections it went to.
+    fn deliver<A: App>(
+        &self,
+        srv: &mut Server<A>,
+        regs: &Registrations,
+        targets: &[Target],
         msg: Addressed,
         exclude: Option<&str>,
-    ) -> Option<usize> {
-        let targets = self.locate(srv, &msg.to)?;
-        let frame = RouteFrame::Deliver(msg).to_text();
-        let mut delivered = 0;
-        for (entry, devices) in targets {
-            if exclude == Some(entry.member().as_str()) {
+    ) -> usize {
+        let mut per_server: Vec<(&ServerEntry, usize)> = Vec::new();
+        for (p, e) in targets {
+            if exclude == Some(p.member.as_str()) {
                 continue;
             }
-            if self.relay(regs, srv, &entry, &frame) {
-                delivered += devices;
+            match per_server.iter_mut().find(|(x, _)| x.owner == e.owner) {
+                Some((_, n)) => *n += 1,
+                None => per_server.push((e, 1)),
             }
         }
-        Some(delivered)
+        if per_server.is_empty() {
+            return 0;
+        }
+        let frame = RouteFrame::Deliver(Addressed {
+            sender: None,
+            here: false,
+            ..msg
+        })
+        .to_text();
+        per_server
+            .into_iter()
+            .filter(|(e, _)| self.relay(srv, regs, e, &frame))
+            .map(|(_, n)| n)
+            .sum()
     }
 
-    /// Hands `frame` to the Route worker holding `entry`'s connection.
+    /// Hands `frame` to the Route worker holding `entry`'s connection:
+    /// this one, a sibling (mailbox) or one on another node (pub/sub).
     fn relay<A: App>(
         &self,
-        regs: &Registrations,
         srv: &mut Server<A>,
+        regs: &Registrations,
         entry: &ServerEntry,
         frame: &str,
     ) -> bool {
@@ -158,35 +376,42 @@ impl Delivery {
             owner: Some(owner_worker.to_string()),
             frame: frame.to_string(),
         };
-        self.publish(srv, &self.keys.worker_channel(owner_worker), &relay)
-            .unwrap_or(0)
-            > 0
+        let payload = serde_json::to_vec(&relay).unwrap_or_default();
+        if entry.node == regs.node() && (entry.worker as usize) < srv.worker_count() {
+            return match srv.send_message(entry.worker as usize, payload) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::warn!("route: cannot hand a message to worker {}: {e}", entry.worker);
+                    false
+                }
+            };
+        }
+        let mut c = redis::cmd("PUBLISH");
+        c.arg(self.keys.worker_channel(owner_worker)).arg(payload);
+        srv.redis_send(c);
+        true
     }
 
-    /// Sends `msg` to every user of every IM server; returns how many Route
-    /// workers took it.
-    pub fn broadcast<A: App>(&self, srv: &mut Server<A>, msg: Broadcast) -> Option<i64> {
+    /// Sends `msg` to every user of every IM server (every Route worker
+    /// relays it to the servers it holds). Redis: one PUBLISH, not waited
+    /// for; false when Redis is down.
+    pub fn broadcast<A: App>(&self, srv: &mut Server<A>, msg: Broadcast) -> bool {
+        if !srv.redis_ok() {
+            return false;
+        }
         let relay = Relay {
             fd: None,
             owner: None,
             frame: RouteFrame::Broadcast(msg).to_text(),
         };
-        self.publish(srv, &self.keys.broadcast_channel(), &relay)
+        let mut c = redis::cmd("PUBLISH");
+        c.arg(self.keys.broadcast_channel())
+            .arg(serde_json::to_vec(&relay).unwrap_or_default());
+        srv.redis_send(c);
+        true
     }
 
-    /// PUBLISHes `relay` on `channel`; returns the number of receivers.
-    /// Redis: one PUBLISH.
-    fn publish<A: App>(&self, srv: &mut Server<A>, channel: &str, relay: &Relay) -> Option<i64> {
-        let payload = serde_json::to_string(relay).unwrap_or_default();
-        srv.redis_cmd(|c| {
-            redis::cmd("PUBLISH")
-                .arg(channel)
-                .arg(&payload)
-                .query::<i64>(c)
-        })
-    }
-
-    /// A relayed frame arrived from the relay thread: push it.
+    /// A relayed frame arrived (pub/sub or a sibling's mailbox): push it.
     pub fn on_relay<A: App>(&self, regs: &Registrations, srv: &mut Server<A>, bytes: &[u8]) {
         let Ok(r) = serde_json::from_slice::<Relay>(bytes) else {
             log::warn!("route: dropping a malformed relayed message");
@@ -210,45 +435,9 @@ impl Delivery {
             ),
         }
     }
-}
 
-/// Starts the relay thread: SUBSCRIBE to this worker's channel and the
-/// broadcast channel, hand each message to the loop. Reconnects with
-/// backoff while Redis is away.
-fn spawn_relay(url: String, channels: Vec<String>, sender: PipeSender, worker_id: usize) {
-    let spawned = std::thread::Builder::new()
-        .name(format!("route-relay-{worker_id}"))
-        .spawn(move || {
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                let res: redis::RedisResult<()> = (|| {
-                    let client = redis::Client::open(url.as_str())?;
-                    let mut conn =
-                        client.get_connection_with_timeout(Duration::from_millis(500))?;
-                    let mut ps = conn.as_pubsub();
-                    for c in &channels {
-                        ps.subscribe(c)?;
-                    }
-                    backoff = Duration::from_millis(100);
-                    loop {
-                        let msg = ps.get_message()?;
-                        let payload: Vec<u8> = msg.get_payload_bytes().to_vec();
-                        if let Err(e) = sender.send(&Envelope::Pipe {
-                            from: worker_id as u32,
-                            data: payload,
-                        }) {
-                            log::warn!("route relay: cannot hand a message to the loop: {e}");
-                        }
-                    }
-                })();
-                if let Err(e) = res {
-                    log::debug!("route relay: {e}; resubscribing");
-                }
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-        });
-    if let Err(e) = spawned {
-        log::error!("cannot start the delivery relay thread: {e}");
+    /// Every entry of the registry from Redis (for `/api/servers?fresh=1`).
+    pub fn list_request(&self) -> crate::reactor::redis::Request {
+        servers::list(&self.keys)
     }
 }

@@ -1,20 +1,19 @@
 //! The Route's read side of the registry: which IM servers are live, for
 //! `/route`, `/api/servers`, `/ready` and `/metrics`.
 //!
-//! [`Directory`] owns the worker's registry cache (kept current by the
-//! subscriber thread in [`crate::route::cache`]), the balancer's state, the
-//! serialised `/api/servers` answer per cache generation, and the two Redis
-//! calls of this side: [`Directory::servers`]' HGETALL when the cache is
-//! cold (or `fresh` is asked), and [`Directory::record_route`]'s SET.
+//! [`Directory`] owns the worker's registry cache (kept current on the
+//! worker's loop by [`crate::route::cache`]), the balancer's state, the
+//! serialised `/api/servers` answer per cache generation, and
+//! [`Directory::record_route`]'s SET (sent, never waited for).
 
 use std::time::Duration;
 
-use crate::cluster::servers::{self, ServerEntry};
+use crate::cluster::servers::ServerEntry;
 use crate::cluster::Keys;
 use crate::event::App;
 use crate::reactor::Server;
 use crate::route::balancer::Picker;
-use crate::route::cache::{self, Cache, SharedCache};
+use crate::route::cache::{Cache, CacheOf};
 use crate::route::registrations::Registrations;
 use crate::route::settings::{Balancer, RouteSettings};
 
@@ -27,7 +26,7 @@ pub struct Directory {
     keys: Keys,
     cache_refresh: f64,
     balancer: Balancer,
-    cache: Option<SharedCache>,
+    cache: Cache,
     picker: Picker,
     /// `/api/servers` serialised for a cache generation (refreshes, connected).
     servers_body: Option<((u64, bool), Vec<u8>)>,
@@ -48,19 +47,29 @@ impl Directory {
             keys: Keys::new(redis_prefix),
             cache_refresh: cfg.cache_refresh,
             balancer: cfg.balancer,
-            cache: None,
+            cache: Cache::default(),
             picker: Picker::default(),
             servers_body: None,
         }
     }
 
-    /// Starts the cache's subscriber thread (when Redis is configured).
-    pub fn start<A: App>(&mut self, srv: &Server<A>) {
-        if let Some(url) = srv.settings().redis_url.clone() {
-            let prefix = srv.settings().redis_prefix.clone();
+    /// Starts the cache (when Redis is configured); `of` finds it in the
+    /// application.
+    pub fn start<A: App>(&mut self, srv: &mut Server<A>, of: CacheOf<A>) {
+        if srv.redis_configured() {
             let refresh = Duration::from_secs_f64(self.cache_refresh.max(0.1));
-            self.cache = Some(cache::spawn(url, prefix, refresh, srv.worker_id()));
+            Cache::start(srv, &self.keys, refresh, of);
         }
+    }
+
+    /// The registry cache.
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// The registry cache, for its own callbacks.
+    pub fn cache_mut(&mut self) -> &mut Cache {
+        &mut self.cache
     }
 
     /// How old the cache may be and still count as fresh.
@@ -69,9 +78,8 @@ impl Directory {
     }
 
     fn with_cache<T>(&self, f: impl FnOnce(&Cache) -> T) -> Option<T> {
-        let c = self.cache.as_ref()?;
-        let g = c.lock().unwrap_or_else(|p| p.into_inner());
-        Some(f(&g))
+        // A Route without Redis has no cache to speak of.
+        (self.cache.refreshes > 0 || self.cache.last_error.is_some()).then(|| f(&self.cache))
     }
 
     /// Why the cache cannot be trusted (for `/ready`); None when fresh or
@@ -96,99 +104,63 @@ impl Directory {
         self.with_cache(|g| (g.entries.len(), g.fresh(max_age)))
     }
 
-    /// The live servers: from the cache when warm (unless `fresh`), else
-    /// from Redis, else from this worker's own registrations. Redis: one
-    /// HGETALL when the cache is not used.
-    pub fn servers<A: App>(
-        &self,
-        srv: &mut Server<A>,
-        regs: &Registrations,
-        fresh: bool,
-    ) -> (Vec<ServerEntry>, &'static str) {
-        if !fresh {
-            let warm = self
-                .with_cache(|g| {
-                    g.refreshed_at.is_some().then(|| {
-                        let source = if g.connected { "cache" } else { "stale-cache" };
-                        (g.entries.clone(), source)
-                    })
-                })
-                .flatten();
-            if let Some(found) = warm {
-                return found;
-            }
-        }
-        let keys = &self.keys;
-        if let Some(list) = srv.redis_cmd(|c| servers::list(c, keys)) {
-            return (list, "redis");
+    /// The live servers: from the cache when warm, else this worker's own
+    /// registrations. No Redis call.
+    pub fn servers(&self, regs: &Registrations) -> (Vec<ServerEntry>, &'static str) {
+        let g = &self.cache;
+        if g.refreshed_at.is_some() {
+            let source = if g.connected { "cache" } else { "stale-cache" };
+            return (g.entries.clone(), source);
         }
         (regs.held_entries(), "local")
     }
 
-    /// The `/api/servers` body. From a warm cache the serialised answer is
+    /// The `/api/servers` body from the cache: the serialised answer is
     /// kept per cache generation (it changes only when the registry does),
-    /// so a lookup costs neither Redis nor serialisation; `fresh` reads
-    /// Redis every time.
-    pub fn servers_json<A: App>(
-        &mut self,
-        srv: &mut Server<A>,
-        regs: &Registrations,
-        fresh: bool,
-    ) -> Vec<u8> {
-        if !fresh {
-            if let Some(cache) = &self.cache {
-                let g = cache.lock().unwrap_or_else(|p| p.into_inner());
-                if g.refreshed_at.is_some() {
-                    let generation = (g.refreshes, g.connected);
-                    if let Some((gen, body)) = &self.servers_body {
-                        if *gen == generation {
-                            return body.clone();
-                        }
-                    }
-                    let source = if g.connected { "cache" } else { "stale-cache" };
-                    let doc = ServersDoc {
-                        count: g.entries.len(),
-                        source,
-                        servers: &g.entries,
-                    };
-                    let body = serde_json::to_vec(&doc).unwrap_or_default();
-                    drop(g);
-                    self.servers_body = Some((generation, body.clone()));
-                    return body;
+    /// so a lookup costs neither Redis nor serialisation.
+    pub fn servers_json(&mut self, regs: &Registrations) -> Vec<u8> {
+        let g = &self.cache;
+        if g.refreshed_at.is_some() {
+            let generation = (g.refreshes, g.connected);
+            if let Some((gen, body)) = &self.servers_body {
+                if *gen == generation {
+                    return body.clone();
                 }
             }
+            let source = if g.connected { "cache" } else { "stale-cache" };
+            let body = servers_doc(&g.entries, source);
+            self.servers_body = Some((generation, body.clone()));
+            return body;
         }
-        let (servers, source) = self.servers(srv, regs, fresh);
-        let doc = ServersDoc {
-            count: servers.len(),
-            source,
-            servers: &servers,
-        };
-        serde_json::to_vec(&doc).unwrap_or_default()
+        let (servers, source) = self.servers(regs);
+        servers_doc(&servers, source)
     }
 
     /// Picks a live, non-draining IM server for `uid` (the balancer).
-    pub fn pick<A: App>(
-        &mut self,
-        srv: &mut Server<A>,
-        regs: &Registrations,
-        uid: &str,
-    ) -> Option<ServerEntry> {
-        let (servers, _) = self.servers(srv, regs, false);
+    pub fn pick(&mut self, regs: &Registrations, uid: &str) -> Option<ServerEntry> {
+        let (servers, _) = self.servers(regs);
         self.picker.pick(self.balancer, &servers, uid).cloned()
     }
 
     /// Remembers that `uid` was sent to `member` (`im_route:<uid>`, expiring).
-    /// Redis: one SET.
+    /// Redis: one SET, pipelined with the iteration's other requests and not
+    /// waited for.
     pub fn record_route<A: App>(&self, srv: &mut Server<A>, uid: &str, member: &str) {
-        let key = self.keys.route(uid);
-        let _ = srv.redis_cmd(|c| {
-            redis::cmd("SET")
-                .arg(&key)
-                .arg(member)
-                .arg("EX")
-                .arg(ROUTE_RECORD_TTL)
-                .query::<()>(c)
-        });
+        let mut c = redis::cmd("SET");
+        c.arg(self.keys.route(uid))
+            .arg(member)
+            .arg("EX")
+            .arg(ROUTE_RECORD_TTL);
+        srv.redis_send(c);
     }
+}
+
+/// The `/api/servers` document for `entries`.
+pub fn servers_doc(entries: &[ServerEntry], source: &str) -> Vec<u8> {
+    serde_json::to_vec(&ServersDoc {
+        count: entries.len(),
+        source,
+        servers: entries,
+    })
+    .unwrap_or_default()
 }

@@ -8,8 +8,9 @@
 //! - [`registrations`]: the IM-server connections, the registry writes,
 //!   the liveness sweep.
 //! - [`delivery`]: locating users and relaying frames between Route workers.
+//! - [`locations`]: where users are, cached, and the messages waiting for a lookup.
 //! - [`directory`]: the live-server list (cache, balancer) for the API.
-//! - [`api`]: the HTTP endpoints.
+//! - [`api`]: the HTTP endpoints; [`answers`]: their answer documents.
 //! - [`balancer`]: picking an IM server for a user.
 //!
 //! The wire protocol, the key schema and the shared record formats are
@@ -18,12 +19,14 @@
 //! - [`stats`]: the Route's counters (scoreboard indices for `/metrics`).
 //! - [`status`]: the Route's section of `swocloud status`.
 
+pub mod answers;
 pub mod api;
 pub mod app;
 pub mod balancer;
 pub mod cache;
 pub mod delivery;
 pub mod directory;
+pub mod locations;
 pub mod registrations;
 pub mod registry;
 pub mod settings;

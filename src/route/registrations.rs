@@ -9,8 +9,13 @@
 //! was away, retries removals, and reaps expired leases left by dead
 //! workers or nodes.
 //!
-//! Each Redis call is one private method (`store`, `remove`, `renew`,
-//! `rehome`, `reap`), so the call sites are few and named.
+//! Nothing here waits for Redis. Each registry write is one request on the
+//! worker's non-blocking client, its reply handled by a method of this
+//! component (found again through [`Holds`]): `store` → `stored`,
+//! `renew` → `renewed`, `rehome` → `rehomed`; removals are durable (kept
+//! across an outage and sent first when Redis is back), so a close is
+//! never forgotten. A slow Redis delays these replies, never the reading
+//! of heartbeats: liveness does not depend on Redis speed.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -22,7 +27,7 @@ use crate::auth;
 use crate::cluster::link::{Registered, Registration, RouteFrame};
 use crate::cluster::servers::ServerEntry;
 use crate::cluster::{ErrorCode, ProtocolError};
-use crate::event::App;
+use crate::event::{App, Holds};
 use crate::process::scoreboard::now_ms;
 use crate::reactor::{Fd, Message, Server};
 use crate::route::registry::{Registry, Renew, Renewal};
@@ -39,6 +44,21 @@ struct Held {
     entry: ServerEntry,
     /// Whether Redis has it (false while Redis is away).
     stored: bool,
+    /// A store is under way (not moved in a handover: the successor
+    /// stores again if it must).
+    #[serde(skip)]
+    storing: bool,
+}
+
+/// Why an entry is being stored: what its success means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    /// A new registration: acknowledge it, or say Redis is away.
+    New,
+    /// One kept while Redis was away: acknowledge it now.
+    Pending,
+    /// Redis lost a stored one (restarted empty): store it again, quietly.
+    Rebuild,
 }
 
 /// What the Route knows of one WebSocket connection.
@@ -52,9 +72,6 @@ struct Peer {
     closing_cause: Option<&'static str>,
 }
 
-/// A removal Redis could not take yet: (member, owner, cause).
-type PendingRemoval = (String, String, &'static str);
-
 /// The registrations this worker holds, and its registry writes.
 #[derive(Debug)]
 pub struct Registrations {
@@ -63,7 +80,6 @@ pub struct Registrations {
     /// This Route node's name (`node_id`, or `<host>:<port>`).
     node: String,
     peers: HashMap<Fd, Peer>,
-    pending_removals: Vec<PendingRemoval>,
     /// Owner tokens of adopted connections (`<node>/<old pid>/<old fd>`)
     /// → their fd here, for messages relayed to the previous worker.
     adopted: HashMap<String, Fd>,
@@ -78,7 +94,6 @@ impl Registrations {
             registry: Registry::new(redis_prefix),
             node: String::new(),
             peers: HashMap::new(),
-            pending_removals: Vec::new(),
             adopted: HashMap::new(),
             redis_outage_logged: false,
         }
@@ -87,6 +102,11 @@ impl Registrations {
     /// Names this Route node (once per worker, after the fork).
     pub fn set_node(&mut self, node: String) {
         self.node = node;
+    }
+
+    /// This Route node's name.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     /// Whether the node is named yet.
@@ -150,7 +170,12 @@ impl Registrations {
 
     /// A connection moved here from the worker this one replaced: restore
     /// its registration, if it had one, and take ownership of its entry.
-    pub fn adopt<A: App>(&mut self, srv: &mut Server<A>, fd: Fd, attrs: &HashMap<String, Value>) {
+    pub fn adopt<A: Holds<Registrations>>(
+        &mut self,
+        srv: &mut Server<A>,
+        fd: Fd,
+        attrs: &HashMap<String, Value>,
+    ) {
         let held = attrs
             .get(ATTR_HELD)
             .and_then(|v| serde_json::from_value::<Held>(v.clone()).ok());
@@ -164,32 +189,16 @@ impl Registrations {
 
     /// A registration connection moved here: take ownership of its entry in
     /// Redis in place (`rehome`).
-    fn adopt_held<A: App>(&mut self, srv: &mut Server<A>, fd: Fd, mut held: Held) {
+    fn adopt_held<A: Holds<Registrations>>(&mut self, srv: &mut Server<A>, fd: Fd, mut held: Held) {
         let old_owner = held.entry.owner.clone();
         let new_owner = format!("{}/{fd}", self.node_pid());
         let member = held.entry.member();
         let worker = srv.worker_id() as u32;
         held.entry.owner = new_owner.clone();
         held.entry.worker = worker;
-        if held.stored {
-            match self.rehome(srv, &member, &old_owner, &new_owner, worker) {
-                Some(Renewal::Renewed) => {
-                    log::info!(
-                        "route: took over {} at {member} (fd {fd})",
-                        held.entry.service_name
-                    )
-                }
-                Some(Renewal::Superseded) => {
-                    log::info!("route: {member} re-registered elsewhere meanwhile; fd {fd} does not hold it");
-                    self.peers.insert(fd, Peer::default());
-                    self.save_held(srv, fd);
-                    return;
-                }
-                // Gone, or Redis away: the sweep stores it again.
-                Some(Renewal::Missing) | None => held.stored = false,
-            }
-        }
-        self.adopted.insert(old_owner, fd);
+        let stored = held.stored;
+        let name = held.entry.service_name.clone();
+        self.adopted.insert(old_owner.clone(), fd);
         self.peers.insert(
             fd,
             Peer {
@@ -198,6 +207,51 @@ impl Registrations {
             },
         );
         self.save_held(srv, fd);
+        if stored {
+            let req = self
+                .registry
+                .rehome(&member, &old_owner, &new_owner, worker, now_ms());
+            srv.redis(req, move |app: &mut A, srv, r: redis::RedisResult<i64>| {
+                app.part().rehomed(srv, fd, &member, &name, r);
+            });
+        }
+    }
+
+    /// The rehome's answer.
+    fn rehomed<A: App>(
+        &mut self,
+        srv: &mut Server<A>,
+        fd: Fd,
+        member: &str,
+        name: &str,
+        r: redis::RedisResult<i64>,
+    ) {
+        match r.map(Renewal::from_code) {
+            Ok(Renewal::Renewed) => log::info!("route: took over {name} at {member} (fd {fd})"),
+            Ok(Renewal::Superseded) => {
+                log::info!("route: {member} re-registered elsewhere meanwhile; fd {fd} does not hold it");
+                if let Some(p) = self.peers.get_mut(&fd) {
+                    p.held = None;
+                }
+                self.save_held(srv, fd);
+            }
+            // Gone, or Redis away: the sweep stores it again.
+            Ok(Renewal::Missing) | Err(_) => {
+                if let Some(h) = self.held_mut(fd, member) {
+                    h.stored = false;
+                }
+                self.save_held(srv, fd);
+            }
+        }
+    }
+
+    /// The peer's registration, if it still is of `member`.
+    fn held_mut(&mut self, fd: Fd, member: &str) -> Option<&mut Held> {
+        self.peers
+            .get_mut(&fd)?
+            .held
+            .as_mut()
+            .filter(|h| h.entry.member() == member)
     }
 
     /// Mirrors a peer's registration into its connection attributes.
@@ -235,7 +289,7 @@ impl Registrations {
 
     /// `register`: check the token and the per-address limit, store the
     /// entry (or keep it until Redis returns), acknowledge.
-    pub fn register<A: App>(&mut self, srv: &mut Server<A>, fd: Fd, reg: Registration) {
+    pub fn register<A: Holds<Registrations>>(&mut self, srv: &mut Server<A>, fd: Fd, reg: Registration) {
         if !self.cfg.auth_secret.is_empty() {
             let token = reg.token.as_deref().unwrap_or("");
             if let Err(e) = auth::verify(
@@ -265,25 +319,16 @@ impl Registrations {
         if let Some(old) = old.filter(|o| o.stored && o.entry.member() != entry.member()) {
             self.remove_entry(srv, &old.entry, "replaced");
         }
-        let lease = settings::lease(srv.settings());
-        let stored = self.store(srv, &entry, now_ms() + lease.as_millis() as u64);
-        if stored {
-            stats::count(srv.row(), stats::REGISTRATIONS);
-            log::info!(
-                "route: registered {} at {} (fd {fd})",
-                entry.service_name,
-                entry.member()
-            );
-            srv.push(fd, Message::Text(registered_frame(&entry, lease)));
-        } else {
-            self.note_outage();
-            let refusal = ProtocolError::new(ErrorCode::Unavailable, "Redis is unreachable: the registration is kept and will be stored and acknowledged when it returns");
-            srv.push(fd, Message::Text(refusal.to_frame()));
-        }
+        let until = now_ms() + settings::lease(srv.settings()).as_millis() as u64;
         if let Some(p) = self.peers.get_mut(&fd) {
-            p.held = Some(Held { entry, stored });
+            p.held = Some(Held {
+                entry: entry.clone(),
+                stored: false,
+                storing: false,
+            });
         }
         self.save_held(srv, fd);
+        self.store(srv, fd, &entry, until, Store::New);
     }
 
     /// `max_registrations_per_ip`: a connection that holds no registration
@@ -348,7 +393,7 @@ impl Registrations {
             draining: Some(true),
             now_ms: now_ms(),
         };
-        let _ = self.renew(srv, &member, &owner, &r);
+        srv.redis_durable(self.registry.renew(&member, &owner, &r));
         self.save_held(srv, fd);
     }
 
@@ -357,7 +402,8 @@ impl Registrations {
         let Some(peer) = self.peers.remove(&fd) else {
             return;
         };
-        if let Some(held) = peer.held.filter(|h| h.stored) {
+        // Also when a store is under way: the removal goes out after it.
+        if let Some(held) = peer.held.filter(|h| h.stored || h.storing) {
             self.remove_entry(srv, &held.entry, peer.closing_cause.unwrap_or("closed"));
         }
     }
@@ -369,24 +415,23 @@ impl Registrations {
         }
     }
 
+    /// Removes `e` from the registry if this connection still owns it:
+    /// durable, so an outage delays it but never loses it.
     fn remove_entry<A: App>(&mut self, srv: &mut Server<A>, e: &ServerEntry, cause: &'static str) {
-        let (member, owner) = (e.member(), e.owner.clone());
-        match self.remove(srv, &member, &owner, cause) {
-            Some(removed) => {
-                if removed {
-                    stats::removed(srv.row(), cause);
-                    log::info!("route: removed {} at {member} ({cause})", e.service_name);
-                }
+        let (member, name) = (e.member(), e.service_name.clone());
+        let req = self.registry.remove(&member, &e.owner, cause);
+        srv.redis_durable_then(req, move |_: &mut A, srv, r: redis::RedisResult<i64>| {
+            if r == Ok(1) {
+                stats::removed(srv.row(), cause);
+                log::info!("route: removed {name} at {member} ({cause})");
             }
-            None => {
-                self.note_outage();
-                self.pending_removals.push((member, owner, cause));
-            }
-        }
+        });
     }
 
-    /// The periodic sweep (see the module doc).
-    pub fn sweep<A: App>(&mut self, srv: &mut Server<A>) {
+    /// The periodic sweep (see the module doc). Every renewal, store and
+    /// the reap are requests sent together: one write, one round trip,
+    /// whatever the number of peers.
+    pub fn sweep<A: Holds<Registrations>>(&mut self, srv: &mut Server<A>) {
         if srv.is_handing_over() {
             return; // the registrations are moving to the replacement
         }
@@ -418,85 +463,70 @@ impl Registrations {
         if std::mem::take(&mut self.redis_outage_logged) {
             log::info!("route: Redis is back");
         }
-        for (member, owner, cause) in std::mem::take(&mut self.pending_removals) {
-            match self.remove(srv, &member, &owner, cause) {
-                Some(true) => stats::removed(srv.row(), cause),
-                Some(false) => {}
-                None => self.pending_removals.push((member, owner, cause)),
-            }
-        }
-        let lease = settings::lease(srv.settings());
-        let until = now + lease.as_millis() as u64;
+        let until = now + settings::lease(srv.settings()).as_millis() as u64;
         let fds: Vec<Fd> = self.peers.keys().copied().collect();
         for fd in fds {
-            if !self.renew_peer(srv, fd, now, until, lease) {
-                return; // Redis went away mid-sweep
-            }
+            self.renew_peer(srv, fd, now, until);
         }
-        if let Some(reaped) = self.reap(srv, now) {
-            for m in reaped {
-                stats::removed(srv.row(), "lease");
-                log::warn!(
-                    "route: reaped {m}: its lease expired (its Route worker or node is gone)"
-                );
-            }
-        }
+        srv.redis(
+            self.registry.reap(now),
+            |_: &mut A, srv, r: redis::RedisResult<Vec<String>>| {
+                for m in r.unwrap_or_default() {
+                    stats::removed(srv.row(), "lease");
+                    log::warn!("route: reaped {m}: its lease expired (its Route worker or node is gone)");
+                }
+            },
+        );
     }
 
-    /// One peer's part of the sweep: renew its lease, or store it again
-    /// when Redis lost it (or never had it). False when Redis failed.
-    fn renew_peer<A: App>(
+    /// One peer's part of the sweep: renew its lease, or store it when
+    /// Redis does not have it (yet).
+    fn renew_peer<A: Holds<Registrations>>(&mut self, srv: &mut Server<A>, fd: Fd, now: u64, until: u64) {
+        let Some(held) = self.peers.get(&fd).and_then(|p| p.held.clone()) else {
+            return;
+        };
+        if held.storing {
+            return;
+        }
+        if !held.stored {
+            let mut entry = held.entry;
+            entry.last_seen_ms = now;
+            return self.store(srv, fd, &entry, until, Store::Pending);
+        }
+        let r = Renew {
+            lease_until_ms: until,
+            load: Some(held.entry.load),
+            draining: None,
+            now_ms: now,
+        };
+        let (member, owner) = (held.entry.member(), held.entry.owner.clone());
+        let req = self.registry.renew(&member, &owner, &r);
+        srv.redis(req, move |app: &mut A, srv, r: redis::RedisResult<i64>| {
+            app.part().renewed(srv, fd, &member, r, until);
+        });
+    }
+
+    /// A renewal's answer: store again what Redis lost; let go of what
+    /// someone else owns now.
+    fn renewed<A: Holds<Registrations>>(
         &mut self,
         srv: &mut Server<A>,
         fd: Fd,
-        now: u64,
+        member: &str,
+        r: redis::RedisResult<i64>,
         until: u64,
-        lease: Duration,
-    ) -> bool {
-        let Some(held) = self.peers.get(&fd).and_then(|p| p.held.clone()) else {
-            return true;
+    ) {
+        let Some(held) = self.held_mut(fd, member).map(|h| h.clone()) else {
+            return;
         };
-        let outcome = if held.stored {
-            let r = Renew {
-                lease_until_ms: until,
-                load: Some(held.entry.load),
-                draining: None,
-                now_ms: now,
-            };
-            self.renew(srv, &held.entry.member(), &held.entry.owner, &r)
-        } else {
-            Some(Renewal::Missing)
-        };
-        match outcome {
-            Some(Renewal::Renewed) => {}
-            Some(Renewal::Missing) => {
-                let mut entry = held.entry.clone();
-                entry.last_seen_ms = now;
-                if self.store(srv, &entry, until) {
-                    if held.stored {
-                        stats::count(srv.row(), stats::REBUILT);
-                        log::info!(
-                            "route: re-registered {} (Redis had lost it)",
-                            entry.service_name
-                        );
-                    } else {
-                        stats::count(srv.row(), stats::REGISTRATIONS);
-                        log::info!(
-                            "route: stored the pending registration of {}",
-                            entry.service_name
-                        );
-                        srv.push(fd, Message::Text(registered_frame(&entry, lease)));
-                    }
-                    if let Some(p) = self.peers.get_mut(&fd) {
-                        p.held = Some(Held {
-                            entry,
-                            stored: true,
-                        });
-                    }
-                    self.save_held(srv, fd);
-                }
+        match r.map(Renewal::from_code) {
+            Ok(Renewal::Renewed) => {}
+            Ok(Renewal::Missing) => {
+                let mut entry = held.entry;
+                entry.last_seen_ms = now_ms();
+                self.store(srv, fd, &entry, until, Store::Rebuild);
             }
-            Some(Renewal::Superseded) => {
+            Ok(Renewal::Superseded) => {
                 log::info!(
                     "route: {} re-registered elsewhere; fd {fd} no longer holds it",
                     held.entry.service_name
@@ -506,59 +536,79 @@ impl Registrations {
                 }
                 self.save_held(srv, fd);
             }
-            None => return false,
+            Err(e) => {
+                log::debug!("route: renewing {member}: {e}");
+                self.note_outage();
+            }
         }
-        true
     }
 
-    // The registry writes: one Redis call each.
-
-    /// Stores `entry` with a lease until `until`. Redis: one script.
-    fn store<A: App>(&self, srv: &mut Server<A>, entry: &ServerEntry, until: u64) -> bool {
-        srv.redis_cmd(|c| self.registry.register(c, entry, until))
-            .is_some()
-    }
-
-    /// Removes `member` if `owner` owns it. Redis: one script.
-    fn remove<A: App>(
-        &self,
+    /// Stores `entry` (held by `fd`) with a lease until `until`: one script;
+    /// [`Registrations::stored`] handles the answer.
+    fn store<A: Holds<Registrations>>(
+        &mut self,
         srv: &mut Server<A>,
-        member: &str,
-        owner: &str,
-        cause: &str,
-    ) -> Option<bool> {
-        srv.redis_cmd(|c| self.registry.remove(c, member, owner, cause))
+        fd: Fd,
+        entry: &ServerEntry,
+        until: u64,
+        why: Store,
+    ) {
+        let member = entry.member();
+        if let Some(h) = self.held_mut(fd, &member) {
+            h.storing = true;
+            h.entry = entry.clone();
+        }
+        let req = self.registry.register(entry, until);
+        srv.redis(req, move |app: &mut A, srv, r: redis::RedisResult<i64>| {
+            app.part().stored(srv, fd, &member, why, r.map(drop));
+        });
     }
 
-    /// Renews `member`'s lease. Redis: one script.
-    fn renew<A: App>(
-        &self,
+    /// A store's answer.
+    fn stored<A: App>(
+        &mut self,
         srv: &mut Server<A>,
+        fd: Fd,
         member: &str,
-        owner: &str,
-        r: &Renew,
-    ) -> Option<Renewal> {
-        srv.redis_cmd(|c| self.registry.renew(c, member, owner, r))
-    }
-
-    /// Moves `member`'s ownership to this worker. Redis: one script.
-    fn rehome<A: App>(
-        &self,
-        srv: &mut Server<A>,
-        member: &str,
-        old_owner: &str,
-        new_owner: &str,
-        worker: u32,
-    ) -> Option<Renewal> {
-        srv.redis_cmd(|c| {
-            self.registry
-                .rehome(c, member, old_owner, new_owner, worker, now_ms())
-        })
-    }
-
-    /// Removes every expired lease. Redis: one script.
-    fn reap<A: App>(&self, srv: &mut Server<A>, now: u64) -> Option<Vec<String>> {
-        srv.redis_cmd(|c| self.registry.reap(c, now))
+        why: Store,
+        r: redis::RedisResult<()>,
+    ) {
+        let Some(h) = self.held_mut(fd, member) else {
+            return; // closed or re-registered meanwhile (its removal follows)
+        };
+        h.storing = false;
+        let entry = h.entry.clone();
+        match r {
+            Ok(()) => {
+                h.stored = true;
+                match why {
+                    Store::New | Store::Pending => {
+                        stats::count(srv.row(), stats::REGISTRATIONS);
+                        log::info!("route: registered {} at {member} (fd {fd})", entry.service_name);
+                        let lease = settings::lease(srv.settings());
+                        srv.push(fd, Message::Text(registered_frame(&entry, lease)));
+                    }
+                    Store::Rebuild => {
+                        stats::count(srv.row(), stats::REBUILT);
+                        log::info!("route: re-registered {} (Redis had lost it)", entry.service_name);
+                    }
+                }
+                self.save_held(srv, fd);
+            }
+            Err(e) => {
+                log::debug!("route: storing {member}: {e}");
+                if why == Store::New {
+                    self.note_outage();
+                    let refusal = ProtocolError::new(ErrorCode::Unavailable, "Redis is unreachable: the registration is kept and will be stored and acknowledged when it returns");
+                    srv.push(fd, Message::Text(refusal.to_frame()));
+                }
+                if why == Store::Rebuild {
+                    if let Some(h) = self.held_mut(fd, member) {
+                        h.stored = false;
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -67,7 +67,7 @@ pub struct Counts {
 pub struct Commands<A, S> {
     pub(crate) link: Link,                          // the socket
     pending: VecDeque<Pending<A, S>>,               // on the wire, in order
-    durable: VecDeque<Request>,                     // waiting for the link
+    durable: VecDeque<(Request, Option<Callback<A, S>>)>, // waiting for the link
     loaded: HashSet<String>,                        // script hashes this connection knows
     hello: Vec<redis::Cmd>,                         // AUTH / SELECT, sent first on every connect
     pub(crate) ready: Vec<(Callback<A, S>, Reply)>, // completions to run
@@ -120,7 +120,7 @@ impl<A, S> Commands<A, S> {
         }
         if !self.accepting() {
             if durable {
-                self.keep(req);
+                self.keep(req, cb);
             } else if let Some(cb) = cb {
                 self.counts.errors += 1;
                 let e = err(
@@ -135,13 +135,17 @@ impl<A, S> Commands<A, S> {
         self.put(req, cb, durable);
     }
 
-    fn keep(&mut self, req: Request) {
+    fn keep(&mut self, req: Request, cb: Option<Callback<A, S>>) {
         if self.durable.len() >= DURABLE_MAX {
             self.counts.dropped += 1;
             log::error!("redis: the durable queue is full ({DURABLE_MAX}); dropping a request");
+            if let Some(cb) = cb {
+                let e = err(ErrorKind::IoError, "redis durable queue full", String::new());
+                self.ready.push((cb, Err(e)));
+            }
             return;
         }
-        self.durable.push_back(req);
+        self.durable.push_back((req, cb));
     }
 
     /// Packs `req` and records its callback.
@@ -196,8 +200,8 @@ impl<A, S> Commands<A, S> {
         for c in self.hello.clone() {
             self.internal(c, now);
         }
-        for req in std::mem::take(&mut self.durable) {
-            self.put(req, None, true);
+        for (req, cb) in std::mem::take(&mut self.durable) {
+            self.put(req, cb, true);
             if let Some(p) = self.pending.back_mut() {
                 p.resent = true;
             }
@@ -311,7 +315,7 @@ impl<A, S> Commands<A, S> {
         let mut requeue = Vec::new();
         for p in self.pending.drain(..) {
             if let Some(req) = p.keep {
-                requeue.push(req);
+                requeue.push((req, p.cb));
                 continue;
             }
             let Some(cb) = p.cb else { continue };
@@ -328,7 +332,10 @@ impl<A, S> Commands<A, S> {
             self.durable.push_front(req);
         }
         while self.durable.len() > DURABLE_MAX {
-            self.durable.pop_back();
+            if let Some((_, Some(cb))) = self.durable.pop_back() {
+                let e = err(ErrorKind::IoError, "redis durable queue full", String::new());
+                self.ready.push((cb, Err(e)));
+            }
             self.counts.dropped += 1;
         }
     }

@@ -43,6 +43,7 @@ pub struct Subscriber<A, S> {
     pub(crate) health: Health,                 // see Health
     pub(crate) ready: Vec<(Vec<u8>, Vec<u8>)>, // (channel, payload) to dispatch
     pub(crate) probes_failed: u64,             // times a probe did not return
+    pub(crate) generation: u64, // connections so far (messages may be missed between two)
 }
 
 impl<A, S> Subscriber<A, S> {
@@ -55,6 +56,7 @@ impl<A, S> Subscriber<A, S> {
             health: Health::Unverified { probe_sent: None },
             ready: Vec::new(),
             probes_failed: 0,
+            generation: 0,
         }
     }
 
@@ -82,6 +84,7 @@ impl<A, S> Subscriber<A, S> {
 
     /// A connect has started: subscribe to everything, probe channel first.
     pub fn on_dial(&mut self) {
+        self.generation += 1;
         self.health = Health::Unverified { probe_sent: None };
         let mut c = redis::cmd("SUBSCRIBE");
         c.arg(self.probe_channel.as_slice());
