@@ -43,7 +43,9 @@ fn main() {
         let mut w = line.split_whitespace();
         match (w.next(), w.next().and_then(|v| v.parse::<u64>().ok())) {
             (Some("pass"), _) => p.set(proxy::Mode::Pass),
-            (Some("delay"), Some(ms)) => p.set(proxy::Mode::Delay(std::time::Duration::from_millis(ms))),
+            (Some("delay"), Some(ms)) => {
+                p.set(proxy::Mode::Delay(std::time::Duration::from_millis(ms)))
+            }
             (Some("hole"), _) => p.set(proxy::Mode::BlackHole),
             _ => eprintln!("fault_proxy: commands are `pass`, `delay MS`, `hole`"),
         }

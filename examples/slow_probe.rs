@@ -25,7 +25,11 @@ fn health(route: &str) -> Option<Duration> {
     let t = Instant::now();
     let mut s = TcpStream::connect(route).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    write!(s, "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).ok()?;
     buf.starts_with(b"HTTP/1.1 200").then(|| t.elapsed())

@@ -38,6 +38,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use crate::process::scoreboard::{Row, Scoreboard};
 use crate::reactor::Response;
 
+/// Reads one figure of a scoreboard row.
+type RowField = fn(&Row) -> u64;
+
 /// The `Content-Type` of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -437,6 +440,3 @@ mod tests {
         );
     }
 }
-
-/// Reads one figure of a scoreboard row.
-type RowField = fn(&Row) -> u64;

@@ -72,6 +72,9 @@ struct Shared {
     reconnects: AtomicU64,
     peer_sent: AtomicU64,
     peer_received: AtomicU64,
+    /// Ids received more than once, with when (user↔user messages have no
+    /// id of the server's yet: this is the test's own dedupe).
+    duplicates: Mutex<Vec<(String, Instant)>>,
 }
 
 fn route_addr(c: &Cluster) -> String {
@@ -99,10 +102,17 @@ fn user_thread(uid: String, route: String, sh: Arc<Shared>) -> JoinHandle<()> {
                     Ok(Message::Text(t)) => {
                         let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
                         if let Some(id) = v["data"]["id"].as_str() {
-                            if id.starts_with('p') {
+                            if id.starts_with("p-") {
                                 sh.peer_received.fetch_add(1, Ordering::Relaxed);
                             }
-                            sh.received.lock().unwrap().insert(id.to_string());
+                            // Reachability probes all carry the id "probe".
+                            if !sh.received.lock().unwrap().insert(id.to_string()) && id != "probe"
+                            {
+                                sh.duplicates
+                                    .lock()
+                                    .unwrap()
+                                    .push((format!("{uid}<-{id}"), Instant::now()));
+                            }
                         }
                     }
                     Ok(Message::Close(_)) => break,
@@ -530,6 +540,28 @@ fn faults_one_at_a_time_under_traffic() {
         sh.reconnects.load(Ordering::Relaxed),
         t_start.elapsed().as_secs_f64()
     );
+    {
+        let dups = sh.duplicates.lock().unwrap();
+        let in_fault = |t: Instant| {
+            rows.iter()
+                .find(|r| {
+                    t >= r.start
+                        && t <= r.start + r.recovered.unwrap_or(DEADLINE) + Duration::from_secs(1)
+                })
+                .map_or("steady", |r| r.fault)
+        };
+        eprintln!(
+            "user↔user duplicates (the test dedupes by id): {}",
+            dups.len()
+        );
+        for (id, t) in dups.iter().take(10) {
+            eprintln!(
+                "  {id} at {:.1}s ({})",
+                t.duration_since(t_start).as_secs_f64(),
+                in_fault(*t)
+            );
+        }
+    }
     for r in &rows {
         assert!(
             r.detected.is_some_and(|d| d <= r.injected + DEADLINE),

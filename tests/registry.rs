@@ -36,7 +36,13 @@ fn remove(c: &mut redis::Connection, r: &Registry, m: &str, owner: &str, cause: 
     common::redis_run::<i64>(c, r.remove(m, owner, cause)).map(|n| n == 1)
 }
 
-fn renew(c: &mut redis::Connection, r: &Registry, m: &str, owner: &str, rn: &Renew) -> Res<Renewal> {
+fn renew(
+    c: &mut redis::Connection,
+    r: &Registry,
+    m: &str,
+    owner: &str,
+    rn: &Renew,
+) -> Res<Renewal> {
     common::redis_run::<i64>(c, r.renew(m, owner, rn)).map(Renewal::from_code)
 }
 
@@ -82,8 +88,7 @@ fn registry_scripts_keep_the_seed_set_and_their_invariants() {
     );
 
     // The old owner's late close removes nothing.
-    assert!(!remove(&mut c, &r, &a2.member(), "node/1/1", "closed")
-        .unwrap());
+    assert!(!remove(&mut c, &r, &a2.member(), "node/1/1", "closed").unwrap());
     assert_eq!(
         renew(
             &mut c,
@@ -151,8 +156,7 @@ fn registry_scripts_keep_the_seed_set_and_their_invariants() {
     );
 
     // The owner's close removes it and every trace of it.
-    assert!(remove(&mut c, &r, &a2.member(), "node/2/7", "closed")
-        .unwrap());
+    assert!(remove(&mut c, &r, &a2.member(), "node/2/7", "closed").unwrap());
     assert!(members(&mut c, "im_server").is_empty());
     let n: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
     assert_eq!(n, 0, "no key left behind");

@@ -31,7 +31,7 @@ fn ping_time(ws: &mut WsClient) -> Duration {
     let t = Instant::now();
     ws.send(Message::Ping(vec![7u8].into())).expect("ping");
     loop {
-        match ws.recv_timeout(Duration::from_secs(5)) {
+        match ws.recv_any() {
             Ok(Message::Pong(_)) => return t.elapsed(),
             Ok(_) => continue,
             Err(e) => panic!("no pong: {e}"),
@@ -88,13 +88,23 @@ fn a_slow_redis_stalls_no_loop_and_loses_no_message() {
         worst_health = worst_health.max(health_time(&c));
         let z = (n as usize) % idle.len();
         worst_ping = worst_ping.max(ping_time(&mut idle[z]));
-        assert_eq!(registered(&c), 2, "an IM server was dropped while Redis was slow");
+        assert_eq!(
+            registered(&c),
+            2,
+            "an IM server was dropped while Redis was slow"
+        );
         std::thread::sleep(Duration::from_millis(50)); // pacing, not a wait
     }
     proxy.set(Mode::Pass);
     eprintln!("while Redis was {DELAY:?} slow: /health worst {worst_health:?}, ping worst {worst_ping:?}, {n} rounds");
-    assert!(worst_health < Duration::from_millis(50), "/health took {worst_health:?}");
-    assert!(worst_ping < Duration::from_millis(50), "a ping took {worst_ping:?}");
+    assert!(
+        worst_health < Duration::from_millis(50),
+        "/health took {worst_health:?}"
+    );
+    assert!(
+        worst_ping < Duration::from_millis(50),
+        "a ping took {worst_ping:?}"
+    );
     // Every message arrives after the delay, once, in order.
     for (i, r) in receivers.iter_mut().enumerate() {
         let want = sent[&i];

@@ -175,7 +175,8 @@ impl ImApp {
             .and_then(|(w, fd)| Some((w.parse::<usize>().ok()?, fd.parse::<Fd>().ok()?)));
         match parsed {
             Some((w, fd)) if w == srv.worker_id() => {
-                let e = ProtocolError::new(ErrorCode::Offline, format!("user {} is not online", o.to));
+                let e =
+                    ProtocolError::new(ErrorCode::Offline, format!("user {} is not online", o.to));
                 srv.push(fd, Message::Text(e.to_frame()));
             }
             Some((w, fd)) => workers::send(srv, w, &WorkerMsg::Offline { to: o.to, fd }),
@@ -187,7 +188,12 @@ impl ImApp {
     /// siblings' directories, and presence in Redis.
     fn joined(&mut self, srv: &mut Server<Self>, uid: &str) {
         self.directory.add(uid, srv.worker_id());
-        workers::to_siblings(srv, &WorkerMsg::Joined { uid: uid.to_string() });
+        workers::to_siblings(
+            srv,
+            &WorkerMsg::Joined {
+                uid: uid.to_string(),
+            },
+        );
     }
 }
 

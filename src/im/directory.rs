@@ -30,7 +30,9 @@ impl Directory {
     /// One connection fewer of `uid` on `worker`. O(devices).
     pub fn remove(&mut self, uid: &str, worker: usize) {
         let w = worker as u16;
-        let Some(v) = self.users.get_mut(uid) else { return };
+        let Some(v) = self.users.get_mut(uid) else {
+            return;
+        };
         if let Some(i) = v.iter().position(|(x, _)| *x == w) {
             v[i].1 -= 1;
             if v[i].1 == 0 {

@@ -25,7 +25,17 @@ pub struct PresenceStore {
     ttl_secs: u64,
     /// The registry as last read (for the farewell's reconnect hints).
     servers: Vec<ServerEntry>,
+    /// A re-read after an update event is scheduled.
+    update_due: bool,
+    /// A registry read is under way.
+    reading: bool,
+    /// Another read was asked for while one was under way.
+    read_again: bool,
 }
+
+/// After an update event (load, draining), wait this long before
+/// re-reading: updates come with every renewal, one read serves them all.
+pub const SERVERS_COALESCE: std::time::Duration = std::time::Duration::from_millis(1000);
 
 /// Connections per presence-refresh request: bounds the size of one
 /// request and of the loop iteration that builds it.
@@ -43,6 +53,9 @@ impl PresenceStore {
             epoch,
             ttl_secs,
             servers: Vec::new(),
+            update_due: false,
+            reading: false,
+            read_again: false,
         }
     }
 
@@ -123,23 +136,79 @@ impl PresenceStore {
         srv.redis_durable(presence::remove(&self.keys, uid, &p));
     }
 
-    /// Re-reads the registry (every [`SERVERS_EVERY`]) so that a draining
-    /// worker can point its users at the other servers without asking
-    /// Redis then. `of` finds this store in the application.
+    /// Keeps a copy of the registry so that a draining worker can point
+    /// its users at the other servers without asking Redis then: read now,
+    /// once more a second later, every [`SERVERS_EVERY`], at once when a
+    /// server registers or is removed, and at most once per
+    /// [`SERVERS_COALESCE`] for other changes (load and draining updates).
+    /// `of` finds this store in the application.
     pub fn watch_servers<A: App>(srv: &mut Server<A>, of: fn(&mut A) -> &mut PresenceStore) {
-        let read = move |_: &mut A, srv: &mut Server<A>, _| {
-            let keys = Keys::new(&srv.settings().redis_prefix);
-            srv.redis(
-                servers::list(&keys),
-                move |app: &mut A, _srv, r: redis::RedisResult<std::collections::HashMap<String, String>>| {
-                    if let Ok(map) = r {
-                        of(app).servers = servers::parse_list(map);
-                    }
-                },
-            );
-        };
-        srv.after(0, read);
-        srv.tick(SERVERS_EVERY.as_millis() as u64, read);
+        let keys = Keys::new(&srv.settings().redis_prefix);
+        srv.redis_subscribe(keys.channel.clone(), move |app: &mut A, srv, payload| {
+            let membership = serde_json::from_slice::<serde_json::Value>(payload)
+                .ok()
+                .and_then(|v| {
+                    v.get("event")
+                        .and_then(|e| e.as_str())
+                        .map(|e| e != "update")
+                })
+                .unwrap_or(true);
+            if membership {
+                return Self::read_servers(app, srv, of);
+            }
+            let me = of(app);
+            if !me.update_due {
+                me.update_due = true;
+                srv.after(
+                    SERVERS_COALESCE.as_millis() as u64,
+                    move |app: &mut A, srv, _| {
+                        of(app).update_due = false;
+                        Self::read_servers(app, srv, of);
+                    },
+                );
+            }
+        });
+        srv.after(0, move |app: &mut A, srv, _| {
+            Self::read_servers(app, srv, of)
+        });
+        // Once more when the subscription is surely up: what changed
+        // before it was is not announced to it.
+        srv.after(1000, move |app: &mut A, srv, _| {
+            Self::read_servers(app, srv, of)
+        });
+        srv.tick(
+            SERVERS_EVERY.as_millis() as u64,
+            move |app: &mut A, srv, _| Self::read_servers(app, srv, of),
+        );
+    }
+
+    /// One registry read at a time; a read asked for meanwhile runs after.
+    fn read_servers<A: App>(
+        app: &mut A,
+        srv: &mut Server<A>,
+        of: fn(&mut A) -> &mut PresenceStore,
+    ) {
+        let me = of(app);
+        if me.reading {
+            me.read_again = true;
+            return;
+        }
+        me.reading = true;
+        srv.redis(
+            servers::list(&me.keys),
+            move |app: &mut A,
+                  srv,
+                  r: redis::RedisResult<std::collections::HashMap<String, String>>| {
+                let me = of(app);
+                me.reading = false;
+                if let Ok(map) = r {
+                    me.servers = servers::parse_list(map);
+                }
+                if std::mem::take(&mut me.read_again) {
+                    Self::read_servers(app, srv, of);
+                }
+            },
+        );
     }
 
     /// The other live, non-draining IM servers, least loaded first, as of
@@ -157,7 +226,12 @@ impl PresenceStore {
 }
 
 /// Sends one chunk of a refresh and schedules the next.
-fn refresh_step<A: App>(srv: &mut Server<A>, keys: Keys, ttl: u64, mut rest: Vec<(String, Presence)>) {
+fn refresh_step<A: App>(
+    srv: &mut Server<A>,
+    keys: Keys,
+    ttl: u64,
+    mut rest: Vec<(String, Presence)>,
+) {
     if rest.is_empty() {
         return;
     }

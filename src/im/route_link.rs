@@ -344,7 +344,11 @@ mod tests {
     fn urls_and_backoff() {
         let t = parse_ws_url("ws://127.0.0.1:9500/").unwrap();
         assert_eq!(
-            (t.resolver.current()[0].port(), t.host.as_str(), t.path.as_str()),
+            (
+                t.resolver.current()[0].port(),
+                t.host.as_str(),
+                t.path.as_str()
+            ),
             (9500, "127.0.0.1:9500", "/")
         );
         assert_eq!(parse_ws_url("ws://127.0.0.1:9500").unwrap().path, "/");

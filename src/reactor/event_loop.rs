@@ -563,7 +563,9 @@ impl<A: App> Reactor<A> {
     /// Decodes what waited in `rbuf` behind a deferred HTTP answer, now
     /// that it has been given.
     fn resume(&mut self, app: &mut A, fd: crate::reactor::Fd) {
-        let Some(key) = self.srv.conns.key(fd) else { return };
+        let Some(key) = self.srv.conns.key(fd) else {
+            return;
+        };
         let Some(c) = self.live(key, fd) else { return };
         if c.rbuf.is_empty() {
             return;

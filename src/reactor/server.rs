@@ -68,12 +68,12 @@ pub struct Server<A: App> {
     pub(crate) scoreboard: Scoreboard, // everyone's rows
     pub(crate) redis: Option<RedisClient<A, Server<A>>>, // the worker's Redis (none: no redis_url)
     pub(crate) redis_late: Vec<(Callback<A, Server<A>>, Reply)>, // completions with no client
-    pub(crate) resume: Vec<Fd>, // HTTP connections answered late: decode what waited
+    pub(crate) resume: Vec<Fd>,  // HTTP connections answered late: decode what waited
     pub(crate) in_request: Option<Fd>, // the connection whose on_request runs now
     pub(crate) early: Option<crate::reactor::Response>, // its answer, given before it returned later()
-    pub(crate) emits: Vec<(String, Vec<Value>)>, // deferred bus triggers
+    pub(crate) emits: Vec<(String, Vec<Value>)>,        // deferred bus triggers
     pub(crate) lifecycle: Lifecycle, // adopting, serving, draining, handing over, done
-    pub(crate) next_task_id: u64, // task id counter
+    pub(crate) next_task_id: u64,    // task id counter
     pub(crate) next_task_worker: usize, // round-robin cursor
 }
 
@@ -382,9 +382,8 @@ impl<A: App> Server<A> {
         req: impl Into<Request>,
         cb: impl FnOnce(&mut A, &mut Server<A>, redis::RedisResult<T>) + 'static,
     ) {
-        let cb: Callback<A, Server<A>> = Box::new(move |app, srv, r: Reply| {
-            cb(app, srv, r.and_then(T::from_owned_redis_value))
-        });
+        let cb: Callback<A, Server<A>> =
+            Box::new(move |app, srv, r: Reply| cb(app, srv, r.and_then(T::from_owned_redis_value)));
         match self.redis.as_mut() {
             Some(c) => c.cmd.submit(req.into(), Some(cb), true),
             None => self.redis_late.push((cb, Err(not_configured()))),

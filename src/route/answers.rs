@@ -106,4 +106,3 @@ pub(crate) fn not_found(path: &str) -> Response {
 pub(crate) fn method_not_allowed(allow: &str) -> Response {
     answer(405, &Refusal::new("method_not_allowed")).with_header("Allow", allow)
 }
-

@@ -218,7 +218,9 @@ impl Api<'_> {
         let http = req.fd;
         srv.redis(
             self.delivery.list_request(),
-            move |_: &mut A, srv, r: redis::RedisResult<std::collections::HashMap<String, String>>| {
+            move |_: &mut A,
+                  srv,
+                  r: redis::RedisResult<std::collections::HashMap<String, String>>| {
                 let resp = match r {
                     Ok(map) => {
                         let entries = crate::cluster::servers::parse_list(map);

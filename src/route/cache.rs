@@ -63,7 +63,9 @@ impl Cache {
 
     /// The entry of `member`, if registered.
     pub fn entry(&self, member: &str) -> Option<&ServerEntry> {
-        self.by_member.get(member).and_then(|i| self.entries.get(*i))
+        self.by_member
+            .get(member)
+            .and_then(|i| self.entries.get(*i))
     }
 
     fn set_entries(&mut self, entries: Vec<ServerEntry>) {
@@ -89,7 +91,9 @@ impl Cache {
         let k = keys.clone();
         Cache::reload_now(srv, &k, of);
         let ms = (refresh.as_secs_f64().max(0.05) * 1000.0) as u64;
-        srv.tick(ms, move |app: &mut A, srv, _| Cache::reload(app, srv, &k, of));
+        srv.tick(ms, move |app: &mut A, srv, _| {
+            Cache::reload(app, srv, &k, of)
+        });
     }
 
     /// Asks for a re-read (coalesced with one under way).

@@ -88,8 +88,8 @@ pub trait DeliveryHost: App {
 pub struct Delivery {
     keys: Keys,
     locations: Locations<Target, Waiting>, // where users are; what waits
-    topology: u64,                        // the registry cache's topology the locations hold for
-    sub_generation: u64,                  // the subscriber connection they hold for
+    topology: u64,                         // the registry cache's topology the locations hold for
+    sub_generation: u64,                   // the subscriber connection they hold for
 }
 
 impl Delivery {
@@ -106,7 +106,10 @@ impl Delivery {
     /// Subscribes this worker to its relay channel, the broadcast channel
     /// and the presence events.
     pub fn start<A: DeliveryHost>(&self, srv: &mut Server<A>, node_pid: &str) {
-        for ch in [self.keys.worker_channel(node_pid), self.keys.broadcast_channel()] {
+        for ch in [
+            self.keys.worker_channel(node_pid),
+            self.keys.broadcast_channel(),
+        ] {
             srv.redis_subscribe(ch, |app: &mut A, srv, payload| {
                 let (d, _, regs) = app.delivery_parts();
                 d.on_relay(regs, srv, payload);
@@ -191,21 +194,24 @@ impl Delivery {
         let mut c = redis::cmd("HMGET");
         c.arg(&self.keys.details).arg(&unknown);
         let who = uid.to_string();
-        srv.redis(c, move |app: &mut A, srv, r: redis::RedisResult<Vec<Option<String>>>| {
-            let (d, cache, regs) = app.delivery_parts();
-            let found: HashMap<String, ServerEntry> = match r {
-                Ok(v) => unknown
-                    .into_iter()
-                    .zip(v)
-                    .filter_map(|(m, j)| Some((m, serde_json::from_str(&j?).ok()?)))
-                    .collect(),
-                Err(e) => return d.finish(srv, regs, &who, Err(e.to_string())),
-            };
-            let targets = d.resolve(srv, &who, records, |m| {
-                cache.entry(m).cloned().or_else(|| found.get(m).cloned())
-            });
-            d.finish(srv, regs, &who, Ok(targets));
-        });
+        srv.redis(
+            c,
+            move |app: &mut A, srv, r: redis::RedisResult<Vec<Option<String>>>| {
+                let (d, cache, regs) = app.delivery_parts();
+                let found: HashMap<String, ServerEntry> = match r {
+                    Ok(v) => unknown
+                        .into_iter()
+                        .zip(v)
+                        .filter_map(|(m, j)| Some((m, serde_json::from_str(&j?).ok()?)))
+                        .collect(),
+                    Err(e) => return d.finish(srv, regs, &who, Err(e.to_string())),
+                };
+                let targets = d.resolve(srv, &who, records, |m| {
+                    cache.entry(m).cloned().or_else(|| found.get(m).cloned())
+                });
+                d.finish(srv, regs, &who, Ok(targets));
+            },
+        );
     }
 
     /// Keeps the records whose server is registered with the same epoch;
@@ -381,7 +387,10 @@ impl Delivery {
             return match srv.send_message(entry.worker as usize, payload) {
                 Ok(()) => true,
                 Err(e) => {
-                    log::warn!("route: cannot hand a message to worker {}: {e}", entry.worker);
+                    log::warn!(
+                        "route: cannot hand a message to worker {}: {e}",
+                        entry.worker
+                    );
                     false
                 }
             };

@@ -30,10 +30,10 @@ struct Lookup<M> {
 /// message to deliver.
 #[derive(Debug)]
 pub struct Locations<R, M> {
-    cache: HashMap<String, Vec<R>>,       // uid → records
-    lookups: HashMap<String, Lookup<M>>,  // uid → lookup under way
-    hits: u64,                            // answered from the cache
-    misses: u64,                          // needed a lookup
+    cache: HashMap<String, Vec<R>>,      // uid → records
+    lookups: HashMap<String, Lookup<M>>, // uid → lookup under way
+    hits: u64,                           // answered from the cache
+    misses: u64,                         // needed a lookup
 }
 
 impl<R, M> Default for Locations<R, M> {
@@ -86,7 +86,7 @@ impl<R, M> Locations<R, M> {
 
     /// The lookup for `uid` answered `records` (`None`: it failed). Returns
     /// the messages that waited, in order, with the answer; caches it
-    /// unless an event made it stale meanwhile or it failed.
+    /// unless an event made it stale meanwhile, it failed, or it is empty.
     pub fn finish(&mut self, uid: &str, records: Option<Vec<R>>) -> (Vec<M>, Option<Vec<R>>)
     where
         R: Clone,
@@ -95,7 +95,9 @@ impl<R, M> Locations<R, M> {
             return (Vec::new(), records);
         };
         match records {
-            Some(r) if !l.stale => {
+            // "Online nowhere" is not kept: presence written back after a
+            // Redis restart announces nothing, and a miss costs one HGETALL.
+            Some(r) if !l.stale && !r.is_empty() => {
                 if self.cache.len() >= MAX_CACHED {
                     self.cache.clear();
                 }
@@ -163,6 +165,8 @@ mod tests {
         let mut l: Locations<&str, u32> = Locations::default();
         l.route("u", 1);
         l.finish("u", Some(vec![]));
+        assert_eq!(l.route("u", 2).0, Route::Lookup, "offline is not cached");
+        l.finish("u", Some(vec!["x"]));
         assert!(matches!(l.route("u", 2).0, Route::Known(_)));
         l.invalidate("u");
         assert_eq!(l.route("u", 3).0, Route::Lookup);
@@ -170,6 +174,10 @@ mod tests {
         l.clear();
         assert_eq!(l.route("u", 4).0, Route::Lookup);
         let (w, r) = l.finish("u", None);
-        assert_eq!((w, r), (vec![4], None), "a failed lookup hands back what waited");
+        assert_eq!(
+            (w, r),
+            (vec![4], None),
+            "a failed lookup hands back what waited"
+        );
     }
 }

@@ -229,7 +229,9 @@ impl Registrations {
         match r.map(Renewal::from_code) {
             Ok(Renewal::Renewed) => log::info!("route: took over {name} at {member} (fd {fd})"),
             Ok(Renewal::Superseded) => {
-                log::info!("route: {member} re-registered elsewhere meanwhile; fd {fd} does not hold it");
+                log::info!(
+                    "route: {member} re-registered elsewhere meanwhile; fd {fd} does not hold it"
+                );
                 if let Some(p) = self.peers.get_mut(&fd) {
                     p.held = None;
                 }
@@ -289,7 +291,12 @@ impl Registrations {
 
     /// `register`: check the token and the per-address limit, store the
     /// entry (or keep it until Redis returns), acknowledge.
-    pub fn register<A: Holds<Registrations>>(&mut self, srv: &mut Server<A>, fd: Fd, reg: Registration) {
+    pub fn register<A: Holds<Registrations>>(
+        &mut self,
+        srv: &mut Server<A>,
+        fd: Fd,
+        reg: Registration,
+    ) {
         if !self.cfg.auth_secret.is_empty() {
             let token = reg.token.as_deref().unwrap_or("");
             if let Err(e) = auth::verify(
@@ -473,7 +480,9 @@ impl Registrations {
             |_: &mut A, srv, r: redis::RedisResult<Vec<String>>| {
                 for m in r.unwrap_or_default() {
                     stats::removed(srv.row(), "lease");
-                    log::warn!("route: reaped {m}: its lease expired (its Route worker or node is gone)");
+                    log::warn!(
+                        "route: reaped {m}: its lease expired (its Route worker or node is gone)"
+                    );
                 }
             },
         );
@@ -481,7 +490,13 @@ impl Registrations {
 
     /// One peer's part of the sweep: renew its lease, or store it when
     /// Redis does not have it (yet).
-    fn renew_peer<A: Holds<Registrations>>(&mut self, srv: &mut Server<A>, fd: Fd, now: u64, until: u64) {
+    fn renew_peer<A: Holds<Registrations>>(
+        &mut self,
+        srv: &mut Server<A>,
+        fd: Fd,
+        now: u64,
+        until: u64,
+    ) {
         let Some(held) = self.peers.get(&fd).and_then(|p| p.held.clone()) else {
             return;
         };
@@ -584,13 +599,19 @@ impl Registrations {
                 match why {
                     Store::New | Store::Pending => {
                         stats::count(srv.row(), stats::REGISTRATIONS);
-                        log::info!("route: registered {} at {member} (fd {fd})", entry.service_name);
+                        log::info!(
+                            "route: registered {} at {member} (fd {fd})",
+                            entry.service_name
+                        );
                         let lease = settings::lease(srv.settings());
                         srv.push(fd, Message::Text(registered_frame(&entry, lease)));
                     }
                     Store::Rebuild => {
                         stats::count(srv.row(), stats::REBUILT);
-                        log::info!("route: re-registered {} (Redis had lost it)", entry.service_name);
+                        log::info!(
+                            "route: re-registered {} (Redis had lost it)",
+                            entry.service_name
+                        );
                     }
                 }
                 self.save_held(srv, fd);

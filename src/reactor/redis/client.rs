@@ -65,14 +65,14 @@ pub struct Counts {
 
 /// The command connection and its FIFO.
 pub struct Commands<A, S> {
-    pub(crate) link: Link,                          // the socket
-    pending: VecDeque<Pending<A, S>>,               // on the wire, in order
+    pub(crate) link: Link,                                // the socket
+    pending: VecDeque<Pending<A, S>>,                     // on the wire, in order
     durable: VecDeque<(Request, Option<Callback<A, S>>)>, // waiting for the link
-    loaded: HashSet<String>,                        // script hashes this connection knows
-    hello: Vec<redis::Cmd>,                         // AUTH / SELECT, sent first on every connect
+    loaded: HashSet<String>,                              // script hashes this connection knows
+    hello: Vec<redis::Cmd>, // AUTH / SELECT, sent first on every connect
     pub(crate) ready: Vec<(Callback<A, S>, Reply)>, // completions to run
-    timeout: Duration,                              // redis_timeout
-    pub(crate) counts: Counts,                      // see Counts
+    timeout: Duration,      // redis_timeout
+    pub(crate) counts: Counts, // see Counts
 }
 
 fn err(kind: ErrorKind, what: &'static str, detail: String) -> RedisError {
@@ -140,7 +140,11 @@ impl<A, S> Commands<A, S> {
             self.counts.dropped += 1;
             log::error!("redis: the durable queue is full ({DURABLE_MAX}); dropping a request");
             if let Some(cb) = cb {
-                let e = err(ErrorKind::IoError, "redis durable queue full", String::new());
+                let e = err(
+                    ErrorKind::IoError,
+                    "redis durable queue full",
+                    String::new(),
+                );
                 self.ready.push((cb, Err(e)));
             }
             return;
@@ -333,7 +337,11 @@ impl<A, S> Commands<A, S> {
         }
         while self.durable.len() > DURABLE_MAX {
             if let Some((_, Some(cb))) = self.durable.pop_back() {
-                let e = err(ErrorKind::IoError, "redis durable queue full", String::new());
+                let e = err(
+                    ErrorKind::IoError,
+                    "redis durable queue full",
+                    String::new(),
+                );
                 self.ready.push((cb, Err(e)));
             }
             self.counts.dropped += 1;
