@@ -2,8 +2,11 @@
 //! threads (stopped with a `StopHandle`), clients are tungstenite's blocking
 //! client or raw TCP when the test needs to send malformed bytes.
 //!
-//! Helpers are kept minimal and local so they can be swapped for
-//! `tests/common/` later.
+//! Polling, ports and the private Redis come from `tests/common`; the
+//! helpers here are the ones only this file needs (an in-process worker,
+//! raw frames).
+
+mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -20,6 +23,8 @@ use swocloud::reactor::{
     run_worker_until, Fd, Message, Request, Response, Server, StopHandle, WorkerContext, WorkerExit,
 };
 use tungstenite::Message as WsMsg;
+
+use common::{wait_until, RedisServer};
 
 // ---- helpers -------------------------------------------------------------
 
@@ -120,15 +125,6 @@ fn single<A: App, F: FnOnce() -> A + Send + 'static>(s: Settings, make: F) -> Wo
         .postbox(Dest::Worker(0))
         .unwrap();
     spawn(s, pb, false, make)
-}
-
-#[track_caller]
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + WAIT;
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 type Ws = tungstenite::WebSocket<TcpStream>;
@@ -447,8 +443,8 @@ fn close_handshake_completes_and_on_close_runs() {
         }
     }
     assert!(saw_close, "the server echoed the close frame");
-    wait_until("on_close", || seen.closed.load(Ordering::SeqCst) == 1);
-    wait_until("connection count 0", || {
+    wait_until(WAIT, "on_close", || seen.closed.load(Ordering::SeqCst) == 1);
+    wait_until(WAIT, "connection count 0", || {
         w.row.connections.load(Ordering::Relaxed) == 0
     });
 }
@@ -502,7 +498,7 @@ fn oversize_output_to_a_non_reading_client_disconnects_it() {
     let (w, seen) = echo(settings(|s| s.buffer_output_size = 256 * 1024));
     let mut s = raw_ws(w.addr());
     s.write_all(&frame(0x1, true, b"flood:64", true)).unwrap();
-    wait_until("the slow reader to be cut", || {
+    wait_until(WAIT, "the slow reader to be cut", || {
         seen.closed.load(Ordering::SeqCst) == 1
     });
     assert_eq!(
@@ -592,7 +588,7 @@ fn past_max_conn_new_connections_get_503() {
     b.send(WsMsg::text("b")).unwrap();
     assert_eq!(next(&mut b), WsMsg::text("b"));
     drop(b);
-    wait_until("both closed", || {
+    wait_until(WAIT, "both closed", || {
         w.row.connections.load(Ordering::Relaxed) == 0
     });
     assert_serves(w.addr());
@@ -612,6 +608,8 @@ fn idle_connections_are_closed_while_active_ones_stay() {
     while t0.elapsed() < Duration::from_millis(1200) {
         active.send(WsMsg::Ping(Vec::new().into())).unwrap();
         assert!(matches!(active.read().unwrap(), WsMsg::Pong(_)));
+        // Paces the pings: the active connection must stay busy across
+        // several heartbeat checks (idle time 0.4 s) for 1.2 s.
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(
@@ -659,7 +657,7 @@ fn tick_fires_on_schedule_until_cleared_and_after_fires_once() {
         ticks: t,
         afters: a,
     });
-    wait_until("five ticks", || ticks.lock().unwrap().len() == 5);
+    wait_until(WAIT, "five ticks", || ticks.lock().unwrap().len() == 5);
     let v = ticks.lock().unwrap().clone();
     for pair in v.windows(2) {
         let gap = pair[1] - pair[0];
@@ -669,6 +667,8 @@ fn tick_fires_on_schedule_until_cleared_and_after_fires_once() {
         );
     }
     assert!(v[4] - t0 >= Duration::from_millis(140));
+    // Deliberately waits out five tick periods: nothing may fire, so there
+    // is no event to wait on.
     std::thread::sleep(Duration::from_millis(150));
     assert_eq!(ticks.lock().unwrap().len(), 5, "no tick after clear_timer");
     assert_eq!(afters.load(Ordering::SeqCst), 1);
@@ -809,11 +809,11 @@ fn ws_connect_dials_out_and_exchanges_messages() {
     let g = got.clone();
     let target = route.addr();
     let _im = single(settings(|_| {}), move || Dialer { target, got: g });
-    wait_until("the echo back", || {
+    wait_until(WAIT, "the echo back", || {
         got.lock().unwrap().first().map(String::as_str) == Some("hello route")
     });
     drop(route); // the route stops: 1001, then on_close on our side
-    wait_until("on_close", || {
+    wait_until(WAIT, "on_close", || {
         got.lock().unwrap().last().map(String::as_str) == Some("closed")
     });
 }
@@ -829,7 +829,7 @@ fn ws_connect_sets_tcp_nodelay() {
     let g = got.clone();
     let target = route.addr();
     let _im = single(settings(|_| {}), move || Dialer { target, got: g });
-    wait_until("the echo back", || {
+    wait_until(WAIT, "the echo back", || {
         got.lock().unwrap().first().map(String::as_str) == Some("hello route")
     });
     // The dialer runs in this process: find its socket (peer = the target).
@@ -856,7 +856,9 @@ fn ws_connect_to_a_closed_port_reports_on_close() {
     let got = Arc::new(Mutex::new(Vec::new()));
     let g = got.clone();
     let _w = single(settings(|_| {}), move || Dialer { target, got: g });
-    wait_until("on_close", || got.lock().unwrap().as_slice() == ["closed"]);
+    wait_until(WAIT, "on_close", || {
+        got.lock().unwrap().as_slice() == ["closed"]
+    });
 }
 
 // ---- Redis ------------------------------------------------------------------
@@ -874,35 +876,40 @@ impl App for RedisProbe {
 
 #[test]
 fn redis_link_up_and_down() {
+    // Up: a private Redis; the link must be up before on_worker_start.
+    let redis = RedisServer::start();
     let ok = Arc::new(Mutex::new(None));
     let o = ok.clone();
-    let w = single(
-        settings(|s| s.redis_url = Some("redis://127.0.0.1:6379/".into())),
-        move || RedisProbe { ok: o },
+    let w = single(settings(|s| s.redis_url = Some(redis.url())), move || {
+        RedisProbe { ok: o }
+    });
+    assert_eq!(
+        *ok.lock().unwrap(),
+        Some(true),
+        "redis reachable but the worker's link was not up in on_worker_start"
     );
-    let up = ok.lock().unwrap().unwrap();
     drop(w);
-    // Redis down (a closed port): the worker starts anyway and serves.
-    let (l, dead) = listener();
-    drop(l);
+    // Down (the same port, server killed): the worker starts anyway and
+    // serves.
+    let mut redis = redis;
+    redis.stop();
     let ok2 = Arc::new(Mutex::new(None));
     let o2 = ok2.clone();
-    let w = single(
-        settings(|s| s.redis_url = Some(format!("redis://{dead}/"))),
-        move || RedisProbe { ok: o2 },
-    );
+    let w = single(settings(|s| s.redis_url = Some(redis.url())), move || {
+        RedisProbe { ok: o2 }
+    });
     assert_eq!(*ok2.lock().unwrap(), Some(false));
-    drop(w);
-    // Redis is expected on 127.0.0.1:6379; when it is reachable the link
-    // must have come up before on_worker_start.
-    if TcpStream::connect("127.0.0.1:6379").is_ok() {
-        assert!(
-            up,
-            "redis reachable but the worker's link was not up in on_worker_start"
-        );
-    } else {
-        eprintln!("note: no Redis on 127.0.0.1:6379; only the down path was checked");
-    }
+    assert_serves_http(w.addr());
+}
+
+/// The worker answers HTTP (the probe's default `on_request`: 404).
+#[track_caller]
+fn assert_serves_http(addr: SocketAddr) {
+    let resp = http_once(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
 }
 
 #[test]
