@@ -2,6 +2,7 @@
 
 pub mod apps;
 pub mod auth;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod event;
