@@ -29,6 +29,9 @@
 //! outside fault windows** (from each fault's recovery to the next fault,
 //! and in the baseline), and recovery within the deadline.
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::{HashMap, HashSet};

@@ -3,6 +3,9 @@
 //! WebSocket — routing, exactly-once delivery across servers and workers,
 //! the HTTP forwarding API (curl and PHP), balancing, failures and bad input.
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::{HashMap, HashSet};

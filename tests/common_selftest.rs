@@ -4,6 +4,9 @@
 //! restarted, tiny std-only HTTP and WebSocket servers run in threads, and
 //! real child processes are spawned and killed.
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{Read, Write};

@@ -5,6 +5,8 @@
 //! reload sees no reset; every fd not meant for a child is close-on-exec.
 //! The IM and Route tests are in `handover_cluster.rs`.
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(clippy::result_large_err)] // tungstenite's error type, as in tests/common
 
 mod common;

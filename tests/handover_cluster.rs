@@ -3,6 +3,9 @@
 //! messaging; a reloaded Route keeps its IM servers' registrations in
 //! place (no removal, no re-registration in Redis).
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashMap;

@@ -5,6 +5,9 @@
 //! so per-worker limits are exact) with a private Redis, on loopback; the
 //! "other client" comes from another 127.0.0.x address where that matters.
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{Read, Write};

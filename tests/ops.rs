@@ -4,6 +4,9 @@
 //! traffic moves the counters, `/dashboard`, `/ready` following Redis, and
 //! the Route's section of `status`.
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashSet;

@@ -4,6 +4,9 @@
 //! SIGKILL, rolling reload under load, parent-death cleanup, max_request,
 //! task round trips, and every refused start.
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashSet;

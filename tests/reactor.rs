@@ -6,6 +6,9 @@
 //! helpers here are the ones only this file needs (an in-process worker,
 //! raw frames).
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{Read, Write};

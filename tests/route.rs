@@ -3,6 +3,9 @@
 //! (`examples/seed_client`) as separate processes that can be killed,
 //! frozen and thawed.
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{BufRead, BufReader};
