@@ -36,6 +36,38 @@ struct Flow {
     samples: Mutex<Vec<u32>>,
 }
 
+/// One sender's turns: paced (if `--rate`), each holding a window slot,
+/// until the run ends.
+struct Turns {
+    next: Instant,          // the next paced send
+    pace: Option<Duration>, // between this sender's sends
+    end: Instant,           // no turn from then on
+    window: Arc<Semaphore>, // messages in flight
+}
+
+impl Turns {
+    /// Waits for the next turn (its pace, then a window slot, which the
+    /// reader gives back when the message arrives); false once the run is
+    /// over.
+    async fn next(&mut self) -> bool {
+        if Instant::now() >= self.end {
+            return false;
+        }
+        if let Some(p) = self.pace {
+            sleep_until(self.next).await;
+            self.next += p;
+        }
+        let wait = self.end.saturating_duration_since(Instant::now());
+        match timeout(wait, self.window.clone().acquire_owned()).await {
+            Ok(Ok(p)) => {
+                p.forget();
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 impl Flow {
     /// The latency samples (µs); a panicked reader leaves them usable.
     fn samples(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
@@ -184,20 +216,11 @@ pub async fn run(args: ClusterArgs, u2u: bool) -> Result<serde_json::Value, Stri
             next_msg.clone(),
         );
         let prefix = args.uid_prefix.clone();
-        // Acquire a window slot, or give up at the end of the run.
-        let slot = move |window: Arc<Semaphore>| async move {
-            match timeout(
-                end.saturating_duration_since(Instant::now()),
-                window.acquire_owned(),
-            )
-            .await
-            {
-                Ok(Ok(p)) => {
-                    p.forget();
-                    true
-                }
-                _ => false,
-            }
+        let mut turns = Turns {
+            next: Instant::now(),
+            pace,
+            end,
+            window: window.clone(),
         };
         let sent = move |flow: &Flow| {
             flow.sent.fetch_add(1, Ordering::Relaxed);
@@ -212,15 +235,7 @@ pub async fn run(args: ClusterArgs, u2u: bool) -> Result<serde_json::Value, Stri
                 break;
             };
             senders.push(tokio::spawn(async move {
-                let mut next = Instant::now();
-                while Instant::now() < end {
-                    if let Some(p) = pace {
-                        sleep_until(next).await;
-                        next += p;
-                    }
-                    if !slot(window.clone()).await {
-                        break;
-                    }
+                while turns.next().await {
                     let m = next_msg.fetch_add(1, Ordering::Relaxed);
                     let to = format!("{prefix}{}", 2 * (m % half.max(1)) + 1);
                     let frame = json!({"to": to, "data": {"t": now_ns()}}).to_string();
@@ -250,15 +265,7 @@ pub async fn run(args: ClusterArgs, u2u: bool) -> Result<serde_json::Value, Stri
                         return;
                     }
                 };
-                let mut next = Instant::now();
-                while Instant::now() < end {
-                    if let Some(p) = pace {
-                        sleep_until(next).await;
-                        next += p;
-                    }
-                    if !slot(window.clone()).await {
-                        break;
-                    }
+                while turns.next().await {
                     let m = next_msg.fetch_add(1, Ordering::Relaxed);
                     let body =
                         json!({"uid": format!("{prefix}{}", m % users), "data": {"t": now_ns()}})

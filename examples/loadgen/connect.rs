@@ -35,14 +35,7 @@ impl Connector {
             .map_err(|e| format!("bad --url {}: {e}", target.url))?;
         let host = request.uri().host().unwrap_or("127.0.0.1").to_string();
         let port = request.uri().port_u16().unwrap_or(80);
-        let addr = (host.as_str(), port)
-            .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {host}: {e}"))?
-            .find(|a| a.is_ipv4())
-            .ok_or_else(|| format!("{host} has no IPv4 address"))?;
-        if !addr.ip().is_loopback() {
-            return Err(format!("refusing non-loopback target {addr}"));
-        }
+        let addr = resolve_loopback(&host, (host.as_str(), port))?;
         let src_ips = match &target.src_ips {
             Some(spec) => parse_src_ips(spec)?,
             None => Vec::new(),
@@ -123,6 +116,20 @@ impl Connector {
         }
         out
     }
+}
+
+/// The IPv4 address `addr` (named `name` in errors) resolves to; refuses
+/// anything but loopback.
+pub fn resolve_loopback(name: &str, addr: impl ToSocketAddrs) -> Result<SocketAddr, String> {
+    let addr = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {name}: {e}"))?
+        .find(|a| a.is_ipv4())
+        .ok_or_else(|| format!("{name} has no IPv4 address"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!("refusing non-loopback target {addr}"));
+    }
+    Ok(addr)
 }
 
 /// Runs `make(i, permit)` for every `i` in `0..n` as its own task, with at

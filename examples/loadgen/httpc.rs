@@ -2,11 +2,12 @@
 //! request in flight per connection, `Content-Length` bodies only (what
 //! swocloud answers).
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
+use crate::connect::resolve_loopback;
 use crate::{CONNECT_TIMEOUT, ECHO_TIMEOUT};
 
 /// A parsed `http://host:port/path` URL: the loopback address and the
@@ -19,14 +20,7 @@ pub fn parse_http_url(url: &str) -> Result<(SocketAddr, String, String), String>
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let addr = hostport
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {hostport}: {e}"))?
-        .find(|a| a.is_ipv4())
-        .ok_or_else(|| format!("{hostport} has no IPv4 address"))?;
-    if !addr.ip().is_loopback() {
-        return Err(format!("refusing non-loopback target {addr}"));
-    }
+    let addr = resolve_loopback(hostport, hostport)?;
     Ok((addr, hostport.to_string(), path.to_string()))
 }
 
