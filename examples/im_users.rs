@@ -10,6 +10,9 @@
 //! im_users --route 127.0.0.1:9500 --secret s --users 2000 --duration 600
 //! ```
 
+// A dev tool: a bad argument or no runtime ends it with a message.
+#![allow(clippy::expect_used)]
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -5,7 +5,7 @@
 # it never fails on slow figures, only on broken plumbing.
 #
 # It owns: building the release examples, starting each server on a free
-# port, driving it with examples/loadgen.rs, sampling the server process
+# port, driving it with examples/loadgen/, sampling the server process
 # tree's CPU time (/proc/PID/stat utime+stime) and RSS (/proc/PID/status
 # VmRSS), and cleaning every process it started (trap on exit).
 #

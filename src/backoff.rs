@@ -1,102 +1,161 @@
-//! [`Backoff`]: the one retry delay of the code base. It starts at a
-//! minimum, doubles on every failure up to a maximum, and returns to the
-//! minimum on success; optional jitter spreads a fleet's retries so they
-//! do not arrive in step.
+//! Exponential backoff: the one retry-delay policy of the crate.
+//!
+//! This module owns [`Backoff`], a delay that starts at `min`, doubles on
+//! every [`Backoff::next`] up to `max`, and goes back to `min` on
+//! [`Backoff::reset`] (after a success). With [`Backoff::with_jitter`] each
+//! delay handed out is scaled by a random factor in [50 %, 100 %], so peers
+//! that failed together (every IM server when the Route restarts) do not
+//! retry together.
+//!
+//! ```
+//! use std::time::Duration;
+//! use swocloud::backoff::Backoff;
+//!
+//! let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+//! let delays: Vec<u64> = (0..6).map(|_| b.next().as_millis() as u64).collect();
+//! assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
+//! b.reset();
+//! assert_eq!(b.next(), Duration::from_millis(100));
+//! ```
+//!
+//! It is plain data (no clock, no sleeping): the caller decides whether the
+//! delay is slept, armed on a timer wheel, or stored as a deadline.
 
+use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
-/// An exponential retry delay.
+/// A doubling delay between `min` and `max`, optionally jittered.
 #[derive(Debug, Clone)]
 pub struct Backoff {
-    min: Duration,     // first delay
-    max: Duration,     // ceiling
-    current: Duration, // delay the next failure gets
-    jitter: bool,      // spread each delay over [d/2, d]
+    min: Duration,     // first delay, and the delay after a reset
+    max: Duration,     // cap of the doubling
+    current: Duration, // the delay the next `next()` hands out (before jitter)
+    jitter: bool,      // scale each delay by [0.5, 1.0]
+    rng: u64,          // xorshift64 state; 0 until first used
 }
 
 impl Backoff {
-    /// A backoff from `min` doubling to `max`.
-    pub fn new(min: Duration, max: Duration) -> Backoff {
+    /// A backoff whose first delay is `min`, doubling up to `max` (a `max`
+    /// below `min` is raised to `min`).
+    pub const fn new(min: Duration, max: Duration) -> Backoff {
+        let max = if max.as_nanos() < min.as_nanos() {
+            min
+        } else {
+            max
+        };
         Backoff {
             min,
-            max: max.max(min),
+            max,
             current: min,
             jitter: false,
+            rng: 0,
         }
     }
 
-    /// The same with each delay drawn from `[d/2, d]`.
-    pub fn with_jitter(mut self) -> Backoff {
+    /// The same backoff with each delay scaled by a random factor in
+    /// [0.5, 1.0] ("equal jitter").
+    pub const fn with_jitter(mut self) -> Backoff {
         self.jitter = true;
         self
     }
 
-    /// The delay for this failure; the next one doubles (up to the maximum).
+    /// The delay to wait now; the following one doubles (capped at `max`).
+    #[allow(clippy::should_implement_trait)] // not an iterator: it never ends
     pub fn next(&mut self) -> Duration {
-        let d = self.current;
-        self.current = (self.current * 2).min(self.max);
+        let base = self.current;
+        self.current = self.current.saturating_mul(2).min(self.max);
         if self.jitter {
-            let half = d / 2;
-            let spread = half.as_nanos() as u64;
-            let r = if spread == 0 {
-                0
-            } else {
-                cheap_random() % spread
-            };
-            half + Duration::from_nanos(r)
+            base.mul_f64(self.factor())
         } else {
-            d
+            base
         }
     }
 
-    /// The delay the next failure would get, without counting one.
+    /// The delay [`next`](Self::next) will hand out (before jitter),
+    /// without advancing.
     pub fn peek(&self) -> Duration {
         self.current
     }
 
-    /// After a success: back to the minimum.
+    /// Back to `min`: call it after a success.
     pub fn reset(&mut self) {
         self.current = self.min;
     }
-}
 
-/// A cheap, non-cryptographic random number (jitter only).
-fn cheap_random() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish()
+    /// The first delay.
+    pub fn min(&self) -> Duration {
+        self.min
+    }
+
+    /// The longest delay.
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+
+    /// A factor in [0.5, 1.0) from a xorshift64 seeded by std's random
+    /// hasher keys (different in every process).
+    fn factor(&mut self) -> f64 {
+        if self.rng == 0 {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            self.rng = h.finish() | 1;
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        0.5 + (self.rng % 1000) as f64 / 2000.0
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const MS: Duration = Duration::from_millis(1);
+
     #[test]
-    fn doubles_to_the_ceiling_and_resets() {
-        let ms = Duration::from_millis;
-        let mut b = Backoff::new(ms(100), ms(500));
-        assert_eq!(b.next(), ms(100));
-        assert_eq!(b.next(), ms(200));
-        assert_eq!(b.next(), ms(400));
-        assert_eq!(b.next(), ms(500));
-        assert_eq!(b.next(), ms(500));
+    fn doubles_from_min_to_max_and_resets() {
+        let mut b = Backoff::new(100 * MS, 5000 * MS);
+        let got: Vec<Duration> = (0..9).map(|_| b.next()).collect();
+        let want: Vec<Duration> = [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]
+            .iter()
+            .map(|&n| n * MS)
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(b.peek(), 5000 * MS);
         b.reset();
-        assert_eq!(b.peek(), ms(100));
+        assert_eq!(b.peek(), 100 * MS);
+        assert_eq!(b.next(), 100 * MS);
+        assert_eq!((b.min(), b.max()), (100 * MS, 5000 * MS));
     }
 
     #[test]
-    fn jitter_stays_within_half_to_full() {
-        let ms = Duration::from_millis;
-        let mut b = Backoff::new(ms(100), ms(100)).with_jitter();
-        for _ in 0..100 {
-            let d = b.next();
-            assert!(d >= ms(50) && d <= ms(100), "{d:?}");
+    fn never_overflows() {
+        let mut b = Backoff::new(Duration::MAX / 4, Duration::MAX);
+        for _ in 0..10 {
+            assert!(b.next() <= Duration::MAX);
         }
+        assert_eq!(b.peek(), Duration::MAX);
+    }
+
+    #[test]
+    fn a_max_below_min_is_min() {
+        let mut b = Backoff::new(200 * MS, 100 * MS);
+        assert_eq!((b.next(), b.next()), (200 * MS, 200 * MS));
+    }
+
+    #[test]
+    fn jitter_stays_within_half_to_full_and_varies() {
+        let mut b = Backoff::new(100 * MS, 5000 * MS).with_jitter();
+        let mut plain = Backoff::new(100 * MS, 5000 * MS);
+        let mut factors = Vec::new();
+        for _ in 0..40 {
+            let base = plain.next();
+            let d = b.next();
+            assert!(d >= base / 2 && d <= base, "{d:?} of {base:?}");
+            factors.push(d.as_secs_f64() / base.as_secs_f64());
+        }
+        factors.dedup();
+        assert!(factors.len() > 1, "jitter varies: {factors:?}");
     }
 }

@@ -35,7 +35,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 
-use crate::process::scoreboard::{Row, Scoreboard};
+use crate::process::scoreboard::{Retired, Role, Row, Scoreboard};
 use crate::reactor::Response;
 
 /// Reads one figure of a scoreboard row.
@@ -136,11 +136,11 @@ impl Exposition {
     pub fn framework(&mut self, sb: &Scoreboard) {
         let rows = sb.snapshot();
         let t = sb.totals();
-        let retired = |i: usize| t.retired[i].load(Relaxed);
+        let retired = |c: Retired| t.retired(c);
         let sum = |f: &dyn Fn(&crate::process::scoreboard::RowSnapshot) -> u64| -> u64 {
             rows.iter().map(f).sum()
         };
-        let workers: Vec<_> = rows.iter().filter(|r| r.role == "worker").collect();
+        let workers: Vec<_> = rows.iter().filter(|r| r.role == Role::Worker).collect();
 
         self.gauge(
             "swocloud_connections_open",
@@ -152,31 +152,31 @@ impl Exposition {
             "swocloud_connections_accepted_total",
             "Connections accepted since the server started.",
             &[],
-            sum(&|r| r.accepted) + retired(0),
+            sum(&|r| r.accepted) + retired(Retired::Accepted),
         );
         self.counter(
             "swocloud_connections_closed_total",
             "Connections closed since the server started.",
             &[],
-            sum(&|r| r.closed) + retired(1),
+            sum(&|r| r.closed) + retired(Retired::Closed),
         );
         self.counter(
             "swocloud_requests_total",
             "HTTP requests plus WebSocket messages handled.",
             &[],
-            sum(&|r| r.requests) + retired(2),
+            sum(&|r| r.requests) + retired(Retired::Requests),
         );
         self.counter(
             "swocloud_messages_received_total",
             "WebSocket messages received.",
             &[],
-            sum(&|r| r.messages_in) + retired(3),
+            sum(&|r| r.messages_in) + retired(Retired::MessagesIn),
         );
         self.counter(
             "swocloud_messages_sent_total",
             "WebSocket messages sent.",
             &[],
-            sum(&|r| r.messages_out) + retired(4),
+            sum(&|r| r.messages_out) + retired(Retired::MessagesOut),
         );
         self.family(
             "swocloud_http_responses_total",
@@ -216,13 +216,13 @@ impl Exposition {
             "swocloud_redis_errors_total",
             "Failed Redis commands and connection attempts of the workers' links.",
             &[],
-            row_sum(&|r| ld(&r.redis_errors)) + ld(&t.retired_redis[0]),
+            row_sum(&|r| ld(&r.redis_errors)) + retired(Retired::RedisErrors),
         );
         self.counter(
             "swocloud_redis_reconnects_total",
             "Times a worker's Redis link came back after an outage.",
             &[],
-            row_sum(&|r| ld(&r.redis_reconnects)) + ld(&t.retired_redis[1]),
+            row_sum(&|r| ld(&r.redis_reconnects)) + retired(Retired::RedisReconnects),
         );
         for (name, help, f) in [
             (
@@ -273,7 +273,7 @@ impl Exposition {
             &[],
             workers.len() as u64,
         );
-        if let Some(m) = rows.iter().find(|r| r.role == "master") {
+        if let Some(m) = rows.iter().find(|r| r.role == Role::Master) {
             self.gauge(
                 "swocloud_uptime_seconds",
                 "Seconds since the master started.",
@@ -340,7 +340,7 @@ impl Exposition {
             let (id, pid) = (r.id.to_string(), r.pid.to_string());
             self.sample(
                 "swocloud_process_resident_memory_bytes",
-                &[("role", r.role), ("id", &id), ("pid", &pid)],
+                &[("role", r.role.name()), ("id", &id), ("pid", &pid)],
                 r.rss_kib * 1024,
             );
         }
@@ -390,7 +390,6 @@ fn escape(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::process::scoreboard::Role;
 
     #[test]
     fn sums_every_row_and_the_retired_ones() {

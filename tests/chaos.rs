@@ -29,6 +29,9 @@
 //! outside fault windows** (from each fault's recovery to the next fault,
 //! and in the baseline), and recovery within the deadline.
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::{HashMap, HashSet};
@@ -353,6 +356,8 @@ fn faults_one_at_a_time_under_traffic() {
         w.all_reachable().is_ok()
     });
     threads.push(sender_thread(route_addr(&w.c), sh.clone()));
+    // Deliberately lets traffic run 2 s before the fd baseline is taken, so
+    // it counts the steady state, not the start-up.
     std::thread::sleep(Duration::from_secs(2));
     let base: HashMap<String, usize> = w
         .daemons()
@@ -362,6 +367,7 @@ fn faults_one_at_a_time_under_traffic() {
     w.fd_base = base;
     w.check().expect("invariants before any fault");
     let baseline_start = Instant::now();
+    // The steady window before any fault: traffic only, nothing to wait on.
     std::thread::sleep(Duration::from_secs(3));
 
     type Fault = (&'static str, fn(&mut World) -> Box<dyn Fn(&World) -> bool>);
@@ -477,12 +483,12 @@ fn faults_one_at_a_time_under_traffic() {
         std::thread::sleep(Duration::from_secs(3));
     }
     let end_of_faults = Instant::now();
+    // A last steady window, so ids sent just before end_of_faults can arrive.
     std::thread::sleep(Duration::from_secs(2));
     sh.stop.store(true, Ordering::Relaxed);
     for t in threads {
         let _ = t.join();
     }
-    std::thread::sleep(Duration::from_millis(300));
 
     // Which window each acknowledged id belongs to, and whether it arrived.
     let received = sh.received.lock().unwrap().clone();

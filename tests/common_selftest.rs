@@ -4,6 +4,9 @@
 //! restarted, tiny std-only HTTP and WebSocket servers run in threads, and
 //! real child processes are spawned and killed.
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{Read, Write};
@@ -243,4 +246,25 @@ fn pid_alive_is_false_for_zombies_and_gone_processes() {
     child.wait().unwrap();
     assert!(!pid_alive(pid));
     assert_eq!(proc_cmdline(pid), None);
+}
+
+/// A Route or IM daemon never falls back on the shared Redis at
+/// 127.0.0.1:6379 (their default): without a `redis_url` it gets a dead one.
+#[test]
+fn daemons_never_default_to_the_shared_redis() {
+    for bin in [common::cluster::ROUTE_BIN, common::cluster::IM_BIN] {
+        let d = common::daemon::Daemon::new(bin, "worker_num = 1");
+        let text = std::fs::read_to_string(&d.config).unwrap();
+        assert!(
+            text.contains("redis_url = \"redis://127.0.0.1:") && !text.contains(":6379"),
+            "{bin}: {text}"
+        );
+        let redis = RedisServer::start();
+        let d = common::daemon::Daemon::new(bin, &format!("redis_url = \"{}\"", redis.url()));
+        let text = std::fs::read_to_string(&d.config).unwrap();
+        assert_eq!(text.matches("redis_url").count(), 1, "{text}");
+    }
+    let d = common::daemon::Daemon::new(&health_daemon_bin(), "worker_num = 1");
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    assert!(!text.contains("redis_url"), "{text}");
 }

@@ -5,6 +5,8 @@
 //! reload sees no reset; every fd not meant for a child is close-on-exec.
 //! The IM and Route tests are in `handover_cluster.rs`.
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(clippy::result_large_err)] // tungstenite's error type, as in tests/common
 
 mod common;
@@ -177,6 +179,8 @@ fn a_peer_mid_frame_is_finished_and_moved_or_closed_with_1012() {
     wait_until(Duration::from_secs(10), "the handover began", || {
         d.log().contains("is handing its connections over")
     });
+    // Deliberately finishes the frame some way into the 1 s boundary wait,
+    // not at its start: the case under test is a peer that is late.
     std::thread::sleep(Duration::from_millis(200));
     finishing.write_all(&f1[5..]).unwrap();
     let t0 = Instant::now();
@@ -228,6 +232,7 @@ fn a_connection_storm_during_reloads_sees_no_reset() {
             })
         })
         .collect();
+    // Lets the storm run before, between and after the reloads: pacing.
     std::thread::sleep(Duration::from_millis(300));
     for _ in 0..2 {
         let old = d.worker_pids();

@@ -3,6 +3,9 @@
 //! messaging; a reloaded Route keeps its IM servers' registrations in
 //! place (no removal, no re-registration in Redis).
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashMap;
@@ -140,7 +143,19 @@ fn a_route_reload_keeps_registrations_in_place() {
     });
     let (mut alice, _) = c.connect_user("alice");
     reload(&c.route);
-    std::thread::sleep(Duration::from_millis(1500)); // sweeps, renewals, IM heartbeats
+    // The new Route workers adopt the registrations, renew them (owner
+    // changes) and announce the rehome.
+    wait_until(
+        Duration::from_secs(10),
+        "every registration owned by a new Route worker, rehome announced",
+        || {
+            let after = details(&mut redis);
+            let moved = before
+                .iter()
+                .all(|(m, b)| after.get(m).is_some_and(|a| a["owner"] != b["owner"]));
+            moved && events.lock().unwrap().iter().any(|e| e.contains("rehome"))
+        },
+    );
     let after = details(&mut redis);
     for (member, b) in &before {
         let a = &after[member];

@@ -5,6 +5,9 @@
 //! so per-worker limits are exact) with a private Redis, on loopback; the
 //! "other client" comes from another 127.0.0.x address where that matters.
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{Read, Write};
@@ -65,6 +68,20 @@ fn get(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").into_bytes()
 }
 
+/// `swocloud_connections_open` from `/metrics`, asked from [`OTHER`] (so
+/// the ask is not refused by a cap on 127.0.0.1); 0 if unreadable.
+fn connections_open(d: &Daemon) -> u64 {
+    let mut s = tcp_from(OTHER, addr(d));
+    let _ = s.write_all(&get("/metrics"));
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf)
+        .lines()
+        .find_map(|l| l.strip_prefix("swocloud_connections_open "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// `/health` from another address answers 200: the server still serves.
 #[track_caller]
 fn still_serving(d: &Daemon) {
@@ -104,7 +121,11 @@ fn connections_per_ip_are_capped_at_accept_with_503() {
     let a = addr(&d);
     let lo = Ipv4Addr::LOCALHOST;
     let held: Vec<TcpStream> = (0..3).map(|_| tcp_from(lo, a)).collect();
-    std::thread::sleep(Duration::from_millis(200));
+    // The worker has accepted all three: open now are those and the
+    // scrape's own connection.
+    common::wait_until(WAIT, "three connections accepted", || {
+        connections_open(&d) >= 4
+    });
     assert_eq!(status_of(tcp_from(lo, a), &get("/health")), 503);
     still_serving(&d);
     // One of the three leaves: its address may connect again.
@@ -191,6 +212,7 @@ fn messages_per_second_past_the_budget_close_with_1008() {
         other
             .send_json(&json!({"method":"heartbeat","load":2}))
             .unwrap();
+        // Paces the peer at ~5 messages a second, within its budget.
         std::thread::sleep(Duration::from_millis(200));
     }
     other.send_json(&json!({"method":"nope"})).unwrap();

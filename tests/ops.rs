@@ -4,6 +4,9 @@
 //! traffic moves the counters, `/dashboard`, `/ready` following Redis, and
 //! the Route's section of `status`.
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashSet;
@@ -634,8 +637,21 @@ fn ready_turns_503_within_3s_of_redis_failing_and_200_after_it_returns() {
     );
     let st = d.status();
     assert_eq!(st["redis"]["ready"], false, "status shows the outage: {st}");
-    // Stay down past one sweep, so the workers' own links fail too.
-    std::thread::sleep(Duration::from_millis(3500));
+    // Stay down until the workers' own links have failed too (their next
+    // sweep, within 3 s), so the return is a reconnect of every link.
+    wait_until(
+        Duration::from_secs(10),
+        "every worker's Redis link down",
+        || {
+            let s = scrape(&d);
+            let up: Vec<f64> = s
+                .iter()
+                .filter(|x| x.name == "swocloud_worker_redis_up")
+                .map(|x| x.value)
+                .collect();
+            up.len() == 2 && up.iter().all(|&v| v == 0.0)
+        },
+    );
 
     redis.restart();
     let t0 = Instant::now();

@@ -4,12 +4,15 @@
 //! SIGKILL, rolling reload under load, parent-death cleanup, max_request,
 //! task round trips, and every refused start.
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
 use common::{
@@ -362,18 +365,30 @@ fn a_crash_looping_worker_is_respawned_with_backoff_not_in_a_fork_storm() {
     );
     std::fs::write(&flag, "1").unwrap();
     let victim = d.worker_pids()[0];
+    let t0 = Instant::now();
     kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    let crashes = |log: &str| log.matches("exited with code 70").count();
+    wait_until(
+        Duration::from_secs(10),
+        "five crashes of the respawned worker, the backoff logged",
+        || {
+            let log = d.log();
+            crashes(&log) >= 5 && log.contains("crash-looping")
+        },
+    );
+    // Respawn delays double from 100 ms from the second quick exit on, so
+    // five crashes take at least 100 + 200 + 400 ms (even if the killed
+    // worker's exit was not quick); a fork storm takes a few milliseconds.
+    let took = t0.elapsed();
     let log = d.log();
-    let crashes = log.matches("exited with code 70").count();
-    assert!(crashes >= 3, "the worker keeps being respawned:\n{log}");
     assert!(
-        crashes <= 10,
-        "backoff, not a fork storm: {crashes} crashes in 3 s\n{log}"
+        took >= Duration::from_millis(700),
+        "backoff, not a fork storm: five crashes in {took:?}\n{log}"
     );
     assert!(
-        log.contains("crash-looping"),
-        "the backoff is logged:\n{log}"
+        crashes(&log) <= 10,
+        "backoff, not a fork storm: {} crashes in {took:?}\n{log}",
+        crashes(&log)
     );
     std::fs::remove_file(&flag).unwrap();
     wait_until(

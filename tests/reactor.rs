@@ -2,8 +2,14 @@
 //! threads (stopped with a `StopHandle`), clients are tungstenite's blocking
 //! client or raw TCP when the test needs to send malformed bytes.
 //!
-//! Helpers are kept minimal and local so they can be swapped for
-//! `tests/common/` later.
+//! Polling, ports and the private Redis come from `tests/common`; the
+//! helpers here are the ones only this file needs (an in-process worker,
+//! raw frames).
+
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -20,6 +26,8 @@ use swocloud::reactor::{
     run_worker_until, Fd, Message, Request, Response, Server, StopHandle, WorkerContext, WorkerExit,
 };
 use tungstenite::Message as WsMsg;
+
+use common::wait_until;
 
 // ---- helpers -------------------------------------------------------------
 
@@ -120,15 +128,6 @@ fn single<A: App, F: FnOnce() -> A + Send + 'static>(s: Settings, make: F) -> Wo
         .postbox(Dest::Worker(0))
         .unwrap();
     spawn(s, pb, false, make)
-}
-
-#[track_caller]
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + WAIT;
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 type Ws = tungstenite::WebSocket<TcpStream>;
@@ -447,8 +446,8 @@ fn close_handshake_completes_and_on_close_runs() {
         }
     }
     assert!(saw_close, "the server echoed the close frame");
-    wait_until("on_close", || seen.closed.load(Ordering::SeqCst) == 1);
-    wait_until("connection count 0", || {
+    wait_until(WAIT, "on_close", || seen.closed.load(Ordering::SeqCst) == 1);
+    wait_until(WAIT, "connection count 0", || {
         w.row.connections.load(Ordering::Relaxed) == 0
     });
 }
@@ -502,7 +501,7 @@ fn oversize_output_to_a_non_reading_client_disconnects_it() {
     let (w, seen) = echo(settings(|s| s.buffer_output_size = 256 * 1024));
     let mut s = raw_ws(w.addr());
     s.write_all(&frame(0x1, true, b"flood:64", true)).unwrap();
-    wait_until("the slow reader to be cut", || {
+    wait_until(WAIT, "the slow reader to be cut", || {
         seen.closed.load(Ordering::SeqCst) == 1
     });
     assert_eq!(
@@ -592,7 +591,7 @@ fn past_max_conn_new_connections_get_503() {
     b.send(WsMsg::text("b")).unwrap();
     assert_eq!(next(&mut b), WsMsg::text("b"));
     drop(b);
-    wait_until("both closed", || {
+    wait_until(WAIT, "both closed", || {
         w.row.connections.load(Ordering::Relaxed) == 0
     });
     assert_serves(w.addr());
@@ -612,6 +611,8 @@ fn idle_connections_are_closed_while_active_ones_stay() {
     while t0.elapsed() < Duration::from_millis(1200) {
         active.send(WsMsg::Ping(Vec::new().into())).unwrap();
         assert!(matches!(active.read().unwrap(), WsMsg::Pong(_)));
+        // Paces the pings: the active connection must stay busy across
+        // several heartbeat checks (idle time 0.4 s) for 1.2 s.
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(
@@ -659,7 +660,7 @@ fn tick_fires_on_schedule_until_cleared_and_after_fires_once() {
         ticks: t,
         afters: a,
     });
-    wait_until("five ticks", || ticks.lock().unwrap().len() == 5);
+    wait_until(WAIT, "five ticks", || ticks.lock().unwrap().len() == 5);
     let v = ticks.lock().unwrap().clone();
     for pair in v.windows(2) {
         let gap = pair[1] - pair[0];
@@ -669,6 +670,8 @@ fn tick_fires_on_schedule_until_cleared_and_after_fires_once() {
         );
     }
     assert!(v[4] - t0 >= Duration::from_millis(140));
+    // Deliberately waits out five tick periods: nothing may fire, so there
+    // is no event to wait on.
     std::thread::sleep(Duration::from_millis(150));
     assert_eq!(ticks.lock().unwrap().len(), 5, "no tick after clear_timer");
     assert_eq!(afters.load(Ordering::SeqCst), 1);
@@ -809,11 +812,11 @@ fn ws_connect_dials_out_and_exchanges_messages() {
     let g = got.clone();
     let target = route.addr();
     let _im = single(settings(|_| {}), move || Dialer { target, got: g });
-    wait_until("the echo back", || {
+    wait_until(WAIT, "the echo back", || {
         got.lock().unwrap().first().map(String::as_str) == Some("hello route")
     });
     drop(route); // the route stops: 1001, then on_close on our side
-    wait_until("on_close", || {
+    wait_until(WAIT, "on_close", || {
         got.lock().unwrap().last().map(String::as_str) == Some("closed")
     });
 }
@@ -829,7 +832,7 @@ fn ws_connect_sets_tcp_nodelay() {
     let g = got.clone();
     let target = route.addr();
     let _im = single(settings(|_| {}), move || Dialer { target, got: g });
-    wait_until("the echo back", || {
+    wait_until(WAIT, "the echo back", || {
         got.lock().unwrap().first().map(String::as_str) == Some("hello route")
     });
     // The dialer runs in this process: find its socket (peer = the target).
@@ -856,7 +859,9 @@ fn ws_connect_to_a_closed_port_reports_on_close() {
     let got = Arc::new(Mutex::new(Vec::new()));
     let g = got.clone();
     let _w = single(settings(|_| {}), move || Dialer { target, got: g });
-    wait_until("on_close", || got.lock().unwrap().as_slice() == ["closed"]);
+    wait_until(WAIT, "on_close", || {
+        got.lock().unwrap().as_slice() == ["closed"]
+    });
 }
 
 // The worker's Redis client: tests/redis_client.rs.

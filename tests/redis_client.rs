@@ -4,6 +4,8 @@
 //! Redis is gone), durable requests survive an outage, and a silent
 //! pub/sub link is found by its probe while `/ready` says so.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic by design
+
 mod common;
 
 use std::collections::HashMap;

@@ -2,6 +2,9 @@
 //! encoding, atomic replace on re-registration, owner-only removal, lease
 //! renewal and reaping.
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use swocloud::cluster::link::Registration;

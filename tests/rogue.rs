@@ -10,6 +10,9 @@
 //! Asserted: Redis holds only the real server, no user message reaches a
 //! rogue socket, and `/api/send` reaches only the real user.
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};

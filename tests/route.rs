@@ -3,6 +3,9 @@
 //! (`examples/seed_client`) as separate processes that can be killed,
 //! frozen and thawed.
 
+// Tests report failures by panicking: unwrap and expect are the assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{BufRead, BufReader};
@@ -128,7 +131,9 @@ fn a_frozen_im_server_is_dropped_after_the_idle_time() {
         &["--name", "IM_F", "--ip", "127.0.0.2", "--port", "9100"],
     );
     assert!(im.line().contains("registered"));
-    // Alive and pinging: still there after more than the idle time.
+    // Alive and pinging: still there after more than the idle time. The
+    // sleep deliberately waits out that period (1.5 s idle + a sweep):
+    // nothing happens, so there is no event to wait on.
     std::thread::sleep(Duration::from_millis(2000));
     assert_eq!(members(&redis).len(), 1, "a pinging server is kept");
     im.proc.signal(Signal::SIGSTOP).unwrap();
@@ -263,6 +268,7 @@ fn without_redis_the_route_serves_from_cache_and_recovers() {
         let v = api_servers(&d);
         assert_eq!(v["count"], 2, "served from cache without Redis: {v}");
         assert_eq!(http_get(d.addr(), "/health").unwrap().0, 200);
+        // Paces the checks over a 2 s window without Redis.
         std::thread::sleep(Duration::from_millis(100));
     }
     let master = d.master_pid().unwrap();

@@ -5,6 +5,8 @@
 //! 50 ms, no IM server is dropped, and every message sent during the delay
 //! arrives after it, exactly once and in order per sender → receiver pair.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic by design
+
 mod common;
 
 use std::collections::HashMap;
@@ -55,12 +57,9 @@ fn a_slow_redis_stalls_no_loop_and_loses_no_message() {
     let mut receivers = Vec::new();
     let mut idle = Vec::new();
     for i in 0..8 {
-        let (a, ra) = c.connect_user(&format!("from{i}"));
-        let (b, rb) = c.connect_user(&format!("to{i}"));
+        let (a, _) = c.connect_user(&format!("from{i}"));
+        let (b, _) = c.connect_user(&format!("to{i}"));
         let (z, _) = c.connect_user(&format!("idle{i}"));
-        if ra["serviceName"] == rb["serviceName"] {
-            // Same server is fine too: the pair still crosses workers or not.
-        }
         senders.push(a);
         receivers.push(b);
         idle.push(z);
@@ -111,15 +110,12 @@ fn a_slow_redis_stalls_no_loop_and_loses_no_message() {
         let mut got = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(15);
         while (got.len() as u64) < want && Instant::now() < deadline {
-            match r.recv_timeout(Duration::from_millis(200)) {
-                Ok(Message::Text(t)) => {
-                    let v: Value = serde_json::from_str(t.as_str()).expect("json");
-                    if let Some(k) = v["data"]["n"].as_u64() {
-                        assert_eq!(v["from"], format!("from{i}"));
-                        got.push(k);
-                    }
+            if let Ok(Message::Text(t)) = r.recv_timeout(Duration::from_millis(200)) {
+                let v: Value = serde_json::from_str(t.as_str()).expect("json");
+                if let Some(k) = v["data"]["n"].as_u64() {
+                    assert_eq!(v["from"], format!("from{i}"));
+                    got.push(k);
                 }
-                _ => {}
             }
         }
         let expected: Vec<u64> = (0..want).collect();

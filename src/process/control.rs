@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::process::scoreboard::Scoreboard;
+use crate::process::scoreboard::{Role, Scoreboard};
 
 /// Binds the control socket, replacing a stale socket file.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
@@ -29,22 +29,22 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 /// The `status` document.
 pub fn status(sb: &Scoreboard, listen: &str, phase: &str) -> Value {
     let rows = sb.snapshot();
-    let one = |role: &str| {
+    let one = |role: Role| {
         rows.iter()
             .find(|r| r.role == role)
             .map(|r| json!({"pid": r.pid, "uptime_s": r.uptime_s, "rss_kib": r.rss_kib}))
     };
-    let mut workers: Vec<_> = rows.iter().filter(|r| r.role == "worker").collect();
+    let mut workers: Vec<_> = rows.iter().filter(|r| r.role == Role::Worker).collect();
     workers.sort_by_key(|r| (r.id, r.pid));
-    let mut tasks: Vec<_> = rows.iter().filter(|r| r.role == "task_worker").collect();
+    let mut tasks: Vec<_> = rows.iter().filter(|r| r.role == Role::TaskWorker).collect();
     tasks.sort_by_key(|r| (r.id, r.pid));
     let t = sb.totals();
     let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     json!({
         "listen": listen,
         "phase": phase,
-        "master": one("master"),
-        "manager": one("manager"),
+        "master": one(Role::Master),
+        "manager": one(Role::Manager),
         "workers": workers,
         "task_workers": tasks,
         "totals": {

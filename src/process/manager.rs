@@ -18,6 +18,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
+use crate::backoff::Backoff;
 use crate::config::Settings;
 use crate::event::{App, ServerInfo, WorkerFailure};
 use crate::logging;
@@ -33,6 +34,8 @@ const QUICK_EXIT: Duration = Duration::from_secs(1);
 const BACKOFF_START: Duration = Duration::from_millis(100);
 /// Longest respawn delay: a broken worker is retried, never in a fork storm.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The respawn delay of a crash-looping slot.
+const RESPAWN_BACKOFF: Backoff = Backoff::new(BACKOFF_START, BACKOFF_MAX);
 /// Exit code of a worker whose loop failed (panics and I/O errors).
 const EXIT_FAILED: i32 = 70;
 
@@ -80,10 +83,21 @@ struct Child {
 }
 
 /// Per-slot respawn policy state.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 struct SlotPolicy {
-    quick_exits: u32,
-    respawn_at: Option<Instant>,
+    quick_exits: u32,            // exits in a row within QUICK_EXIT of the spawn
+    respawn_at: Option<Instant>, // when the slot is respawned, if it is empty
+    backoff: Backoff,            // delay from the second quick exit on
+}
+
+impl Default for SlotPolicy {
+    fn default() -> Self {
+        SlotPolicy {
+            quick_exits: 0,
+            respawn_at: None,
+            backoff: RESPAWN_BACKOFF,
+        }
+    }
 }
 
 /// What the manager needs from the master.
@@ -458,8 +472,8 @@ impl<A: App> Manager<'_, A> {
                 .worker_replacements
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.policy[idx] = SlotPolicy {
-                quick_exits: 0,
                 respawn_at: Some(Instant::now()),
+                ..SlotPolicy::default()
             };
             return;
         }
@@ -490,12 +504,13 @@ impl<A: App> Manager<'_, A> {
         } else {
             0
         };
+        // One quick exit is respawned at once; from the second in a row on,
+        // 100 ms doubling up to 5 s.
         let delay = if p.quick_exits <= 1 {
+            p.backoff.reset();
             Duration::ZERO
         } else {
-            BACKOFF_START
-                .saturating_mul(1 << (p.quick_exits - 2).min(10))
-                .min(BACKOFF_MAX)
+            p.backoff.next()
         };
         if !delay.is_zero() {
             log::warn!(

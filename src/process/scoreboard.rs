@@ -11,8 +11,9 @@
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// What a row describes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a row describes. Serialized (in `status`) as its [`name`](Role::name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Role {
     /// The row is free.
     Free,
@@ -53,6 +54,62 @@ impl Role {
             Role::Manager => "manager",
             Role::Worker => "worker",
             Role::TaskWorker => "task_worker",
+        }
+    }
+}
+
+/// Compares with the [`name`](Role::name). Transitional: kept for callers
+/// that still compare a snapshot's role with a string (`src/im/registrar.rs`);
+/// compare with a `Role` instead, and remove this once none is left.
+impl PartialEq<&str> for Role {
+    fn eq(&self, other: &&str) -> bool {
+        self.name() == *other
+    }
+}
+
+/// A row counter that survives its process: [`Scoreboard::release`] folds
+/// it into [`Totals::retired`], so sums over the tree never go backwards.
+/// The discriminant is the index in that array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retired {
+    /// [`Row::accepted`].
+    Accepted,
+    /// [`Row::closed`].
+    Closed,
+    /// [`Row::requests`].
+    Requests,
+    /// [`Row::messages_in`].
+    MessagesIn,
+    /// [`Row::messages_out`].
+    MessagesOut,
+    /// [`Row::redis_errors`].
+    RedisErrors,
+    /// [`Row::redis_reconnects`].
+    RedisReconnects,
+}
+
+impl Retired {
+    /// Every retired counter, in index order.
+    pub const ALL: [Retired; 7] = [
+        Retired::Accepted,
+        Retired::Closed,
+        Retired::Requests,
+        Retired::MessagesIn,
+        Retired::MessagesOut,
+        Retired::RedisErrors,
+        Retired::RedisReconnects,
+    ];
+
+    /// The row's live counter this one retires.
+    pub fn of(self, r: &Row) -> &AtomicU64 {
+        match self {
+            Retired::Accepted => &r.accepted,
+            Retired::Closed => &r.closed,
+            Retired::Requests => &r.requests,
+            Retired::MessagesIn => &r.messages_in,
+            Retired::MessagesOut => &r.messages_out,
+            Retired::RedisErrors => &r.redis_errors,
+            Retired::RedisReconnects => &r.redis_reconnects,
         }
     }
 }
@@ -129,15 +186,20 @@ pub struct Totals {
     pub worker_replacements: AtomicU64,
     /// Reloads performed.
     pub reloads: AtomicU64,
-    /// Counters of processes that have exited, so sums never go backwards:
-    /// accepted, closed, requests, messages_in, messages_out.
-    pub retired: [AtomicU64; 5],
+    /// Counters of processes that have exited, so sums never go backwards,
+    /// indexed by [`Retired`] (read them with [`Totals::retired`]).
+    retired: [AtomicU64; Retired::ALL.len()],
     /// Retired `http_status` counters.
     pub retired_http: [AtomicU64; 5],
     /// Retired application counters.
     pub retired_app: [AtomicU64; APP_COUNTERS],
-    /// Retired `redis_errors` and `redis_reconnects`.
-    pub retired_redis: [AtomicU64; 2],
+}
+
+impl Totals {
+    /// The retired total of `counter` (processes that have exited).
+    pub fn retired(&self, counter: Retired) -> u64 {
+        self.retired[counter as usize].load(Relaxed)
+    }
 }
 
 /// The shared table.
@@ -153,8 +215,8 @@ pub struct RowSnapshot {
     /// Row index.
     #[serde(skip)]
     pub index: usize,
-    /// Role name.
-    pub role: &'static str,
+    /// Role (serialized as its name).
+    pub role: Role,
     /// Worker id.
     pub id: u32,
     /// Process id.
@@ -274,21 +336,15 @@ impl Scoreboard {
     /// Frees a row, folding its counters into the retired totals.
     pub fn release(&self, index: usize) {
         let r = &self.rows[index];
-        let t = &self.totals.retired;
-        t[0].fetch_add(r.accepted.load(Relaxed), Relaxed);
-        t[1].fetch_add(r.closed.load(Relaxed), Relaxed);
-        t[2].fetch_add(r.requests.load(Relaxed), Relaxed);
-        t[3].fetch_add(r.messages_in.load(Relaxed), Relaxed);
-        t[4].fetch_add(r.messages_out.load(Relaxed), Relaxed);
+        for c in Retired::ALL {
+            self.totals.retired[c as usize].fetch_add(c.of(r).load(Relaxed), Relaxed);
+        }
         for (dst, src) in self.totals.retired_http.iter().zip(&r.http_status) {
             dst.fetch_add(src.load(Relaxed), Relaxed);
         }
         for (dst, src) in self.totals.retired_app.iter().zip(&r.app) {
             dst.fetch_add(src.load(Relaxed), Relaxed);
         }
-        let redis = &self.totals.retired_redis;
-        redis[0].fetch_add(r.redis_errors.load(Relaxed), Relaxed);
-        redis[1].fetch_add(r.redis_reconnects.load(Relaxed), Relaxed);
         r.pid.store(0, Relaxed);
         r.role.store(Role::Free.as_u32(), Relaxed);
     }
@@ -306,7 +362,7 @@ impl Scoreboard {
                 }
                 Some(RowSnapshot {
                     index,
-                    role: role.name(),
+                    role,
                     id: r.worker_id.load(Relaxed),
                     pid: r.pid.load(Relaxed),
                     uptime_s: now.saturating_sub(r.started_ms.load(Relaxed)) / 1000,
@@ -386,11 +442,15 @@ mod tests {
         assert_eq!(snap.len(), 1);
         assert_eq!(
             (snap[0].role, snap[0].id, snap[0].pid, snap[0].requests),
-            ("worker", 2, 1234, 7)
+            (Role::Worker, 2, 1234, 7)
         );
+        assert_eq!(serde_json::to_value(&snap[0]).unwrap()["role"], "worker");
+        sb.row(i).redis_reconnects.store(2, Relaxed);
         sb.release(i);
         assert!(sb.snapshot().is_empty());
-        assert_eq!(sb.totals().retired[2].load(Relaxed), 7);
+        assert_eq!(sb.totals().retired(Retired::Requests), 7);
+        assert_eq!(sb.totals().retired(Retired::RedisReconnects), 2);
+        assert_eq!(sb.totals().retired(Retired::Accepted), 0);
         for _ in 0..4 {
             sb.claim(Role::Worker, 0).unwrap();
         }

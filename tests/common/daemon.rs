@@ -25,6 +25,12 @@ impl Daemon {
     }
 
     /// As [`Daemon::new`] on a chosen loopback address.
+    ///
+    /// The Route and IM binaries default `redis_url` to 127.0.0.1:6379, the
+    /// machine's shared Redis. A test must never reach it, so a daemon of
+    /// theirs whose `settings` give no `redis_url` gets one on a port where
+    /// nothing listens (Redis down); tests that need Redis pass
+    /// [`RedisServer::url`](super::RedisServer::url).
     pub fn on_host(bin: &str, host: &str, settings: &str) -> Daemon {
         let dir = temp_dir();
         // Free on that very address: a port in TIME_WAIT there (load tests
@@ -34,11 +40,17 @@ impl Daemon {
             Err(_) => free_port(),
         };
         let config = dir.path().join("swocloud.toml");
-        let text = format!(
+        let mut text = format!(
             "host = \"{host}\"\nport = {port}\npid_file = \"{}\"\nlog_file = \"{}\"\nmax_wait_time = 2.0\n{settings}\n",
             dir.path().join("swocloud.pid").display(),
             dir.path().join("swocloud.log").display()
         );
+        if defaults_to_shared_redis(bin) && !settings.contains("redis_url") {
+            text.push_str(&format!(
+                "redis_url = \"redis://127.0.0.1:{}/\"\n",
+                free_port()
+            ));
+        }
         std::fs::write(&config, text).unwrap();
         Daemon {
             bin: PathBuf::from(bin),
@@ -154,6 +166,13 @@ impl Daemon {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// Whether `bin` is one of the binaries whose `redis_url` defaults to
+/// 127.0.0.1:6379 (`src/route/settings.rs`, `src/im/settings.rs`).
+fn defaults_to_shared_redis(bin: &str) -> bool {
+    let name = Path::new(bin).file_name().and_then(|n| n.to_str());
+    matches!(name, Some("swocloud" | "swocloud-im"))
 }
 
 impl Drop for Daemon {

@@ -9,6 +9,8 @@
 //! already open.
 
 #![allow(dead_code)]
+// A test tool: a proxy that cannot bind is a failed test or benchmark.
+#![allow(clippy::expect_used)]
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

@@ -31,15 +31,23 @@ const READ_CHUNK: usize = 16 * 1024;
 /// The phase of a link.
 #[derive(Debug)]
 pub enum LinkState {
-    /// Down; the next attempt is due at the instant.
-    Down { retry_at: Instant },
+    /// Down.
+    Down {
+        /// When the next attempt is due.
+        retry_at: Instant,
+    },
     /// A TCP connect is under way.
     Connecting {
+        /// The socket.
         stream: mio::net::TcpStream,
+        /// When the connect began.
         since: Instant,
     },
     /// Connected.
-    Up { stream: mio::net::TcpStream },
+    Up {
+        /// The socket.
+        stream: mio::net::TcpStream,
+    },
 }
 
 /// What a read produced.

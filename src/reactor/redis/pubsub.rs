@@ -28,11 +28,20 @@ pub type Handler<A, S> = Box<dyn FnMut(&mut A, &mut S, &[u8])>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
     /// Not connected, or connected and no probe has come back yet.
-    Unverified { probe_sent: Option<Instant> },
-    /// A probe or a message came back; quiet since the instant.
-    Verified { last_heard: Instant },
-    /// Verified before; a probe is out since `sent`.
-    Probing { sent: Instant },
+    Unverified {
+        /// When the first probe on this connection went out.
+        probe_sent: Option<Instant>,
+    },
+    /// A probe or a message came back.
+    Verified {
+        /// When the link last delivered something.
+        last_heard: Instant,
+    },
+    /// Verified before; a probe is out.
+    Probing {
+        /// When it went out.
+        sent: Instant,
+    },
 }
 
 /// The subscriber connection.
