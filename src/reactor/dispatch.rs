@@ -262,6 +262,7 @@ impl<A: App> Reactor<A> {
                     self.srv.arm_redis_retry();
                 }
             }
+            TimerTask::AcceptRetry => self.accept_retry(),
             TimerTask::StopDeadline => {
                 if !self.srv.conns.is_empty() {
                     log::warn!(

@@ -54,6 +54,8 @@ pub(crate) enum TimerTask<A: App> {
     RedisRetry,
     /// The graceful stop's deadline.
     StopDeadline,
+    /// Accept again after a back-off (`accept.rs`).
+    AcceptRetry,
 }
 
 /// The application's view of its worker.
