@@ -25,7 +25,7 @@ use crate::process::scoreboard;
 use crate::process::signals::{self, Control};
 use crate::reactor::accept::AcceptPause;
 use crate::reactor::conn::{Conn, Phase};
-use crate::reactor::lifecycle::StopHandle;
+pub use crate::reactor::lifecycle::StopHandle;
 use crate::reactor::migrate::Migrate;
 use crate::reactor::redis_link::RedisLink;
 use crate::reactor::server::{Server, TimerTask};
@@ -76,7 +76,10 @@ pub(crate) struct Reactor<A: App> {
 
 impl<A: App> Reactor<A> {
     /// Builds the loop: registers the listener, signal pipe and inbox.
-    pub(crate) fn new(ctx: WorkerContext, stop: StopHandle) -> io::Result<(Reactor<A>, OnReady)> {
+    pub(crate) fn new(
+        mut ctx: WorkerContext,
+        stop: StopHandle,
+    ) -> io::Result<(Reactor<A>, OnReady)> {
         let ctxerr = |what: &str, e: io::Error| {
             io::Error::new(e.kind(), format!("worker {}: {what}: {e}", ctx.worker_id))
         };
@@ -85,8 +88,9 @@ impl<A: App> Reactor<A> {
         let waker =
             Arc::new(Waker::new(registry, WAKER).map_err(|e| ctxerr("creating the waker", e))?);
         stop.bind(waker);
-        let (migrate, lifecycle) = Migrate::new(ctx.handover, ctx.settings.max_wait_time);
-        let listener = match ctx.listener {
+        let (migrate, lifecycle) = Migrate::new(ctx.handover.take(), ctx.settings.max_wait_time);
+        let on_ready = ctx.on_ready.take();
+        let listener = match ctx.listener.take() {
             Some(l) => {
                 l.set_nonblocking(true)
                     .map_err(|e| ctxerr("listener nonblocking", e))?;
@@ -105,7 +109,7 @@ impl<A: App> Reactor<A> {
                 .register(&mut SourceFd(&fd), HANDOVER_RX, Interest::READABLE)
                 .map_err(|e| ctxerr("registering the handover socket", e))?;
         }
-        let admin_listener = match ctx.admin_listener {
+        let admin_listener = match ctx.admin_listener.take() {
             Some(l) => {
                 l.set_nonblocking(true)
                     .map_err(|e| ctxerr("admin listener nonblocking", e))?;
@@ -137,21 +141,9 @@ impl<A: App> Reactor<A> {
         let conn_registry = registry
             .try_clone()
             .map_err(|e| ctxerr("cloning the registry", e))?;
-        let srv = Server {
-            conns: ConnTable::new(conn_registry, ctx.settings.buffer_output_size, ctx.row),
-            timers: crate::reactor::timer::TimerWheel::new(),
-            postbox: ctx.postbox,
-            redis: RedisLink::new(ctx.settings.redis_url.as_deref()).with_row(ctx.row),
-            settings: ctx.settings,
-            worker_id: ctx.worker_id,
-            task_worker: ctx.task_worker,
-            row: ctx.row,
-            scoreboard: ctx.scoreboard,
-            emits: Vec::new(),
-            lifecycle,
-            next_task_id: 0,
-            next_task_worker: ctx.worker_id,
-        };
+        let conns = ConnTable::new(conn_registry, ctx.settings.buffer_output_size, ctx.row);
+        let redis = RedisLink::new(ctx.settings.redis_url.as_deref()).with_row(ctx.row);
+        let srv = Server::new(ctx, conns, lifecycle, redis);
         let r = Reactor {
             poll,
             listener,
@@ -164,7 +156,7 @@ impl<A: App> Reactor<A> {
             migrate,
             accept_pause: AcceptPause::default(),
         };
-        Ok((r, ctx.on_ready))
+        Ok((r, on_ready))
     }
 
     /// Runs start-up, the loop, and shutdown; returns why it ended.
