@@ -10,7 +10,7 @@
 //! ```text
 //!             finish_adoption              begin_handover
 //!  Adopting ─────────────────▶ Serving ──────────────────▶ HandingOver
-//!     │                          │                 (Gathering → AwaitAck → Acked)
+//!     │                          │                 (Gathering → AwaitAck → Finished)
 //!     │ begin_drain              │ begin_drain                   │ end
 //!     ▼                          ▼                               ▼
 //!  Draining{adoption} ──────▶ Draining ──────── end ─────────▶ Done
