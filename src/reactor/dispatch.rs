@@ -266,6 +266,7 @@ impl<A: App> Reactor<A> {
                     r.tick(self.srv.conns.registry(), Instant::now());
                 }
             }
+            TimerTask::AcceptRetry => self.accept_retry(),
             TimerTask::StopDeadline => {
                 if !self.srv.conns.is_empty() {
                     log::warn!(

@@ -8,13 +8,13 @@
 //!
 //! Readiness is edge-triggered: accept and drain until `WouldBlock` (a read
 //! that returns less than the buffer also ends a drain: the queue was empty);
-//! spurious events are harmless. The graceful stop lives here too. Hook
-//! calls, teardown and timers are in `dispatch.rs`.
+//! spurious events are harmless. The graceful stop's steps live here too;
+//! which step is due is the lifecycle's (`lifecycle.rs`) to say. Accepting
+//! is in `accept.rs`; hook calls, teardown and timers in `dispatch.rs`.
 
 use std::io::{self, Read};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -23,7 +23,9 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::event::{App, EventBus};
 use crate::process::scoreboard;
 use crate::process::signals::{self, Control};
-use crate::reactor::conn::{Conn, ConnKind, Phase};
+use crate::reactor::accept::AcceptPause;
+use crate::reactor::conn::{Conn, Phase};
+pub use crate::reactor::lifecycle::StopHandle;
 use crate::reactor::migrate::Migrate;
 use crate::reactor::redis::{RedisClient, Which};
 use crate::reactor::server::{Server, TimerTask};
@@ -62,43 +64,6 @@ pub(crate) fn token_of(key: usize) -> Token {
     Token(key + FIRST_CONN)
 }
 
-/// Stops a reactor from another thread (tests, or an application thread):
-/// sets a flag and wakes the loop.
-#[derive(Debug, Clone, Default)]
-pub struct StopHandle {
-    flag: Arc<AtomicBool>,
-    waker: Arc<Mutex<Option<Arc<Waker>>>>,
-}
-
-impl StopHandle {
-    /// A handle not yet bound to a loop (bound by `run_worker_until`).
-    pub fn new() -> StopHandle {
-        StopHandle::default()
-    }
-
-    /// Asks the loop to stop gracefully; works before the loop starts, too.
-    pub fn stop(&self) {
-        self.flag.store(true, Ordering::SeqCst);
-        if let Some(w) = self
-            .waker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            let _ = w.wake();
-        }
-    }
-
-    /// Whether a stop was asked for.
-    pub fn is_stopped(&self) -> bool {
-        self.flag.load(Ordering::SeqCst)
-    }
-
-    fn bind(&self, waker: Arc<Waker>) {
-        *self.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(waker);
-    }
-}
-
 /// One worker's loop state.
 pub(crate) struct Reactor<A: App> {
     pub(crate) poll: Poll,                                    // the epoll instance
@@ -109,12 +74,16 @@ pub(crate) struct Reactor<A: App> {
     pub(crate) scratch: Vec<u8>,                              // shared read buffer
     pub(crate) stop: StopHandle,                              // external stop trigger
     pub(crate) requests: u64,                                 // requests served (max_request)
-    pub(crate) migrate: Migrate,                              // handover state
+    pub(crate) migrate: Migrate,                              // handover link and reassembly
+    pub(crate) accept_pause: AcceptPause,                     // accept back-off (EMFILE, …)
 }
 
 impl<A: App> Reactor<A> {
     /// Builds the loop: registers the listener, signal pipe and inbox.
-    pub(crate) fn new(ctx: WorkerContext, stop: StopHandle) -> io::Result<(Reactor<A>, OnReady)> {
+    pub(crate) fn new(
+        mut ctx: WorkerContext,
+        stop: StopHandle,
+    ) -> io::Result<(Reactor<A>, OnReady)> {
         let ctxerr = |what: &str, e: io::Error| {
             io::Error::new(e.kind(), format!("worker {}: {what}: {e}", ctx.worker_id))
         };
@@ -123,8 +92,9 @@ impl<A: App> Reactor<A> {
         let waker =
             Arc::new(Waker::new(registry, WAKER).map_err(|e| ctxerr("creating the waker", e))?);
         stop.bind(waker);
-        let (migrate, lifecycle) = Migrate::new(ctx.handover, ctx.settings.max_wait_time);
-        let listener = match ctx.listener {
+        let (migrate, lifecycle) = Migrate::new(ctx.handover.take(), ctx.settings.max_wait_time);
+        let on_ready = ctx.on_ready.take();
+        let listener = match ctx.listener.take() {
             Some(l) => {
                 l.set_nonblocking(true)
                     .map_err(|e| ctxerr("listener nonblocking", e))?;
@@ -143,7 +113,7 @@ impl<A: App> Reactor<A> {
                 .register(&mut SourceFd(&fd), HANDOVER_RX, Interest::READABLE)
                 .map_err(|e| ctxerr("registering the handover socket", e))?;
         }
-        let admin_listener = match ctx.admin_listener {
+        let admin_listener = match ctx.admin_listener.take() {
             Some(l) => {
                 l.set_nonblocking(true)
                     .map_err(|e| ctxerr("admin listener nonblocking", e))?;
@@ -175,40 +145,24 @@ impl<A: App> Reactor<A> {
         let conn_registry = registry
             .try_clone()
             .map_err(|e| ctxerr("cloning the registry", e))?;
-        let srv = Server {
-            conns: ConnTable::new(conn_registry, ctx.settings.buffer_output_size, ctx.row),
-            timers: crate::reactor::timer::TimerWheel::new(),
-            postbox: ctx.postbox,
-            redis: match ctx.settings.redis_url.as_deref() {
-                None => None,
-                Some(url) => match RedisClient::new(
-                    url,
-                    (REDIS_CMD, REDIS_SUB),
-                    Duration::from_secs_f64(ctx.settings.redis_timeout.max(0.05)),
-                    ctx.worker_id,
-                    ctx.row,
-                ) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        log::error!("worker {}: {e}; running without Redis", ctx.worker_id);
-                        None
-                    }
-                },
+        let conns = ConnTable::new(conn_registry, ctx.settings.buffer_output_size, ctx.row);
+        let redis = match ctx.settings.redis_url.as_deref() {
+            None => None,
+            Some(url) => match RedisClient::new(
+                url,
+                (REDIS_CMD, REDIS_SUB),
+                Duration::from_secs_f64(ctx.settings.redis_timeout.max(0.05)),
+                ctx.worker_id,
+                ctx.row,
+            ) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    log::error!("worker {}: {e}; running without Redis", ctx.worker_id);
+                    None
+                }
             },
-            redis_late: Vec::new(),
-            settings: ctx.settings,
-            worker_id: ctx.worker_id,
-            task_worker: ctx.task_worker,
-            row: ctx.row,
-            scoreboard: ctx.scoreboard,
-            emits: Vec::new(),
-            resume: Vec::new(),
-            in_request: None,
-            early: None,
-            lifecycle,
-            next_task_id: 0,
-            next_task_worker: ctx.worker_id,
         };
+        let srv = Server::new(ctx, conns, lifecycle, redis);
         let r = Reactor {
             poll,
             listener,
@@ -219,8 +173,9 @@ impl<A: App> Reactor<A> {
             stop,
             requests: 0,
             migrate,
+            accept_pause: AcceptPause::default(),
         };
-        Ok((r, ctx.on_ready))
+        Ok((r, on_ready))
     }
 
     /// Runs start-up, the loop, and shutdown; returns why it ended.
@@ -348,76 +303,6 @@ impl<A: App> Reactor<A> {
         Ok(())
     }
 
-    /// Accepts until `WouldBlock` on both listeners.
-    pub(crate) fn accept_all(&mut self) {
-        self.accept_from(false);
-        self.accept_from(true);
-    }
-
-    /// Accepts until `WouldBlock` on the main or the admin listener. Past
-    /// `max_conn`, or past `max_conn_per_ip` for the peer's address, a
-    /// connection is answered 503 and closed at once — also when it meant to
-    /// upgrade: the answer goes out before its request is read.
-    pub(crate) fn accept_from(&mut self, admin: bool) {
-        loop {
-            let l = if admin {
-                &self.admin_listener
-            } else {
-                &self.listener
-            };
-            let Some(l) = l else { return };
-            let (stream, peer) = match l.accept() {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::warn!("worker {}: accept failed: {e}", self.srv.worker_id);
-                    return;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let over = self.srv.conns.len() >= self.srv.settings.max_conn;
-            let fd = self.srv.conns.next_fd();
-            let mut conn = Conn::new(fd, stream, peer, ConnKind::Http, Phase::Http);
-            conn.limits.admin = admin;
-            if let Err(e) = self.srv.conns.insert(conn) {
-                log::warn!(
-                    "worker {}: registering connection from {peer}: {e}",
-                    self.srv.worker_id
-                );
-                continue;
-            }
-            let Some(key) = self.srv.conns.key(fd) else {
-                continue;
-            };
-            let ip_ok = over
-                || self
-                    .srv
-                    .conns
-                    .admit_ip(fd, self.srv.settings.max_conn_per_ip);
-            self.srv.row.accepted.fetch_add(1, Relaxed);
-            if over {
-                log::warn!(
-                    "worker {}: fd {fd} ({peer}): max_conn {} reached, answering 503",
-                    self.srv.worker_id,
-                    self.srv.settings.max_conn
-                );
-                self.srv.conns[key].reject(503, "too many connections");
-                self.srv.close_gracefully(fd);
-            } else if !ip_ok {
-                log::warn!(
-                    "worker {}: fd {fd} ({peer}): max_conn_per_ip {} reached, answering 503",
-                    self.srv.worker_id,
-                    self.srv.settings.max_conn_per_ip
-                );
-                self.srv.conns[key].reject(503, "too many connections from your address");
-                self.srv.close_gracefully(fd);
-            } else {
-                self.srv.arm_handshake_timer(fd);
-            }
-        }
-    }
-
     fn on_signals(&mut self) {
         for c in signals::take_pending() {
             match c {
@@ -447,35 +332,6 @@ impl<A: App> Reactor<A> {
                     self.srv.mark_dirty(fd);
                 }
             }
-        }
-    }
-
-    /// An outbound connect progressed: on success queue the upgrade request.
-    fn finish_connect(&mut self, key: usize) {
-        let c = &mut self.srv.conns[key];
-        let fd = c.fd;
-        let failed = match c.stream.take_error() {
-            Ok(Some(e)) | Err(e) => Some(e),
-            Ok(None) => match c.stream.peer_addr() {
-                Ok(_) => None,
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => return, // still in progress
-                Err(e) => Some(e),
-            },
-        };
-        if let Some(e) = failed {
-            log::warn!(
-                "worker {}: fd {fd}: connect to {} failed: {e}",
-                self.srv.worker_id,
-                c.peer
-            );
-            self.srv.conns.doom(fd);
-            return;
-        }
-        if let Phase::Connecting { host, path } = &c.phase {
-            let (req, ws_key) = crate::reactor::websocket::client_request(host, path);
-            c.wbuf.extend_from_slice(&req);
-            c.phase = Phase::ClientHandshake { key: ws_key };
-            self.srv.mark_dirty(fd);
         }
     }
 

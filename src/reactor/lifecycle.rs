@@ -10,7 +10,7 @@
 //! ```text
 //!             finish_adoption              begin_handover
 //!  Adopting ─────────────────▶ Serving ──────────────────▶ HandingOver
-//!     │                          │                 (Gathering → AwaitAck → Acked)
+//!     │                          │                 (Gathering → AwaitAck → Finished)
 //!     │ begin_drain              │ begin_drain                   │ end
 //!     ▼                          ▼                               ▼
 //!  Draining{adoption} ──────▶ Draining ──────── end ─────────▶ Done
@@ -20,10 +20,15 @@
 //! A stop or handover *asked for* (a signal, `Server::stop`, `max_request`)
 //! is recorded in `Adopting`/`Serving` first (`ask`) and begun by the loop
 //! at the top of its next iteration (`due`), because beginning one runs
-//! hooks and only the loop can do that.
+//! hooks and only the loop can do that. A [`StopHandle`] asks from another
+//! thread.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use mio::Waker;
 
 use crate::reactor::{Fd, WorkerExit};
 
@@ -422,6 +427,43 @@ impl Lifecycle {
             Lifecycle::Done { exit } => *exit,
             _ => WorkerExit::Stopped,
         }
+    }
+}
+
+/// Stops a reactor from another thread (tests, or an application thread):
+/// sets a flag and wakes the loop.
+#[derive(Debug, Clone, Default)]
+pub struct StopHandle {
+    flag: Arc<AtomicBool>,
+    waker: Arc<Mutex<Option<Arc<Waker>>>>,
+}
+
+impl StopHandle {
+    /// A handle not yet bound to a loop (bound by `run_worker_until`).
+    pub fn new() -> StopHandle {
+        StopHandle::default()
+    }
+
+    /// Asks the loop to stop gracefully; works before the loop starts, too.
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        if let Some(w) = self
+            .waker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = w.wake();
+        }
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_stopped(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn bind(&self, waker: Arc<Waker>) {
+        *self.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(waker);
     }
 }
 

@@ -208,21 +208,14 @@ impl<A: App> Reactor<A> {
         let Some(out) = self.srv.lifecycle.outgoing_mut() else {
             return;
         };
-        let mut out = std::mem::replace(
-            out,
-            Outgoing {
-                began: now,
-                boundary_by: now,
-                send_by: now,
-                candidates: Vec::new(),
-                stage: Stage::Finished,
-            },
-        );
-        let mut next = None; // the stage change to apply once `out` is back
-        match out.stage {
+        let (stage, began, boundary_by, send_by) =
+            (out.stage, out.began, out.boundary_by, out.send_by);
+        // Lent out while the connections are looked at; put back below.
+        let mut candidates = std::mem::take(&mut out.candidates);
+        let moved = match stage {
             Stage::Gathering => {
                 let srv = &mut self.srv;
-                out.candidates.retain(|&fd| {
+                candidates.retain(|&fd| {
                     let Some(k) = srv.conns.key(fd) else {
                         return false;
                     };
@@ -231,28 +224,29 @@ impl<A: App> Reactor<A> {
                     keep
                 });
                 let mut waiting = 0;
-                for &fd in &out.candidates {
+                for &fd in &candidates {
                     if let Some(k) = srv.conns.key(fd) {
                         let c = &mut srv.conns[k];
                         c.parked |= c.at_boundary();
                         waiting += usize::from(!c.parked);
                     }
                 }
-                if waiting == 0 || now >= out.boundary_by {
-                    let (parked, stuck): (Vec<Fd>, Vec<Fd>) = out
-                        .candidates
+                if waiting == 0 || now >= boundary_by {
+                    let (parked, stuck): (Vec<Fd>, Vec<Fd>) = candidates
                         .iter()
                         .partition(|&&fd| srv.conns.key(fd).is_some_and(|k| srv.conns[k].parked));
                     for fd in stuck {
                         log::info!(
                             "worker {}: fd {fd} still mid-frame after {} ms; closing it with 1012",
                             srv.worker_id,
-                            now.duration_since(out.began).as_millis()
+                            now.duration_since(began).as_millis()
                         );
                         srv.disconnect(fd, SERVICE_RESTART, "service restart");
                     }
-                    let sent = self.send_parked(parked, out.send_by);
-                    next = Some(Some((sent, Instant::now() + ACK_WAIT)));
+                    let sent = self.send_parked(parked, send_by);
+                    self.srv.lifecycle.sent(sent, Instant::now() + ACK_WAIT)
+                } else {
+                    Ok(())
                 }
             }
             Stage::AwaitAck { until, sent } if now >= until => {
@@ -261,18 +255,13 @@ impl<A: App> Reactor<A> {
                     self.srv.worker_id,
                     ACK_WAIT.as_millis()
                 );
-                next = Some(None);
+                self.srv.lifecycle.ack_over(false).map(|_| ())
             }
-            _ => {}
-        }
-        if let Some(o) = self.srv.lifecycle.outgoing_mut() {
-            *o = out;
-        }
-        let moved = match next {
-            Some(Some((sent, until))) => self.srv.lifecycle.sent(sent, until),
-            Some(None) => self.srv.lifecycle.ack_over(false).map(|_| ()),
-            None => Ok(()),
+            _ => Ok(()),
         };
+        if let Some(o) = self.srv.lifecycle.outgoing_mut() {
+            o.candidates = candidates;
+        }
         if let Err(e) = moved {
             log::warn!("worker {}: {e}", self.srv.worker_id);
         }

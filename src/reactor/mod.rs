@@ -3,7 +3,8 @@
 //! and its Redis link.
 //!
 //! Layout:
-//! - `event_loop` — the loop itself: tokens, accept, read, flush, stop;
+//! - `event_loop` — the loop itself: tokens, read, flush, stop;
+//! - `accept` — accepting, admission, the back-off on `EMFILE`;
 //! - `dispatch` — calling hooks (panic-guarded), teardown, timers, IPC;
 //! - `server` — [`Server`], the handle hooks get, with Swoole's verbs;
 //! - `conn` — a connection: phase, owned buffers, the protocol step;
@@ -25,6 +26,7 @@
 //! [`run_worker_until`] (the same with a [`StopHandle`], for running a
 //! reactor on a thread in tests).
 
+mod accept;
 pub mod conn;
 mod dispatch;
 pub mod event_loop;
@@ -48,8 +50,8 @@ use crate::process::ipc::Postbox;
 use crate::process::scoreboard::{Row, Scoreboard};
 
 pub use conn::{ConnKind, ConnSnapshot, ConnectionInfo, PhaseName};
-pub use event_loop::StopHandle;
 pub use http::{Request, Response};
+pub use lifecycle::StopHandle;
 pub use server::{Server, TimerCallback};
 pub use timer::TimerId;
 pub use websocket::Message;

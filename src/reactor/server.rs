@@ -26,7 +26,7 @@ use crate::reactor::redis::{client::Callback, RedisClient, Reply, Request};
 use crate::reactor::table::ConnTable;
 use crate::reactor::timer::{TimerId, TimerWheel};
 use crate::reactor::websocket::Message;
-use crate::reactor::{Fd, WorkerExit};
+use crate::reactor::{Fd, WorkerContext, WorkerExit};
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -54,18 +54,18 @@ pub(crate) enum TimerTask<A: App> {
     RedisTick,
     /// The graceful stop's deadline.
     StopDeadline,
+    /// Accept again after a back-off (`accept.rs`).
+    AcceptRetry,
 }
 
 /// The application's view of its worker.
 pub struct Server<A: App> {
-    pub(crate) conns: ConnTable, // the connections and their before-sleep lists
+    pub(crate) conns: ConnTable, // connections, flush and teardown lists
     pub(crate) timers: TimerWheel<TimerTask<A>>, // app and reactor timers
     pub(crate) postbox: Postbox, // worker/task mailboxes
     pub(crate) settings: Arc<Settings>, // this server's settings
     pub(crate) worker_id: usize, // slot id
-    pub(crate) task_worker: bool, // task worker (no listener)
     pub(crate) row: &'static Row, // our scoreboard row
-    pub(crate) scoreboard: Scoreboard, // everyone's rows
     pub(crate) redis: Option<RedisClient<A, Server<A>>>, // the worker's Redis (none: no redis_url)
     pub(crate) redis_late: Vec<(Callback<A, Server<A>>, Reply)>, // completions with no client
     pub(crate) resume: Vec<Fd>,  // HTTP connections answered late: decode what waited
@@ -73,8 +73,10 @@ pub struct Server<A: App> {
     pub(crate) early: Option<crate::reactor::Response>, // its answer, given before it returned later()
     pub(crate) emits: Vec<(String, Vec<Value>)>,        // deferred bus triggers
     pub(crate) lifecycle: Lifecycle, // adopting, serving, draining, handing over, done
-    pub(crate) next_task_id: u64,    // task id counter
-    pub(crate) next_task_worker: usize, // round-robin cursor
+    task_worker: bool,               // task worker (no listener)
+    scoreboard: Scoreboard,          // everyone's rows
+    next_task_id: u64,               // task id counter
+    next_task_worker: usize,         // round-robin cursor
 }
 
 impl<A: App> std::fmt::Debug for Server<A> {
@@ -89,6 +91,37 @@ impl<A: App> std::fmt::Debug for Server<A> {
 }
 
 impl<A: App> Server<A> {
+    /// The handle of a worker about to start: `ctx`'s mailboxes, settings
+    /// and scoreboard (its listeners, handover link and readiness callback
+    /// were taken by the loop), the connection table, the lifecycle and
+    /// the Redis link.
+    pub(crate) fn new(
+        ctx: WorkerContext,
+        conns: ConnTable,
+        lifecycle: Lifecycle,
+        redis: Option<RedisClient<A, Server<A>>>,
+    ) -> Server<A> {
+        Server {
+            conns,
+            timers: TimerWheel::new(),
+            postbox: ctx.postbox,
+            redis,
+            redis_late: Vec::new(),
+            resume: Vec::new(),
+            in_request: None,
+            early: None,
+            settings: ctx.settings,
+            worker_id: ctx.worker_id,
+            task_worker: ctx.task_worker,
+            row: ctx.row,
+            scoreboard: ctx.scoreboard,
+            emits: Vec::new(),
+            lifecycle,
+            next_task_id: 0,
+            next_task_worker: ctx.worker_id,
+        }
+    }
+
     fn conn_mut(&mut self, fd: Fd) -> Option<&mut Conn> {
         self.conns.conn_mut(fd)
     }

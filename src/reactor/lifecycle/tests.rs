@@ -7,6 +7,7 @@ enum Ev {
     Ask,
     AskReplacement,
     FinishAdoption,
+    ExtendAdoption,
     Drain,
     HandOver,
     Sent,
@@ -14,10 +15,11 @@ enum Ev {
     End,
 }
 
-const EVENTS: [Ev; 8] = [
+const EVENTS: [Ev; 9] = [
     Ev::Ask,
     Ev::AskReplacement,
     Ev::FinishAdoption,
+    Ev::ExtendAdoption,
     Ev::Drain,
     Ev::HandOver,
     Ev::Sent,
@@ -88,6 +90,7 @@ fn fire(lc: &mut Lifecycle, ev: Ev, now: Instant) -> bool {
         Ev::Ask => lc.ask(WorkerExit::Stopped),
         Ev::AskReplacement => lc.ask_replacement(),
         Ev::FinishAdoption => lc.finish_adoption("test").is_ok(),
+        Ev::ExtendAdoption => lc.extend_adoption(now + Duration::from_secs(1)).is_ok(),
         Ev::Drain => lc.begin_drain(WorkerExit::Stopped).is_ok(),
         Ev::HandOver => lc.begin_handover(out(now, Stage::Gathering)).is_ok(),
         Ev::Sent => lc.sent(1, now).is_ok(),
@@ -102,12 +105,18 @@ const LEGAL: &[(&str, Ev, &str)] = &[
     ("adopting", Ev::Ask, "Adopting"),
     ("adopting", Ev::AskReplacement, "Adopting"),
     ("adopting", Ev::FinishAdoption, "Serving"),
+    ("adopting", Ev::ExtendAdoption, "Adopting"),
     ("adopting", Ev::Drain, "Draining (still adopting)"),
     ("serving", Ev::Ask, "Serving"),
     ("serving", Ev::AskReplacement, "Serving"),
     ("serving", Ev::Drain, "Draining"),
     ("serving", Ev::HandOver, "HandingOver (gathering)"),
     ("draining+adopting", Ev::FinishAdoption, "Draining"),
+    (
+        "draining+adopting",
+        Ev::ExtendAdoption,
+        "Draining (still adopting)",
+    ),
     ("draining", Ev::End, "Done"),
     ("gathering", Ev::Sent, "HandingOver (awaiting the ACK)"),
     ("await-ack", Ev::Ack, "HandingOver (finished)"),
