@@ -4,6 +4,8 @@
 //! the listener. This binary holds one test only, because it lowers the
 //! whole process's `RLIMIT_NOFILE` and fills its fd table.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic by design
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
