@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::auth;
+use crate::backoff::Backoff;
 use crate::cluster::link::{Addressed, ImFrame, Registration};
 use crate::event::App;
 use crate::im::settings::ImSettings;
@@ -54,7 +55,7 @@ pub struct Identity {
 }
 
 /// Worker 0's link to the Route.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RouteLink {
     /// `ws://` URL of the Route.
     url: String,
@@ -65,14 +66,12 @@ pub struct RouteLink {
     fd: Option<Fd>,
     /// Whether the Route acknowledged the registration.
     registered: bool,
-    /// Failed dials in a row.
-    attempts: u32,
+    /// Redial delay (exponential, capped, jittered).
+    backoff: Backoff,
     /// Frames waiting for the link.
     queue: VecDeque<String>,
     /// Forwards dropped because the queue was full.
     dropped: u64,
-    /// xorshift state for the jitter.
-    rng: u64,
     /// The server is draining: tell the Route once registered.
     draining: bool,
     /// Where the Route is (made at the first dial, in the worker).
@@ -126,25 +125,9 @@ fn split_ws_url(url: &str) -> Result<(&str, u16, &str, String), String> {
 }
 
 impl RouteLink {
-    fn jitter(&mut self) -> f64 {
-        if self.rng == 0 {
-            self.rng = u64::from(std::process::id()) << 32
-                | crate::process::scoreboard::now_ms() & 0xffff_ffff
-                | 1;
-        }
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        0.5 + (self.rng % 1000) as f64 / 2000.0
-    }
-
     /// The next redial delay: exponential, capped, with 50–100 % jitter.
     fn next_delay(&mut self) -> Duration {
-        let base = BACKOFF_START
-            .saturating_mul(1 << self.attempts.min(8))
-            .min(BACKOFF_MAX);
-        self.attempts += 1;
-        base.mul_f64(self.jitter())
+        self.backoff.next()
     }
 
     /// The link for these settings and this identity.
@@ -153,7 +136,13 @@ impl RouteLink {
             url: cfg.route_url.clone(),
             auth_secret: cfg.auth_secret.clone(),
             identity,
-            ..RouteLink::default()
+            backoff: Backoff::new(BACKOFF_START, BACKOFF_MAX).with_jitter(),
+            fd: None,
+            registered: false,
+            queue: VecDeque::new(),
+            dropped: 0,
+            draining: false,
+            target: None,
         }
     }
 
@@ -252,7 +241,7 @@ impl RouteLink {
         if let Some(fd) = self.fd {
             srv.set_attr(fd, ATTR_ROUTE_REGISTERED, Value::Bool(true));
         }
-        self.attempts = 0;
+        self.backoff.reset();
         log::info!(
             "im: registered with the Route as {} (epoch {})",
             self.identity.service_name,
@@ -354,7 +343,7 @@ mod tests {
         assert_eq!(parse_ws_url("ws://127.0.0.1:9500").unwrap().path, "/");
         assert!(parse_ws_url("http://x").is_err());
         assert!(parse_ws_url("ws://no-port/").is_err());
-        let mut r = RouteLink::default();
+        let mut r = RouteLink::new(&ImSettings::default(), Identity::default());
         let delays: Vec<Duration> = (0..12).map(|_| r.next_delay()).collect();
         assert!(delays[0] <= BACKOFF_START && delays[0] >= BACKOFF_START / 2);
         assert!(delays.iter().all(|d| *d <= BACKOFF_MAX));

@@ -54,7 +54,7 @@ pub fn load<A: App>(srv: &Server<A>) -> u64 {
     let sb = srv.scoreboard();
     sb.snapshot()
         .iter()
-        .filter(|r| r.role == "worker")
+        .filter(|r| r.role == crate::process::scoreboard::Role::Worker)
         .map(|r| sb.row(r.index).app[USERS].load(Relaxed))
         .sum()
 }

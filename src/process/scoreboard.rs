@@ -58,15 +58,6 @@ impl Role {
     }
 }
 
-/// Compares with the [`name`](Role::name). Transitional: kept for callers
-/// that still compare a snapshot's role with a string (`src/im/registrar.rs`);
-/// compare with a `Role` instead, and remove this once none is left.
-impl PartialEq<&str> for Role {
-    fn eq(&self, other: &&str) -> bool {
-        self.name() == *other
-    }
-}
-
 /// A row counter that survives its process: [`Scoreboard::release`] folds
 /// it into [`Totals::retired`], so sums over the tree never go backwards.
 /// The discriminant is the index in that array.
