@@ -132,6 +132,11 @@ struct EchoArgs {
     /// Connection attempts in flight while connecting.
     #[arg(long, default_value_t = 200)]
     connect_concurrency: usize,
+    /// Our WebSocket read and write buffer size in bytes (default: the
+    /// message size within 4 KiB..128 KiB, so large messages are not read
+    /// 4 KiB at a time while small ones keep the 4 KiB of the other modes).
+    #[arg(long)]
+    buffer: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -446,7 +451,13 @@ impl ErrorLog {
 // ---------------------------------------------------------------------------
 
 async fn echo(args: EchoArgs) -> Result<serde_json::Value, String> {
-    let connector = Arc::new(Connector::new(&args.target)?);
+    let mut connector = Connector::new(&args.target)?;
+    let buffer = args.buffer.unwrap_or(args.size.clamp(4096, 128 * 1024));
+    connector.config = connector
+        .config
+        .read_buffer_size(buffer)
+        .write_buffer_size(buffer);
+    let connector = Arc::new(connector);
     let errors = Arc::new(ErrorLog::default());
     let t0 = Instant::now();
     let conns = connector

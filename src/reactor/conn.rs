@@ -19,6 +19,7 @@ use mio::net::TcpStream;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::reactor::deflate::{Codec, Params, PerConn};
 use crate::reactor::http::{self, Parsed, Request};
 use crate::reactor::timer::TimerId;
 use crate::reactor::websocket::{
@@ -112,6 +113,14 @@ pub struct ConnSnapshot {
     pub fragments: Option<Fragments>,
     /// We already sent a close frame.
     pub close_sent: bool,
+    /// permessage-deflate as agreed, if it was. Only parameters travel:
+    /// without context takeover no zlib state outlives a message; with
+    /// the server's, the successor starts a fresh compressor (valid: a
+    /// peer's inflater accepts a stream that stops referring to earlier
+    /// messages); with the client's, the connection does not move (see
+    /// [`Conn::movable`]).
+    #[serde(default)]
+    pub deflate: Option<Params>,
     /// Received bytes not yet consumed (a partial frame or request).
     #[serde(with = "crate::reactor::handover::b64")]
     pub read_buffer: Vec<u8>,
@@ -240,6 +249,8 @@ impl Conn {
                 role,
                 frag: snap.fragments.map(Box::new),
                 close_sent: false,
+                body: None,
+                deflate: snap.deflate.map(|p| Box::new(PerConn::new(p))),
             }),
             (p, r) => return Err(format!("phase {p:?} (role {r:?}) cannot move")),
         };
@@ -265,17 +276,22 @@ impl Conn {
     pub fn at_boundary(&self) -> bool {
         match &self.phase {
             Phase::Http => true,
-            Phase::WebSocket(st) => !st.close_sent && self.rbuf.is_empty(),
+            Phase::WebSocket(st) => !st.close_sent && self.rbuf.is_empty() && st.body.is_none(),
             _ => false,
         }
     }
 
     /// Whether this connection is of a kind a handover moves (possibly
     /// after waiting for a frame boundary).
+    /// A WebSocket whose peer compresses with context takeover cannot move:
+    /// its inflater's window (the peer's earlier messages) is zlib state.
     pub fn movable(&self) -> bool {
         match &self.phase {
             Phase::Http => true,
-            Phase::WebSocket(st) => !st.close_sent,
+            Phase::WebSocket(st) => {
+                !st.close_sent
+                    && !matches!(st.deflate_params(), Some(p) if !p.client_no_context_takeover)
+            }
             _ => false,
         }
     }
@@ -305,7 +321,9 @@ impl Conn {
     pub fn queue_message(&mut self, msg: &Message) -> bool {
         match &self.phase {
             Phase::WebSocket(st) if !st.close_sent => {
-                ws::encode_message(&mut self.wbuf, st.role, msg);
+                let role = st.role;
+                self.compact_output();
+                ws::encode_message(&mut self.wbuf, role, msg);
                 true
             }
             _ => false,
@@ -332,13 +350,8 @@ impl Conn {
             match self.stream.write(&self.wbuf[self.wpos..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.wpos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.wpos > 64 * 1024 && self.wpos * 2 > self.wbuf.len() {
-                        self.wbuf.drain(..self.wpos);
-                        self.wpos = 0;
-                    }
-                    return Ok(false);
-                }
+                // No compaction here: it happens when more is appended.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -351,17 +364,19 @@ impl Conn {
     /// Consumes at most one unit (request, frame, handshake response) from
     /// the front of `input`, which may be unmasked in place. Returns what
     /// the loop must do and how many bytes were used. Never panics on bad
-    /// input; `stopping` refuses new upgrades with 503.
+    /// input; `stopping` refuses new upgrades with 503. `codec` holds the
+    /// worker's compression settings and shared (de)compressors.
     pub fn decode_next(
         &mut self,
         input: &mut [u8],
         max_len: usize,
         stopping: bool,
+        codec: &mut Codec,
     ) -> (Inbound, usize) {
         match &mut self.phase {
-            Phase::Http => self.decode_http(input, max_len, stopping),
+            Phase::Http => self.decode_http(input, max_len, stopping, codec),
             Phase::WebSocket(st) => {
-                let decoded = ws::decode_one(st, input, max_len);
+                let decoded = ws::decode_frame(st, input, max_len, codec);
                 let role = st.role;
                 let close_sent = st.close_sent;
                 match decoded {
@@ -423,7 +438,13 @@ impl Conn {
         }
     }
 
-    fn decode_http(&mut self, input: &[u8], max_len: usize, stopping: bool) -> (Inbound, usize) {
+    fn decode_http(
+        &mut self,
+        input: &[u8],
+        max_len: usize,
+        stopping: bool,
+        codec: &Codec,
+    ) -> (Inbound, usize) {
         match http::parse_request(input, max_len) {
             Parsed::Partial => (Inbound::NeedMore, 0),
             Parsed::Reject(status, why) => {
@@ -441,10 +462,12 @@ impl Conn {
                     self.reject(503, "server is stopping");
                     return (Inbound::Closing, input.len());
                 }
-                match ws::accept_upgrade(&req) {
-                    Ok(resp) => {
+                match ws::accept_upgrade_with(&req, Some(&codec.cfg)) {
+                    Ok((resp, agreed)) => {
                         self.wbuf.extend_from_slice(&resp);
-                        self.phase = Phase::WebSocket(WsState::new(Role::Server));
+                        let mut st = WsState::new(Role::Server);
+                        st.deflate = agreed.map(|p| Box::new(PerConn::new(p)));
+                        self.phase = Phase::WebSocket(st);
                         self.kind = ConnKind::WebSocket;
                         self.path = Some(req.path.clone());
                         self.opened = true;
@@ -498,12 +521,17 @@ impl Conn {
             ),
             Phase::Closing => (PhaseName::Closing, None, None, true),
         };
+        let deflate = match &self.phase {
+            Phase::WebSocket(st) => st.deflate_params(),
+            _ => None,
+        };
         ConnSnapshot {
             info: self.info(worker_id),
             phase,
             role,
             fragments,
             close_sent,
+            deflate,
             read_buffer: self.rbuf.clone(),
             write_buffer: self.wbuf[self.wpos..].to_vec(),
             attrs: self.attrs.as_deref().cloned().unwrap_or_default(),

@@ -10,6 +10,9 @@
 //! - `http` — requests, responses, the two-phase parser;
 //! - `limits` — connections per IP and messages per second per connection;
 //! - `websocket` — handshakes and the frame codec (tungstenite framing);
+//! - `frame` — the large-frame path: payloads read straight into the
+//!   message buffer, large pushes written with `writev`;
+//! - `deflate` — permessage-deflate (RFC 7692): negotiation, (de)compressors;
 //! - `timer` — the hashed timer wheel;
 //! - `redis_link` — the worker's Redis connection with backoff;
 //! - `handover` — the wire protocol that moves connections between the
@@ -21,8 +24,10 @@
 //! reactor on a thread in tests).
 
 pub mod conn;
+pub mod deflate;
 mod dispatch;
 pub mod event_loop;
+pub mod frame;
 pub mod handover;
 pub mod http;
 pub mod limits;

@@ -4,7 +4,9 @@
 //!
 //! Verbs act at once where they can: `push` encodes straight into the
 //! connection's write buffer, which the loop flushes once per iteration
-//! ("before sleep", as Redis's ae does). What cannot happen inside a hook —
+//! ("before sleep", as Redis's ae does); a large payload with nothing
+//! queued ahead of it is written at once with `writev` from the message's
+//! own bytes (see `frame.rs`). What cannot happen inside a hook —
 //! tearing a connection down, which runs `on_close`, and event-bus triggers
 //! from `emit` — is recorded and done by the loop after the hook returns.
 
@@ -81,6 +83,7 @@ pub struct Server<A: App> {
     pub(crate) next_task_id: u64,       // task id counter
     pub(crate) next_task_worker: usize, // round-robin cursor
     pub(crate) per_ip: crate::reactor::limits::IpCounter, // max_conn_per_ip
+    pub(crate) codec: crate::reactor::deflate::Codec, // permessage-deflate, shared
 }
 
 impl<A: App> std::fmt::Debug for Server<A> {
@@ -160,10 +163,10 @@ impl<A: App> Server<A> {
     /// open WebSocket, or was just cut for exceeding `buffer_output_size`.
     pub fn push(&mut self, fd: Fd, msg: impl Into<Message>) -> bool {
         let msg = msg.into();
-        let Some(c) = self.conn_mut(fd) else {
+        let Some(key) = self.key(fd) else {
             return false;
         };
-        if !c.queue_message(&msg) {
+        if !self.conns[key].queue_owned(msg, &mut self.codec) {
             return false;
         }
         self.row.messages_out.fetch_add(1, Relaxed);

@@ -21,6 +21,7 @@
 
 pub mod cluster;
 pub mod daemon;
+pub mod frames;
 
 use std::fs;
 use std::io::{self, Read, Write};
