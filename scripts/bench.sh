@@ -23,6 +23,10 @@
 #          BENCH_LARGE_SIZES, BENCH_LARGE_CONNS connections with one message
 #          in flight each: msgs/s and server CPU microseconds per message
 #          (issue 17's goal: ours <= 0.8x the peer's).
+#   deflate ours only (the peer has no permessage-deflate): BENCH_DEFLATE_CONNS
+#          connections echo BENCH_DEFLATE_SIZE-byte chat-like JSON, compressed
+#          (websocket_compression=true, loadgen --compress) and not: server
+#          CPU microseconds per message and bytes on the wire per message.
 #
 # Environment (defaults in brackets; BENCH_QUICK=1 makes everything tiny):
 #   BENCH_CONNS [1000] BENCH_SIZE [64] BENCH_DURATION [10] BENCH_WARMUP [2]
@@ -43,6 +47,9 @@
 #     is missing, so e.g. BENCH_OURS_CMD set to the peer's command tests the
 #     plumbing)
 #   BENCH_OUT [target/bench]: logs and summary.txt
+#   BENCH_SKIP_BUILD [0]: 1 runs the binaries as they are (e.g. to compare
+#     builds of two commits through BENCH_OURS_CMD)
+#   BENCH_LOADGEN [target/release/examples/loadgen]
 #
 # Usage: scripts/bench.sh            # full run, a few minutes
 #        BENCH_QUICK=1 scripts/bench.sh   # smoke check, under a minute
@@ -70,6 +77,8 @@ BENCH_LOADGEN_THREADS=${BENCH_LOADGEN_THREADS:-1}
 BENCH_LARGE_SIZES=${BENCH_LARGE_SIZES:-65536 1048576}
 BENCH_LARGE_CONNS=${BENCH_LARGE_CONNS:-4}
 BENCH_LARGE_DURATION=${BENCH_LARGE_DURATION:-$BENCH_DURATION}
+BENCH_DEFLATE_CONNS=${BENCH_DEFLATE_CONNS:-50}
+BENCH_DEFLATE_SIZE=${BENCH_DEFLATE_SIZE:-1024}
 BENCH_MODES=${BENCH_MODES:-echo idle storm}
 DEFAULT_OURS_CMD='target/release/examples/echo --port {port} --workers {workers} --set max_conn=20000'
 DEFAULT_PEER_CMD='target/release/examples/tokio_echo --port {port} --threads {workers}'
@@ -77,7 +86,7 @@ BENCH_OURS_CMD=${BENCH_OURS_CMD:-$DEFAULT_OURS_CMD}
 BENCH_PEER_CMD=${BENCH_PEER_CMD:-$DEFAULT_PEER_CMD}
 BENCH_OUT=${BENCH_OUT:-target/bench}
 
-LOADGEN=target/release/examples/loadgen
+LOADGEN=${BENCH_LOADGEN:-target/release/examples/loadgen}
 CLK_TCK=$(getconf CLK_TCK)
 FD_LIMIT_PER_PROC=18000
 
@@ -278,7 +287,7 @@ bench_echo() {
     logf="$BENCH_OUT/loadgen-$key-$which.log"
     secs=$(calc "int($BENCH_WARMUP + $dur + 60)")
     log "$key vs $which: $conns conns x ${size} B, ${BENCH_WARMUP}s warm-up + ${dur}s"
-    exec {fd}< <(exec timeout "$secs" "$LOADGEN" --threads "$BENCH_LOADGEN_THREADS" echo \
+    exec {fd}< <(exec timeout "$secs" "$LOADGEN" --threads "$BENCH_LOADGEN_THREADS" "${LG_MODE:-echo}" \
         --url "$url" --conns "$conns" --size "$size" \
         --duration "$dur" --warmup "$BENCH_WARMUP" "$@" 2>&1)
     lg_pid=$!
@@ -324,6 +333,18 @@ bench_echo() {
     put "$which" "${key}_p99" "$(json_get "$json" p99_us)"
     put "$which" "${key}_p999" "$(json_get "$json" p999_us)"
     put "$which" "${key}_errors" "$(json_get "$json" errors)"
+    put "$which" "${key}_wire_in" "$(json_get "$json" wire_in_per_msg)"
+    put "$which" "${key}_wire_out" "$(json_get "$json" wire_out_per_msg)"
+}
+
+# bench_deflate: ours with compression on (key deflate_on) and off
+# (deflate_off); the results are stored under ours and shown side by side.
+bench_deflate() {
+    local saved=$BENCH_OURS_CMD
+    BENCH_OURS_CMD="$saved --set websocket_compression=true"
+    LG_MODE=deflate bench_echo ours "$BENCH_DEFLATE_CONNS" "$BENCH_DEFLATE_SIZE" "$BENCH_DURATION" deflate_on --compress
+    BENCH_OURS_CMD=$saved
+    LG_MODE=deflate bench_echo ours "$BENCH_DEFLATE_CONNS" "$BENCH_DEFLATE_SIZE" "$BENCH_DURATION" deflate_off
 }
 
 # bench_idle WHICH WORKERS CONNS KEY: holds CONNS connections and records
@@ -472,6 +493,14 @@ report() {
             row "  errors" "large${sz}_errors"
         done
     fi
+    if [[ " $BENCH_MODES " == *" deflate "* ]]; then
+        echo "deflate: ours only, $BENCH_DEFLATE_CONNS conns, ${BENCH_DEFLATE_SIZE} B chat-like JSON (columns: compressed, not)"
+        local m
+        for m in rate us_per_msg wire_in wire_out; do
+            printf '%-40s %14s %14s %9s\n' "  $m" "$(get ours "deflate_on_$m")" "$(get ours "deflate_off_$m")" \
+                "$(calc "$(get ours "deflate_on_$m") / $(get ours "deflate_off_$m")")x"
+        done
+    fi
     if [[ " $BENCH_MODES " == *" storm "* ]]; then
         echo "storm: $BENCH_STORM handshakes, $BENCH_STORM_CONC in flight"
         row "  handshakes/s" storm_rate
@@ -485,9 +514,13 @@ report() {
 # Main
 # ---------------------------------------------------------------------------
 
-log "building release examples"
-cargo build --release --quiet --example loadgen --example tokio_echo
-if [[ $BENCH_OURS_CMD == "$DEFAULT_OURS_CMD" ]]; then
+if [[ ${BENCH_SKIP_BUILD:-0} == 1 ]]; then
+    log "BENCH_SKIP_BUILD=1: using the binaries as they are"
+else
+    log "building release examples"
+    cargo build --release --quiet --example loadgen --example tokio_echo
+fi
+if [[ ${BENCH_SKIP_BUILD:-0} != 1 && $BENCH_OURS_CMD == "$DEFAULT_OURS_CMD" ]]; then
     if [[ -f examples/echo.rs ]]; then
         cargo build --release --quiet --example echo || log "warning: building examples/echo.rs failed"
     fi
@@ -506,6 +539,7 @@ for mode in $BENCH_MODES; do
     case $mode in
     echo) for s in "${SERVERS[@]}"; do bench_echo "$s"; done ;;
     storm) for s in "${SERVERS[@]}"; do bench_storm "$s"; done ;;
+    deflate) have_server ours && bench_deflate ;;
     large)
         for sz in $BENCH_LARGE_SIZES; do
             for s in "${SERVERS[@]}"; do

@@ -43,10 +43,8 @@ pub enum ConnKind {
 pub enum Phase {
     /// Outbound: the TCP connect is in progress.
     Connecting {
-        /// `Host` header to send.
-        host: String,
-        /// Request path.
-        path: String,
+        /// `Host` header to send (the path is the connection's).
+        host: Box<str>,
     },
     /// Outbound: the upgrade request is sent; waiting for the 101.
     ClientHandshake {
@@ -177,8 +175,9 @@ pub struct Conn {
     pub connected_ms: u64,
     /// Last time the peer sent bytes.
     pub last_active: Instant,
-    /// Upgrade or dial path.
-    pub path: Option<String>,
+    /// Upgrade or dial path, see [`Conn::path`] ("/" is stored as "",
+    /// which allocates nothing).
+    path: Option<Box<str>>,
     /// Application attributes (boxed: most connections have none).
     pub attrs: Option<Box<HashMap<String, Value>>>,
     /// Handshake-deadline or linger timer.
@@ -256,7 +255,9 @@ impl Conn {
         };
         let mut c = Conn::new(fd, stream, snap.info.peer, snap.info.kind, phase);
         c.opened = matches!(c.phase, Phase::WebSocket(_));
-        c.path = snap.info.path;
+        if let Some(p) = &snap.info.path {
+            c.set_path(p);
+        }
         c.connected_ms = snap.info.connected_ms;
         let idle = crate::process::scoreboard::now_ms().saturating_sub(snap.info.last_active_ms);
         c.last_active = Instant::now()
@@ -294,6 +295,18 @@ impl Conn {
             }
             _ => false,
         }
+    }
+
+    /// The upgrade or dial path.
+    pub fn path(&self) -> Option<&str> {
+        self.path
+            .as_deref()
+            .map(|p| if p.is_empty() { "/" } else { p })
+    }
+
+    /// Sets the path (the common "/" without an allocation).
+    pub fn set_path(&mut self, p: &str) {
+        self.path = Some(if p == "/" { "".into() } else { p.into() });
     }
 
     /// Bytes waiting to be written.
@@ -469,7 +482,7 @@ impl Conn {
                         st.deflate = agreed.map(|p| Box::new(PerConn::new(p)));
                         self.phase = Phase::WebSocket(st);
                         self.kind = ConnKind::WebSocket;
-                        self.path = Some(req.path.clone());
+                        self.set_path(&req.path);
                         self.opened = true;
                         (Inbound::Open(req), n)
                     }
@@ -498,7 +511,7 @@ impl Conn {
             worker_id,
             peer: self.peer,
             kind: self.kind,
-            path: self.path.clone(),
+            path: self.path().map(str::to_string),
             connected_ms: self.connected_ms,
             last_active_ms: crate::process::scoreboard::now_ms().saturating_sub(idle_ms),
             admin: self.limits.admin,
@@ -543,4 +556,31 @@ impl Conn {
 fn ws_pong() -> tungstenite::protocol::frame::coding::OpCode {
     use tungstenite::protocol::frame::coding::{Control, OpCode};
     OpCode::Control(Control::Pong)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What an idle connection costs in the slab (issue 17: at most 256
+    /// bytes per connection above the baseline, all told). Prints the
+    /// sizes with `--nocapture`.
+    #[test]
+    fn an_idle_connection_is_small() {
+        let sizes = [
+            ("Conn", std::mem::size_of::<Conn>()),
+            ("Phase", std::mem::size_of::<Phase>()),
+            ("WsState", std::mem::size_of::<WsState>()),
+            (
+                "ConnLimits",
+                std::mem::size_of::<crate::reactor::limits::ConnLimits>(),
+            ),
+            ("SocketAddr", std::mem::size_of::<SocketAddr>()),
+            ("Instant", std::mem::size_of::<Instant>()),
+            ("Option<TimerId>", std::mem::size_of::<Option<TimerId>>()),
+        ];
+        println!("{sizes:?}");
+        // 272 before issue 17; every byte here is paid per idle connection.
+        assert!(std::mem::size_of::<Conn>() <= 240, "{sizes:?}");
+    }
 }

@@ -348,7 +348,8 @@ pub fn inflate_bounded(
         "inflated message exceeds package_max_length",
     );
     const BAD: (u16, &str) = (close::BAD_DATA, "invalid deflate data");
-    let mut out: Vec<u8> = Vec::with_capacity(payload.len().saturating_mul(3).clamp(256, max + 1));
+    let bound = max.saturating_add(1);
+    let mut out: Vec<u8> = Vec::with_capacity(payload.len().saturating_mul(3).max(256).min(bound));
     for input in [payload, &TAIL[..]] {
         let start = d.total_in();
         loop {
@@ -357,7 +358,7 @@ pub fn inflate_bounded(
                 if out.len() > max {
                     return Err(BOMB);
                 }
-                let grow = out.capacity().min(max + 1 - out.len()).max(1);
+                let grow = out.capacity().min(bound - out.len()).max(1);
                 out.reserve_exact(grow);
             }
             let before = (d.total_in(), out.len());

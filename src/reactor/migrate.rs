@@ -211,6 +211,7 @@ impl<A: App> Reactor<A> {
             log::warn!("worker {w}: cannot watch for the successor's ACK: {e}");
         }
         let mut candidates = Vec::new();
+        let mut restart = Vec::new();
         for (_, c) in self.srv.conns.iter() {
             if c.movable() {
                 candidates.push(c.fd);
@@ -219,7 +220,12 @@ impl<A: App> Reactor<A> {
                 Phase::Connecting { .. } | Phase::ClientHandshake { .. }
             ) {
                 self.srv.doomed.push(c.fd);
+            } else if c.is_open_websocket() {
+                restart.push(c.fd); // its peer's deflate context cannot move
             }
+        }
+        for fd in restart {
+            self.srv.disconnect(fd, SERVICE_RESTART, "service restart");
         }
         self.migrate.out = Some(Outgoing {
             began: now,

@@ -453,12 +453,9 @@ impl<A: App> Server<A> {
         let _ = stream.set_nodelay(true);
         let key = self.conns.vacant_key();
         let fd = self.fd_for(key);
-        let phase = Phase::Connecting {
-            host: host.to_string(),
-            path: path.to_string(),
-        };
+        let phase = Phase::Connecting { host: host.into() };
         let mut conn = Conn::new(fd, stream, addr, ConnKind::Client, phase);
-        conn.path = Some(path.to_string());
+        conn.set_path(path);
         conn.opened = true; // on_close is due even if the dial fails
         self.registry
             .register(
