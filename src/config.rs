@@ -101,7 +101,7 @@ pub struct Settings {
     /// Payloads shorter than this many bytes are sent uncompressed.
     pub websocket_compression_threshold: usize,
     /// Honour a client's wish for context takeover (better ratios, about
-    /// 340 KiB of zlib state per connection, and such a connection is
+    /// 300 KiB of zlib state per connection, and such a connection is
     /// closed with 1012 rather than moved by a handover); off: every
     /// message is compressed on its own and the state is shared per worker.
     pub websocket_compression_context_takeover: bool,

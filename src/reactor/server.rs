@@ -154,7 +154,7 @@ impl<A: App> Server<A> {
             self.timers.cancel(old);
         }
         let id = self.timers.insert(now, LINGER, None, TimerTask::Linger(fd));
-        self.conns[key].timer = Some(id);
+        self.conns[key].timer.set(id);
     }
 
     // ---- Swoole's verbs -------------------------------------------------
@@ -484,7 +484,7 @@ impl<A: App> Server<A> {
             TimerTask::Handshake(fd),
         );
         if let Some(c) = self.conn_mut(fd) {
-            c.timer = Some(id);
+            c.timer.set(id);
         }
     }
 }
