@@ -3,12 +3,14 @@
 //! and a large outgoing message is written from the caller's bytes.
 //!
 //! Two-phase framing, as in mini-redis: the header check says how many
-//! payload bytes the frame needs; the buffer is reserved once at that size
-//! (bounded by `package_max_length`; pages only become resident as bytes
-//! arrive, so a peer that announces a large frame and stalls costs
-//! address space, not memory), the bytes already read are copied in once,
-//! and every further `read(2)` lands in the buffer itself and is unmasked
-//! there, in place, once. The completed buffer *is* the message handed to
+//! payload bytes the frame needs (bounded by `package_max_length`); the
+//! bytes already read are copied into the message buffer once, and every
+//! further `read(2)` lands in the buffer itself and is unmasked there, in
+//! place, once. The buffer starts at up to [`BODY_CHUNK`] and doubles as
+//! bytes arrive, capped at the frame's size, so a peer that announces a
+//! large frame and stalls holds no more than it sent (and no address
+//! space for the rest: thousands of such peers must not exhaust
+//! mappings); growing a large buffer is an `mremap`, not a copy. The completed buffer *is* the message handed to
 //! `on_message` (no copy), and an echo of it is written with `writev` of
 //! header + payload; whatever the socket does not take stays in that same
 //! `Vec` as the connection's output. Before this, a partial frame was
@@ -30,6 +32,10 @@ use crate::reactor::websocket::{WsEvent, WsState};
 /// (`writev`) when nothing else is queued; smaller ones are batched into
 /// the output buffer and flushed once per loop iteration.
 pub const DIRECT_WRITE_MIN: usize = 16 * 1024;
+
+/// The first reservation for a frame's payload beyond what has arrived
+/// (the size of one scratch read).
+pub const BODY_CHUNK: usize = 64 * 1024;
 
 /// A data frame being received: its payload so far, already unmasked,
 /// appended to the message's earlier fragments.
@@ -76,9 +82,8 @@ impl Body {
 }
 
 /// Starts receiving a data frame whose payload (`len` bytes) is not
-/// complete: `avail` holds its first bytes. The message buffer is reserved
-/// at the frame's size once. Returns the bytes used (`hlen` + all of
-/// `avail`).
+/// complete: `avail` holds its first bytes. Returns the bytes used (`hlen`
+/// + all of `avail`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn start_body(
     st: &mut WsState,
@@ -91,10 +96,11 @@ pub(crate) fn start_body(
     avail: &[u8],
 ) -> Decoded {
     let mut data = st.frag.take().map(|f| f.data).unwrap_or_default();
+    let first = len.min(avail.len().max(BODY_CHUNK));
     if data.is_empty() {
-        data.reserve_exact(len);
+        data.reserve_exact(first);
     } else {
-        data.reserve(len); // amortised over many fragments
+        data.reserve(first); // amortised over many fragments
     }
     let start = data.len();
     let mut b = Body {
@@ -212,7 +218,10 @@ impl Conn {
             return Ok((0, 0));
         };
         let want = b.need();
-        b.data.reserve(want);
+        if b.data.capacity() == b.data.len() {
+            // Double, capped at the frame's end.
+            b.data.reserve_exact(want.min(b.data.len().max(BODY_CHUNK)));
+        }
         let spare = b.data.spare_capacity_mut();
         let want = want.min(spare.len());
         // SAFETY: `spare` is the Vec's own unused capacity, valid for
