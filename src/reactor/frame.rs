@@ -10,7 +10,8 @@
 //! bytes arrive, capped at the frame's size, so a peer that announces a
 //! large frame and stalls holds no more than it sent (and no address
 //! space for the rest: thousands of such peers must not exhaust
-//! mappings); growing a large buffer is an `mremap`, not a copy. The completed buffer *is* the message handed to
+//! mappings); glibc grows a large, mmapped buffer with `mremap`, without
+//! copying. The completed buffer *is* the message handed to
 //! `on_message` (no copy), and an echo of it is written with `writev` of
 //! header + payload; whatever the socket does not take stays in that same
 //! `Vec` as the connection's output. Before this, a partial frame was
