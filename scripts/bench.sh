@@ -19,6 +19,14 @@
 #          baseline. The peer is one process and so capped at
 #          BENCH_IDLE_PEER_MAX; ours is also measured at that same count.
 #   storm  BENCH_STORM handshakes, BENCH_STORM_CONC in flight: handshakes/s.
+#   large  the echo mode with large binary messages: for each size of
+#          BENCH_LARGE_SIZES, BENCH_LARGE_CONNS connections with one message
+#          in flight each: msgs/s and server CPU microseconds per message
+#          (issue 17's goal: ours <= 0.8x the peer's).
+#   deflate ours only (the peer has no permessage-deflate): BENCH_DEFLATE_CONNS
+#          connections echo BENCH_DEFLATE_SIZE-byte chat-like JSON, compressed
+#          (websocket_compression=true, loadgen --compress) and not: server
+#          CPU microseconds per message and bytes on the wire per message.
 #
 # Environment (defaults in brackets; BENCH_QUICK=1 makes everything tiny):
 #   BENCH_CONNS [1000] BENCH_SIZE [64] BENCH_DURATION [10] BENCH_WARMUP [2]
@@ -26,6 +34,8 @@
 #   BENCH_HOLD [120]: max seconds each idle loadgen holds (it is stopped as
 #     soon as RSS is measured)
 #   BENCH_STORM [20000] BENCH_STORM_CONC [200]
+#   BENCH_LARGE_SIZES ["65536 1048576"] BENCH_LARGE_CONNS [4]
+#   BENCH_LARGE_DURATION [BENCH_DURATION]
 #   BENCH_WORKERS [2]: ours --workers / peer --threads for echo and storm
 #   BENCH_IDLE_WORKERS [4]: ours --workers for idle (keep each process under
 #     ~18,000 fds; the limit is 20,000 per process)
@@ -37,6 +47,9 @@
 #     is missing, so e.g. BENCH_OURS_CMD set to the peer's command tests the
 #     plumbing)
 #   BENCH_OUT [target/bench]: logs and summary.txt
+#   BENCH_SKIP_BUILD [0]: 1 runs the binaries as they are (e.g. to compare
+#     builds of two commits through BENCH_OURS_CMD)
+#   BENCH_LOADGEN [target/release/examples/loadgen]
 #
 # Usage: scripts/bench.sh            # full run, a few minutes
 #        BENCH_QUICK=1 scripts/bench.sh   # smoke check, under a minute
@@ -61,6 +74,11 @@ BENCH_STORM_CONC=${BENCH_STORM_CONC:-$(q 200 50)}
 BENCH_WORKERS=${BENCH_WORKERS:-2}
 BENCH_IDLE_WORKERS=${BENCH_IDLE_WORKERS:-4}
 BENCH_LOADGEN_THREADS=${BENCH_LOADGEN_THREADS:-1}
+BENCH_LARGE_SIZES=${BENCH_LARGE_SIZES:-65536 1048576}
+BENCH_LARGE_CONNS=${BENCH_LARGE_CONNS:-4}
+BENCH_LARGE_DURATION=${BENCH_LARGE_DURATION:-$BENCH_DURATION}
+BENCH_DEFLATE_CONNS=${BENCH_DEFLATE_CONNS:-50}
+BENCH_DEFLATE_SIZE=${BENCH_DEFLATE_SIZE:-1024}
 BENCH_MODES=${BENCH_MODES:-echo idle storm}
 DEFAULT_OURS_CMD='target/release/examples/echo --port {port} --workers {workers} --set max_conn=20000'
 DEFAULT_PEER_CMD='target/release/examples/tokio_echo --port {port} --threads {workers}'
@@ -68,7 +86,7 @@ BENCH_OURS_CMD=${BENCH_OURS_CMD:-$DEFAULT_OURS_CMD}
 BENCH_PEER_CMD=${BENCH_PEER_CMD:-$DEFAULT_PEER_CMD}
 BENCH_OUT=${BENCH_OUT:-target/bench}
 
-LOADGEN=target/release/examples/loadgen
+LOADGEN=${BENCH_LOADGEN:-target/release/examples/loadgen}
 CLK_TCK=$(getconf CLK_TCK)
 FD_LIMIT_PER_PROC=18000
 
@@ -257,16 +275,21 @@ get() { echo "${V["$1|$2"]:-n/a}"; }
 # Modes
 # ---------------------------------------------------------------------------
 
+# bench_echo WHICH [CONNS SIZE DURATION KEY EXTRA...]: the closed-loop echo
+# load; metrics are named KEY_rate, KEY_cpu, … (KEY defaults to "echo").
 bench_echo() {
-    local which=$1 url fd lg_pid line cpu0="" cpu1="" json="" logf secs
-    start_server "$which" "$BENCH_WORKERS" "echo-$which"
+    local which=$1 conns=${2:-$BENCH_CONNS} size=${3:-$BENCH_SIZE} dur=${4:-$BENCH_DURATION}
+    local key=${5:-echo}
+    shift $(($# < 5 ? $# : 5))
+    local url fd lg_pid line cpu0="" cpu1="" json="" logf secs
+    start_server "$which" "$BENCH_WORKERS" "$key-$which"
     url="ws://127.0.0.1:$PORT/"
-    logf="$BENCH_OUT/loadgen-echo-$which.log"
-    secs=$(calc "int($BENCH_WARMUP + $BENCH_DURATION + 60)")
-    log "echo vs $which: $BENCH_CONNS conns x ${BENCH_SIZE} B, ${BENCH_WARMUP}s warm-up + ${BENCH_DURATION}s"
-    exec {fd}< <(exec timeout "$secs" "$LOADGEN" --threads "$BENCH_LOADGEN_THREADS" echo \
-        --url "$url" --conns "$BENCH_CONNS" --size "$BENCH_SIZE" \
-        --duration "$BENCH_DURATION" --warmup "$BENCH_WARMUP" 2>&1)
+    logf="$BENCH_OUT/loadgen-$key-$which.log"
+    secs=$(calc "int($BENCH_WARMUP + $dur + 60)")
+    log "$key vs $which: $conns conns x ${size} B, ${BENCH_WARMUP}s warm-up + ${dur}s"
+    exec {fd}< <(exec timeout "$secs" "$LOADGEN" --threads "$BENCH_LOADGEN_THREADS" "${LG_MODE:-echo}" \
+        --url "$url" --conns "$conns" --size "$size" \
+        --duration "$dur" --warmup "$BENCH_WARMUP" "$@" 2>&1)
     lg_pid=$!
     LOADGEN_PIDS+=("$lg_pid")
     : >"$logf"
@@ -296,19 +319,32 @@ bench_echo() {
     wait "$lg_pid" || log "loadgen exited with $? (log: $logf)"
     stop_server
     if [[ -z $json || -z $cpu0 || -z $cpu1 ]]; then
-        log "echo vs $which: no result (log: $logf)"
+        log "$key vs $which: no result (log: $logf)"
         return 0
     fi
     local msgs cpu_s
     msgs=$(json_get "$json" msgs)
     cpu_s=$(calc "($cpu1 - $cpu0) / $CLK_TCK")
-    put "$which" echo_rate "$(json_get "$json" msgs_per_s)"
-    put "$which" echo_cpu "$cpu_s"
-    put "$which" echo_per_cpu "$(calc "round($msgs / $cpu_s)")"
-    put "$which" echo_p50 "$(json_get "$json" p50_us)"
-    put "$which" echo_p99 "$(json_get "$json" p99_us)"
-    put "$which" echo_p999 "$(json_get "$json" p999_us)"
-    put "$which" echo_errors "$(json_get "$json" errors)"
+    put "$which" "${key}_rate" "$(json_get "$json" msgs_per_s)"
+    put "$which" "${key}_cpu" "$cpu_s"
+    put "$which" "${key}_per_cpu" "$(calc "round($msgs / $cpu_s)")"
+    put "$which" "${key}_us_per_msg" "$(calc "round($cpu_s * 1e6 / $msgs, 1)")"
+    put "$which" "${key}_p50" "$(json_get "$json" p50_us)"
+    put "$which" "${key}_p99" "$(json_get "$json" p99_us)"
+    put "$which" "${key}_p999" "$(json_get "$json" p999_us)"
+    put "$which" "${key}_errors" "$(json_get "$json" errors)"
+    put "$which" "${key}_wire_in" "$(json_get "$json" wire_in_per_msg)"
+    put "$which" "${key}_wire_out" "$(json_get "$json" wire_out_per_msg)"
+}
+
+# bench_deflate: ours with compression on (key deflate_on) and off
+# (deflate_off); the results are stored under ours and shown side by side.
+bench_deflate() {
+    local saved=$BENCH_OURS_CMD
+    BENCH_OURS_CMD="$saved --set websocket_compression=true"
+    LG_MODE=deflate bench_echo ours "$BENCH_DEFLATE_CONNS" "$BENCH_DEFLATE_SIZE" "$BENCH_DURATION" deflate_on --compress
+    BENCH_OURS_CMD=$saved
+    LG_MODE=deflate bench_echo ours "$BENCH_DEFLATE_CONNS" "$BENCH_DEFLATE_SIZE" "$BENCH_DURATION" deflate_off
 }
 
 # bench_idle WHICH WORKERS CONNS KEY: holds CONNS connections and records
@@ -447,6 +483,24 @@ report() {
         row "  baseline RSS (KiB)" idle_base_same
         row "  max fds per process at $IDLE_PEER" idle_fds_same
     fi
+    if [[ " $BENCH_MODES " == *" large "* ]]; then
+        local sz
+        for sz in $BENCH_LARGE_SIZES; do
+            echo "large: $BENCH_LARGE_CONNS conns, ${sz} B binary, ${BENCH_LARGE_DURATION}s, workers/threads $BENCH_WORKERS"
+            row "  messages/s" "large${sz}_rate"
+            row "  server CPU us per message" "large${sz}_us_per_msg"
+            row "  latency p50 (us)" "large${sz}_p50"
+            row "  errors" "large${sz}_errors"
+        done
+    fi
+    if [[ " $BENCH_MODES " == *" deflate "* ]]; then
+        echo "deflate: ours only, $BENCH_DEFLATE_CONNS conns, ${BENCH_DEFLATE_SIZE} B chat-like JSON (columns: compressed, not)"
+        local m
+        for m in rate us_per_msg wire_in wire_out; do
+            printf '%-40s %14s %14s %9s\n' "  $m" "$(get ours "deflate_on_$m")" "$(get ours "deflate_off_$m")" \
+                "$(calc "$(get ours "deflate_on_$m") / $(get ours "deflate_off_$m")")x"
+        done
+    fi
     if [[ " $BENCH_MODES " == *" storm "* ]]; then
         echo "storm: $BENCH_STORM handshakes, $BENCH_STORM_CONC in flight"
         row "  handshakes/s" storm_rate
@@ -460,9 +514,13 @@ report() {
 # Main
 # ---------------------------------------------------------------------------
 
-log "building release examples"
-cargo build --release --quiet --example loadgen --example tokio_echo
-if [[ $BENCH_OURS_CMD == "$DEFAULT_OURS_CMD" ]]; then
+if [[ ${BENCH_SKIP_BUILD:-0} == 1 ]]; then
+    log "BENCH_SKIP_BUILD=1: using the binaries as they are"
+else
+    log "building release examples"
+    cargo build --release --quiet --example loadgen --example tokio_echo
+fi
+if [[ ${BENCH_SKIP_BUILD:-0} != 1 && $BENCH_OURS_CMD == "$DEFAULT_OURS_CMD" ]]; then
     if [[ -f examples/echo.rs ]]; then
         cargo build --release --quiet --example echo || log "warning: building examples/echo.rs failed"
     fi
@@ -481,6 +539,14 @@ for mode in $BENCH_MODES; do
     case $mode in
     echo) for s in "${SERVERS[@]}"; do bench_echo "$s"; done ;;
     storm) for s in "${SERVERS[@]}"; do bench_storm "$s"; done ;;
+    deflate) have_server ours && bench_deflate ;;
+    large)
+        for sz in $BENCH_LARGE_SIZES; do
+            for s in "${SERVERS[@]}"; do
+                bench_echo "$s" "$BENCH_LARGE_CONNS" "$sz" "$BENCH_LARGE_DURATION" "large$sz" --binary
+            done
+        done
+        ;;
     idle)
         for s in "${SERVERS[@]}"; do
             if [[ $s == ours ]]; then

@@ -95,6 +95,16 @@ pub struct Settings {
     /// Largest pending output per connection, in bytes; a slower reader is
     /// disconnected.
     pub buffer_output_size: usize,
+    /// Negotiate permessage-deflate (RFC 7692) with clients that offer it
+    /// (Swoole's key).
+    pub websocket_compression: bool,
+    /// Payloads shorter than this many bytes are sent uncompressed.
+    pub websocket_compression_threshold: usize,
+    /// Honour a client's wish for context takeover (better ratios, about
+    /// 300 KiB of zlib state per connection, and such a connection is
+    /// closed with 1012 rather than moved by a handover); off: every
+    /// message is compressed on its own and the state is shared per worker.
+    pub websocket_compression_context_takeover: bool,
     /// Seconds a new connection may take to send a complete request or
     /// upgrade (slowloris guard).
     pub handshake_timeout: f64,
@@ -114,6 +124,17 @@ pub struct Settings {
     /// Unix socket the master answers `status` on (default: pid_file with
     /// the extension `.sock`).
     pub control_socket: Option<PathBuf>,
+}
+
+impl Settings {
+    /// The permessage-deflate part of the settings.
+    pub fn deflate_config(&self) -> crate::reactor::deflate::Config {
+        crate::reactor::deflate::Config {
+            enabled: self.websocket_compression,
+            context_takeover: self.websocket_compression_context_takeover,
+            threshold: self.websocket_compression_threshold,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -136,6 +157,9 @@ impl Default for Settings {
             heartbeat_idle_time: 0.0,
             package_max_length: 2 * 1024 * 1024,
             buffer_output_size: 2 * 1024 * 1024,
+            websocket_compression: false,
+            websocket_compression_threshold: 128,
+            websocket_compression_context_takeover: false,
             handshake_timeout: 5.0,
             reload_async: true,
             max_wait_time: 3.0,

@@ -26,6 +26,19 @@ pub struct Connector {
 }
 
 impl Connector {
+    /// The server's resolved address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Uses `bytes` for the WebSocket read and write buffers.
+    pub fn buffer_size(mut self, bytes: usize) -> Self {
+        self.config = self.config.read_buffer_size(bytes).write_buffer_size(bytes);
+        self
+    }
+}
+
+impl Connector {
     /// Resolves `target`; refuses anything but loopback.
     pub fn new(target: &Target) -> Result<Self, String> {
         let request = target

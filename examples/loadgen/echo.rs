@@ -15,7 +15,10 @@ use crate::{EchoArgs, Ws, ECHO_TIMEOUT};
 
 /// Runs the mode; the `RESULT` object.
 pub async fn run(args: EchoArgs) -> Result<serde_json::Value, String> {
-    let connector = Arc::new(Connector::new(&args.target)?);
+    // Large messages are not read 4 KiB at a time; small ones keep the 4 KiB
+    // of the other modes.
+    let buffer = args.buffer.unwrap_or(args.size.clamp(4096, 128 * 1024));
+    let connector = Arc::new(Connector::new(&args.target)?.buffer_size(buffer));
     let errors = Arc::new(ErrorLog::default());
     let t0 = Instant::now();
     let conns = connector

@@ -55,6 +55,7 @@
 
 mod cluster;
 mod connect;
+mod deflate;
 mod echo;
 mod http;
 mod httpc;
@@ -102,6 +103,31 @@ enum Mode {
     ApiSend(ClusterArgs),
     /// Users on IM servers, user-to-user messages across two IM servers.
     U2u(ClusterArgs),
+    /// Closed-loop echo of chat-like JSON over raw sockets, with or without
+    /// permessage-deflate: msgs/s and bytes on the wire per message.
+    Deflate(DeflateArgs),
+}
+
+#[derive(Args, Debug)]
+struct DeflateArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Connections, each with one message in flight.
+    #[arg(long, default_value_t = 50)]
+    conns: usize,
+    /// JSON message size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Warm-up seconds, not measured.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Offer permessage-deflate (the server must accept it) and send
+    /// compressed messages.
+    #[arg(long)]
+    compress: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -137,6 +163,11 @@ struct EchoArgs {
     /// Connection attempts in flight while connecting.
     #[arg(long, default_value_t = 200)]
     connect_concurrency: usize,
+    /// Our WebSocket read and write buffer size in bytes (default: the
+    /// message size within 4 KiB..128 KiB, so large messages are not read
+    /// 4 KiB at a time while small ones keep the 4 KiB of the other modes).
+    #[arg(long)]
+    buffer: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -274,6 +305,7 @@ fn main() {
             Mode::Register(a) => register::run(a).await,
             Mode::ApiSend(a) => cluster::run(a, false).await,
             Mode::U2u(a) => cluster::run(a, true).await,
+            Mode::Deflate(a) => deflate::run(a).await,
         }
     });
     match result {

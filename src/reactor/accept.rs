@@ -176,7 +176,8 @@ impl<A: App> Reactor<A> {
             self.srv.conns.doom(fd);
             return;
         }
-        if let Phase::Connecting { host, path } = &c.phase {
+        if let Phase::Connecting { host } = &c.phase {
+            let path = c.path().unwrap_or("/");
             let (req, ws_key) = crate::reactor::websocket::client_request(host, path);
             c.wbuf.extend_from_slice(&req);
             c.phase = Phase::ClientHandshake { key: ws_key };

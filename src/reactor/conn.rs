@@ -19,6 +19,7 @@ use mio::net::TcpStream;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::reactor::deflate::{Codec, Params, PerConn};
 use crate::reactor::http::{self, Parsed, Request};
 use crate::reactor::timer::TimerId;
 use crate::reactor::websocket::{
@@ -42,10 +43,8 @@ pub enum ConnKind {
 pub enum Phase {
     /// Outbound: the TCP connect is in progress.
     Connecting {
-        /// `Host` header to send.
-        host: String,
-        /// Request path.
-        path: String,
+        /// `Host` header to send (the path is the connection's).
+        host: Box<str>,
     },
     /// Outbound: the upgrade request is sent; waiting for the 101.
     ClientHandshake {
@@ -120,6 +119,14 @@ pub struct ConnSnapshot {
     pub fragments: Option<Fragments>,
     /// We already sent a close frame.
     pub close_sent: bool,
+    /// permessage-deflate as agreed, if it was. Only parameters travel:
+    /// without context takeover no zlib state outlives a message; with
+    /// the server's, the successor starts a fresh compressor (valid: a
+    /// peer's inflater accepts a stream that stops referring to earlier
+    /// messages); with the client's, the connection does not move (see
+    /// [`Conn::movable`]).
+    #[serde(default)]
+    pub deflate: Option<Params>,
     /// Received bytes not yet consumed (a partial frame or request).
     #[serde(with = "crate::reactor::handover::b64")]
     pub read_buffer: Vec<u8>,
@@ -153,6 +160,36 @@ pub enum Inbound {
     Closing,
 }
 
+/// A connection's one timer id, in 8 bytes rather than the 16 of an
+/// `Option<u64>` (ids start at 1, so 0 is free to mean none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnTimer(Option<std::num::NonZeroU64>);
+
+impl ConnTimer {
+    /// Arms it with `id` (replacing any).
+    pub fn set(&mut self, id: TimerId) {
+        self.0 = std::num::NonZeroU64::new(id);
+    }
+    /// Takes the id out, leaving none.
+    pub fn take(&mut self) -> Option<TimerId> {
+        self.0.take().map(|t| t.get())
+    }
+    /// Whether one is armed.
+    pub fn is_some(&self) -> bool {
+        self.0.is_some()
+    }
+    /// Whether none is armed.
+    pub fn is_none(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl PartialEq<Option<TimerId>> for ConnTimer {
+    fn eq(&self, other: &Option<TimerId>) -> bool {
+        self.0.map(|t| t.get()) == *other
+    }
+}
+
 /// One connection of the worker.
 #[derive(Debug)]
 pub struct Conn {
@@ -176,12 +213,13 @@ pub struct Conn {
     pub connected_ms: u64,
     /// Last time the peer sent bytes.
     pub last_active: Instant,
-    /// Upgrade or dial path.
-    pub path: Option<String>,
+    /// Upgrade or dial path, see [`Conn::path`] ("/" is stored as "",
+    /// which allocates nothing).
+    path: Option<Box<str>>,
     /// Application attributes (boxed: most connections have none).
     pub attrs: Option<Box<HashMap<String, Value>>>,
     /// Handshake-deadline or linger timer.
-    pub timer: Option<TimerId>,
+    pub timer: ConnTimer,
     /// `on_open`/`on_connect` ran, so `on_close` is due at the end.
     pub opened: bool,
     /// Queued in the loop's flush list.
@@ -215,7 +253,7 @@ impl Conn {
             last_active: Instant::now(),
             path: None,
             attrs: None,
-            timer: None,
+            timer: ConnTimer::default(),
             opened: false,
             dirty: false,
             write_shut: false,
@@ -248,12 +286,16 @@ impl Conn {
                 role,
                 frag: snap.fragments.map(Box::new),
                 close_sent: false,
+                body: None,
+                deflate: snap.deflate.map(|p| Box::new(PerConn::new(p))),
             }),
             (p, r) => return Err(format!("phase {p:?} (role {r:?}) cannot move")),
         };
         let mut c = Conn::new(fd, stream, snap.info.peer, snap.info.kind, phase);
         c.opened = matches!(c.phase, Phase::WebSocket(_));
-        c.path = snap.info.path;
+        if let Some(p) = &snap.info.path {
+            c.set_path(p);
+        }
         c.connected_ms = snap.info.connected_ms;
         let idle = crate::process::scoreboard::now_ms().saturating_sub(snap.info.last_active_ms);
         c.last_active = Instant::now()
@@ -273,19 +315,36 @@ impl Conn {
     pub fn at_boundary(&self) -> bool {
         match &self.phase {
             Phase::Http => true,
-            Phase::WebSocket(st) => !st.close_sent && self.rbuf.is_empty(),
+            Phase::WebSocket(st) => !st.close_sent && self.rbuf.is_empty() && st.body.is_none(),
             _ => false,
         }
     }
 
     /// Whether this connection is of a kind a handover moves (possibly
     /// after waiting for a frame boundary).
+    /// A WebSocket whose peer compresses with context takeover cannot move:
+    /// its inflater's window (the peer's earlier messages) is zlib state.
     pub fn movable(&self) -> bool {
         match &self.phase {
             Phase::Http | Phase::HttpAnswering { .. } => true,
-            Phase::WebSocket(st) => !st.close_sent,
+            Phase::WebSocket(st) => {
+                !st.close_sent
+                    && !matches!(st.deflate_params(), Some(p) if !p.client_no_context_takeover)
+            }
             _ => false,
         }
+    }
+
+    /// The upgrade or dial path.
+    pub fn path(&self) -> Option<&str> {
+        self.path
+            .as_deref()
+            .map(|p| if p.is_empty() { "/" } else { p })
+    }
+
+    /// Sets the path (the common "/" without an allocation).
+    pub fn set_path(&mut self, p: &str) {
+        self.path = Some(if p == "/" { "".into() } else { p.into() });
     }
 
     /// Bytes waiting to be written.
@@ -313,7 +372,9 @@ impl Conn {
     pub fn queue_message(&mut self, msg: &Message) -> bool {
         match &self.phase {
             Phase::WebSocket(st) if !st.close_sent => {
-                ws::encode_message(&mut self.wbuf, st.role, msg);
+                let role = st.role;
+                self.compact_output();
+                ws::encode_message(&mut self.wbuf, role, msg);
                 true
             }
             _ => false,
@@ -340,13 +401,8 @@ impl Conn {
             match self.stream.write(&self.wbuf[self.wpos..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.wpos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.wpos > 64 * 1024 && self.wpos * 2 > self.wbuf.len() {
-                        self.wbuf.drain(..self.wpos);
-                        self.wpos = 0;
-                    }
-                    return Ok(false);
-                }
+                // No compaction here: it happens when more is appended.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -359,18 +415,20 @@ impl Conn {
     /// Consumes at most one unit (request, frame, handshake response) from
     /// the front of `input`, which may be unmasked in place. Returns what
     /// the loop must do and how many bytes were used. Never panics on bad
-    /// input; `stopping` refuses new upgrades with 503.
+    /// input; `stopping` refuses new upgrades with 503. `codec` holds the
+    /// worker's compression settings and shared (de)compressors.
     pub fn decode_next(
         &mut self,
         input: &mut [u8],
         max_len: usize,
         stopping: bool,
+        codec: &mut Codec,
     ) -> (Inbound, usize) {
         match &mut self.phase {
-            Phase::Http => self.decode_http(input, max_len, stopping),
+            Phase::Http => self.decode_http(input, max_len, stopping, codec),
             Phase::HttpAnswering { .. } => (Inbound::NeedMore, 0),
             Phase::WebSocket(st) => {
-                let decoded = ws::decode_one(st, input, max_len);
+                let decoded = ws::decode_frame(st, input, max_len, codec);
                 let role = st.role;
                 let close_sent = st.close_sent;
                 match decoded {
@@ -432,7 +490,13 @@ impl Conn {
         }
     }
 
-    fn decode_http(&mut self, input: &[u8], max_len: usize, stopping: bool) -> (Inbound, usize) {
+    fn decode_http(
+        &mut self,
+        input: &[u8],
+        max_len: usize,
+        stopping: bool,
+        codec: &Codec,
+    ) -> (Inbound, usize) {
         match http::parse_request(input, max_len) {
             Parsed::Partial => (Inbound::NeedMore, 0),
             Parsed::Reject(status, why) => {
@@ -450,12 +514,14 @@ impl Conn {
                     self.reject(503, "server is stopping");
                     return (Inbound::Closing, input.len());
                 }
-                match ws::accept_upgrade(&req) {
-                    Ok(resp) => {
+                match ws::accept_upgrade_with(&req, Some(&codec.cfg)) {
+                    Ok((resp, agreed)) => {
                         self.wbuf.extend_from_slice(&resp);
-                        self.phase = Phase::WebSocket(WsState::new(Role::Server));
+                        let mut st = WsState::new(Role::Server);
+                        st.deflate = agreed.map(|p| Box::new(PerConn::new(p)));
+                        self.phase = Phase::WebSocket(st);
                         self.kind = ConnKind::WebSocket;
-                        self.path = Some(req.path.clone());
+                        self.set_path(&req.path);
                         self.opened = true;
                         (Inbound::Open(req), n)
                     }
@@ -484,7 +550,7 @@ impl Conn {
             worker_id,
             peer: self.peer,
             kind: self.kind,
-            path: self.path.clone(),
+            path: self.path().map(str::to_string),
             connected_ms: self.connected_ms,
             last_active_ms: crate::process::scoreboard::now_ms().saturating_sub(idle_ms),
             admin: self.limits.admin,
@@ -507,12 +573,17 @@ impl Conn {
             ),
             Phase::Closing => (PhaseName::Closing, None, None, true),
         };
+        let deflate = match &self.phase {
+            Phase::WebSocket(st) => st.deflate_params(),
+            _ => None,
+        };
         ConnSnapshot {
             info: self.info(worker_id),
             phase,
             role,
             fragments,
             close_sent,
+            deflate,
             read_buffer: self.rbuf.clone(),
             write_buffer: self.wbuf[self.wpos..].to_vec(),
             attrs: self.attrs.as_deref().cloned().unwrap_or_default(),
@@ -525,3 +596,7 @@ fn ws_pong() -> tungstenite::protocol::frame::coding::OpCode {
     use tungstenite::protocol::frame::coding::{Control, OpCode};
     OpCode::Control(Control::Pong)
 }
+
+#[cfg(test)]
+#[path = "conn_tests.rs"]
+mod tests;

@@ -136,7 +136,7 @@ impl<A: App> Reactor<A> {
         let bucket = c
             .limits
             .bucket
-            .get_or_insert_with(|| crate::reactor::limits::TokenBucket::new(rate, now));
+            .get_or_insert_with(|| Box::new(crate::reactor::limits::TokenBucket::new(rate, now)));
         if bucket.take(rate, now) {
             return true;
         }

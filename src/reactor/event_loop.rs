@@ -347,12 +347,20 @@ impl<A: App> Reactor<A> {
             if matches!(c.phase, Phase::Connecting { .. }) {
                 break;
             }
-            let n = match c.stream.read(&mut scratch) {
-                Ok(0) => {
+            // A frame whose payload is still arriving is read into its own
+            // buffer (frame.rs); everything else through the scratch buffer.
+            let body = c.body_need() > 0;
+            let res = if body {
+                c.read_body()
+            } else {
+                c.stream.read(&mut scratch).map(|n| (n, scratch.len()))
+            };
+            let (n, asked) = match res {
+                Ok((0, _)) => {
                     self.peer_closed(fd);
                     break;
                 }
-                Ok(n) => n,
+                Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -369,7 +377,7 @@ impl<A: App> Reactor<A> {
             // A short read emptied the socket's receive queue: anything that
             // arrives later raises a new edge, so the read that would only
             // return WouldBlock is skipped (one syscall less per message).
-            let drained = n < scratch.len();
+            let drained = n < asked;
             if c.is_closing() {
                 if drained {
                     break;
@@ -388,6 +396,8 @@ impl<A: App> Reactor<A> {
                     self.srv.conns.doom(fd);
                     break;
                 }
+            } else if body {
+                self.process(app, key, fd, &mut []); // completes the frame?
             } else if c.rbuf.is_empty() {
                 let used = self.process(app, key, fd, &mut scratch[..n]);
                 if let Some(c) = self.live(key, fd) {
@@ -461,10 +471,15 @@ impl<A: App> Reactor<A> {
             if self.srv.conns.is_doomed(fd) {
                 return input.len();
             }
-            let Some(c) = self.live(key, fd) else {
+            let srv = &mut self.srv;
+            let Some(c) = srv
+                .conns
+                .get_mut(key)
+                .filter(|c| c.fd == fd && !c.is_closing())
+            else {
                 return input.len();
             };
-            let (inbound, used) = c.decode_next(&mut input[pos..], max, stopping);
+            let (inbound, used) = c.decode_next(&mut input[pos..], max, stopping, &mut srv.codec);
             pos += used;
             if !self.dispatch(app, fd, inbound) {
                 return pos;

@@ -93,14 +93,16 @@ impl TokenBucket {
 }
 
 /// What the limits know about one connection.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ConnLimits {
     /// Counted in the worker's [`IpCounter`] (release on teardown).
     pub ip_counted: bool,
     /// Accepted on the admin listener (`admin_listen`).
     pub admin: bool,
-    /// Message budget (accepted WebSocket connections, when limited).
-    pub bucket: Option<TokenBucket>,
+    /// Message budget (accepted WebSocket connections, when limited;
+    /// boxed: off by default, and every idle connection pays for inline
+    /// bytes).
+    pub bucket: Option<Box<TokenBucket>>,
 }
 
 #[cfg(test)]

@@ -174,6 +174,18 @@ impl<A: App> Reactor<A> {
             .filter(|c| c.movable())
             .map(|c| c.fd)
             .collect();
+        // Open WebSockets that cannot move: their peer's deflate context
+        // (zlib state) cannot be handed over.
+        let restart: Vec<Fd> = self
+            .srv
+            .conns
+            .iter()
+            .filter(|c| !c.movable() && c.is_open_websocket())
+            .map(|c| c.fd)
+            .collect();
+        for fd in restart {
+            self.srv.disconnect(fd, SERVICE_RESTART, "service restart");
+        }
         self.srv.conns.doom_where(|c| {
             matches!(
                 c.phase,

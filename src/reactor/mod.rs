@@ -12,6 +12,9 @@
 //! - `http` — requests, responses, the two-phase parser;
 //! - `limits` — connections per IP and messages per second per connection;
 //! - `websocket` — handshakes and the frame codec (tungstenite framing);
+//! - `frame` — the large-frame path: payloads read straight into the
+//!   message buffer, large pushes written with `writev`;
+//! - `deflate` — permessage-deflate (RFC 7692): negotiation, (de)compressors;
 //! - `timer` — the hashed timer wheel;
 //! - `redis` — the worker's non-blocking Redis client (commands with
 //!   callbacks, pub/sub with a self-probe), hiredis-style on this loop;
@@ -28,8 +31,10 @@
 
 mod accept;
 pub mod conn;
+pub mod deflate;
 mod dispatch;
 pub mod event_loop;
+pub mod frame;
 pub mod handover;
 pub mod http;
 mod lifecycle;

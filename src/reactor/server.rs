@@ -5,7 +5,9 @@
 //!
 //! Verbs act at once where they can: `push` encodes straight into the
 //! connection's write buffer, which the loop flushes once per iteration
-//! ("before sleep", as Redis's ae does). What cannot happen inside a hook —
+//! ("before sleep", as Redis's ae does); a large payload with nothing
+//! queued ahead of it is written at once with `writev` from the message's
+//! own bytes (see `frame.rs`). What cannot happen inside a hook —
 //! tearing a connection down, which runs `on_close`, and event-bus triggers
 //! from `emit` — is recorded and done by the loop after the hook returns.
 
@@ -77,6 +79,7 @@ pub struct Server<A: App> {
     scoreboard: Scoreboard,          // everyone's rows
     next_task_id: u64,               // task id counter
     next_task_worker: usize,         // round-robin cursor
+    pub(crate) codec: crate::reactor::deflate::Codec, // permessage-deflate, shared
 }
 
 impl<A: App> std::fmt::Debug for Server<A> {
@@ -110,6 +113,7 @@ impl<A: App> Server<A> {
             resume: Vec::new(),
             in_request: None,
             early: None,
+            codec: crate::reactor::deflate::Codec::new(ctx.settings.deflate_config()),
             settings: ctx.settings,
             worker_id: ctx.worker_id,
             task_worker: ctx.task_worker,
@@ -143,10 +147,10 @@ impl<A: App> Server<A> {
     /// open WebSocket, or was just cut for exceeding `buffer_output_size`.
     pub fn push(&mut self, fd: Fd, msg: impl Into<Message>) -> bool {
         let msg = msg.into();
-        let Some(c) = self.conn_mut(fd) else {
+        let Some(key) = self.conns.key(fd) else {
             return false;
         };
-        if !c.queue_message(&msg) {
+        if !self.conns[key].queue_owned(msg, &mut self.codec) {
             return false;
         }
         self.row.messages_out.fetch_add(1, Relaxed);
@@ -527,12 +531,9 @@ impl<A: App> Server<A> {
         // to the Route) must not wait for the peer's delayed ACK (Nagle).
         let _ = stream.set_nodelay(true);
         let fd = self.conns.next_fd();
-        let phase = Phase::Connecting {
-            host: host.to_string(),
-            path: path.to_string(),
-        };
+        let phase = Phase::Connecting { host: host.into() };
         let mut conn = Conn::new(fd, stream, addr, ConnKind::Client, phase);
-        conn.path = Some(path.to_string());
+        conn.set_path(path);
         conn.opened = true; // on_close is due even if the dial fails
         self.conns.insert(conn).map_err(|e| {
             io::Error::new(e.kind(), format!("ws_connect to {addr}: register: {e}"))
@@ -553,7 +554,7 @@ impl<A: App> Server<A> {
             TimerTask::Handshake(fd),
         );
         if let Some(c) = self.conn_mut(fd) {
-            c.timer = Some(id);
+            c.timer.set(id);
         }
     }
 }

@@ -230,7 +230,8 @@ impl ConnTable {
         if let Some(old) = c.timer.take() {
             timers.cancel(old);
         }
-        c.timer = Some(timers.insert(Instant::now(), LINGER, None, TimerTask::Linger(fd)));
+        c.timer
+            .set(timers.insert(Instant::now(), LINGER, None, TimerTask::Linger(fd)));
     }
 }
 

@@ -126,7 +126,9 @@ impl<T> TimerWheel<T> {
         match self.entries.get_mut(&id) {
             Some(e) if !e.cancelled => {
                 e.cancelled = true;
-                if !e.linked && e.payload.is_some() {
+                // Not lent out: drop it now (a bucket still naming the id
+                // skips it). Lent out: `finish` drops it.
+                if e.payload.is_some() {
                     self.entries.remove(&id);
                 }
                 true
@@ -172,7 +174,18 @@ impl<T> TimerWheel<T> {
             self.slots[slot] = keep;
         }
         self.now_tick = target;
+        self.shrink();
         due
+    }
+
+    /// Gives memory back once the table is mostly empty, e.g. after a
+    /// connection storm whose handshake timers are all gone (idle
+    /// connections must not pay for the storm's peak). Amortised O(1).
+    fn shrink(&mut self) {
+        let cap = self.entries.capacity();
+        if cap > 256 && self.entries.len() * 8 < cap {
+            self.entries.shrink_to(self.entries.len() * 2);
+        }
     }
 
     /// Lends out the payload of a due timer to run it. `None` if it was

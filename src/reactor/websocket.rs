@@ -20,6 +20,8 @@ use tungstenite::handshake::derive_accept_key;
 use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
+use crate::reactor::deflate::{Codec, Params, PerConn};
+use crate::reactor::frame::{self, Body};
 use crate::reactor::http::Request;
 
 /// A WebSocket message.
@@ -45,6 +47,16 @@ impl Message {
         match self {
             Message::Text(s) => Some(s),
             Message::Binary(_) => None,
+        }
+    }
+}
+
+impl Message {
+    /// The payload bytes, given away (no copy).
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self {
+            Message::Text(s) => s.into_bytes(),
+            Message::Binary(b) => b,
         }
     }
 }
@@ -106,6 +118,9 @@ pub struct Fragments {
     pub text: bool,
     /// Payload so far.
     pub data: Vec<u8>,
+    /// The first frame had RSV1 (permessage-deflate): inflate at the end.
+    #[serde(default)]
+    pub compressed: bool,
 }
 
 /// Per-connection WebSocket protocol state (small: idle connections pay
@@ -118,6 +133,10 @@ pub struct WsState {
     pub frag: Option<Box<Fragments>>,
     /// We sent a close frame.
     pub close_sent: bool,
+    /// A data frame whose payload is still arriving (boxed: rare).
+    pub body: Option<Box<Body>>,
+    /// permessage-deflate, when negotiated (boxed: off by default).
+    pub deflate: Option<Box<PerConn>>,
 }
 
 impl WsState {
@@ -127,7 +146,14 @@ impl WsState {
             role,
             frag: None,
             close_sent: false,
+            body: None,
+            deflate: None,
         }
+    }
+
+    /// The agreed permessage-deflate parameters, if any.
+    pub fn deflate_params(&self) -> Option<Params> {
+        self.deflate.as_ref().and_then(|d| d.params)
     }
 }
 
@@ -158,8 +184,21 @@ pub enum Decoded {
 }
 
 /// Decodes at most one frame from the front of `buf` (unmasking its payload
-/// in place). `max` bounds a message's total size. O(frame).
+/// in place). `max` bounds a message's total size. O(frame). Compressed
+/// frames are inflated with a throw-away codec: see [`decode_frame`].
 pub fn decode_one(st: &mut WsState, buf: &mut [u8], max: usize) -> Decoded {
+    decode_frame(st, buf, max, &mut Codec::default())
+}
+
+/// [`decode_one`] with the worker's shared (de)compressors. A data frame
+/// whose payload is incomplete is not left in `buf` to be parsed again on
+/// the next read: its header is consumed and its payload moved into the
+/// message buffer ([`Body`]), which later bytes complete (Absorbed). O(the
+/// bytes used).
+pub fn decode_frame(st: &mut WsState, buf: &mut [u8], max: usize, codec: &mut Codec) -> Decoded {
+    if st.body.is_some() {
+        return frame::feed_body(st, buf, max, codec);
+    }
     let mut cur = Cursor::new(&buf[..]);
     let (hdr, len) = match FrameHeader::parse(&mut cur) {
         Ok(Some(h)) => h,
@@ -167,7 +206,8 @@ pub fn decode_one(st: &mut WsState, buf: &mut [u8], max: usize) -> Decoded {
         Err(_) => return Decoded::Fail(close::PROTOCOL, "reserved opcode"),
     };
     let hlen = cur.position() as usize;
-    if hdr.rsv1 || hdr.rsv2 || hdr.rsv3 {
+    let first_data = matches!(hdr.opcode, OpCode::Data(Data::Text | Data::Binary));
+    if (hdr.rsv1 && !(first_data && st.deflate.is_some())) || hdr.rsv2 || hdr.rsv3 {
         return Decoded::Fail(close::PROTOCOL, "reserved bits set");
     }
     match (st.role, hdr.mask.is_some()) {
@@ -184,8 +224,27 @@ pub fn decode_one(st: &mut WsState, buf: &mut [u8], max: usize) -> Decoded {
         return Decoded::Fail(close::TOO_BIG, "message exceeds package_max_length");
     }
     let len = len as usize;
+    // Which message a data frame belongs to: (text, compressed).
+    let kind = match hdr.opcode {
+        OpCode::Data(Data::Continue) => match &st.frag {
+            Some(f) => Some((f.text, f.compressed)),
+            None => return Decoded::Fail(close::PROTOCOL, "continuation frame without a message"),
+        },
+        OpCode::Data(d @ (Data::Text | Data::Binary)) => {
+            if st.frag.is_some() {
+                return Decoded::Fail(close::PROTOCOL, "new message inside a fragmented one");
+            }
+            Some((d == Data::Text, hdr.rsv1))
+        }
+        _ => None,
+    };
     if buf.len() - hlen < len {
-        return Decoded::NeedMore;
+        return match kind {
+            Some((text, z)) => {
+                frame::start_body(st, text, z, hdr.is_final, hdr.mask, len, hlen, &buf[hlen..])
+            }
+            None => Decoded::NeedMore,
+        };
     }
     let used = hlen + len;
     let payload = &mut buf[hlen..used];
@@ -193,44 +252,17 @@ pub fn decode_one(st: &mut WsState, buf: &mut [u8], max: usize) -> Decoded {
         apply_mask(payload, mask);
     }
     let payload = &buf[hlen..used];
-    let done = |text: bool, data: Vec<u8>| -> Decoded {
-        if text {
-            match String::from_utf8(data) {
-                Ok(s) => Decoded::Event(WsEvent::Message(Message::Text(s)), used),
-                Err(_) => Decoded::Fail(close::BAD_DATA, "text message is not UTF-8"),
+    if let Some((text, z)) = kind {
+        let data = match st.frag.take() {
+            Some(mut f) => {
+                f.data.extend_from_slice(payload);
+                f.data
             }
-        } else {
-            Decoded::Event(WsEvent::Message(Message::Binary(data)), used)
-        }
-    };
+            None => payload.to_vec(),
+        };
+        return frame::complete_data(st, text, z, hdr.is_final, data, used, max, codec);
+    }
     match hdr.opcode {
-        OpCode::Data(Data::Continue) => {
-            let Some(mut f) = st.frag.take() else {
-                return Decoded::Fail(close::PROTOCOL, "continuation frame without a message");
-            };
-            f.data.extend_from_slice(payload);
-            if hdr.is_final {
-                done(f.text, f.data)
-            } else {
-                st.frag = Some(f);
-                Decoded::Absorbed(used)
-            }
-        }
-        OpCode::Data(d @ (Data::Text | Data::Binary)) => {
-            if st.frag.is_some() {
-                return Decoded::Fail(close::PROTOCOL, "new message inside a fragmented one");
-            }
-            let text = d == Data::Text;
-            if hdr.is_final {
-                done(text, payload.to_vec())
-            } else {
-                st.frag = Some(Box::new(Fragments {
-                    text,
-                    data: payload.to_vec(),
-                }));
-                Decoded::Absorbed(used)
-            }
-        }
         OpCode::Control(Control::Ping) => Decoded::Event(WsEvent::Ping(payload.to_vec()), used),
         OpCode::Control(Control::Pong) => Decoded::Event(WsEvent::Pong, used),
         OpCode::Control(Control::Close) => match payload.len() {
@@ -247,16 +279,34 @@ pub fn decode_one(st: &mut WsState, buf: &mut [u8], max: usize) -> Decoded {
                 }
             }
         },
-        OpCode::Data(Data::Reserved(_)) | OpCode::Control(Control::Reserved(_)) => {
-            Decoded::Fail(close::PROTOCOL, "reserved opcode")
-        }
+        _ => Decoded::Fail(close::PROTOCOL, "reserved opcode"),
     }
 }
 
 /// XORs `data` with the 4-byte `mask` (masking and unmasking are the same).
 pub fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
-    for (i, b) in data.iter_mut().enumerate() {
-        *b ^= mask[i & 3];
+    apply_mask_at(data, mask, 0);
+}
+
+/// [`apply_mask`] for bytes that start `offset` bytes into the payload.
+/// Eight bytes at a time (the compiler vectorises the loop). O(len).
+pub fn apply_mask_at(data: &mut [u8], mask: [u8; 4], offset: usize) {
+    let r = offset & 3;
+    let m = [
+        mask[r],
+        mask[(r + 1) & 3],
+        mask[(r + 2) & 3],
+        mask[(r + 3) & 3],
+    ];
+    let word = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
+    let mut chunks = data.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        c.copy_from_slice(&(u64::from_ne_bytes(w) ^ word).to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= m[i & 3];
     }
 }
 
@@ -272,11 +322,17 @@ pub fn random_mask() -> [u8; 4] {
 /// Appends one final frame to `out`, masked when `role` is the client.
 /// O(payload).
 pub fn encode_frame(out: &mut Vec<u8>, role: Role, opcode: OpCode, payload: &[u8]) {
+    encode_frame_rsv(out, role, opcode, payload, false);
+}
+
+/// [`encode_frame`] with RSV1 (a permessage-deflate payload) as given.
+pub fn encode_frame_rsv(out: &mut Vec<u8>, role: Role, opcode: OpCode, payload: &[u8], rsv1: bool) {
     let mask = (role == Role::Client).then(random_mask);
     let hdr = FrameHeader {
         is_final: true,
         opcode,
         mask,
+        rsv1,
         ..FrameHeader::default()
     };
     // Writing into a Vec cannot fail.
@@ -320,6 +376,15 @@ pub fn wants_upgrade(req: &Request) -> bool {
 /// Validates an upgrade request and returns the 101 response to send, or
 /// why it is refused (answered with 400).
 pub fn accept_upgrade(req: &Request) -> Result<Vec<u8>, &'static str> {
+    accept_upgrade_with(req, None).map(|(r, _)| r)
+}
+
+/// [`accept_upgrade`] that also negotiates permessage-deflate under `cfg`
+/// (see [`crate::reactor::deflate::negotiate`]) and returns what was agreed.
+pub fn accept_upgrade_with(
+    req: &Request,
+    cfg: Option<&crate::reactor::deflate::Config>,
+) -> Result<(Vec<u8>, Option<Params>), &'static str> {
     if req.method != "GET" || req.version < 1 {
         return Err("WebSocket upgrade needs GET and HTTP/1.1");
     }
@@ -338,11 +403,21 @@ pub fn accept_upgrade(req: &Request) -> Result<Vec<u8>, &'static str> {
         Ok(raw) if raw.len() == 16 => {}
         _ => return Err("bad Sec-WebSocket-Key"),
     }
-    Ok(format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+    let offers = req
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("sec-websocket-extensions"))
+        .map(|(_, v)| v.as_str());
+    let agreed = cfg.and_then(|c| crate::reactor::deflate::negotiate(c, offers));
+    let ext = match &agreed {
+        Some((_, v)) => format!("Sec-WebSocket-Extensions: {v}\r\n"),
+        None => String::new(),
+    };
+    let resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{ext}\r\n",
         derive_accept_key(key.as_bytes())
-    )
-    .into_bytes())
+    );
+    Ok((resp.into_bytes(), agreed.map(|(p, _)| p)))
 }
 
 /// The client's upgrade request for `host` and `path`, and the key it used.
@@ -394,157 +469,5 @@ pub fn check_response(buf: &[u8], key: &str) -> ClientHandshake {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn client_frame(op: OpCode, fin: bool, payload: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mask = random_mask();
-        let hdr = FrameHeader {
-            is_final: fin,
-            opcode: op,
-            mask: Some(mask),
-            ..FrameHeader::default()
-        };
-        hdr.format(payload.len() as u64, &mut out).unwrap();
-        let s = out.len();
-        out.extend_from_slice(payload);
-        apply_mask(&mut out[s..], mask);
-        out
-    }
-
-    #[test]
-    fn round_trip_client_to_server() {
-        let mut out = Vec::new();
-        encode_message(&mut out, Role::Client, &Message::Text("héllo".into()));
-        let mut st = WsState::new(Role::Server);
-        let n = out.len();
-        assert_eq!(
-            decode_one(&mut st, &mut out[..n - 1], 100),
-            Decoded::NeedMore
-        );
-        assert_eq!(
-            decode_one(&mut st, &mut out, 100),
-            Decoded::Event(WsEvent::Message("héllo".into()), n)
-        );
-    }
-
-    #[test]
-    fn server_frames_are_unmasked_and_large_lengths_work() {
-        let mut out = Vec::new();
-        let big = vec![7u8; 70_000];
-        encode_message(&mut out, Role::Server, &Message::Binary(big.clone()));
-        assert_eq!(out[1] & 0x80, 0, "server frames are not masked");
-        let mut st = WsState::new(Role::Client);
-        let n = out.len();
-        assert_eq!(
-            decode_one(&mut st, &mut out, 100_000),
-            Decoded::Event(WsEvent::Message(Message::Binary(big)), n)
-        );
-    }
-
-    #[test]
-    fn fragments_reassemble_and_controls_interleave() {
-        let mut st = WsState::new(Role::Server);
-        let mut a = client_frame(OpCode::Data(Data::Text), false, b"ab");
-        let mut p = client_frame(OpCode::Control(Control::Ping), true, b"x");
-        let mut b = client_frame(OpCode::Data(Data::Continue), true, b"cd");
-        assert!(matches!(
-            decode_one(&mut st, &mut a, 100),
-            Decoded::Absorbed(_)
-        ));
-        assert!(
-            matches!(decode_one(&mut st, &mut p, 100), Decoded::Event(WsEvent::Ping(ref v), _) if v == b"x")
-        );
-        assert!(
-            matches!(decode_one(&mut st, &mut b, 100), Decoded::Event(WsEvent::Message(Message::Text(ref s)), _) if s == "abcd")
-        );
-    }
-
-    #[test]
-    fn violations_map_to_close_codes() {
-        let fail =
-            |role, mut f: Vec<u8>, max| match decode_one(&mut WsState::new(role), &mut f, max) {
-                Decoded::Fail(c, _) => c,
-                other => panic!("{other:?}"),
-            };
-        let mut unmasked = Vec::new();
-        encode_message(&mut unmasked, Role::Server, &"x".into());
-        assert_eq!(fail(Role::Server, unmasked, 100), close::PROTOCOL);
-        assert_eq!(
-            fail(
-                Role::Server,
-                client_frame(OpCode::Data(Data::Binary), true, &[0; 200]),
-                100
-            ),
-            close::TOO_BIG
-        );
-        assert_eq!(
-            fail(
-                Role::Server,
-                client_frame(OpCode::Data(Data::Text), true, &[0xff, 0xfe]),
-                100
-            ),
-            close::BAD_DATA
-        );
-        assert_eq!(
-            fail(
-                Role::Server,
-                client_frame(OpCode::Data(Data::Continue), true, b"x"),
-                100
-            ),
-            close::PROTOCOL
-        );
-        let mut rsv = client_frame(OpCode::Data(Data::Text), true, b"x");
-        rsv[0] |= 0x40;
-        assert_eq!(fail(Role::Server, rsv, 100), close::PROTOCOL);
-        let mut reserved = client_frame(OpCode::Data(Data::Text), true, b"x");
-        reserved[0] = (reserved[0] & 0xf0) | 0x3;
-        assert_eq!(fail(Role::Server, reserved, 100), close::PROTOCOL);
-        assert_eq!(
-            fail(
-                Role::Server,
-                client_frame(OpCode::Control(Control::Ping), false, b""),
-                100
-            ),
-            close::PROTOCOL
-        );
-        assert_eq!(
-            fail(
-                Role::Server,
-                client_frame(OpCode::Control(Control::Close), true, &[3, 0xe7]),
-                100
-            ),
-            close::PROTOCOL
-        );
-    }
-
-    #[test]
-    fn close_frames_and_handshake() {
-        let mut out = Vec::new();
-        encode_close(&mut out, Role::Client, 1001, &"é".repeat(100));
-        assert!(out.len() <= 2 + 4 + 125);
-        let mut st = WsState::new(Role::Server);
-        assert!(matches!(
-            decode_one(&mut st, &mut out, 10),
-            Decoded::Event(WsEvent::Close(Some(1001), _), _)
-        ));
-
-        let (req, key) = client_request("h", "/ws");
-        let Ok(crate::reactor::http::Parsed::Complete(r, _)) =
-            Ok::<_, ()>(crate::reactor::http::parse_request(&req, 0))
-        else {
-            panic!()
-        };
-        assert!(wants_upgrade(&r));
-        let resp = accept_upgrade(&r).unwrap();
-        assert_eq!(
-            check_response(&resp, &key),
-            ClientHandshake::Done(resp.len())
-        );
-        assert!(matches!(
-            check_response(&resp, "other"),
-            ClientHandshake::Fail(_)
-        ));
-    }
-}
+#[path = "websocket_tests.rs"]
+mod tests;

@@ -21,6 +21,7 @@
 
 pub mod cluster;
 pub mod daemon;
+pub mod frames;
 pub mod inproc;
 pub mod proxy;
 
