@@ -5,6 +5,7 @@
 //! Layout:
 //! - `event_loop` — the loop itself: tokens, read, flush, stop;
 //! - `accept` — accepting, admission, the back-off on `EMFILE`;
+//! - `input` — reading and decoding a connection's bytes;
 //! - `dispatch` — calling hooks (panic-guarded), teardown, timers, IPC;
 //! - `server` — [`Server`], the handle hooks get, with Swoole's verbs;
 //! - `conn` — a connection: phase, owned buffers, the protocol step;
@@ -37,6 +38,7 @@ pub mod event_loop;
 pub mod frame;
 pub mod handover;
 pub mod http;
+mod input;
 mod lifecycle;
 pub mod limits;
 mod migrate;

@@ -238,6 +238,36 @@ impl<T> TimerWheel<T> {
     }
 }
 
+/// A connection's one timer id, in 8 bytes rather than the 16 of an
+/// `Option<u64>` (ids start at 1, so 0 is free to mean none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnTimer(Option<std::num::NonZeroU64>);
+
+impl ConnTimer {
+    /// Arms it with `id` (replacing any).
+    pub fn set(&mut self, id: TimerId) {
+        self.0 = std::num::NonZeroU64::new(id);
+    }
+    /// Takes the id out, leaving none.
+    pub fn take(&mut self) -> Option<TimerId> {
+        self.0.take().map(|t| t.get())
+    }
+    /// Whether one is armed.
+    pub fn is_some(&self) -> bool {
+        self.0.is_some()
+    }
+    /// Whether none is armed.
+    pub fn is_none(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl PartialEq<Option<TimerId>> for ConnTimer {
+    fn eq(&self, other: &Option<TimerId>) -> bool {
+        self.0.map(|t| t.get()) == *other
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
