@@ -224,48 +224,32 @@ impl Exposition {
             &[],
             row_sum(&|r| ld(&r.redis_reconnects)) + retired(Retired::RedisReconnects),
         );
-        for (name, help, f) in [
-            (
-                "swocloud_redis_command_errors_total",
-                "Redis requests of live workers that completed with an error (server error, lost link, timeout).",
-                (|r: &Row| r.redis_cmd_errors.load(Relaxed)) as RowField,
-            ),
-            (
-                "swocloud_redis_timeouts_total",
-                "Redis requests of live workers that got no reply within redis_timeout.",
-                (|r: &Row| r.redis_timeouts.load(Relaxed)) as RowField,
-            ),
-            (
-                "swocloud_redis_retried_total",
-                "Durable Redis requests (removals, renewals) sent again after an outage.",
-                (|r: &Row| r.redis_retried.load(Relaxed)) as RowField,
-            ),
-            (
-                "swocloud_redis_dropped_total",
-                "Durable Redis requests dropped because their queue was full.",
-                (|r: &Row| r.redis_dropped.load(Relaxed)) as RowField,
-            ),
-            (
-                "swocloud_redis_probe_failures_total",
-                "Pub/sub self-probes that did not come back (each forced a resubscribe).",
-                (|r: &Row| r.redis_probe_failures.load(Relaxed)) as RowField,
-            ),
-        ] {
-            self.counter(name, help, &[], row_sum(&f));
-        }
-        for (name, help, f) in [
-            (
-                "swocloud_redis_pending",
-                "Redis requests on the wire, waiting for their replies.",
-                (|r: &Row| r.redis_pending.load(Relaxed)) as RowField,
-            ),
-            (
-                "swocloud_redis_queued",
-                "Durable Redis requests waiting for the link to come back.",
-                (|r: &Row| r.redis_queued.load(Relaxed)) as RowField,
-            ),
-        ] {
-            self.gauge(name, help, &[], row_sum(&f));
+        let redis: [(&str, Kind, &str, RowField); 7] = [
+            ("swocloud_redis_command_errors_total", Kind::Counter,
+             "Redis requests of live workers that completed with an error (server error, lost link, timeout).",
+             |r| r.redis_cmd_errors.load(Relaxed)),
+            ("swocloud_redis_timeouts_total", Kind::Counter,
+             "Redis requests of live workers that got no reply within redis_timeout.",
+             |r| r.redis_timeouts.load(Relaxed)),
+            ("swocloud_redis_retried_total", Kind::Counter,
+             "Durable Redis requests (removals, renewals) that reached Redis after waiting out an outage.",
+             |r| r.redis_retried.load(Relaxed)),
+            ("swocloud_redis_dropped_total", Kind::Counter,
+             "Durable Redis requests dropped because their queue was full.",
+             |r| r.redis_dropped.load(Relaxed)),
+            ("swocloud_redis_probe_failures_total", Kind::Counter,
+             "Pub/sub self-probes that did not come back (each forced a resubscribe).",
+             |r| r.redis_probe_failures.load(Relaxed)),
+            ("swocloud_redis_pending", Kind::Gauge,
+             "Redis requests on the wire, waiting for their replies.",
+             |r| r.redis_pending.load(Relaxed)),
+            ("swocloud_redis_queued", Kind::Gauge,
+             "Durable Redis requests waiting for the link to come back.",
+             |r| r.redis_queued.load(Relaxed)),
+        ];
+        for (name, kind, help, f) in redis {
+            self.family(name, kind, help);
+            self.sample(name, &[], row_sum(&f));
         }
         self.gauge(
             "swocloud_workers",

@@ -387,10 +387,20 @@ impl<A: App> Server<A> {
         req: impl Into<Request>,
         cb: impl FnOnce(&mut A, &mut Server<A>, redis::RedisResult<T>) + 'static,
     ) {
+        self.submit_with(req.into(), cb, false);
+    }
+
+    /// Boxes `cb` (converting the reply to `T`) and submits `req`.
+    fn submit_with<T: redis::FromRedisValue + 'static>(
+        &mut self,
+        req: Request,
+        cb: impl FnOnce(&mut A, &mut Server<A>, redis::RedisResult<T>) + 'static,
+        durable: bool,
+    ) {
         let cb: Callback<A, Server<A>> =
             Box::new(move |app, srv, r: Reply| cb(app, srv, r.and_then(T::from_owned_redis_value)));
         match self.redis.as_mut() {
-            Some(c) => c.cmd.submit(req.into(), Some(cb), false),
+            Some(c) => c.cmd.submit(req, Some(cb), durable),
             None => self.redis_late.push((cb, Err(not_configured()))),
         }
     }
@@ -419,12 +429,7 @@ impl<A: App> Server<A> {
         req: impl Into<Request>,
         cb: impl FnOnce(&mut A, &mut Server<A>, redis::RedisResult<T>) + 'static,
     ) {
-        let cb: Callback<A, Server<A>> =
-            Box::new(move |app, srv, r: Reply| cb(app, srv, r.and_then(T::from_owned_redis_value)));
-        match self.redis.as_mut() {
-            Some(c) => c.cmd.submit(req.into(), Some(cb), true),
-            None => self.redis_late.push((cb, Err(not_configured()))),
-        }
+        self.submit_with(req.into(), cb, true);
     }
 
     /// Calls `handler` with the payload of every message published on

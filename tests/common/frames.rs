@@ -6,19 +6,13 @@
 //! tungstenite's client has no deflate.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 use swocloud::config::Settings;
 use swocloud::event::App;
-use swocloud::process::ipc::{Dest, Mailboxes};
-use swocloud::process::scoreboard::Scoreboard;
-use swocloud::reactor::{
-    run_worker_until, Fd, Message, Server, StopHandle, WorkerContext, WorkerExit,
-};
+use swocloud::reactor::{Fd, Message, Server};
 
 /// How long a test waits for a frame or for the worker to start.
 pub const FRAME_WAIT: Duration = Duration::from_secs(10);
@@ -32,68 +26,24 @@ impl App for Echo {
     }
 }
 
-/// A one-worker echo reactor on a thread; stopped on drop.
+/// A one-worker echo reactor on a thread ([`super::inproc::InProc`]);
+/// stopped on drop.
 pub struct EchoWorker {
     /// Where it listens.
     pub addr: SocketAddr,
-    stop: StopHandle,
-    thread: Option<JoinHandle<std::io::Result<WorkerExit>>>,
+    _worker: super::inproc::InProc,
 }
 
 impl EchoWorker {
     /// Starts one with the default settings changed by `f`; returns once it
     /// serves (its readiness callback ran).
     pub fn start(f: impl FnOnce(&mut Settings)) -> EchoWorker {
-        let mut s = Settings {
-            host: "127.0.0.1".into(),
-            worker_num: 1,
-            ..Settings::default()
-        };
+        let mut s = Settings::default();
         f(&mut s);
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let addr = l.local_addr().expect("local_addr");
-        let postbox = Mailboxes::create(1, 0)
-            .expect("mailboxes")
-            .postbox(Dest::Worker(0))
-            .expect("postbox");
-        let sb = Scoreboard::create(1).expect("scoreboard");
-        let row = sb.row(0);
-        let stop = StopHandle::new();
-        let stop2 = stop.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let ctx = WorkerContext {
-                worker_id: 0,
-                task_worker: false,
-                settings: Arc::new(s),
-                listener: Some(l),
-                admin_listener: None,
-                postbox,
-                row,
-                scoreboard: sb,
-                on_ready: Some(Box::new(move || {
-                    let _ = tx.send(());
-                })),
-                watch_signals: false,
-                handover: None,
-            };
-            run_worker_until(ctx, &mut Echo, stop2)
-        });
-        rx.recv_timeout(FRAME_WAIT)
-            .expect("the echo worker became ready");
+        let w = super::inproc::InProc::start(s, || Echo);
         EchoWorker {
-            addr,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for EchoWorker {
-    fn drop(&mut self) {
-        self.stop.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            addr: w.addr,
+            _worker: w,
         }
     }
 }
