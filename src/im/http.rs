@@ -55,8 +55,8 @@ pub fn handle<A: App>(srv: &Server<A>, req: &Request, route_registered: bool) ->
         ("GET", "/ready") => {
             let route_ok = srv.worker_id() != 0 || route_registered;
             let mut reasons = Vec::new();
-            if !srv.redis_ok() {
-                reasons.push("redis unreachable");
+            if let Err(why) = srv.redis_ready() {
+                reasons.push(why);
             }
             if !route_ok {
                 reasons.push("not registered with the Route");

@@ -129,8 +129,8 @@ impl Api<'_> {
 
     fn ready<A: App>(&self, srv: &Server<A>) -> Response {
         let mut reasons = Vec::new();
-        if !srv.redis_ok() {
-            reasons.push("redis unreachable".to_string());
+        if let Err(why) = srv.redis_ready() {
+            reasons.push(why.to_string());
         }
         if let Some(stale) = self.directory.stale_reason() {
             reasons.push(stale);
