@@ -120,11 +120,7 @@ fn user_thread(uid: String, route: String, sh: Arc<Shared>) -> JoinHandle<()> {
                     }
                     Ok(Message::Close(_)) => break,
                     Ok(_) => {}
-                    Err(tungstenite::Error::Io(e))
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) => {}
+                    Err(e) if common::is_timeout(&e) => {}
                     Err(_) => break,
                 }
                 if Instant::now() >= next_send {

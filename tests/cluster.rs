@@ -38,11 +38,7 @@ fn recv_until(
                 }
             }
             Ok(_) => {}
-            Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if common::is_timeout(&e) => {}
             Err(e) => panic!("{what}: connection error {e}"),
         }
     }

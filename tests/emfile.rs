@@ -6,20 +6,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic by design
 
+mod common;
+
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use socket2::{Domain, Socket, Type};
 use swocloud::config::Settings;
 use swocloud::event::App;
-use swocloud::process::ipc::{Dest, Mailboxes};
-use swocloud::process::scoreboard::Scoreboard;
-use swocloud::reactor::{run_worker_until, Request, Response, Server, StopHandle, WorkerContext};
+use swocloud::reactor::{Request, Response, Server};
 
 /// Clients that connect while the fd table is full.
 const CLIENTS: usize = 4;
@@ -43,41 +42,8 @@ fn highest_fd() -> u64 {
 
 #[test]
 fn connections_queued_during_emfile_are_accepted_once_fds_free_up() {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr: SocketAddr = l.local_addr().unwrap();
-    let sb = Scoreboard::create(1).unwrap();
-    let row = sb.row(0);
-    let postbox = Mailboxes::create(1, 0)
-        .unwrap()
-        .postbox(Dest::Worker(0))
-        .unwrap();
-    let stop = StopHandle::new();
-    let stop2 = stop.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let worker = std::thread::spawn(move || {
-        let ctx = WorkerContext {
-            worker_id: 0,
-            task_worker: false,
-            settings: Arc::new(Settings {
-                host: "127.0.0.1".into(),
-                worker_num: 1,
-                ..Settings::default()
-            }),
-            listener: Some(l),
-            admin_listener: None,
-            postbox,
-            row,
-            scoreboard: sb,
-            on_ready: Some(Box::new(move || {
-                let _ = tx.send(());
-            })),
-            watch_signals: false,
-            handover: None,
-        };
-        run_worker_until(ctx, &mut Hello, stop2)
-    });
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("the worker became ready");
+    let w = common::inproc::InProc::start(Settings::default(), || Hello);
+    let (addr, row) = (w.addr(), w.row);
 
     // The clients' sockets exist before the fd table fills; connecting
     // them needs no new fd.
@@ -119,6 +85,6 @@ fn connections_queued_during_emfile_are_accepted_once_fds_free_up() {
         assert!(out.ends_with("hello\n"), "{out}");
     }
     assert_eq!(row.accepted.load(Relaxed), CLIENTS as u64);
-    stop.stop();
-    worker.join().unwrap().unwrap();
+    w.stop();
+    w.join();
 }

@@ -15,16 +15,12 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use swocloud::config::Settings;
 use swocloud::event::{App, EventBus};
 use swocloud::process::ipc::{Dest, Mailboxes, Postbox};
-use swocloud::process::scoreboard::{Row, Scoreboard};
-use swocloud::reactor::{
-    run_worker_until, Fd, Message, Request, Response, Server, StopHandle, WorkerContext, WorkerExit,
-};
+use swocloud::reactor::{Fd, Message, Request, Response, Server, WorkerExit};
 use tungstenite::Message as WsMsg;
 
 use common::wait_until;
@@ -49,30 +45,7 @@ fn listener() -> (TcpListener, SocketAddr) {
     (l, a)
 }
 
-struct Worker {
-    addr: Option<SocketAddr>,
-    stop: StopHandle,
-    row: &'static Row,
-    thread: Option<JoinHandle<std::io::Result<WorkerExit>>>,
-}
-
-impl Worker {
-    fn addr(&self) -> SocketAddr {
-        self.addr.unwrap()
-    }
-    fn join(mut self) -> WorkerExit {
-        self.thread.take().unwrap().join().unwrap().unwrap()
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.stop.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
+type Worker = common::inproc::InProc;
 
 fn spawn<A: App, F: FnOnce() -> A + Send + 'static>(
     s: Settings,
@@ -80,46 +53,8 @@ fn spawn<A: App, F: FnOnce() -> A + Send + 'static>(
     task_worker: bool,
     make: F,
 ) -> Worker {
-    let (l, addr) = if task_worker {
-        (None, None)
-    } else {
-        let (l, a) = listener();
-        (Some(l), Some(a))
-    };
-    let sb = Scoreboard::create(2).unwrap();
-    let row = sb.row(0);
-    let stop = StopHandle::new();
-    let stop2 = stop.clone();
-    let worker_id = match postbox.me() {
-        Dest::Worker(i) | Dest::TaskWorker(i) => i,
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    let thread = std::thread::spawn(move || {
-        let mut app = make();
-        let ctx = WorkerContext {
-            worker_id,
-            task_worker,
-            settings: Arc::new(s),
-            listener: l,
-            admin_listener: None,
-            postbox,
-            row,
-            scoreboard: sb,
-            on_ready: Some(Box::new(move || {
-                let _ = tx.send(());
-            })),
-            watch_signals: false,
-            handover: None,
-        };
-        run_worker_until(ctx, &mut app, stop2)
-    });
-    rx.recv_timeout(WAIT).expect("the worker became ready");
-    Worker {
-        addr,
-        stop,
-        row,
-        thread: Some(thread),
-    }
+    let l = (!task_worker).then(|| listener().0);
+    common::inproc::InProc::spawn(s, postbox, l, make)
 }
 
 fn single<A: App, F: FnOnce() -> A + Send + 'static>(s: Settings, make: F) -> Worker {
@@ -736,7 +671,7 @@ fn task_round_trip_through_a_task_worker() {
 fn graceful_stop_says_going_away_and_runs_stop_hooks() {
     let (w, seen) = echo(settings(|_| {}));
     let mut s = raw_ws(w.addr());
-    w.stop.stop();
+    w.stop();
     expect_close(&mut s, 1001);
     let seen2 = seen.clone();
     assert_eq!(w.join(), WorkerExit::Stopped);

@@ -185,34 +185,37 @@ fn commands_pipelines_scripts_and_order() {
     let redis = RedisServer::start();
     let w = start(&redis.url(), 3.0);
     wait_until(Duration::from_secs(5), "ready", || {
-        get(w.addr, "/ready").0 == 200
+        get(w.addr(), "/ready").0 == 200
     });
-    assert_eq!(get(w.addr, "/set?k=a&v=1"), (200, "OK".into()));
-    assert_eq!(get(w.addr, "/get?k=a"), (200, "1".into()));
-    assert_eq!(get(w.addr, "/get?k=nope"), (200, "(nil)".into()));
-    assert_eq!(get(w.addr, "/seq?k=n&n=500"), (200, "in-order 500".into()));
-    assert_eq!(get(w.addr, "/pipe"), (200, "OK pv".into()));
-    assert_eq!(get(w.addr, "/script?k=s"), (200, "5".into()));
+    assert_eq!(get(w.addr(), "/set?k=a&v=1"), (200, "OK".into()));
+    assert_eq!(get(w.addr(), "/get?k=a"), (200, "1".into()));
+    assert_eq!(get(w.addr(), "/get?k=nope"), (200, "(nil)".into()));
+    assert_eq!(
+        get(w.addr(), "/seq?k=n&n=500"),
+        (200, "in-order 500".into())
+    );
+    assert_eq!(get(w.addr(), "/pipe"), (200, "OK pv".into()));
+    assert_eq!(get(w.addr(), "/script?k=s"), (200, "5".into()));
     // The server forgets its scripts: the client falls back to EVAL.
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
         .query(&mut redis.client())
         .unwrap();
-    assert_eq!(get(w.addr, "/script?k=s"), (200, "10".into()));
+    assert_eq!(get(w.addr(), "/script?k=s"), (200, "10".into()));
     // A wrong type is an error reply to that request only.
-    assert_eq!(get(w.addr, "/seq?k=a&n=1").0, 200);
-    let (st, body) = get(w.addr, "/script?k=a"); // INCRBY on "2" works; make it a list
+    assert_eq!(get(w.addr(), "/seq?k=a&n=1").0, 200);
+    let (st, body) = get(w.addr(), "/script?k=a"); // INCRBY on "2" works; make it a list
     assert_eq!(st, 200, "{body}");
     let _: () = redis::cmd("RPUSH")
         .arg("l")
         .arg("x")
         .query(&mut redis.client())
         .unwrap();
-    let (st, body) = get(w.addr, "/get?k=l");
+    let (st, body) = get(w.addr(), "/get?k=l");
     assert_eq!(st, 503);
     assert!(body.contains("WRONGTYPE"), "{body}");
     assert_eq!(
-        get(w.addr, "/get?k=a").0,
+        get(w.addr(), "/get?k=a").0,
         200,
         "the link survives a server error"
     );
@@ -224,23 +227,23 @@ fn a_slow_redis_never_stalls_the_loop() {
     let proxy = FaultProxy::start(upstream(&redis));
     let w = start(&proxy.url(), 3.0);
     wait_until(Duration::from_secs(5), "ready", || {
-        get(w.addr, "/ready").0 == 200
+        get(w.addr(), "/ready").0 == 200
     });
     proxy.set(Mode::Delay(Duration::from_millis(300)));
     // Twenty requests wait on Redis at once, on their own connections.
-    let addr = w.addr;
+    let addr = w.addr();
     let waiting: Vec<_> = (0..20)
         .map(|i| {
             std::thread::spawn(move || (Instant::now(), get(addr, &format!("/seq?k=slow{i}&n=50"))))
         })
         .collect();
     wait_until(Duration::from_secs(5), "requests in flight", || {
-        get(w.addr, "/backlog").1.split(' ').next().unwrap_or("0") != "0"
+        get(w.addr(), "/backlog").1.split(' ').next().unwrap_or("0") != "0"
     });
     let mut worst = Duration::ZERO;
     for _ in 0..20 {
         let t = Instant::now();
-        assert_eq!(get(w.addr, "/health").0, 200);
+        assert_eq!(get(w.addr(), "/health").0, 200);
         worst = worst.max(t.elapsed());
     }
     assert!(
@@ -263,15 +266,15 @@ fn redis_killed_in_flight_fails_every_callback_and_durable_work_waits() {
     let proxy = FaultProxy::start(upstream(&redis));
     let w = start(&proxy.url(), 10.0);
     wait_until(Duration::from_secs(5), "ready", || {
-        get(w.addr, "/ready").0 == 200
+        get(w.addr(), "/ready").0 == 200
     });
     proxy.set(Mode::Delay(Duration::from_millis(1500)));
-    let addr = w.addr;
+    let addr = w.addr();
     let waiting: Vec<_> = (0..5)
         .map(|i| std::thread::spawn(move || get(addr, &format!("/get?k=k{i}"))))
         .collect();
     wait_until(Duration::from_secs(5), "5 in flight", || {
-        get(w.addr, "/backlog").1 == "5 0"
+        get(w.addr(), "/backlog").1 == "5 0"
     });
     redis.stop();
     let t = Instant::now();
@@ -286,21 +289,21 @@ fn redis_killed_in_flight_fails_every_callback_and_durable_work_waits() {
     proxy.set(Mode::Pass);
     // Down: plain requests fail at once, durable ones wait.
     wait_until(Duration::from_secs(5), "not ready", || {
-        get(w.addr, "/ready").0 == 503
+        get(w.addr(), "/ready").0 == 503
     });
-    assert_eq!(get(w.addr, "/get?k=x").0, 503);
+    assert_eq!(get(w.addr(), "/get?k=x").0, 503);
     for v in ["a", "b", "c"] {
-        assert_eq!(get(w.addr, &format!("/durable?k=q&v={v}")).0, 200);
+        assert_eq!(get(w.addr(), &format!("/durable?k=q&v={v}")).0, 200);
     }
-    assert_eq!(get(w.addr, "/backlog").1, "0 3");
+    assert_eq!(get(w.addr(), "/backlog").1, "0 3");
     assert_eq!(
-        get(w.addr, "/health").0,
+        get(w.addr(), "/health").0,
         200,
         "the loop serves without Redis"
     );
     redis.restart();
     wait_until(Duration::from_secs(10), "ready again", || {
-        get(w.addr, "/ready").0 == 200
+        get(w.addr(), "/ready").0 == 200
     });
     let list: Vec<String> = wait_for(Duration::from_secs(5), "durable work applied", || {
         let l: Vec<String> = redis::cmd("LRANGE")
@@ -325,9 +328,9 @@ fn a_black_holed_link_times_out_and_a_silent_subscriber_is_probed() {
     let redis = RedisServer::start();
     let proxy = FaultProxy::start(upstream(&redis));
     let w = start(&proxy.url(), 1.0);
-    assert_eq!(get(w.addr, "/sub?ch=news").0, 200);
+    assert_eq!(get(w.addr(), "/sub?ch=news").0, 200);
     wait_until(Duration::from_secs(8), "ready (probe verified)", || {
-        get(w.addr, "/ready").0 == 200
+        get(w.addr(), "/ready").0 == 200
     });
     let publish = |m: &str| -> i64 {
         redis::cmd("PUBLISH")
@@ -338,11 +341,11 @@ fn a_black_holed_link_times_out_and_a_silent_subscriber_is_probed() {
     };
     assert_eq!(publish("one"), 1);
     wait_until(Duration::from_secs(5), "message", || {
-        get(w.addr, "/got?ch=news").1 == "one"
+        get(w.addr(), "/got?ch=news").1 == "one"
     });
     proxy.set(Mode::BlackHole);
     let t = Instant::now();
-    let (status, body) = get(w.addr, "/get?k=a");
+    let (status, body) = get(w.addr(), "/get?k=a");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("timeout"), "{body}");
     assert!(
@@ -352,7 +355,7 @@ fn a_black_holed_link_times_out_and_a_silent_subscriber_is_probed() {
     wait_until(
         Duration::from_secs(10),
         "/ready not green while the links are silent",
-        || get(w.addr, "/ready").0 == 503,
+        || get(w.addr(), "/ready").0 == 503,
     );
     wait_until(Duration::from_secs(10), "the probe failed", || {
         w.row
@@ -360,15 +363,15 @@ fn a_black_holed_link_times_out_and_a_silent_subscriber_is_probed() {
             .load(std::sync::atomic::Ordering::Relaxed)
             > 0
     });
-    assert_eq!(get(w.addr, "/health").0, 200);
+    assert_eq!(get(w.addr(), "/health").0, 200);
     proxy.set(Mode::Pass);
     wait_until(Duration::from_secs(15), "ready again", || {
-        get(w.addr, "/ready").0 == 200
+        get(w.addr(), "/ready").0 == 200
     });
     assert!(publish("two") >= 1, "resubscribed");
     wait_until(
         Duration::from_secs(5),
         "message after the reconnect",
-        || get(w.addr, "/got?ch=news").1 == "one,two",
+        || get(w.addr(), "/got?ch=news").1 == "one,two",
     );
 }

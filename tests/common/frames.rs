@@ -42,7 +42,7 @@ impl EchoWorker {
         f(&mut s);
         let w = super::inproc::InProc::start(s, || Echo);
         EchoWorker {
-            addr: w.addr,
+            addr: w.addr(),
             _worker: w,
         }
     }

@@ -1,6 +1,8 @@
 //! A reactor run in-process on a thread, for tests of the framework that
-//! need no fork: [`InProc::start`] builds the worker's context (one
-//! mailbox, a scoreboard), waits until it serves, and stops it on drop.
+//! need no fork: [`InProc::start`] (one worker with one mailbox on a free
+//! 127.0.0.1 port) or [`InProc::spawn`] (any mailbox, a task worker, a
+//! listener of the test's own) builds the worker's context, waits until it
+//! serves, and stops it on drop.
 
 #![allow(dead_code)]
 
@@ -11,14 +13,16 @@ use std::time::Duration;
 
 use swocloud::config::Settings;
 use swocloud::event::App;
-use swocloud::process::ipc::{Dest, Mailboxes};
+use swocloud::process::ipc::{Dest, Mailboxes, Postbox};
 use swocloud::process::scoreboard::{Row, Scoreboard};
 use swocloud::reactor::{run_worker_until, StopHandle, WorkerContext, WorkerExit};
 
-/// A worker serving on a free 127.0.0.1 port in this process.
+/// How long a worker may take to become ready.
+pub const READY_WAIT: Duration = Duration::from_secs(10);
+
+/// A worker running on a thread of this process.
 pub struct InProc {
-    /// Where it listens.
-    pub addr: SocketAddr,
+    addr: Option<SocketAddr>, // where it listens (none: a task worker)
     /// Its scoreboard row.
     pub row: &'static Row,
     stop: StopHandle,
@@ -26,7 +30,8 @@ pub struct InProc {
 }
 
 impl InProc {
-    /// Starts `make()`'s app with `settings` (host and port are set here).
+    /// One worker with its own single mailbox, listening on a free
+    /// 127.0.0.1 port (host, port and worker_num of `settings` are set here).
     #[track_caller]
     pub fn start<A: App, F: FnOnce() -> A + Send + 'static>(
         mut settings: Settings,
@@ -40,6 +45,23 @@ impl InProc {
         let postbox = Mailboxes::create(1, 0)
             .and_then(|m| m.postbox(Dest::Worker(0)))
             .expect("mailboxes");
+        InProc::spawn(settings, postbox, Some(l), make)
+    }
+
+    /// A worker on `postbox`'s slot (a task worker for a task slot), on
+    /// `listener` if any.
+    #[track_caller]
+    pub fn spawn<A: App, F: FnOnce() -> A + Send + 'static>(
+        settings: Settings,
+        postbox: Postbox,
+        listener: Option<TcpListener>,
+        make: F,
+    ) -> InProc {
+        let addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+        let (worker_id, task_worker) = match postbox.me() {
+            Dest::Worker(i) => (i, false),
+            Dest::TaskWorker(i) => (i, true),
+        };
         let sb = Scoreboard::create(2).expect("scoreboard");
         let row = sb.row(0);
         let stop = StopHandle::new();
@@ -48,10 +70,10 @@ impl InProc {
         let thread = std::thread::spawn(move || {
             let mut app = make();
             let ctx = WorkerContext {
-                worker_id: 0,
-                task_worker: false,
+                worker_id,
+                task_worker,
                 settings: Arc::new(settings),
-                listener: Some(l),
+                listener,
                 admin_listener: None,
                 postbox,
                 row,
@@ -64,7 +86,7 @@ impl InProc {
             };
             run_worker_until(ctx, &mut app, stop2)
         });
-        rx.recv_timeout(Duration::from_secs(10))
+        rx.recv_timeout(READY_WAIT)
             .expect("the in-process worker became ready");
         InProc {
             addr,
@@ -72,6 +94,26 @@ impl InProc {
             stop,
             thread: Some(thread),
         }
+    }
+
+    /// Asks it to stop (as its StopHandle would).
+    pub fn stop(&self) {
+        self.stop.stop();
+    }
+
+    /// Where it listens.
+    #[track_caller]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.expect("this worker has a listener")
+    }
+
+    /// Waits for the worker to end by itself; why it ended.
+    #[track_caller]
+    pub fn join(mut self) -> WorkerExit {
+        let t = self.thread.take().expect("joined once");
+        t.join()
+            .expect("the worker thread did not panic")
+            .expect("the worker ran")
     }
 }
 

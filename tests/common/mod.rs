@@ -150,6 +150,12 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
 // Private Redis
 // ---------------------------------------------------------------------------
 
+/// Whether a WebSocket read failed only because its timeout passed.
+pub fn is_timeout(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(e)
+        if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+}
+
 /// Runs one of the worker client's [`Request`]s on a plain blocking
 /// connection (the registry and presence builders, in tests).
 pub fn redis_run<T: redis::FromRedisValue>(
