@@ -123,3 +123,30 @@ fn a_slow_redis_stalls_no_loop_and_loses_no_message() {
     }
     assert_eq!(registered(&c), 2);
 }
+
+#[test]
+fn a_silent_redis_gets_senders_an_error_never_a_hang() {
+    let c = Cluster::start_proxied(1, 2, 1, "redis_timeout = 1.0");
+    let (mut a, _) = c.connect_user("alice");
+    let (_b, _) = c.connect_user("bob");
+    wait_until(Duration::from_secs(10), "bob online", || {
+        c.online("bob")["online"] == true
+    });
+    let proxy = c.proxy.as_ref().expect("proxied cluster");
+    proxy.set(Mode::BlackHole);
+    // Nobody has asked where carol is: the Route must ask Redis, which
+    // never answers. The sender hears about it within redis_timeout.
+    let t = Instant::now();
+    a.send_json(&json!({"to": "carol", "data": 1}))
+        .expect("send");
+    a.set_timeout(Duration::from_secs(5));
+    let v = a.recv_text_json();
+    assert_eq!(v["error"]["code"], "storage_unavailable", "{v}");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    let (status, body) = c.api_send("dave", json!("x"));
+    assert_eq!(status, 503, "{body}");
+    proxy.set(Mode::Pass);
+    wait_until(Duration::from_secs(15), "delivery again", || {
+        c.api_send("bob", json!("back")).0 == 200
+    });
+}

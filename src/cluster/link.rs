@@ -14,7 +14,8 @@
 //!   {"method":"registered","serviceName":"IM_1","ip":…,"port":…,"node":…,"lease_ms":…}
 //!   {"method":"deliver","to":"U2","from":"U1","data":…}
 //!   {"method":"broadcast","from":…,"data":…}
-//!   {"method":"offline","to":"U2","sender":"W/FD"}   the forward's user is online nowhere
+//!   {"method":"offline","to":"U2","sender":"W/FD"[,"unavailable":true]}
+//!        the forward's user is online nowhere (or, unavailable: its location could not be read)
 //!   {"error":{"code":"…","message":"…"}}     (see [`crate::cluster::error`])
 //! ```
 
@@ -60,13 +61,17 @@ impl Addressed {
     }
 }
 
-/// The Route's answer to a `forward` whose user is online nowhere.
+/// The Route's answer to a `forward` it could not deliver: the user is
+/// online nowhere, or (`unavailable`) where it is could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Offline {
     /// The uid that is not online.
     pub to: String,
     /// The `sender` of the forward.
     pub sender: String,
+    /// The user's location could not be read (Redis away): nothing was sent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unavailable: bool,
 }
 
 /// A message for every user: the body of `broadcast`.
@@ -355,6 +360,12 @@ mod tests {
             RouteFrame::Offline(Offline {
                 to: "u2".into(),
                 sender: "0/7".into(),
+                unavailable: false,
+            }),
+            RouteFrame::Offline(Offline {
+                to: "u2".into(),
+                sender: "0/7".into(),
+                unavailable: true,
             }),
             RouteFrame::Broadcast(Broadcast {
                 from: "api".into(),

@@ -175,11 +175,17 @@ impl ImApp {
             .and_then(|(w, fd)| Some((w.parse::<usize>().ok()?, fd.parse::<Fd>().ok()?)));
         match parsed {
             Some((w, fd)) if w == srv.worker_id() => {
-                let e =
-                    ProtocolError::new(ErrorCode::Offline, format!("user {} is not online", o.to));
-                srv.push(fd, Message::Text(e.to_frame()));
+                srv.push(fd, Message::Text(undelivered(&o.to, o.unavailable)));
             }
-            Some((w, fd)) => workers::send(srv, w, &WorkerMsg::Offline { to: o.to, fd }),
+            Some((w, fd)) => workers::send(
+                srv,
+                w,
+                &WorkerMsg::Offline {
+                    to: o.to,
+                    fd,
+                    unavailable: o.unavailable,
+                },
+            ),
             None => log::debug!("im: an offline answer for an unknown sender {:?}", o.sender),
         }
     }
@@ -324,9 +330,12 @@ impl App for ImApp {
             }
             Ok(WorkerMsg::Broadcast(b)) => self.sessions.broadcast(srv, &b.from, &b.data),
             Ok(WorkerMsg::Forward(m)) => self.route.forward(srv, m),
-            Ok(WorkerMsg::Offline { to, fd }) => {
-                let e = ProtocolError::new(ErrorCode::Offline, format!("user {to} is not online"));
-                srv.push(fd, Message::Text(e.to_frame()));
+            Ok(WorkerMsg::Offline {
+                to,
+                fd,
+                unavailable,
+            }) => {
+                srv.push(fd, Message::Text(undelivered(&to, unavailable)));
             }
             Ok(WorkerMsg::Joined { uid }) => self.directory.add(&uid, from),
             Ok(WorkerMsg::Left { uid }) => self.directory.remove(&uid, from),
@@ -349,4 +358,17 @@ impl App for ImApp {
     fn on_request(&mut self, srv: &mut Server<Self>, req: &Request) -> Response {
         http::handle(srv, req, self.route.is_registered())
     }
+}
+
+/// The error frame a sender gets for a message the Route could not deliver.
+fn undelivered(to: &str, unavailable: bool) -> String {
+    let e = if unavailable {
+        ProtocolError::new(
+            ErrorCode::Unavailable,
+            format!("the message to {to} was not sent: its location could not be read (Redis unavailable)"),
+        )
+    } else {
+        ProtocolError::new(ErrorCode::Offline, format!("user {to} is not online"))
+    };
+    e.to_frame()
 }

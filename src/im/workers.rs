@@ -27,6 +27,9 @@ pub enum WorkerMsg {
         to: String,
         /// The sender's connection on the receiving worker.
         fd: u64,
+        /// Not sent because the location could not be read.
+        #[serde(default)]
+        unavailable: bool,
     },
     /// A user connected on the sending worker (one per connection).
     Joined {
@@ -111,6 +114,7 @@ mod tests {
             WorkerMsg::Offline {
                 to: "b".into(),
                 fd: 3,
+                unavailable: true,
             },
         ] {
             assert_eq!(WorkerMsg::parse(&m.to_bytes()).unwrap(), m);

@@ -268,16 +268,20 @@ impl Delivery {
                 let (here, to) = (msg.here, msg.to.clone());
                 let sender = msg.sender.clone();
                 let exclude = here.then_some(origin.as_str());
-                let delivered = match targets {
-                    Ok(t) => self.deliver(srv, regs, t, msg, exclude),
+                let (delivered, unavailable) = match targets {
+                    Ok(t) => (self.deliver(srv, regs, t, msg, exclude), false),
                     Err(e) => {
                         log::warn!("route: could not locate {to}: {e}");
-                        0
+                        (0, true)
                     }
                 };
-                if delivered == 0 && !here {
+                if delivered == 0 && (!here || unavailable) {
                     if let Some(sender) = sender {
-                        let f = RouteFrame::Offline(Offline { to, sender });
+                        let f = RouteFrame::Offline(Offline {
+                            to,
+                            sender,
+                            unavailable,
+                        });
                         srv.push(link, Message::Text(f.to_text()));
                     }
                 }
