@@ -4,7 +4,8 @@
 # compiler for crates with C parts, curl and php-cli (the client examples in
 # examples/clients/ are tested for real); systemd-analyze (package systemd)
 # and Python's prometheus_client (PyPI) for tests/ops.rs, which verify the
-# units and parse /metrics.
+# units and parse /metrics; Node.js with the ws package (npm) for the
+# permessage-deflate test in tests/frames.rs.
 # Rust itself (>= 1.80, with cargo) must already be installed (rustup).
 set -euo pipefail
 
@@ -16,6 +17,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v php >/dev/null 2>&1 || need+=(php-cli)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
@@ -31,6 +34,14 @@ if ! python3 -c 'import prometheus_client' >/dev/null 2>&1; then
     || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages prometheus_client \
     || { SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo";
          DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-prometheus-client >/dev/null; }
+fi
+
+# Node's ws package: a real permessage-deflate client for tests/frames.rs
+# (pinned in tests/node/package-lock.json).
+root="$(cd "$(dirname "$0")/.." && pwd)"
+if [ ! -d "$root/tests/node/node_modules/ws" ]; then
+  echo "setup: installing the ws package (npm) into tests/node"
+  (cd "$root/tests/node" && npm ci --no-audit --no-fund --silent)
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

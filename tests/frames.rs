@@ -254,3 +254,55 @@ fn compressed_invalid_utf8_is_refused() {
     ws.send(&client_frame(2, true, true, &[0xff; 40]));
     assert_eq!(ws.next_data().close_code(), Some(1007));
 }
+
+/// Node's `ws` client (installed by scripts/setup.sh into tests/node/, the
+/// extension offer browsers send) negotiates permessage-deflate with the
+/// echo worker and gets every size back byte for byte, in both
+/// context-takeover modes.
+#[test]
+fn a_real_deflate_client_negotiates_and_round_trips() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
+    assert!(
+        dir.join("node_modules/ws").exists(),
+        "tests/node/node_modules/ws is missing: run scripts/setup.sh"
+    );
+    for (mode, takeover) in [("no-takeover", false), ("takeover", true)] {
+        let w = EchoWorker::start(|s| {
+            s.websocket_compression = true;
+            s.websocket_compression_context_takeover = takeover;
+        });
+        let out = std::process::Command::new("node")
+            .current_dir(&dir)
+            .arg("deflate_echo.mjs")
+            .arg(format!("ws://{}/", w.addr))
+            .arg(mode)
+            .output()
+            .expect("node runs (scripts/setup.sh installs it)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+            panic!(
+                "{mode}: {e}: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        let ext = v["extensions"].as_str().unwrap_or("");
+        assert!(
+            ext.contains("permessage-deflate"),
+            "{mode}: not negotiated: {v}"
+        );
+        if !takeover {
+            assert!(ext.contains("server_no_context_takeover"), "{mode}: {v}");
+        }
+        let (read, total) = (
+            v["bytesRead"].as_u64().unwrap(),
+            v["total"].as_u64().unwrap(),
+        );
+        assert!(
+            read < total / 2,
+            "{mode}: the echoes were not compressed: {v}"
+        );
+        let results = v["results"].as_array().expect("results");
+        assert_eq!(results.len(), 7, "{mode}: {v}");
+        assert!(results.iter().all(|r| r["ok"] == true), "{mode}: {v}");
+    }
+}
