@@ -111,10 +111,16 @@ impl Connector {
         concurrency: usize,
         errors: &ErrorLog,
     ) -> Vec<Ws> {
-        let results = bounded(n, concurrency, |_, permit| {
+        let results = bounded(n, concurrency, |i, permit| {
             let this = self.clone();
             async move {
-                let res = this.connect().await;
+                // `{n}` in the URL becomes the connection's number (a
+                // distinct uid per user on an IM server, say).
+                let res = if this.url.contains("{n}") {
+                    this.connect_url(&this.url.replace("{n}", &i.to_string())).await
+                } else {
+                    this.connect().await
+                };
                 drop(permit);
                 res
             }
