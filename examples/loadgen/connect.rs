@@ -117,7 +117,8 @@ impl Connector {
                 // `{n}` in the URL becomes the connection's number (a
                 // distinct uid per user on an IM server, say).
                 let res = if this.url.contains("{n}") {
-                    this.connect_url(&this.url.replace("{n}", &i.to_string())).await
+                    this.connect_url(&this.url.replace("{n}", &i.to_string()))
+                        .await
                 } else {
                     this.connect().await
                 };

@@ -6,40 +6,71 @@
 
 use std::collections::HashMap;
 
-/// Connections per worker of one user (a user rarely has more than a few
-/// devices, so a small vector beats a map).
-type PerWorker = Vec<(u16, u32)>;
+/// Where one user is: almost always one worker, kept inline; a user with
+/// devices on several workers spills into a small vector.
+#[derive(Debug)]
+enum Where {
+    /// (worker, connections there).
+    One(u16, u32),
+    /// Several workers.
+    Many(Vec<(u16, u32)>),
+}
 
-/// uid → (worker, connections there).
+/// uid → where its connections are.
 #[derive(Debug, Default)]
 pub struct Directory {
-    users: HashMap<String, PerWorker>, // who is where
+    users: HashMap<Box<str>, Where>, // who is where
 }
 
 impl Directory {
     /// One more connection of `uid` on `worker`. O(devices).
     pub fn add(&mut self, uid: &str, worker: usize) {
         let w = worker as u16;
-        let v = self.users.entry(uid.to_string()).or_default();
-        match v.iter_mut().find(|(x, _)| *x == w) {
-            Some((_, n)) => *n += 1,
-            None => v.push((w, 1)),
+        match self.users.get_mut(uid) {
+            None => {
+                self.users.insert(uid.into(), Where::One(w, 1));
+            }
+            Some(Where::One(x, n)) if *x == w => *n += 1,
+            Some(at) => {
+                let mut v = match std::mem::replace(at, Where::Many(Vec::new())) {
+                    Where::One(x, n) => vec![(x, n)],
+                    Where::Many(v) => v,
+                };
+                match v.iter_mut().find(|(x, _)| *x == w) {
+                    Some((_, n)) => *n += 1,
+                    None => v.push((w, 1)),
+                }
+                *at = Where::Many(v);
+            }
         }
     }
 
     /// One connection fewer of `uid` on `worker`. O(devices).
     pub fn remove(&mut self, uid: &str, worker: usize) {
         let w = worker as u16;
-        let Some(v) = self.users.get_mut(uid) else {
+        let Some(at) = self.users.get_mut(uid) else {
             return;
         };
-        if let Some(i) = v.iter().position(|(x, _)| *x == w) {
-            v[i].1 -= 1;
-            if v[i].1 == 0 {
-                v.swap_remove(i);
+        let gone = match at {
+            Where::One(x, n) if *x == w => {
+                *n -= 1;
+                *n == 0
             }
-        }
-        if v.is_empty() {
+            Where::One(..) => false,
+            Where::Many(v) => {
+                if let Some(i) = v.iter().position(|(x, _)| *x == w) {
+                    v[i].1 -= 1;
+                    if v[i].1 == 0 {
+                        v.swap_remove(i);
+                    }
+                }
+                if let [(x, n)] = v.as_slice() {
+                    *at = Where::One(*x, *n);
+                }
+                matches!(at, Where::Many(v) if v.is_empty())
+            }
+        };
+        if gone {
             self.users.remove(uid);
         }
     }
@@ -47,18 +78,23 @@ impl Directory {
     /// Forgets every user of `worker` (it died; its users are gone).
     pub fn drop_worker(&mut self, worker: usize) {
         let w = worker as u16;
-        self.users.retain(|_, v| {
-            v.retain(|(x, _)| *x != w);
-            !v.is_empty()
+        self.users.retain(|_, at| match at {
+            Where::One(x, _) => *x != w,
+            Where::Many(v) => {
+                v.retain(|(x, _)| *x != w);
+                !v.is_empty()
+            }
         });
     }
 
     /// The workers holding `uid` (empty: not on this server).
     pub fn workers(&self, uid: &str) -> impl Iterator<Item = usize> + '_ {
-        self.users
-            .get(uid)
-            .into_iter()
-            .flat_map(|v| v.iter().map(|(w, _)| *w as usize))
+        let (one, many): (Option<usize>, &[(u16, u32)]) = match self.users.get(uid) {
+            None => (None, &[]),
+            Some(Where::One(w, _)) => (Some(*w as usize), &[]),
+            Some(Where::Many(v)) => (None, v.as_slice()),
+        };
+        one.into_iter().chain(many.iter().map(|(w, _)| *w as usize))
     }
 
     /// Whether `uid` has a connection on this server.

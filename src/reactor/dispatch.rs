@@ -306,7 +306,11 @@ impl<A: App> Reactor<A> {
             let mut done = std::mem::take(&mut self.srv.redis_late);
             let mut msgs = Vec::new();
             if let Some(r) = self.srv.redis.as_mut() {
-                done.append(&mut r.cmd.ready);
+                if done.is_empty() {
+                    done = std::mem::take(&mut r.cmd.ready);
+                } else {
+                    done.append(&mut r.cmd.ready);
+                }
                 msgs = std::mem::take(&mut r.sub.ready);
             }
             for (cb, reply) in done {

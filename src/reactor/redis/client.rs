@@ -26,6 +26,9 @@ pub type Reply = redis::RedisResult<Value>;
 /// A callback that gets the reply.
 pub type Callback<A, S> = Box<dyn FnOnce(&mut A, &mut S, Reply)>;
 
+/// A queue emptied after a burst keeps at most this capacity.
+const SHRINK_ABOVE: usize = 1024;
+
 /// How many durable requests wait for Redis at most; older ones are kept,
 /// the newest is dropped and counted past this.
 pub const DURABLE_MAX: usize = 100_000;
