@@ -21,7 +21,29 @@
 #   CLUSTER_WINDOW [64] CLUSTER_HTTP_CONNS [16] CLUSTER_SENDERS [64]
 #   CLUSTER_REPEATS [3] CLUSTER_LOW_RATE [1000] (0: skip the paced runs)
 #   CLUSTER_IM_BIN [target/release/swocloud-im]: the IM server binary (A/B runs)
+#   CLUSTER_ROUTE_BIN [target/release/swocloud]: the Route binary (A/B runs)
+#   CLUSTER_LABEL [""]: a prefix for the log and summary files (A/B runs)
+#   CLUSTER_ROUTE_MSG_RATE [unset: the Route's default, 20000]: the Route's
+#     max_messages_per_second (0: no limit). It applies to every WebSocket,
+#     the IM servers' links included: one IM server forwarding more than
+#     that many messages a second has its link closed with 1008 (and the
+#     frames over the limit are dropped), so u2u saturation past 20,000
+#     msg/s needs it raised
 #   BENCH_OUT [target/bench]
+#
+# Redis commands per delivered message: `INFO commandstats` is sampled
+# before and after each run and at the loadgen's MEASURE_START/MEASURE_END
+# markers; the `calls` delta (every command but our own INFO) divided by
+# the messages received is printed per run, for the whole run (connecting
+# 10,000 users and their presence writes included) and for the measured
+# window only (the message path plus whatever periodic work fell into it,
+# e.g. the IM servers' presence refresh: HSET + EXPIRE per user every 10 s),
+# with the top commands, and the window's HGETALL + HMGET + PUBLISH (the
+# commands a message itself can cost) per message.
+# u2u senders are users; the IM server closes a user sending more than
+# max_messages_per_second (200) with 1008, so u2u saturation is capped at
+# CLUSTER_SENDERS x 200 msg/s: use CLUSTER_SENDERS=256 to measure past
+# 12,800 msg/s. api-send has CLUSTER_HTTP_CONNS requests in flight at most.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -38,7 +60,8 @@ CLUSTER_LOW_RATE=${CLUSTER_LOW_RATE:-1000}
 BENCH_OUT=${BENCH_OUT:-target/bench}
 
 LOADGEN=target/release/examples/loadgen
-ROUTE=target/release/swocloud
+ROUTE=${CLUSTER_ROUTE_BIN:-target/release/swocloud}
+CLUSTER_LABEL=${CLUSTER_LABEL:-}
 IM=${CLUSTER_IM_BIN:-target/release/swocloud-im}
 
 log() { printf '[bench-cluster %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -64,7 +87,7 @@ cleanup() {
                 timeout 20 "$IM" stop -c "$WORK/$c.toml" >/dev/null 2>&1 || true
             fi
         fi
-        cp "$WORK/$c.log" "$BENCH_OUT/cluster-$c.log" 2>/dev/null || true
+        cp "$WORK/$c.log" "$BENCH_OUT/${CLUSTER_LABEL}cluster-$c.log" 2>/dev/null || true
     done
     [[ -n $REDIS_PORT ]] && redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
     rm -rf "$WORK"
@@ -89,6 +112,7 @@ pid_file = "$WORK/route.pid"
 log_file = "$WORK/route.log"
 log_level = "warn"
 redis_url = "redis://127.0.0.1:$REDIS_PORT"
+${CLUSTER_ROUTE_MSG_RATE:+max_messages_per_second = $CLUSTER_ROUTE_MSG_RATE}
 TOML
 timeout 30 "$ROUTE" start -d -c "$WORK/route.toml" || die "the Route did not start"
 
@@ -119,24 +143,81 @@ IMS=$(
     IFS=,
     echo "${IM_URLS[*]}"
 )
-log "cluster up: Route 127.0.0.1:$RPORT, IM servers $IMS, Redis $REDIS_PORT"
+log "cluster up: Route 127.0.0.1:$RPORT ($ROUTE), IM servers $IMS ($IM), Redis $REDIS_PORT"
+
+# Redis commands per message: `INFO commandstats` snapshots.
+snap() { redis-cli -p "$REDIS_PORT" INFO commandstats >"$1" 2>/dev/null || : >"$1"; }
+watch_markers() { # LOGFILE: copies loadgen's output, snapshots at its markers
+    local l
+    while IFS= read -r l; do
+        printf '%s\n' "$l" >>"$1"
+        case $l in
+        MEASURE_START) snap "$WORK/cs-ms" ;;
+        MEASURE_END) snap "$WORK/cs-me" ;;
+        esac
+    done
+}
 
 RESULTS="$WORK/results.txt"
 : >"$RESULTS"
 run() { # MODE RATE LABEL
-    local mode=$1 rate=$2 label=$3 logf="$BENCH_OUT/loadgen-cluster-$3.log" line
+    local mode=$1 rate=$2 label=$3 logf="$BENCH_OUT/${CLUSTER_LABEL}loadgen-cluster-$3.log" line
     log "$label: $mode, $CLUSTER_USERS users, window $CLUSTER_WINDOW, rate cap $rate"
+    : >"$logf"
+    rm -f "$WORK/cs-ms" "$WORK/cs-me"
+    snap "$WORK/cs-before"
     timeout $((CLUSTER_DURATION + CLUSTER_WARMUP + 150)) "$LOADGEN" "$mode" --ims "$IMS" \
         --route "http://127.0.0.1:$RPORT" --users "$CLUSTER_USERS" --uid-prefix "${label}_" \
         --src-ips 127.0.0.10-127.0.0.29 --window "$CLUSTER_WINDOW" \
         --http-conns "$CLUSTER_HTTP_CONNS" --senders "$CLUSTER_SENDERS" --rate "$rate" \
-        --duration "$CLUSTER_DURATION" --warmup "$CLUSTER_WARMUP" >"$logf" 2>&1 &
+        --duration "$CLUSTER_DURATION" --warmup "$CLUSTER_WARMUP" > >(watch_markers "$logf") 2>&1 &
     LG_PID=$!
     wait "$LG_PID" || log "loadgen exited with $? (log: $logf)"
     LG_PID=""
+    sleep 0.2 # the marker watcher has copied the last lines
+    snap "$WORK/cs-after"
     grep -v '^RESULT\|^MEASURE' "$logf" | sed 's/^/    /' >&2 || true
     line=$(sed -n 's/^RESULT //p' "$logf")
-    [[ -n $line ]] && echo "$mode $rate $line" >>"$RESULTS"
+    if [[ -n $line ]]; then
+        line=$(python3 - "$WORK" "$line" <<'PY'
+import json, sys
+work, res = sys.argv[1], json.loads(sys.argv[2])
+def load(name):
+    out = {}
+    try:
+        for l in open(f"{work}/{name}"):
+            if l.startswith("cmdstat_"):
+                k, v = l.strip()[8:].split(":", 1)
+                out[k] = int(dict(x.split("=") for x in v.split(","))["calls"])
+    except OSError:
+        return None
+    return out
+def delta(a, b):
+    if a is None or b is None:
+        return None
+    d = {k: b.get(k, 0) - a.get(k, 0) for k in b if k != "info"}
+    return {k: v for k, v in d.items() if v > 0}
+# The commands a message can cost (presence lookup, server details, relay);
+# the rest is periodic (presence refresh, lease renewals) or per connection.
+PATH = ("hgetall", "hmget", "publish")
+def put(tag, d, msgs):
+    if d is None:
+        return
+    total = sum(d.values())
+    path = sum(d.get(k, 0) for k in PATH)
+    res[f"redis_calls_{tag}"] = total
+    res[f"redis_per_msg_{tag}"] = round(total / msgs, 4) if msgs else None
+    res[f"redis_path_per_msg_{tag}"] = round(path / msgs, 4) if msgs else None
+    res[f"redis_top_{tag}"] = dict(sorted(d.items(), key=lambda kv: -kv[1])[:6])
+put("run", delta(load("cs-before"), load("cs-after")), res.get("received", 0))
+put("window", delta(load("cs-ms"), load("cs-me")),
+    round(res.get("received_per_s", 0) * res.get("duration_s", 0)))
+print(json.dumps(res))
+PY
+)
+        python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("    Redis commands: run %s (%s per received message, top %s); window %s (%s per message, HGETALL+HMGET+PUBLISH %s per message, top %s)" % tuple(r.get(k) for k in ("redis_calls_run","redis_per_msg_run","redis_top_run","redis_calls_window","redis_per_msg_window","redis_path_per_msg_window","redis_top_window")))' "$line" >&2 || true
+        echo "$mode $rate $line" >>"$RESULTS"
+    fi
     sleep 1 # let the servers forget the users
 }
 for r in $(seq "$CLUSTER_REPEATS"); do
@@ -150,7 +231,7 @@ fi
 log "Route /metrics after the runs (errors, drops):"
 curl -s "http://127.0.0.1:$RPORT/metrics" | grep -E '^swocloud_[a-z_]*(error|drop|dropped|slow|fail|overflow|refused)[a-z_]* ' | sed 's/^/    /' >&2 || true
 
-python3 - "$RESULTS" <<'PY' | tee "$BENCH_OUT/summary-cluster.txt"
+python3 - "$RESULTS" <<'PY' | tee "$BENCH_OUT/${CLUSTER_LABEL}summary-cluster.txt"
 import json, statistics, sys
 rows = {}
 for l in open(sys.argv[1]):
@@ -162,6 +243,15 @@ for (mode, rate), rs in sorted(rows.items()):
     print(f"{mode} {'saturation (window)' if rate == 0 else f'paced at {rate:.0f} msg/s'}:")
     for k in ("sent_per_s", "received_per_s", "p50_us", "p99_us", "max_us", "lost", "errors"):
         print(f"  {k:15} {ms([r[k] for r in rs])}")
+    xs = [r["redis_path_per_msg_window"] for r in rs if r.get("redis_path_per_msg_window") is not None]
+    if xs:
+        print(f"  redis/msg path   median {statistics.median(xs):.4f} (min {min(xs):.4f}, max {max(xs):.4f}, n={len(xs)})"
+              " (window; HGETALL+HMGET+PUBLISH only)")
+    for tag in ("run", "window"):
+        xs = [r[f"redis_per_msg_{tag}"] for r in rs if r.get(f"redis_per_msg_{tag}") is not None]
+        if xs:
+            print(f"  redis/msg {tag:6} median {statistics.median(xs):.3f} (min {min(xs):.3f}, max {max(xs):.3f}, n={len(xs)})"
+                  f"; top (last run) {rs[-1].get(f'redis_top_{tag}')}")
 print("RESULT " + json.dumps({f"{m}@{r:.0f}": rs for (m, r), rs in rows.items()}))
 PY
 log "logs in $BENCH_OUT/"

@@ -68,6 +68,17 @@ impl Turns {
     }
 }
 
+/// Sender `k` of `n`'s first paced turn: the senders' turns are spread
+/// evenly over one pace period, so "paced at R msg/s" is one message every
+/// 1/R s, not a burst of `n` messages (all senders at once) every n/R s,
+/// which would measure how long the cluster takes to drain a burst.
+fn first_turn(start: Instant, pace: Option<Duration>, k: usize, n: usize) -> Instant {
+    match pace {
+        Some(p) if n > 1 => start + p.mul_f64(k as f64 / n as f64),
+        _ => start,
+    }
+}
+
 impl Flow {
     /// The latency samples (µs); a panicked reader leaves them usable.
     fn samples(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
@@ -217,7 +228,7 @@ pub async fn run(args: ClusterArgs, u2u: bool) -> Result<serde_json::Value, Stri
         );
         let prefix = args.uid_prefix.clone();
         let mut turns = Turns {
-            next: Instant::now(),
+            next: first_turn(Instant::now(), pace, k, nsenders),
             pace,
             end,
             window: window.clone(),
@@ -347,4 +358,22 @@ pub async fn run(args: ClusterArgs, u2u: bool) -> Result<serde_json::Value, Stri
         "samples": samples.len(),
         "errors": n_errors,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paced_senders_are_spread_over_one_period() {
+        let t0 = Instant::now();
+        let pace = Some(Duration::from_millis(256)); // 256 senders at 1,000 msg/s
+        assert_eq!(first_turn(t0, pace, 0, 256), t0);
+        assert_eq!(first_turn(t0, pace, 1, 256), t0 + Duration::from_millis(1));
+        assert_eq!(
+            first_turn(t0, pace, 255, 256),
+            t0 + Duration::from_millis(255)
+        );
+        assert_eq!(first_turn(t0, None, 7, 256), t0); // saturation: no pacing
+    }
 }

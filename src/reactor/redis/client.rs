@@ -228,6 +228,11 @@ impl<A, S> Commands<A, S> {
         let Some(p) = self.pending.pop_front() else {
             return;
         };
+        if self.pending.is_empty() && self.pending.capacity() > SHRINK_ABOVE {
+            // A burst (every user's presence at start) is over: give its
+            // memory back rather than keep it per idle connection.
+            self.pending = VecDeque::new();
+        }
         if p.resent {
             self.counts.retried += 1;
         }
