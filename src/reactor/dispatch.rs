@@ -129,7 +129,7 @@ impl<A: App> Reactor<A> {
             return false;
         };
         let c = &mut self.srv.conns[key];
-        if rate == 0 || c.kind != crate::reactor::ConnKind::WebSocket {
+        if rate == 0 || c.limits.unlimited || c.kind != crate::reactor::ConnKind::WebSocket {
             return true;
         }
         let now = Instant::now();

@@ -99,6 +99,9 @@ pub struct ConnLimits {
     pub ip_counted: bool,
     /// Accepted on the admin listener (`admin_listen`).
     pub admin: bool,
+    /// Exempt from `max_messages_per_second` (a trusted peer that carries
+    /// many users' traffic, such as an IM server's link to the Route).
+    pub unlimited: bool,
     /// Message budget (accepted WebSocket connections, when limited;
     /// boxed: off by default, and every idle connection pays for inline
     /// bytes).

@@ -201,6 +201,18 @@ impl<A: App> Server<A> {
         }
     }
 
+    /// Exempts `fd` from `max_messages_per_second` from now on (a peer the
+    /// application trusts and that carries many users' messages, such as
+    /// an authenticated IM server's link). False if `fd` is gone.
+    pub fn exempt_from_rate_limit(&mut self, fd: Fd) -> bool {
+        let Some(c) = self.conn_mut(fd) else {
+            return false;
+        };
+        c.limits.unlimited = true;
+        c.limits.bucket = None;
+        true
+    }
+
     /// Whether `fd` is a live connection (not closing).
     pub fn exist(&self, fd: Fd) -> bool {
         self.conns
