@@ -99,6 +99,12 @@ pub struct ConnLimits {
     pub ip_counted: bool,
     /// Accepted on the admin listener (`admin_listen`).
     pub admin: bool,
+    /// This connection's own idle limit in ms, in place of
+    /// `heartbeat_idle_time` (0: the setting). Set by the application
+    /// through [`crate::reactor::Server::set_idle_limit`], e.g. the Route's
+    /// grace time for silent IM servers. (Here, beside the two flags, it
+    /// fills padding: an idle connection costs no byte more.)
+    pub idle_limit_ms: u32,
     /// Message budget (accepted WebSocket connections, when limited;
     /// boxed: off by default, and every idle connection pays for inline
     /// bytes).

@@ -31,7 +31,7 @@ use crate::cluster::{admin, valid_uid};
 use crate::event::App;
 use crate::reactor::{Request, Response, Server};
 use crate::route::answers::{
-    answer, bad, method_not_allowed, not_found, BroadcastDone, Health, Ready, Routed,
+    answer, bad, method_not_allowed, not_found, BroadcastDone, Health, Ready,
 };
 use crate::route::delivery::{Delivery, DeliveryHost, Waiting};
 use crate::route::directory::{servers_doc, Directory};
@@ -159,29 +159,16 @@ impl Api<'_> {
                 return bad(401, "unauthorized", &e.to_string());
             }
         }
-        let Some(chosen) = self.directory.pick(self.regs, uid) else {
-            return bad(503, "no_server", "no live IM server is registered");
-        };
-        self.directory.record_route(srv, uid, &chosen.member());
         let token = if secret.is_empty() {
             String::new()
         } else {
             auth::mint(secret, uid, "user", USER_TOKEN_TTL)
         };
-        let mut url = format!("ws://{}:{}/?uid={uid}", chosen.ip, chosen.port);
-        if !token.is_empty() {
-            url.push_str(&format!("&token={token}"));
-        }
-        answer(
-            200,
-            &Routed {
-                ip: &chosen.ip,
-                port: chosen.port,
-                token: &token,
-                url: &url,
-                service_name: &chosen.service_name,
-            },
-        )
+        let Some((body, member)) = self.directory.route(self.regs, uid, &token) else {
+            return bad(503, "no_server", "no live IM server is registered");
+        };
+        self.directory.record_route(srv, uid, &member);
+        Response::new(200, body).with_header("Content-Type", "application/json")
     }
 
     /// `POST /api/send {"uid","data"}`.

@@ -7,7 +7,7 @@
 //!
 //! | component | owns |
 //! |-----------|------|
-//! | [`Registrations`] | one peer per IM-server connection, the registry writes, the sweep |
+//! | [`Registrations`] | one peer per IM-server connection, the registry writes, the sweep and the grace time (`liveness.rs`) |
 //! | [`Delivery`] | locating users, relaying frames to the Route worker holding an IM server |
 //! | [`Directory`] | the live-server list (cache, balancer, `/api/servers` body) |
 //! | [`Api`] | the HTTP endpoints, borrowing the three above per request |
@@ -140,6 +140,7 @@ impl App for RouteApp {
     }
 
     fn on_message(&mut self, srv: &mut Server<Self>, fd: Fd, msg: Message) {
+        self.regs.spoke(srv, fd); // a silent peer is re-admitted first
         match msg {
             Message::Text(t) => self.on_frame(srv, fd, &t),
             Message::Binary(_) => self.regs.refuse(

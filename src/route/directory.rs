@@ -136,10 +136,28 @@ impl Directory {
         servers_doc(&servers, source)
     }
 
-    /// Picks a live, non-draining IM server for `uid` (the balancer).
-    pub fn pick(&mut self, regs: &Registrations, uid: &str) -> Option<ServerEntry> {
-        let (servers, _) = self.servers(regs);
-        self.picker.pick(self.balancer, &servers, uid).cloned()
+    /// Picks a live, non-draining IM server for `uid` (the balancer) and
+    /// builds its `/route` answer for `uid` and `token`; also returns the
+    /// member, for [`Self::record_route`]. The picker is brought up to date
+    /// with the cache first, which costs nothing unless the cache
+    /// generation changed (see [`Picker::sync`]); without a warm cache it
+    /// is rebuilt from this worker's own registrations each time. The pick
+    /// itself is O(1) to O(log n) and allocates nothing; the answer is one
+    /// allocation.
+    pub fn route(
+        &mut self,
+        regs: &Registrations,
+        uid: &str,
+        token: &str,
+    ) -> Option<(Vec<u8>, std::sync::Arc<str>)> {
+        let g = &self.cache;
+        if g.refreshed_at.is_some() {
+            self.picker.sync(Some(g.refreshes), &g.entries);
+        } else {
+            self.picker.sync(None, &regs.held_entries());
+        }
+        let slot = self.picker.pick(self.balancer, uid)?;
+        Some((slot.answer(uid, token), slot.member.clone()))
     }
 
     /// Remembers that `uid` was sent to `member` (`im_route:<uid>`, expiring).
