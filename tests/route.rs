@@ -250,6 +250,47 @@ fn a_thawed_im_server_is_readmitted_on_its_old_connection_within_the_grace_time(
 }
 
 #[test]
+fn a_silent_im_server_stays_out_across_a_reload_and_is_readmitted_after_it() {
+    let redis = RedisServer::start();
+    let d = route(&redis, "heartbeat_grace_time = 20.0");
+    let mut im = SeedClient::start(&d, &["--name", "IM_R"]);
+    assert!(im.line().contains("registered"));
+    let before = details(&redis, SEED).expect("registered");
+    freeze_until_gone(&redis, &im);
+    // A rolling reload moves the silent connection to a new worker, which
+    // must keep it silent (out of the registry), not store it again.
+    let old = d.worker_pids();
+    let out = d.run("reload", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(Duration::from_secs(20), "every old worker gone", || {
+        old.iter().all(|&p| !pid_alive(p))
+    });
+    // Two sweeps of the new workers (0.5 s each) with margin: still out.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(members(&redis).is_empty(), "a silent server stays out");
+    im.proc.signal(Signal::SIGCONT).unwrap();
+    wait_until(
+        Duration::from_millis(300 + 500 + 700),
+        "the thawed server is back in SMEMBERS im_server",
+        || members(&redis) == vec![SEED],
+    );
+    let after = details(&redis, SEED).expect("back");
+    for field in ["serviceName", "epoch", "registered_at_ms"] {
+        assert_eq!(after[field], before[field], "the old registration: {field}");
+    }
+    assert!(im.proc.try_wait().is_none(), "the same connection");
+    assert!(
+        im.lines.try_recv().is_err(),
+        "no frame since the registration"
+    );
+    d.stop();
+}
+
+#[test]
 fn an_im_server_frozen_beyond_the_grace_time_is_closed() {
     let redis = RedisServer::start();
     let d = route(&redis, "heartbeat_grace_time = 3.0");

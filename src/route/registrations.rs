@@ -34,6 +34,8 @@ use crate::route::stats;
 /// Connection attribute holding a registration connection's [`Held`], so
 /// a worker adopting the connection (handover) restores it.
 const ATTR_HELD: &str = "route.held";
+/// The field of [`ATTR_HELD`] that carries a silent peer's phase.
+const ATTR_SILENT_SINCE: &str = "silent_since_ms";
 
 /// One IM server's registration as this worker holds it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -186,11 +188,14 @@ impl Registrations {
         fd: Fd,
         attrs: &HashMap<String, Value>,
     ) {
-        let held = attrs
-            .get(ATTR_HELD)
-            .and_then(|v| serde_json::from_value::<Held>(v.clone()).ok());
+        let attr = attrs.get(ATTR_HELD);
+        let held = attr.and_then(|v| serde_json::from_value::<Held>(v.clone()).ok());
+        // A silent peer stays silent (and out of the registry) here.
+        let liveness = attr
+            .and_then(|v| v.get(ATTR_SILENT_SINCE)?.as_u64())
+            .map_or(Liveness::Live, |since_ms| Liveness::Silent { since_ms });
         match held {
-            Some(h) => self.adopt_held(srv, fd, h),
+            Some(h) => self.adopt_held(srv, fd, h, liveness),
             None => {
                 self.peers.insert(fd, Peer::default());
             }
@@ -199,7 +204,13 @@ impl Registrations {
 
     /// A registration connection moved here: take ownership of its entry in
     /// Redis in place (`rehome`).
-    fn adopt_held<A: Holds<Registrations>>(&mut self, srv: &mut Server<A>, fd: Fd, mut held: Held) {
+    fn adopt_held<A: Holds<Registrations>>(
+        &mut self,
+        srv: &mut Server<A>,
+        fd: Fd,
+        mut held: Held,
+        liveness: Liveness,
+    ) {
         let old_owner = held.entry.owner.clone();
         let new_owner = format!("{}/{fd}", self.node_pid());
         let member = held.entry.member().to_string();
@@ -213,6 +224,7 @@ impl Registrations {
             fd,
             Peer {
                 held: Some(held),
+                liveness,
                 ..Peer::default()
             },
         );
@@ -276,10 +288,17 @@ impl Registrations {
     }
 
     /// Mirrors a peer's registration into its connection attributes.
+    /// A silent peer's phase goes along (`silent_since_ms`).
     pub(super) fn save_held<A: App>(&self, srv: &mut Server<A>, fd: Fd) {
-        let held = self.peers.get(&fd).and_then(|p| p.held.as_ref());
+        let peer = self.peers.get(&fd);
+        let held = peer.and_then(|p| p.held.as_ref());
         match held.map(serde_json::to_value) {
-            Some(Ok(v)) => {
+            Some(Ok(mut v)) => {
+                if let (Some(Liveness::Silent { since_ms }), Some(o)) =
+                    (peer.map(|p| p.liveness), v.as_object_mut())
+                {
+                    o.insert(ATTR_SILENT_SINCE.into(), since_ms.into());
+                }
                 srv.set_attr(fd, ATTR_HELD, v);
             }
             _ => {
