@@ -28,7 +28,7 @@ use serde_json::{Map, Value};
 use crate::auth::{self, constant_eq};
 use crate::cluster::link::{Addressed, Broadcast};
 use crate::cluster::{admin, valid_uid};
-use crate::event::App;
+use crate::event::{App, Holds};
 use crate::reactor::{Request, Response, Server};
 use crate::route::answers::{
     answer, bad, method_not_allowed, not_found, BroadcastDone, Health, Ready,
@@ -68,7 +68,11 @@ pub struct Api<'a> {
 
 impl Api<'_> {
     /// Routes one request.
-    pub fn handle<A: DeliveryHost>(&mut self, srv: &mut Server<A>, req: &Request) -> Response {
+    pub fn handle<A: DeliveryHost + Holds<Directory>>(
+        &mut self,
+        srv: &mut Server<A>,
+        req: &Request,
+    ) -> Response {
         let path = req.path_only();
         if !admin::allowed(srv, req, path) {
             return not_found(path);
@@ -143,7 +147,7 @@ impl Api<'_> {
     }
 
     /// `GET /route?uid=U`: pick an IM server for U and record the choice.
-    fn route_user<A: App>(&mut self, srv: &mut Server<A>, req: &Request) -> Response {
+    fn route_user<A: Holds<Directory>>(&mut self, srv: &mut Server<A>, req: &Request) -> Response {
         let uid = req.query_param("uid").unwrap_or("");
         if !valid_uid(uid) {
             return bad(

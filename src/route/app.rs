@@ -97,6 +97,12 @@ impl Holds<Registrations> for RouteApp {
     }
 }
 
+impl Holds<Directory> for RouteApp {
+    fn part(&mut self) -> &mut Directory {
+        &mut self.directory
+    }
+}
+
 impl DeliveryHost for RouteApp {
     fn delivery_parts(&mut self) -> (&mut Delivery, &Cache, &Registrations) {
         (&mut self.delivery, self.directory.cache(), &self.regs)
@@ -156,6 +162,10 @@ impl App for RouteApp {
 
     fn on_close(&mut self, srv: &mut Server<Self>, fd: Fd) {
         self.regs.close(srv, fd);
+    }
+
+    fn on_worker_stop(&mut self, srv: &mut Server<Self>) {
+        self.directory.flush_records(srv);
     }
 
     fn on_pipe_message(&mut self, srv: &mut Server<Self>, _from: usize, data: Vec<u8>) {

@@ -3,14 +3,14 @@
 //!
 //! [`Directory`] owns the worker's registry cache (kept current on the
 //! worker's loop by [`crate::route::cache`]), the balancer's state, the
-//! serialised `/api/servers` answer per cache generation, and
-//! [`Directory::record_route`]'s SET (sent, never waited for).
+//! serialised `/api/servers` answer per cache generation, and the batch of
+//! [`Directory::record_route`]'s SETs (sent every 5 ms, never waited for).
 
 use std::time::Duration;
 
 use crate::cluster::servers::ServerEntry;
 use crate::cluster::Keys;
-use crate::event::App;
+use crate::event::{App, Holds};
 use crate::reactor::Server;
 use crate::route::balancer::Picker;
 use crate::route::cache::{Cache, CacheOf};
@@ -19,6 +19,10 @@ use crate::route::settings::{Balancer, RouteSettings};
 
 /// How long the uid → server choice is remembered in Redis.
 const ROUTE_RECORD_TTL: u64 = 3600;
+/// How long a uid → server record may wait for its batch: one timer tick.
+const RECORD_FLUSH_MS: u64 = 5;
+/// A batch this large goes out at once.
+const RECORD_FLUSH_AT: usize = 1024;
 
 /// The live IM servers as this worker sees them.
 #[derive(Debug)]
@@ -30,6 +34,11 @@ pub struct Directory {
     picker: Picker,
     /// `/api/servers` serialised for a cache generation (refreshes, connected).
     servers_body: Option<((u64, bool), Vec<u8>)>,
+    /// uid → server records not sent yet (see [`Self::record_route`]).
+    /// (`im_route:<uid>`, member) each.
+    records: Vec<(String, String)>,
+    /// Whether the records' flush timer is armed.
+    flush_armed: bool,
 }
 
 /// The `/api/servers` document, serialised straight from the entries.
@@ -50,6 +59,8 @@ impl Directory {
             cache: Cache::default(),
             picker: Picker::default(),
             servers_body: None,
+            records: Vec::new(),
+            flush_armed: false,
         }
     }
 
@@ -160,16 +171,50 @@ impl Directory {
         Some((slot.answer(uid, token), slot.member.clone()))
     }
 
-    /// Remembers that `uid` was sent to `member` (`im_route:<uid>`, expiring).
-    /// Redis: one SET, pipelined with the iteration's other requests and not
-    /// waited for.
-    pub fn record_route<A: App>(&self, srv: &mut Server<A>, uid: &str, member: &str) {
-        let mut c = redis::cmd("SET");
-        c.arg(self.keys.route(uid))
-            .arg(member)
-            .arg("EX")
-            .arg(ROUTE_RECORD_TTL);
-        srv.redis_send(c);
+    /// Remembers that `uid` was sent to `member` (`im_route:<uid>`,
+    /// expiring): the SET joins this worker's batch, sent as one pipeline
+    /// by [`Self::flush_records`] within [`RECORD_FLUSH_MS`] (or at once
+    /// past [`RECORD_FLUSH_AT`] records) and never waited for. Sending each
+    /// SET with its loop iteration instead cost a write to Redis per
+    /// iteration: at 25,000 `/route`/s a worker spent over half of its time
+    /// in `send(2)` (perf), about 0.6× `/health`. O(1).
+    pub fn record_route<A: Holds<Directory>>(
+        &mut self,
+        srv: &mut Server<A>,
+        uid: &str,
+        member: &str,
+    ) {
+        self.records
+            .push((self.keys.route(uid), member.to_string()));
+        if self.records.len() >= RECORD_FLUSH_AT {
+            self.flush_records(srv);
+        } else if !self.flush_armed {
+            self.flush_armed = true;
+            srv.after(RECORD_FLUSH_MS, |app: &mut A, srv, _| {
+                let d = app.part();
+                d.flush_armed = false;
+                d.flush_records(srv);
+            });
+        }
+    }
+
+    /// Sends the pending uid → server records as one pipeline, not waited
+    /// for (records are hints with an expiry: one lost with Redis is
+    /// written again at the user's next `/route`).
+    pub fn flush_records<A: App>(&mut self, srv: &mut Server<A>) {
+        if self.records.is_empty() {
+            return;
+        }
+        let mut batch = redis::pipe();
+        for (key, member) in self.records.drain(..) {
+            batch
+                .cmd("SET")
+                .arg(key)
+                .arg(member)
+                .arg("EX")
+                .arg(ROUTE_RECORD_TTL);
+        }
+        srv.redis_send(batch);
     }
 }
 
