@@ -175,9 +175,10 @@ impl Directory {
     /// expiring): the SET joins this worker's batch, sent as one pipeline
     /// by [`Self::flush_records`] within [`RECORD_FLUSH_MS`] (or at once
     /// past [`RECORD_FLUSH_AT`] records) and never waited for. Sending each
-    /// SET with its loop iteration instead cost a write to Redis per
-    /// iteration: at 25,000 `/route`/s a worker spent over half of its time
-    /// in `send(2)` (perf), about 0.6× `/health`. O(1).
+    /// SET with its loop iteration instead (one write to Redis, and one
+    /// wake-up of it, per iteration) held `/route` at 0.55–0.67× `/health`
+    /// where the batch gives 0.85–0.91× (bench_route.sh part 3, 100
+    /// servers). O(1).
     pub fn record_route<A: Holds<Directory>>(
         &mut self,
         srv: &mut Server<A>,
