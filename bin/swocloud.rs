@@ -12,7 +12,10 @@ fn main() {
         "swocloud",
         "The swocloud Route: registry, balancer and message router of an IM cluster",
         framework_defaults(),
-        |settings, cfg: RouteSettings| Ok(RouteApp::new(cfg, &settings.redis_prefix)),
+        |settings, cfg: RouteSettings| {
+            cfg.validate()?;
+            Ok(RouteApp::new(cfg, &settings.redis_prefix))
+        },
         Some(swocloud::route::status::section),
     );
     std::process::exit(code);

@@ -88,7 +88,11 @@ fn main() {
             Err(tungstenite::Error::Io(e))
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        // A read with SO_RCVTIMEO fails with EINTR after a
+                        // SIGSTOP/SIGCONT (signal(7)): the socket is fine.
+                        | std::io::ErrorKind::Interrupted
                 ) => {}
             Err(e) => {
                 eprintln!("connection ended: {e}");

@@ -224,6 +224,37 @@ fn messages_per_second_past_the_budget_close_with_1008() {
     );
 }
 
+/// With auth on, a registered IM server's link carries all its users'
+/// messages: the per-connection budget must not cut it (it would lose
+/// every forward past the limit); a connection that has not registered
+/// is still held to it.
+#[test]
+fn an_authenticated_im_link_is_not_held_to_the_message_budget() {
+    let secret = "limits-secret";
+    let (_r, d) = route(&format!(
+        "max_messages_per_second = 20\nauth_secret = \"{secret}\""
+    ));
+    let token = swocloud::auth::mint(secret.as_bytes(), "IM_busy", "register", 600);
+    let mut im = ws_connect(&url(&d)).unwrap();
+    im.send_json(&json!({"method":"register","serviceName":"IM_busy","ip":"10.0.0.1","port":9003,"token":token}))
+        .unwrap();
+    assert_eq!(im.recv_text_json()["method"], "registered");
+    for _ in 0..200 {
+        im.send_json(&json!({"method":"heartbeat","load":1}))
+            .unwrap();
+    }
+    // Still open and served: a bad frame gets its answer.
+    im.send_json(&json!({"method":"nope"})).unwrap();
+    assert_eq!(im.recv_text_json()["error"]["code"], "unknown_method");
+    let mut stranger = ws_connect_from(OTHER, &url(&d)).unwrap();
+    for _ in 0..200 {
+        if stranger.send_json(&json!({"method":"heartbeat"})).is_err() {
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut stranger), Some(1008));
+}
+
 #[test]
 fn a_reader_that_falls_behind_buffer_output_size_is_cut() {
     let (_r, d) = route("buffer_output_size = 65536");

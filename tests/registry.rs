@@ -91,12 +91,12 @@ fn registry_scripts_keep_the_seed_set_and_their_invariants() {
     );
 
     // The old owner's late close removes nothing.
-    assert!(!remove(&mut c, &r, &a2.member(), "node/1/1", "closed").unwrap());
+    assert!(!remove(&mut c, &r, a2.member(), "node/1/1", "closed").unwrap());
     assert_eq!(
         renew(
             &mut c,
             &r,
-            &a2.member(),
+            a2.member(),
             "node/1/1",
             &Renew {
                 lease_until_ms: 20_000,
@@ -112,7 +112,7 @@ fn registry_scripts_keep_the_seed_set_and_their_invariants() {
         renew(
             &mut c,
             &r,
-            &a2.member(),
+            a2.member(),
             "node/2/7",
             &Renew {
                 lease_until_ms: 20_000,
@@ -145,7 +145,7 @@ fn registry_scripts_keep_the_seed_set_and_their_invariants() {
         renew(
             &mut c,
             &r,
-            &b.member(),
+            b.member(),
             "node/1/2",
             &Renew {
                 lease_until_ms: 9_000,
@@ -159,7 +159,7 @@ fn registry_scripts_keep_the_seed_set_and_their_invariants() {
     );
 
     // The owner's close removes it and every trace of it.
-    assert!(remove(&mut c, &r, &a2.member(), "node/2/7", "closed").unwrap());
+    assert!(remove(&mut c, &r, a2.member(), "node/2/7", "closed").unwrap());
     assert!(members(&mut c, "im_server").is_empty());
     let n: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
     assert_eq!(n, 0, "no key left behind");

@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
-use common::{http_get, pid_alive, wait_until, ws_connect, Proc, RedisServer};
+use common::{http_get, pid_alive, wait_for, wait_until, ws_connect, Proc, RedisServer};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tungstenite::Message;
@@ -145,6 +145,182 @@ fn a_frozen_im_server_is_dropped_after_the_idle_time() {
     );
     eprintln!("detection after SIGSTOP: {} ms", t0.elapsed().as_millis());
     im.proc.signal(Signal::SIGCONT).unwrap();
+    d.stop();
+}
+
+#[test]
+fn route_answers_from_the_picker_and_records_the_choice_with_its_expiry() {
+    let redis = RedisServer::start();
+    let d = route(&redis, "");
+    let im = SeedClient::start(&d, &[]);
+    assert!(im.line().contains("registered"));
+    let body = wait_for(Duration::from_secs(3), "/route answers 200", || {
+        let (status, _, body) = http_get(d.addr(), "/route?uid=alice").ok()?;
+        (status == 200).then_some(body)
+    });
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["ip"], "192.168.100.153");
+    assert_eq!(v["port"], 9000);
+    assert_eq!(v["serviceName"], "IM_1");
+    assert_eq!(v["url"], "ws://192.168.100.153:9000/?uid=alice");
+    wait_until(Duration::from_secs(2), "im_route:alice written", || {
+        redis::cmd("GET")
+            .arg("im_route:alice")
+            .query::<Option<String>>(&mut redis.client())
+            .ok()
+            .flatten()
+            .as_deref()
+            == Some(SEED)
+    });
+    let ttl: i64 = redis::cmd("TTL")
+        .arg("im_route:alice")
+        .query(&mut redis.client())
+        .unwrap();
+    assert!(ttl > 3000, "the record expires in an hour: {ttl}");
+    d.stop();
+}
+
+/// Freezes `im` until it has left `SMEMBERS im_server` (idle 1.5 s + one
+/// sweep, with margin); returns when it has.
+fn freeze_until_gone(redis: &RedisServer, im: &SeedClient) {
+    im.proc.signal(Signal::SIGSTOP).unwrap();
+    wait_until(
+        Duration::from_millis(1500 + 500 + 1000),
+        "the frozen server leaves SMEMBERS im_server",
+        || members(redis).is_empty(),
+    );
+}
+
+#[test]
+fn a_thawed_im_server_is_readmitted_on_its_old_connection_within_the_grace_time() {
+    let redis = RedisServer::start();
+    let d = route(&redis, "heartbeat_grace_time = 4.0");
+    let mut im = SeedClient::start(&d, &["--name", "IM_T"]);
+    assert!(im.line().contains("registered"));
+    let before = details(&redis, SEED).expect("registered");
+    assert_eq!(
+        common::metric(d.addr(), "swocloud_route_readmissions_total"),
+        Some(0.0)
+    );
+
+    freeze_until_gone(&redis, &im);
+    assert_eq!(
+        details(&redis, SEED),
+        None,
+        "out of the registry while silent"
+    );
+    // Within the grace time (4 s from leaving): thaw, and it is back within
+    // one heartbeat (its ping every 300 ms + one 500 ms sweep, with margin).
+    im.proc.signal(Signal::SIGCONT).unwrap();
+    let t0 = Instant::now();
+    wait_until(
+        Duration::from_millis(300 + 500 + 700),
+        "the thawed server is back in SMEMBERS im_server",
+        || members(&redis) == vec![SEED],
+    );
+    eprintln!("re-admitted {} ms after SIGCONT", t0.elapsed().as_millis());
+    let after = details(&redis, SEED).expect("back");
+    for field in ["serviceName", "epoch", "owner", "registered_at_ms"] {
+        assert_eq!(after[field], before[field], "the old registration: {field}");
+    }
+    // The same TCP connection: the seed client exits when its connection
+    // ends and never reconnects, and it printed nothing since (no close,
+    // no second "registered").
+    assert!(
+        im.proc.try_wait().is_none(),
+        "the client is still connected"
+    );
+    assert!(
+        im.lines.try_recv().is_err(),
+        "no frame since the registration"
+    );
+    assert_eq!(
+        common::metric(d.addr(), "swocloud_route_readmissions_total"),
+        Some(1.0)
+    );
+    assert!(d.log().contains("re-admitted IM_T"), "logged at info");
+    // It stays: its lease is renewed across two more idle periods, and it
+    // never leaves the set meanwhile.
+    let seen = after["last_seen_ms"].as_u64().unwrap();
+    wait_until(Duration::from_secs(6), "renewed for 3 s more", || {
+        assert_eq!(members(&redis), vec![SEED], "stays in the set");
+        details(&redis, SEED).and_then(|e| e["last_seen_ms"].as_u64()) >= Some(seen + 3000)
+    });
+    d.stop();
+}
+
+#[test]
+fn a_silent_im_server_stays_out_across_a_reload_and_is_readmitted_after_it() {
+    let redis = RedisServer::start();
+    let d = route(&redis, "heartbeat_grace_time = 20.0");
+    let mut im = SeedClient::start(&d, &["--name", "IM_R"]);
+    assert!(im.line().contains("registered"));
+    let before = details(&redis, SEED).expect("registered");
+    freeze_until_gone(&redis, &im);
+    // A rolling reload moves the silent connection to a new worker, which
+    // must keep it silent (out of the registry), not store it again.
+    let old = d.worker_pids();
+    let out = d.run("reload", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(Duration::from_secs(20), "every old worker gone", || {
+        old.iter().all(|&p| !pid_alive(p))
+    });
+    // Two sweeps of the new workers (0.5 s each) with margin: still out.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(members(&redis).is_empty(), "a silent server stays out");
+    im.proc.signal(Signal::SIGCONT).unwrap();
+    wait_until(
+        Duration::from_millis(300 + 500 + 700),
+        "the thawed server is back in SMEMBERS im_server",
+        || members(&redis) == vec![SEED],
+    );
+    let after = details(&redis, SEED).expect("back");
+    for field in ["serviceName", "epoch", "registered_at_ms"] {
+        assert_eq!(after[field], before[field], "the old registration: {field}");
+    }
+    assert!(im.proc.try_wait().is_none(), "the same connection");
+    assert!(
+        im.lines.try_recv().is_err(),
+        "no frame since the registration"
+    );
+    d.stop();
+}
+
+#[test]
+fn an_im_server_frozen_beyond_the_grace_time_is_closed() {
+    let redis = RedisServer::start();
+    let d = route(&redis, "heartbeat_grace_time = 3.0");
+    let mut im = SeedClient::start(&d, &["--name", "IM_G"]);
+    assert!(im.line().contains("registered"));
+    freeze_until_gone(&redis, &im);
+    let t0 = Instant::now();
+    wait_until(
+        Duration::from_millis(3000 + 2 * 500 + 3000),
+        "the Route closes the connection after the grace time",
+        || d.log().contains("after it left the registry; closing it"),
+    );
+    eprintln!(
+        "closed {} ms after leaving the registry",
+        t0.elapsed().as_millis()
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(2500),
+        "not before the grace time"
+    );
+    im.proc.signal(Signal::SIGCONT).unwrap();
+    assert!(
+        im.proc.wait_timeout(Duration::from_secs(5)).is_some(),
+        "the thawed client finds its connection closed and exits"
+    );
+    assert!(members(&redis).is_empty(), "never re-admitted");
+    assert_eq!(
+        common::metric(d.addr(), "swocloud_route_readmissions_total"),
+        Some(0.0)
+    );
     d.stop();
 }
 

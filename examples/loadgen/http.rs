@@ -1,5 +1,6 @@
 //! `http`: keep-alive HTTP/1.1 GET throughput and latency, one request in
-//! flight per connection; non-2xx answers count as errors.
+//! flight per connection; non-2xx answers count as errors. A `{n}` in the
+//! URL becomes a number that changes from request to request (`--vary`).
 
 use std::sync::Arc;
 
@@ -17,9 +18,14 @@ pub async fn run(args: HttpArgs) -> Result<serde_json::Value, String> {
     let errors = Arc::new(ErrorLog::default());
     let window = Window::after(args.warmup, args.duration);
     let markers = window.spawn_markers();
+    let vary = args.vary.max(1);
+    let varying = path.contains("{n}");
     let tasks: Vec<_> = (0..args.conns)
-        .map(|_| {
+        .map(|k| {
             let (host, path, errors) = (host.clone(), path.clone(), errors.clone());
+            // Each connection starts at its own offset: the numbers differ
+            // across connections and from request to request.
+            let mut n = (k as u64).wrapping_mul(7_919) % vary;
             tokio::spawn(async move {
                 let mut samples = Vec::new();
                 let mut conn = match HttpConn::open(addr, &host).await {
@@ -34,7 +40,13 @@ pub async fn run(args: HttpArgs) -> Result<serde_json::Value, String> {
                     if sent_at >= window.end {
                         break;
                     }
-                    match conn.request("GET", &path, b"").await {
+                    let target = if varying {
+                        n = (n + 1) % vary;
+                        std::borrow::Cow::Owned(path.replace("{n}", &n.to_string()))
+                    } else {
+                        std::borrow::Cow::Borrowed(path.as_str())
+                    };
+                    match conn.request("GET", &target, b"").await {
                         Ok((s, _)) if (200..300).contains(&s) => {
                             let done_at = Instant::now();
                             if window.holds(sent_at, done_at) {

@@ -211,6 +211,11 @@ struct HttpArgs {
     /// Warm-up seconds, not measured.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
+    /// A literal `{n}` in the URL's path or query is replaced, request by
+    /// request, by a number cycling through 0..vary (e.g.
+    /// `/route?uid=u{n}`: a different uid each time).
+    #[arg(long, default_value_t = 1_000_000)]
+    vary: u64,
 }
 
 #[derive(Args, Debug)]

@@ -50,7 +50,25 @@ pub struct ServerEntry {
     /// Whether it is draining (no new users).
     #[serde(default)]
     pub draining: bool,
+    /// The seed-encoded member, computed on first use (see
+    /// [`ServerEntry::member`]); `ip` and `port` never change after an
+    /// entry is built, so the cache cannot go stale.
+    #[serde(skip)]
+    pub member_cache: MemberCache,
 }
+
+/// [`ServerEntry::member`]'s cache. Not part of an entry's value: two
+/// entries compare equal whether or not either has computed it.
+#[derive(Debug, Clone, Default)]
+pub struct MemberCache(std::sync::OnceLock<String>);
+
+impl PartialEq for MemberCache {
+    fn eq(&self, _: &MemberCache) -> bool {
+        true
+    }
+}
+
+impl Eq for MemberCache {}
 
 impl ServerEntry {
     /// Builds the entry for a registration.
@@ -73,12 +91,16 @@ impl ServerEntry {
             worker,
             owner: owner.to_string(),
             draining: false,
+            member_cache: MemberCache::default(),
         }
     }
 
-    /// The seed-encoded set member.
-    pub fn member(&self) -> String {
-        member(&self.ip, self.port)
+    /// The seed-encoded set member, `{"ip":"…","port":N}`. Serialised once
+    /// per entry and cached: later calls cost a pointer read.
+    pub fn member(&self) -> &str {
+        self.member_cache
+            .0
+            .get_or_init(|| member(&self.ip, self.port))
     }
 }
 

@@ -245,7 +245,11 @@ impl<A: App> Reactor<A> {
                 let idle =
                     std::time::Duration::from_secs_f64(self.srv.settings.heartbeat_idle_time);
                 self.srv.conns.doom_where(|c| {
-                    let idle = c.last_active.elapsed() > idle;
+                    let limit = match c.limits.idle_limit_ms {
+                        0 => idle,
+                        ms => std::time::Duration::from_millis(u64::from(ms)),
+                    };
+                    let idle = c.last_active.elapsed() > limit;
                     if idle {
                         log::debug!(
                             "worker {w}: fd {} ({}): idle past heartbeat_idle_time; closing",

@@ -102,6 +102,12 @@ pub struct ConnLimits {
     /// Exempt from `max_messages_per_second` (a trusted peer that carries
     /// many users' traffic, such as an IM server's link to the Route).
     pub unlimited: bool,
+    /// This connection's own idle limit in ms, in place of
+    /// `heartbeat_idle_time` (0: the setting). Set by the application
+    /// through [`crate::reactor::Server::set_idle_limit`], e.g. the Route's
+    /// grace time for silent IM servers. (Here, beside the two flags, it
+    /// fills padding: an idle connection costs no byte more.)
+    pub idle_limit_ms: u32,
     /// Message budget (accepted WebSocket connections, when limited;
     /// boxed: off by default, and every idle connection pays for inline
     /// bytes).

@@ -267,6 +267,18 @@ impl<A: App> Server<A> {
             .map(|k| self.conns[k].snapshot(self.worker_id))
     }
 
+    /// Gives `fd` its own idle limit in place of `heartbeat_idle_time`
+    /// (`None`: back to the setting; at most about 49 days). False if it
+    /// is gone.
+    pub fn set_idle_limit(&mut self, fd: Fd, limit: Option<Duration>) -> bool {
+        let Some(c) = self.conn_mut(fd) else {
+            return false;
+        };
+        c.limits.idle_limit_ms =
+            limit.map_or(0, |d| d.as_millis().clamp(1, u128::from(u32::MAX)) as u32);
+        true
+    }
+
     /// Sets an application attribute on a connection; false if it is gone.
     pub fn set_attr(&mut self, fd: Fd, key: &str, value: Value) -> bool {
         let Some(c) = self.conn_mut(fd) else {

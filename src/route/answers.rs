@@ -1,7 +1,8 @@
 //! The Route's HTTP answers as typed documents (`/health`, `/ready`,
-//! `/route`, `/api/*`, refusals), shared by the endpoints ([`crate::route::api`])
+//! `/api/*`, refusals), shared by the endpoints ([`crate::route::api`])
 //! and the answers that wait for a user's location
-//! ([`crate::route::delivery`]).
+//! ([`crate::route::delivery`]). `/route`'s answer is built from the
+//! picker's pre-serialised parts ([`crate::route::balancer::Slot::answer`]).
 
 use serde::Serialize;
 
@@ -44,17 +45,6 @@ pub(crate) struct Ready {
     pub(crate) ready: bool,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) reasons: Vec<String>,
-}
-
-/// `/route`.
-#[derive(Serialize)]
-pub(crate) struct Routed<'a> {
-    pub(crate) ip: &'a str,
-    pub(crate) port: u16,
-    pub(crate) token: &'a str,
-    pub(crate) url: &'a str,
-    #[serde(rename = "serviceName")]
-    pub(crate) service_name: &'a str,
 }
 
 /// `/api/send`.

@@ -28,10 +28,10 @@ use serde_json::{Map, Value};
 use crate::auth::{self, constant_eq};
 use crate::cluster::link::{Addressed, Broadcast};
 use crate::cluster::{admin, valid_uid};
-use crate::event::App;
+use crate::event::{App, Holds};
 use crate::reactor::{Request, Response, Server};
 use crate::route::answers::{
-    answer, bad, method_not_allowed, not_found, BroadcastDone, Health, Ready, Routed,
+    answer, bad, method_not_allowed, not_found, BroadcastDone, Health, Ready,
 };
 use crate::route::delivery::{Delivery, DeliveryHost, Waiting};
 use crate::route::directory::{servers_doc, Directory};
@@ -68,7 +68,11 @@ pub struct Api<'a> {
 
 impl Api<'_> {
     /// Routes one request.
-    pub fn handle<A: DeliveryHost>(&mut self, srv: &mut Server<A>, req: &Request) -> Response {
+    pub fn handle<A: DeliveryHost + Holds<Directory>>(
+        &mut self,
+        srv: &mut Server<A>,
+        req: &Request,
+    ) -> Response {
         let path = req.path_only();
         if !admin::allowed(srv, req, path) {
             return not_found(path);
@@ -143,7 +147,7 @@ impl Api<'_> {
     }
 
     /// `GET /route?uid=U`: pick an IM server for U and record the choice.
-    fn route_user<A: App>(&mut self, srv: &mut Server<A>, req: &Request) -> Response {
+    fn route_user<A: Holds<Directory>>(&mut self, srv: &mut Server<A>, req: &Request) -> Response {
         let uid = req.query_param("uid").unwrap_or("");
         if !valid_uid(uid) {
             return bad(
@@ -159,29 +163,16 @@ impl Api<'_> {
                 return bad(401, "unauthorized", &e.to_string());
             }
         }
-        let Some(chosen) = self.directory.pick(self.regs, uid) else {
-            return bad(503, "no_server", "no live IM server is registered");
-        };
-        self.directory.record_route(srv, uid, &chosen.member());
         let token = if secret.is_empty() {
             String::new()
         } else {
             auth::mint(secret, uid, "user", USER_TOKEN_TTL)
         };
-        let mut url = format!("ws://{}:{}/?uid={uid}", chosen.ip, chosen.port);
-        if !token.is_empty() {
-            url.push_str(&format!("&token={token}"));
-        }
-        answer(
-            200,
-            &Routed {
-                ip: &chosen.ip,
-                port: chosen.port,
-                token: &token,
-                url: &url,
-                service_name: &chosen.service_name,
-            },
-        )
+        let Some((body, member)) = self.directory.route(self.regs, uid, &token) else {
+            return bad(503, "no_server", "no live IM server is registered");
+        };
+        self.directory.record_route(srv, uid, &member);
+        Response::new(200, body).with_header("Content-Type", "application/json")
     }
 
     /// `POST /api/send {"uid","data"}`.

@@ -7,7 +7,7 @@
 //!
 //! | component | owns |
 //! |-----------|------|
-//! | [`Registrations`] | one peer per IM-server connection, the registry writes, the sweep |
+//! | [`Registrations`] | one peer per IM-server connection, the registry writes, the sweep and the grace time (`liveness.rs`) |
 //! | [`Delivery`] | locating users, relaying frames to the Route worker holding an IM server |
 //! | [`Directory`] | the live-server list (cache, balancer, `/api/servers` body) |
 //! | [`Api`] | the HTTP endpoints, borrowing the three above per request |
@@ -97,6 +97,12 @@ impl Holds<Registrations> for RouteApp {
     }
 }
 
+impl Holds<Directory> for RouteApp {
+    fn part(&mut self) -> &mut Directory {
+        &mut self.directory
+    }
+}
+
 impl DeliveryHost for RouteApp {
     fn delivery_parts(&mut self) -> (&mut Delivery, &Cache, &Registrations) {
         (&mut self.delivery, self.directory.cache(), &self.regs)
@@ -140,6 +146,7 @@ impl App for RouteApp {
     }
 
     fn on_message(&mut self, srv: &mut Server<Self>, fd: Fd, msg: Message) {
+        self.regs.spoke(srv, fd); // a silent peer is re-admitted first
         match msg {
             Message::Text(t) => self.on_frame(srv, fd, &t),
             Message::Binary(_) => self.regs.refuse(
@@ -155,6 +162,10 @@ impl App for RouteApp {
 
     fn on_close(&mut self, srv: &mut Server<Self>, fd: Fd) {
         self.regs.close(srv, fd);
+    }
+
+    fn on_worker_stop(&mut self, srv: &mut Server<Self>) {
+        self.directory.flush_records(srv);
     }
 
     fn on_pipe_message(&mut self, srv: &mut Server<Self>, _from: usize, data: Vec<u8>) {

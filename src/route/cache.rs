@@ -75,7 +75,7 @@ impl Cache {
         for (i, e) in entries.iter().enumerate() {
             let m = e.member();
             (&m, &e.epoch, &e.owner).hash(&mut h);
-            self.by_member.insert(m, i);
+            self.by_member.insert(m.to_string(), i);
         }
         self.topology = h.finish();
         self.entries = entries;

@@ -5,13 +5,15 @@
 //! - [`cache`]: each worker's in-memory copy, kept current over pub/sub.
 //! - [`app`]: [`RouteApp`], which wires the framework's hooks to the
 //!   components below.
-//! - [`registrations`]: the IM-server connections, the registry writes,
-//!   the liveness sweep.
+//! - [`registrations`]: the IM-server connections and the registry writes.
+//! - [`liveness`]: the sweep; silent IM servers leave the registry, and
+//!   come back within `heartbeat_grace_time`.
 //! - [`delivery`]: locating users and relaying frames between Route workers.
 //! - [`locations`]: where users are, cached, and the messages waiting for a lookup.
 //! - [`directory`]: the live-server list (cache, balancer) for the API.
 //! - [`api`]: the HTTP endpoints; [`answers`]: their answer documents.
-//! - [`balancer`]: picking an IM server for a user.
+//! - [`balancer`]: picking an IM server for a user (a picker rebuilt once
+//!   per cache generation, picks without allocation).
 //!
 //! The wire protocol, the key schema and the shared record formats are
 //! [`crate::cluster`]'s; nothing here imports [`crate::im`].
@@ -26,6 +28,7 @@ pub mod balancer;
 pub mod cache;
 pub mod delivery;
 pub mod directory;
+pub mod liveness;
 pub mod locations;
 pub mod registrations;
 pub mod registry;

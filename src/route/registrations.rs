@@ -2,12 +2,8 @@
 //! bad-frame count and, once registered, the entry it holds in Redis), and
 //! every write this worker makes to the registry.
 //!
-//! The sweep ([`Registrations::sweep`], every `heartbeat_check_interval`
-//! seconds): disconnects silent peers, renews the leases of live ones
-//! (re-registering any that Redis lost, so a Redis restarted empty is
-//! rebuilt within one sweep), stores registrations that arrived while Redis
-//! was away, retries removals, and reaps expired leases left by dead
-//! workers or nodes.
+//! The sweep and the silent → re-admitted / closed life of a peer are in
+//! [`crate::route::liveness`] (an `impl Registrations` block there).
 //!
 //! Nothing here waits for Redis. Each registry write is one request on the
 //! worker's non-blocking client, its reply handled by a method of this
@@ -30,6 +26,7 @@ use crate::cluster::{ErrorCode, ProtocolError};
 use crate::event::{App, Holds};
 use crate::process::scoreboard::now_ms;
 use crate::reactor::{Fd, Message, Server};
+use crate::route::liveness::Liveness;
 use crate::route::registry::{Registry, Renew, Renewal};
 use crate::route::settings::{self, RouteSettings};
 use crate::route::stats;
@@ -37,53 +34,66 @@ use crate::route::stats;
 /// Connection attribute holding a registration connection's [`Held`], so
 /// a worker adopting the connection (handover) restores it.
 const ATTR_HELD: &str = "route.held";
+/// The field of [`ATTR_HELD`] that carries a silent peer's phase.
+const ATTR_SILENT_SINCE: &str = "silent_since_ms";
 
 /// One IM server's registration as this worker holds it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct Held {
-    entry: ServerEntry,
-    /// Whether Redis has it (false while Redis is away).
-    stored: bool,
-    /// A store is under way (not moved in a handover: the successor
-    /// stores again if it must).
+pub(super) struct Held {
+    pub(super) entry: ServerEntry,
+    /// Whether Redis has it (false while Redis is away, or while the peer
+    /// is silent).
+    pub(super) stored: bool,
+    /// A store (or a re-admission's probe) is under way (not moved in a
+    /// handover: the successor stores again if it must).
     #[serde(skip)]
-    storing: bool,
+    pub(super) storing: bool,
+    /// The IM server was sent its `registered` frame: a later store (after
+    /// an outage, or a re-admission) does not send another.
+    #[serde(default)]
+    pub(super) acked: bool,
 }
 
 /// Why an entry is being stored: what its success means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Store {
+pub(super) enum Store {
     /// A new registration: acknowledge it, or say Redis is away.
     New,
     /// One kept while Redis was away: acknowledge it now.
     Pending,
-    /// Redis lost a stored one (restarted empty): store it again, quietly.
+    /// Redis lost a stored one (restarted empty), or an acknowledged one
+    /// waited out an outage: store it again, quietly.
     Rebuild,
+    /// A silent peer spoke again within the grace time: its old entry goes
+    /// back (see [`crate::route::liveness`]).
+    Readmit,
 }
 
 /// What the Route knows of one WebSocket connection.
 #[derive(Debug, Default)]
-struct Peer {
+pub(super) struct Peer {
     bad_frames: u32,
     /// The connection's source address (for `max_registrations_per_ip`).
     ip: Option<IpAddr>,
-    held: Option<Held>,
+    pub(super) held: Option<Held>,
+    /// Live or silent (see [`crate::route::liveness`]).
+    pub(super) liveness: Liveness,
     /// Why the sweep closed it, for the removal's cause.
-    closing_cause: Option<&'static str>,
+    pub(super) closing_cause: Option<&'static str>,
 }
 
 /// The registrations this worker holds, and its registry writes.
 #[derive(Debug)]
 pub struct Registrations {
-    cfg: RouteSettings,
-    registry: Registry,
+    pub(super) cfg: RouteSettings,
+    pub(super) registry: Registry,
     /// This Route node's name (`node_id`, or `<host>:<port>`).
     node: String,
-    peers: HashMap<Fd, Peer>,
+    pub(super) peers: HashMap<Fd, Peer>,
     /// Owner tokens of adopted connections (`<node>/<old pid>/<old fd>`)
     /// → their fd here, for messages relayed to the previous worker.
     adopted: HashMap<String, Fd>,
-    redis_outage_logged: bool,
+    pub(super) redis_outage_logged: bool,
 }
 
 impl Registrations {
@@ -134,11 +144,13 @@ impl Registrations {
             .collect()
     }
 
-    /// The entries this worker holds, sorted by serviceName. O(peers).
+    /// The entries this worker holds (silent peers' are out), sorted by
+    /// serviceName. O(peers).
     pub fn held_entries(&self) -> Vec<ServerEntry> {
         let mut own: Vec<ServerEntry> = self
             .peers
             .values()
+            .filter(|p| p.liveness == Liveness::Live)
             .filter_map(|p| p.held.as_ref().map(|h| h.entry.clone()))
             .collect();
         own.sort_by(|a, b| a.service_name.cmp(&b.service_name));
@@ -153,7 +165,7 @@ impl Registrations {
     /// The registry member `fd` holds, if it registered.
     pub fn member_of(&self, fd: Fd) -> Option<String> {
         let held = self.peers.get(&fd)?.held.as_ref()?;
-        Some(held.entry.member())
+        Some(held.entry.member().to_string())
     }
 
     /// A connection opened.
@@ -176,11 +188,14 @@ impl Registrations {
         fd: Fd,
         attrs: &HashMap<String, Value>,
     ) {
-        let held = attrs
-            .get(ATTR_HELD)
-            .and_then(|v| serde_json::from_value::<Held>(v.clone()).ok());
+        let attr = attrs.get(ATTR_HELD);
+        let held = attr.and_then(|v| serde_json::from_value::<Held>(v.clone()).ok());
+        // A silent peer stays silent (and out of the registry) here.
+        let liveness = attr
+            .and_then(|v| v.get(ATTR_SILENT_SINCE)?.as_u64())
+            .map_or(Liveness::Live, |since_ms| Liveness::Silent { since_ms });
         match held {
-            Some(h) => self.adopt_held(srv, fd, h),
+            Some(h) => self.adopt_held(srv, fd, h, liveness),
             None => {
                 self.peers.insert(fd, Peer::default());
             }
@@ -189,24 +204,35 @@ impl Registrations {
 
     /// A registration connection moved here: take ownership of its entry in
     /// Redis in place (`rehome`).
-    fn adopt_held<A: Holds<Registrations>>(&mut self, srv: &mut Server<A>, fd: Fd, mut held: Held) {
+    fn adopt_held<A: Holds<Registrations>>(
+        &mut self,
+        srv: &mut Server<A>,
+        fd: Fd,
+        mut held: Held,
+        liveness: Liveness,
+    ) {
         let old_owner = held.entry.owner.clone();
         let new_owner = format!("{}/{fd}", self.node_pid());
-        let member = held.entry.member();
+        let member = held.entry.member().to_string();
         let worker = srv.worker_id() as u32;
         held.entry.owner = new_owner.clone();
         held.entry.worker = worker;
         let stored = held.stored;
         let name = held.entry.service_name.clone();
         self.adopted.insert(old_owner.clone(), fd);
+        if !self.cfg.auth_secret.is_empty() {
+            srv.exempt_from_rate_limit(fd);
+        }
         self.peers.insert(
             fd,
             Peer {
                 held: Some(held),
+                liveness,
                 ..Peer::default()
             },
         );
         self.save_held(srv, fd);
+        self.hold_connection(srv, fd);
         if stored {
             let req = self
                 .registry
@@ -232,10 +258,7 @@ impl Registrations {
                 log::info!(
                     "route: {member} re-registered elsewhere meanwhile; fd {fd} does not hold it"
                 );
-                if let Some(p) = self.peers.get_mut(&fd) {
-                    p.held = None;
-                }
-                self.save_held(srv, fd);
+                self.let_go(srv, fd);
             }
             // Gone, or Redis away: the sweep stores it again.
             Ok(Renewal::Missing) | Err(_) => {
@@ -248,7 +271,7 @@ impl Registrations {
     }
 
     /// The peer's registration, if it still is of `member`.
-    fn held_mut(&mut self, fd: Fd, member: &str) -> Option<&mut Held> {
+    pub(super) fn held_mut(&mut self, fd: Fd, member: &str) -> Option<&mut Held> {
         self.peers
             .get_mut(&fd)?
             .held
@@ -256,11 +279,29 @@ impl Registrations {
             .filter(|h| h.entry.member() == member)
     }
 
+    /// `fd` no longer holds its entry (someone else registered that
+    /// address): forget it, and give the connection the usual idle limit.
+    pub(super) fn let_go<A: App>(&mut self, srv: &mut Server<A>, fd: Fd) {
+        if let Some(p) = self.peers.get_mut(&fd) {
+            p.held = None;
+            p.liveness = Liveness::Live;
+        }
+        srv.set_idle_limit(fd, None);
+        self.save_held(srv, fd);
+    }
+
     /// Mirrors a peer's registration into its connection attributes.
-    fn save_held<A: App>(&self, srv: &mut Server<A>, fd: Fd) {
-        let held = self.peers.get(&fd).and_then(|p| p.held.as_ref());
+    /// A silent peer's phase goes along (`silent_since_ms`).
+    pub(super) fn save_held<A: App>(&self, srv: &mut Server<A>, fd: Fd) {
+        let peer = self.peers.get(&fd);
+        let held = peer.and_then(|p| p.held.as_ref());
         match held.map(serde_json::to_value) {
-            Some(Ok(v)) => {
+            Some(Ok(mut v)) => {
+                if let (Some(Liveness::Silent { since_ms }), Some(o)) =
+                    (peer.map(|p| p.liveness), v.as_object_mut())
+                {
+                    o.insert(ATTR_SILENT_SINCE.into(), since_ms.into());
+                }
                 srv.set_attr(fd, ATTR_HELD, v);
             }
             _ => {
@@ -319,6 +360,13 @@ impl Registrations {
         if !self.registration_allowed(srv, fd) {
             return;
         }
+        // An authenticated IM server carries all its users' messages: the
+        // per-connection message budget (meant for one client) would cut
+        // it off at load and lose what it forwards. Without auth_secret
+        // anyone may register, so the budget stays.
+        if !self.cfg.auth_secret.is_empty() {
+            srv.exempt_from_rate_limit(fd);
+        }
         let owner = format!("{}/{fd}", self.node_pid());
         let entry = ServerEntry::new(&reg, &self.node, srv.worker_id() as u32, &owner, now_ms());
         // A connection that registers again under another address drops its old entry.
@@ -328,13 +376,17 @@ impl Registrations {
         }
         let until = now_ms() + settings::lease(srv.settings()).as_millis() as u64;
         if let Some(p) = self.peers.get_mut(&fd) {
+            let acked = p.held.as_ref().is_some_and(|h| h.acked);
             p.held = Some(Held {
                 entry: entry.clone(),
                 stored: false,
                 storing: false,
+                acked,
             });
+            p.liveness = Liveness::Live;
         }
         self.save_held(srv, fd);
+        self.hold_connection(srv, fd);
         self.store(srv, fd, &entry, until, Store::New);
     }
 
@@ -392,7 +444,7 @@ impl Registrations {
         let held = self.peers.get_mut(&fd).and_then(|p| p.held.as_mut());
         let Some(h) = held else { return };
         h.entry.draining = true;
-        let (member, owner) = (h.entry.member(), h.entry.owner.clone());
+        let (member, owner) = (h.entry.member().to_string(), h.entry.owner.clone());
         log::info!("route: {} is draining; no new users go there", member);
         let r = Renew {
             lease_until_ms: now_ms() + settings::lease(srv.settings()).as_millis() as u64,
@@ -415,7 +467,7 @@ impl Registrations {
         }
     }
 
-    fn note_outage(&mut self) {
+    pub(super) fn note_outage(&mut self) {
         if !self.redis_outage_logged {
             self.redis_outage_logged = true;
             log::warn!("route: Redis is unreachable; serving from memory and retrying");
@@ -424,8 +476,13 @@ impl Registrations {
 
     /// Removes `e` from the registry if this connection still owns it:
     /// durable, so an outage delays it but never loses it.
-    fn remove_entry<A: App>(&mut self, srv: &mut Server<A>, e: &ServerEntry, cause: &'static str) {
-        let (member, name) = (e.member(), e.service_name.clone());
+    pub(super) fn remove_entry<A: App>(
+        &mut self,
+        srv: &mut Server<A>,
+        e: &ServerEntry,
+        cause: &'static str,
+    ) {
+        let (member, name) = (e.member().to_string(), e.service_name.clone());
         let req = self.registry.remove(&member, &e.owner, cause);
         srv.redis_durable_then(req, move |_: &mut A, srv, r: redis::RedisResult<i64>| {
             if r == Ok(1) {
@@ -435,132 +492,9 @@ impl Registrations {
         });
     }
 
-    /// The periodic sweep (see the module doc). Every renewal, store and
-    /// the reap are requests sent together: one write, one round trip,
-    /// whatever the number of peers.
-    pub fn sweep<A: Holds<Registrations>>(&mut self, srv: &mut Server<A>) {
-        if srv.is_handing_over() {
-            return; // the registrations are moving to the replacement
-        }
-        let now = now_ms();
-        let idle_ms = settings::idle(srv.settings()).as_millis() as u64;
-        let silent: Vec<Fd> = self
-            .peers
-            .iter()
-            .filter(|(fd, p)| {
-                p.held.is_some()
-                    && srv
-                        .connection_info(**fd)
-                        .is_some_and(|i| now.saturating_sub(i.last_active_ms) > idle_ms)
-            })
-            .map(|(fd, _)| *fd)
-            .collect();
-        for fd in silent {
-            log::warn!("route: fd {fd} silent for more than {idle_ms} ms; closing it");
-            if let Some(p) = self.peers.get_mut(&fd) {
-                p.closing_cause = Some("silent");
-            }
-            srv.disconnect(fd, 1001, "heartbeat timeout");
-            self.close(srv, fd);
-        }
-        if !srv.redis_ok() {
-            self.note_outage();
-            return;
-        }
-        if std::mem::take(&mut self.redis_outage_logged) {
-            log::info!("route: Redis is back");
-        }
-        let until = now + settings::lease(srv.settings()).as_millis() as u64;
-        let fds: Vec<Fd> = self.peers.keys().copied().collect();
-        for fd in fds {
-            self.renew_peer(srv, fd, now, until);
-        }
-        srv.redis(
-            self.registry.reap(now),
-            |_: &mut A, srv, r: redis::RedisResult<Vec<String>>| {
-                for m in r.unwrap_or_default() {
-                    stats::removed(srv.row(), "lease");
-                    log::warn!(
-                        "route: reaped {m}: its lease expired (its Route worker or node is gone)"
-                    );
-                }
-            },
-        );
-    }
-
-    /// One peer's part of the sweep: renew its lease, or store it when
-    /// Redis does not have it (yet).
-    fn renew_peer<A: Holds<Registrations>>(
-        &mut self,
-        srv: &mut Server<A>,
-        fd: Fd,
-        now: u64,
-        until: u64,
-    ) {
-        let Some(held) = self.peers.get(&fd).and_then(|p| p.held.clone()) else {
-            return;
-        };
-        if held.storing {
-            return;
-        }
-        if !held.stored {
-            let mut entry = held.entry;
-            entry.last_seen_ms = now;
-            return self.store(srv, fd, &entry, until, Store::Pending);
-        }
-        let r = Renew {
-            lease_until_ms: until,
-            load: Some(held.entry.load),
-            draining: None,
-            now_ms: now,
-        };
-        let (member, owner) = (held.entry.member(), held.entry.owner.clone());
-        let req = self.registry.renew(&member, &owner, &r);
-        srv.redis(req, move |app: &mut A, srv, r: redis::RedisResult<i64>| {
-            app.part().renewed(srv, fd, &member, r, until);
-        });
-    }
-
-    /// A renewal's answer: store again what Redis lost; let go of what
-    /// someone else owns now.
-    fn renewed<A: Holds<Registrations>>(
-        &mut self,
-        srv: &mut Server<A>,
-        fd: Fd,
-        member: &str,
-        r: redis::RedisResult<i64>,
-        until: u64,
-    ) {
-        let Some(held) = self.held_mut(fd, member).map(|h| h.clone()) else {
-            return;
-        };
-        match r.map(Renewal::from_code) {
-            Ok(Renewal::Renewed) => {}
-            Ok(Renewal::Missing) => {
-                let mut entry = held.entry;
-                entry.last_seen_ms = now_ms();
-                self.store(srv, fd, &entry, until, Store::Rebuild);
-            }
-            Ok(Renewal::Superseded) => {
-                log::info!(
-                    "route: {} re-registered elsewhere; fd {fd} no longer holds it",
-                    held.entry.service_name
-                );
-                if let Some(p) = self.peers.get_mut(&fd) {
-                    p.held = None;
-                }
-                self.save_held(srv, fd);
-            }
-            Err(e) => {
-                log::debug!("route: renewing {member}: {e}");
-                self.note_outage();
-            }
-        }
-    }
-
     /// Stores `entry` (held by `fd`) with a lease until `until`: one script;
     /// [`Registrations::stored`] handles the answer.
-    fn store<A: Holds<Registrations>>(
+    pub(super) fn store<A: Holds<Registrations>>(
         &mut self,
         srv: &mut Server<A>,
         fd: Fd,
@@ -568,7 +502,7 @@ impl Registrations {
         until: u64,
         why: Store,
     ) {
-        let member = entry.member();
+        let member = entry.member().to_string();
         if let Some(h) = self.held_mut(fd, &member) {
             h.storing = true;
             h.entry = entry.clone();
@@ -588,6 +522,12 @@ impl Registrations {
         why: Store,
         r: redis::RedisResult<()>,
     ) {
+        // A peer that fell silent meanwhile: its removal follows this store
+        // (FIFO), so Redis will not have it.
+        let silent = self
+            .peers
+            .get(&fd)
+            .is_some_and(|p| p.liveness != Liveness::Live);
         let Some(h) = self.held_mut(fd, member) else {
             return; // closed or re-registered meanwhile (its removal follows)
         };
@@ -595,7 +535,9 @@ impl Registrations {
         let entry = h.entry.clone();
         match r {
             Ok(()) => {
-                h.stored = true;
+                h.stored = !silent;
+                let ack = why == Store::New || !h.acked;
+                h.acked |= ack;
                 match why {
                     Store::New | Store::Pending => {
                         stats::count(srv.row(), stats::REGISTRATIONS);
@@ -603,16 +545,22 @@ impl Registrations {
                             "route: registered {} at {member} (fd {fd})",
                             entry.service_name
                         );
-                        let lease = settings::lease(srv.settings());
-                        srv.push(fd, Message::Text(registered_frame(&entry, lease)));
                     }
                     Store::Rebuild => {
                         stats::count(srv.row(), stats::REBUILT);
                         log::info!(
-                            "route: re-registered {} (Redis had lost it)",
+                            "route: re-registered {} (Redis did not have it)",
                             entry.service_name
                         );
                     }
+                    Store::Readmit => log::info!(
+                        "route: {} at {member} (fd {fd}) is back in the registry",
+                        entry.service_name
+                    ),
+                }
+                if ack {
+                    let lease = settings::lease(srv.settings());
+                    srv.push(fd, Message::Text(registered_frame(&entry, lease)));
                 }
                 self.save_held(srv, fd);
             }
@@ -623,7 +571,7 @@ impl Registrations {
                     let refusal = ProtocolError::new(ErrorCode::Unavailable, "Redis is unreachable: the registration is kept and will be stored and acknowledged when it returns");
                     srv.push(fd, Message::Text(refusal.to_frame()));
                 }
-                if why == Store::Rebuild {
+                if why == Store::Rebuild || why == Store::Readmit {
                     if let Some(h) = self.held_mut(fd, member) {
                         h.stored = false;
                     }

@@ -41,6 +41,11 @@ pub struct RouteSettings {
     /// worker; a register past it is answered `rate_limited` and the
     /// connection closed with 1008. 0 disables.
     pub max_registrations_per_ip: usize,
+    /// Seconds a silent IM server's connection is kept after it left the
+    /// registry (silent for `heartbeat_idle_time`): if it speaks again
+    /// meanwhile it is re-admitted under its old registration; after it,
+    /// the connection is closed. 0: closed at once.
+    pub heartbeat_grace_time: f64,
 }
 
 impl Default for RouteSettings {
@@ -53,7 +58,27 @@ impl Default for RouteSettings {
             max_bad_frames: 5,
             balancer: Balancer::LeastLoaded,
             max_registrations_per_ip: 32,
+            heartbeat_grace_time: 60.0,
         }
+    }
+}
+
+impl RouteSettings {
+    /// Refuses values no Route can run with, naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let g = self.heartbeat_grace_time;
+        if !g.is_finite() || g < 0.0 {
+            return Err(format!(
+                "heartbeat_grace_time = {g}: must be a number of seconds >= 0"
+            ));
+        }
+        Ok(())
+    }
+
+    /// `heartbeat_grace_time` as a duration (0 when invalid; see
+    /// [`Self::validate`]).
+    pub fn grace(&self) -> Duration {
+        Duration::try_from_secs_f64(self.heartbeat_grace_time).unwrap_or(Duration::ZERO)
     }
 }
 
@@ -102,4 +127,31 @@ pub fn idle(s: &Settings) -> Duration {
     } else {
         3.0 * sweep_every(s).as_secs_f64()
     })
+}
+
+/// A registered IM server's own idle limit for the framework's idle check
+/// (`Server::set_idle_limit`): idle + grace + two sweeps (the sweep that
+/// finds it silent and the one that finds the grace over may each come
+/// up to one interval late), so that the Route's sweep, not the
+/// framework, decides when a silent IM server's connection closes.
+pub fn held_idle_limit(s: &Settings, grace: Duration) -> Duration {
+    idle(s) + grace + 2 * sweep_every(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RouteSettings;
+
+    #[test]
+    fn a_negative_or_non_finite_grace_time_is_refused_by_name() {
+        assert!(RouteSettings::default().validate().is_ok());
+        for g in [-1.0, f64::NAN, f64::INFINITY] {
+            let s = RouteSettings {
+                heartbeat_grace_time: g,
+                ..RouteSettings::default()
+            };
+            let e = s.validate().unwrap_err();
+            assert!(e.contains("heartbeat_grace_time"), "{e}");
+        }
+    }
 }

@@ -4,7 +4,7 @@
 //!
 //! Each worker bumps its own row with [`count`] (one relaxed atomic add,
 //! no syscall). [`COUNTERS`] names them for [`crate::metrics`]. Indices
-//! 0..=7 are taken; new counters take the next free index (below
+//! 0..=8 are taken; new counters take the next free index (below
 //! `scoreboard::APP_COUNTERS`) and an entry in [`COUNTERS`].
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -28,6 +28,9 @@ pub const REMOVED_SILENT: usize = 5;
 pub const REMOVED_LEASE: usize = 6;
 /// Removals because the same connection re-registered under another address.
 pub const REMOVED_REPLACED: usize = 7;
+/// Silent IM servers re-admitted because they spoke again within
+/// `heartbeat_grace_time`.
+pub const READMISSIONS: usize = 8;
 
 const REMOVALS_HELP: &str = "IM servers removed from the registry, by cause.";
 
@@ -73,6 +76,12 @@ pub const COUNTERS: &[AppCounter] = &[
         index: AUTH_FAILURES,
         name: "swocloud_route_auth_failures_total",
         help: "Registrations refused for a missing or bad token.",
+        label: None,
+    },
+    AppCounter {
+        index: READMISSIONS,
+        name: "swocloud_route_readmissions_total",
+        help: "Silent IM servers re-admitted under their old registration after they spoke again within heartbeat_grace_time.",
         label: None,
     },
     AppCounter {

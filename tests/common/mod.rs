@@ -763,3 +763,14 @@ pub fn proc_cmdline(pid: i32) -> Option<String> {
         .collect();
     Some(args.join(" "))
 }
+
+/// The value of an unlabelled Prometheus sample `name` in `GET /metrics`
+/// of `addr` (None when the scrape fails or the sample is absent).
+pub fn metric(addr: impl ToSocketAddrs, name: &str) -> Option<f64> {
+    let (status, _, body) = http_get(addr, "/metrics").ok()?;
+    if status != 200 {
+        return None;
+    }
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
