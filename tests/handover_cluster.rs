@@ -86,6 +86,14 @@ fn im_users_keep_connections_and_messages_across_three_reloads() {
             "rounds continue after the reload",
             || rounds.load(Ordering::Relaxed) >= before + 2 || driver.is_finished(),
         );
+        if driver.is_finished() {
+            let log = im.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!(
+                "IM log, last lines:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         assert!(!driver.is_finished(), "the driver died in reload {k}");
     }
     stop.store(true, Ordering::Relaxed);

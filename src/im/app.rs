@@ -130,19 +130,42 @@ impl ImApp {
         self.forward_to_route(srv, msg);
     }
 
-    /// Delivers to this server's connections of `msg.to`, by worker;
-    /// whether it has any.
+    /// Delivers a user's message to this server's connections of `msg.to`,
+    /// by worker (the directory's answer); whether it has any. A worker the
+    /// directory names wrongly (it changed a moment ago: a reload, a
+    /// restart) sends the message on through the Route: see
+    /// [`ImApp::not_here`].
     fn deliver_here(&mut self, srv: &mut Server<Self>, msg: &Addressed) -> bool {
         let me = srv.worker_id();
         let workers: Vec<usize> = self.directory.workers(&msg.to).collect();
         for w in &workers {
             if *w == me {
-                self.sessions.deliver(srv, &msg.to, &msg.from, &msg.data);
+                if self.sessions.deliver(srv, &msg.to, &msg.from, &msg.data) == 0 {
+                    self.not_here(srv, msg.clone());
+                }
             } else {
-                workers::send(srv, *w, &WorkerMsg::Deliver(msg.clone()));
+                workers::send(srv, *w, &WorkerMsg::Direct(msg.clone()));
             }
         }
         !workers.is_empty()
+    }
+
+    /// The directory named this worker for `msg.to`, but the user is not
+    /// here: forget that, and hand the message to the Route, which knows
+    /// where the user is (from presence) and delivers it to this server's
+    /// workers all at once if it is here after all.
+    fn not_here(&mut self, srv: &mut Server<Self>, mut msg: Addressed) {
+        let me = srv.worker_id();
+        while self.directory.workers(&msg.to).any(|w| w == me) {
+            self.directory.remove(&msg.to, me);
+        }
+        log::debug!(
+            "im: {} is not on worker {me} after all; through the Route",
+            msg.to
+        );
+        msg.here = false;
+        msg.sender = None;
+        self.forward_to_route(srv, msg);
     }
 
     /// A frame on the Route link.
@@ -150,12 +173,13 @@ impl ImApp {
         match link::parse_route(text) {
             RouteFrame::Registered(_) => self.route.registered(srv),
             RouteFrame::Deliver(m) => {
-                if !self.deliver_here(srv, &m) {
-                    // Not (yet) in the directory: a user who connected a
-                    // moment ago, or a sibling that just restarted. Ask all.
-                    self.sessions.deliver(srv, &m.to, &m.from, &m.data);
-                    workers::to_siblings(srv, &WorkerMsg::Deliver(m));
-                }
+                // From the Route, which knows the user is on this server:
+                // every worker gets it and delivers to its own connections
+                // of `to`. The directory is not asked: it can be a moment
+                // behind (a reload, a restart), and this path must not
+                // lose a message to it. Never sent on again.
+                self.sessions.deliver(srv, &m.to, &m.from, &m.data);
+                workers::to_siblings(srv, &WorkerMsg::Deliver(m));
             }
             RouteFrame::Broadcast(b) => {
                 self.sessions.broadcast(srv, &b.from, &b.data);
@@ -327,6 +351,11 @@ impl App for ImApp {
         match WorkerMsg::parse(&data) {
             Ok(WorkerMsg::Deliver(m)) => {
                 self.sessions.deliver(srv, &m.to, &m.from, &m.data);
+            }
+            Ok(WorkerMsg::Direct(m)) => {
+                if self.sessions.deliver(srv, &m.to, &m.from, &m.data) == 0 {
+                    self.not_here(srv, m);
+                }
             }
             Ok(WorkerMsg::Broadcast(b)) => self.sessions.broadcast(srv, &b.from, &b.data),
             Ok(WorkerMsg::Forward(m)) => self.route.forward(srv, m),
