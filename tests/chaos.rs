@@ -510,7 +510,19 @@ fn faults_one_at_a_time_under_traffic() {
                     lost_in_fault[i] += 1;
                 }
             }
-            None if !arrived && a.at < end_of_faults => lost_steady.push(a.id.clone()),
+            None if !arrived && a.at < end_of_faults => {
+                let after = rows
+                    .iter()
+                    .rev()
+                    .find(|r| r.start <= a.at)
+                    .map_or("the baseline", |r| r.fault);
+                eprintln!(
+                    "lost in a steady window: {} at {:.1}s, after {after}",
+                    a.id,
+                    a.at.duration_since(t_start).as_secs_f64()
+                );
+                lost_steady.push(a.id.clone())
+            }
             None => {}
         }
     }

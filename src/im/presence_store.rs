@@ -84,19 +84,12 @@ impl PresenceStore {
     }
 
     /// Records connection `fd` of `uid` and announces it. Redis: HSET +
-    /// EXPIRE + PUBLISH in MULTI, not waited for; a failure is logged, and
-    /// the next refresh writes it again.
+    /// EXPIRE + PUBLISH in MULTI, durable: a user who connects while Redis
+    /// is away is recorded, and announced (so the Routes forget where it
+    /// was), as soon as Redis is back, before anything later of its own.
     pub fn record<A: App>(&self, srv: &mut Server<A>, uid: &str, fd: Fd) {
         let p = self.record_of(srv, fd);
-        let who = uid.to_string();
-        srv.redis(
-            presence::add(&self.keys, uid, &p, self.ttl_secs),
-            move |_: &mut A, _srv, r: redis::RedisResult<redis::Value>| {
-                if let Err(e) = r {
-                    log::warn!("im: could not record {who} online ({e}); the next presence refresh retries");
-                }
-            },
-        );
+        srv.redis_durable(presence::add(&self.keys, uid, &p, self.ttl_secs));
     }
 
     /// Moves `uid`'s record from `old_fd` to `new_fd` (handover). Redis:

@@ -215,7 +215,8 @@ impl Delivery {
     }
 
     /// Keeps the records whose server is registered with the same epoch;
-    /// deletes the others from Redis (not waited for).
+    /// deletes those of another instance of their server from Redis (not
+    /// waited for).
     fn resolve<A: App>(
         &self,
         srv: &mut Server<A>,
@@ -228,7 +229,12 @@ impl Delivery {
         for p in records {
             match entry(&p.member) {
                 Some(e) if e.epoch == p.epoch => valid.push((p, e)),
-                _ => stale.push(p),
+                // Another instance of that server: this record is dead.
+                Some(_) => stale.push(p),
+                // Not registered now: dead, or silent and inside its grace
+                // time (it may come back with its users): not used, not
+                // deleted (its server's own removal, or the key's TTL, clears it).
+                None => {}
             }
         }
         if !stale.is_empty() {

@@ -14,10 +14,15 @@
 //! may have been missed, and the owner clears the whole cache.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 /// Most uids cached; past it the cache starts over (cheaper than an LRU,
 /// and a miss only costs one HGETALL).
 pub const MAX_CACHED: usize = 200_000;
+
+/// A cached location is looked up again after this long, whatever the
+/// events said: a bound on how long a missed invalidation can misroute.
+pub const MAX_AGE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A lookup under way and the messages waiting for it, in arrival order.
 #[derive(Debug)]
@@ -30,10 +35,10 @@ struct Lookup<M> {
 /// message to deliver.
 #[derive(Debug)]
 pub struct Locations<R, M> {
-    cache: HashMap<String, Vec<R>>,      // uid → records
-    lookups: HashMap<String, Lookup<M>>, // uid → lookup under way
-    hits: u64,                           // answered from the cache
-    misses: u64,                         // needed a lookup
+    cache: HashMap<String, (Instant, Vec<R>)>, // uid → (when looked up, records)
+    lookups: HashMap<String, Lookup<M>>,       // uid → lookup under way
+    hits: u64,                                 // answered from the cache
+    misses: u64,                               // needed a lookup
 }
 
 impl<R, M> Default for Locations<R, M> {
@@ -68,11 +73,20 @@ impl<R, M> Locations<R, M> {
             l.waiting.push(msg);
             return (Route::Queued, None);
         }
-        if self.cache.contains_key(uid) {
+        if self
+            .cache
+            .get(uid)
+            .is_some_and(|(at, _)| at.elapsed() <= MAX_AGE)
+        {
             self.hits += 1;
-            let recs = self.cache.get(uid).map(Vec::as_slice).unwrap_or(&[]);
+            let recs = self
+                .cache
+                .get(uid)
+                .map(|(_, r)| r.as_slice())
+                .unwrap_or(&[]);
             return (Route::Known(recs), Some(msg));
         }
+        self.cache.remove(uid);
         self.misses += 1;
         self.lookups.insert(
             uid.to_string(),
@@ -101,7 +115,8 @@ impl<R, M> Locations<R, M> {
                 if self.cache.len() >= MAX_CACHED {
                     self.cache.clear();
                 }
-                self.cache.insert(uid.to_string(), r.clone());
+                self.cache
+                    .insert(uid.to_string(), (Instant::now(), r.clone()));
                 (l.waiting, Some(r))
             }
             other => (l.waiting, other),
