@@ -130,42 +130,21 @@ impl ImApp {
         self.forward_to_route(srv, msg);
     }
 
-    /// Delivers a user's message to this server's connections of `msg.to`,
-    /// by worker (the directory's answer); whether it has any. A worker the
-    /// directory names wrongly (it changed a moment ago: a reload, a
-    /// restart) sends the message on through the Route: see
-    /// [`ImApp::not_here`].
+    /// Delivers a user's message to this server's connections of `msg.to`
+    /// when the directory says it has some: this worker's, and every
+    /// sibling's (each delivers to its own; a mailbox message per sibling,
+    /// no Redis); returns whether it did, which tells the Route to skip
+    /// this server. When the directory does not know `msg.to` here, the
+    /// Route delivers to this server too (to all its workers), so a
+    /// directory a moment behind (a reload, a restart, a connect not yet
+    /// announced) costs neither a loss nor a duplicate.
     fn deliver_here(&mut self, srv: &mut Server<Self>, msg: &Addressed) -> bool {
-        let me = srv.worker_id();
-        let workers: Vec<usize> = self.directory.workers(&msg.to).collect();
-        for w in &workers {
-            if *w == me {
-                if self.sessions.deliver(srv, &msg.to, &msg.from, &msg.data) == 0 {
-                    self.not_here(srv, msg.clone());
-                }
-            } else {
-                workers::send(srv, *w, &WorkerMsg::Direct(msg.clone()));
-            }
+        if !self.directory.has(&msg.to) {
+            return false;
         }
-        !workers.is_empty()
-    }
-
-    /// The directory named this worker for `msg.to`, but the user is not
-    /// here: forget that, and hand the message to the Route, which knows
-    /// where the user is (from presence) and delivers it to this server's
-    /// workers all at once if it is here after all.
-    fn not_here(&mut self, srv: &mut Server<Self>, mut msg: Addressed) {
-        let me = srv.worker_id();
-        while self.directory.workers(&msg.to).any(|w| w == me) {
-            self.directory.remove(&msg.to, me);
-        }
-        log::debug!(
-            "im: {} is not on worker {me} after all; through the Route",
-            msg.to
-        );
-        msg.here = false;
-        msg.sender = None;
-        self.forward_to_route(srv, msg);
+        self.sessions.deliver(srv, &msg.to, &msg.from, &msg.data);
+        workers::to_siblings(srv, &WorkerMsg::Deliver(msg.clone()));
+        true
     }
 
     /// A frame on the Route link.
@@ -351,11 +330,6 @@ impl App for ImApp {
         match WorkerMsg::parse(&data) {
             Ok(WorkerMsg::Deliver(m)) => {
                 self.sessions.deliver(srv, &m.to, &m.from, &m.data);
-            }
-            Ok(WorkerMsg::Direct(m)) => {
-                if self.sessions.deliver(srv, &m.to, &m.from, &m.data) == 0 {
-                    self.not_here(srv, m);
-                }
             }
             Ok(WorkerMsg::Broadcast(b)) => self.sessions.broadcast(srv, &b.from, &b.data),
             Ok(WorkerMsg::Forward(m)) => self.route.forward(srv, m),

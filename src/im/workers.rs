@@ -18,9 +18,6 @@ pub enum WorkerMsg {
     /// Deliver to your local connections of `to` (from the Route: never
     /// sent on).
     Deliver(Addressed),
-    /// A sibling's directory says you hold `to`: deliver, or if you do not
-    /// (it changed a moment ago), send it on through the Route.
-    Direct(Addressed),
     /// Deliver to all your local users.
     Broadcast(Broadcast),
     /// (to worker 0) Forward through the Route.
