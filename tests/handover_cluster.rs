@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
-use common::{pid_alive, wait_until, WsClient};
+use common::{wait_until, WsClient};
 use serde_json::json;
 
 /// Users in the IM reload test (about 8 s for 1,000 in a debug build on 2
@@ -24,22 +24,6 @@ fn user_count() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000)
-}
-
-#[track_caller]
-fn reload(d: &common::daemon::Daemon) {
-    let old = d.worker_pids();
-    let out = d.run("reload", &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_until(Duration::from_secs(20), "every old worker gone", || {
-        old.iter().all(|&p| !pid_alive(p))
-    });
-    let now = d.worker_pids();
-    assert!(now.iter().all(|p| !old.contains(p)), "{old:?} → {now:?}");
 }
 
 #[test]
@@ -80,7 +64,7 @@ fn im_users_keep_connections_and_messages_across_three_reloads() {
     let im = &c.ims[0];
     for k in 0..3 {
         let before = rounds.load(Ordering::Relaxed);
-        reload(im);
+        im.reload_workers();
         wait_until(
             Duration::from_secs(20),
             "rounds continue after the reload",
@@ -150,7 +134,7 @@ fn a_route_reload_keeps_registrations_in_place() {
         listening.load(Ordering::SeqCst)
     });
     let (mut alice, _) = c.connect_user("alice");
-    reload(&c.route);
+    c.route.reload_workers();
     // The new Route workers adopt the registrations, renew them (owner
     // changes) and announce the rehome.
     wait_until(

@@ -259,16 +259,7 @@ fn a_silent_im_server_stays_out_across_a_reload_and_is_readmitted_after_it() {
     freeze_until_gone(&redis, &im);
     // A rolling reload moves the silent connection to a new worker, which
     // must keep it silent (out of the registry), not store it again.
-    let old = d.worker_pids();
-    let out = d.run("reload", &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_until(Duration::from_secs(20), "every old worker gone", || {
-        old.iter().all(|&p| !pid_alive(p))
-    });
+    d.reload_workers();
     // Two sweeps of the new workers (0.5 s each) with margin: still out.
     std::thread::sleep(Duration::from_millis(1500));
     assert!(members(&redis).is_empty(), "a silent server stays out");

@@ -87,7 +87,9 @@ impl Directory {
         });
     }
 
-    /// The workers holding `uid` (empty: not on this server).
+    /// The workers holding `uid` (empty: not on this server). Messages
+    /// only ask [`Directory::has`]; this is for checking the bookkeeping.
+    #[cfg(test)]
     pub fn workers(&self, uid: &str) -> impl Iterator<Item = usize> + '_ {
         let (one, many): (Option<usize>, &[(u16, u32)]) = match self.users.get(uid) {
             None => (None, &[]),

@@ -106,12 +106,6 @@ impl Sessions {
         Some((uid, old))
     }
 
-    /// The presence record of `fd` could not be moved: it still names
-    /// `presence_fd` (a later adopter moves it from there).
-    pub fn keep_presence_fd<A: App>(&self, srv: &mut Server<A>, fd: Fd, presence_fd: Fd) {
-        srv.set_attr(fd, ATTR_PRESENCE_FD, Value::from(presence_fd));
-    }
-
     /// A connection closed: forget it; returns its uid if it was a user's.
     pub fn close<A: App>(&mut self, srv: &Server<A>, fd: Fd) -> Option<String> {
         let uid = self.uid_of.remove(&fd)?;

@@ -77,6 +77,24 @@ impl Daemon {
         format!("{}:{}", self.host, self.port)
     }
 
+    /// `reload`, then waits until every worker it had is gone and the new
+    /// ones are all different processes.
+    #[track_caller]
+    pub fn reload_workers(&self) {
+        let old = self.worker_pids();
+        let out = self.run("reload", &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_until(Duration::from_secs(20), "every old worker gone", || {
+            old.iter().all(|&p| !pid_alive(p))
+        });
+        let now = self.worker_pids();
+        assert!(now.iter().all(|p| !old.contains(p)), "{old:?} → {now:?}");
+    }
+
     /// Runs `bin VERB -c config ARGS…` and returns its output.
     pub fn run(&self, verb: &str, args: &[&str]) -> Output {
         Command::new(&self.bin)
