@@ -42,7 +42,12 @@ impl RouteApp {
     pub fn new(cfg: RouteSettings, redis_prefix: &str) -> RouteApp {
         RouteApp {
             regs: Registrations::new(cfg.clone(), redis_prefix),
-            delivery: Delivery::new(redis_prefix),
+            delivery: Delivery::new(
+                redis_prefix,
+                cfg.inbox.then(|| {
+                    crate::cluster::inbox::Inbox::new(redis_prefix, cfg.inbox_limits())
+                }),
+            ),
             directory: Directory::new(&cfg, redis_prefix),
             cfg,
         }

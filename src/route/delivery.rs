@@ -26,7 +26,8 @@ use crate::cluster::presence::{self, Presence};
 use crate::cluster::servers::{self, ServerEntry};
 use crate::event::App;
 use crate::reactor::{Fd, Message, Server};
-use crate::route::answers::{answer, bad, Online, Refusal, Sent};
+use crate::cluster::inbox::Inbox;
+use crate::route::answers::{answer, bad, Accepted, Online, Refusal, Sent};
 use crate::route::cache::Cache;
 use crate::route::locations::{Locations, Route};
 use crate::route::registrations::Registrations;
@@ -87,16 +88,19 @@ pub trait DeliveryHost: App {
 #[derive(Debug)]
 pub struct Delivery {
     keys: Keys,
+    inbox: Option<Inbox>, // where /api/send stores (None: inbox = false)
     locations: Locations<Target, Waiting>, // where users are; what waits
     topology: u64,                         // the registry cache's topology the locations hold for
     sub_generation: u64,                   // the subscriber connection they hold for
 }
 
 impl Delivery {
-    /// Delivery under `redis_prefix`.
-    pub fn new(redis_prefix: &str) -> Delivery {
+    /// Delivery under `redis_prefix`, storing `/api/send` messages in
+    /// `inbox` (None: fire and forget).
+    pub fn new(redis_prefix: &str, inbox: Option<Inbox>) -> Delivery {
         Delivery {
             keys: Keys::new(redis_prefix),
+            inbox,
             locations: Locations::default(),
             topology: 0,
             sub_generation: 0,
@@ -119,6 +123,11 @@ impl Delivery {
             let (d, _, _) = app.delivery_parts();
             d.locations.invalidate(&String::from_utf8_lossy(uid));
         });
+    }
+
+    /// The inbox `/api/send` stores in (None: `inbox = false`).
+    pub fn inbox(&self) -> Option<&Inbox> {
+        self.inbox.as_ref()
     }
 
     /// (hits, misses, cached uids, lookups under way).
@@ -272,6 +281,7 @@ impl Delivery {
         match w {
             Waiting::Forward { msg, origin, link } => {
                 let (here, to) = (msg.here, msg.to.clone());
+                let stored = msg.stamp.is_some();
                 let sender = msg.sender.clone();
                 let exclude = here.then_some(origin.as_str());
                 let (delivered, unavailable) = match targets {
@@ -281,7 +291,8 @@ impl Delivery {
                         (0, true)
                     }
                 };
-                if delivered == 0 && (!here || unavailable) {
+                // A stored message waits in the inbox: no `offline`.
+                if delivered == 0 && (!here || unavailable) && !stored {
                     if let Some(sender) = sender {
                         let f = RouteFrame::Offline(Offline {
                             to,
@@ -291,6 +302,25 @@ impl Delivery {
                         srv.push(link, Message::Text(f.to_text()));
                     }
                 }
+            }
+            Waiting::Send { msg, http } if msg.stamp.is_some() => {
+                let uid = msg.to.clone();
+                let stamp = msg.stamp.clone().unwrap_or_default();
+                let n = match targets {
+                    Ok(t) => self.deliver(srv, regs, t, msg, None),
+                    Err(e) => {
+                        log::info!("route: could not locate {uid}: {e}; the message waits in its inbox");
+                        0
+                    }
+                };
+                let status = if n > 0 { "delivered" } else { "queued" };
+                let body = Accepted {
+                    uid: &uid,
+                    id: &stamp.id,
+                    seq: stamp.seq,
+                    status,
+                };
+                srv.respond(http, answer(200, &body));
             }
             Waiting::Send { msg, http } => {
                 let uid = msg.to.clone();
