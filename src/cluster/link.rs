@@ -18,6 +18,7 @@
 //!   {"method":"broadcast","from":…,"data":…}
 //!   {"method":"offline","to":"U2","sender":"W/FD"[,"unavailable":true]}
 //!        the forward's user is online nowhere (or, unavailable: its location could not be read)
+//!   {"method":"check"}   relays may have been dropped: check every user's inbox
 //!   {"error":{"code":"…","message":"…"}}     (see [`crate::cluster::error`])
 //! ```
 
@@ -200,6 +201,10 @@ pub enum RouteFrame {
     Broadcast(Broadcast),
     /// The user of a `forward` is online nowhere.
     Offline(Offline),
+    /// Relays to this server may have been dropped (the Route worker's
+    /// pub/sub connection was re-established): check every connection
+    /// against its inbox.
+    Check,
     /// A refused frame (`{"error":…}`: no `method`).
     #[serde(skip)]
     Error(ProtocolError),

@@ -8,7 +8,7 @@
 //! user ← {"method":"resync","epoch","reason"}         [`Resync`]: stored history is gone
 //! user ← {"from":"U1","data":…,"seq":N,"id":"…"}      a stored message ([`Delivered`])
 //! user ← {"from":"api","data":…}                      a broadcast (not stored: no seq)
-//! user ← {"sent":"r","id":"…","seq":N}                [`Sent`]: the message with ref r is stored
+//! user ← {"sent":"r","id":"…","seq":N,"epoch":"E"}     [`Sent`]: the message with ref r is stored
 //! user ← {"method":"reconnect","ip","port","url"}     [`Reconnect`]: the server is draining
 //! user ← {"error":{"code":…,"message":…}[,"ref":"r"]} (see [`crate::cluster::error`])
 //! ```
@@ -218,6 +218,8 @@ pub struct Sent {
     pub id: String,
     /// Its seq in the recipient's inbox.
     pub seq: u64,
+    /// The recipient's epoch it is stored in.
+    pub epoch: String,
 }
 
 impl Sent {
@@ -284,10 +286,7 @@ mod tests {
                 reference: None,
             })
         );
-        assert_eq!(
-            parse_user(r#"{"ack":12}"#).unwrap(),
-            UserFrame::Ack(12)
-        );
+        assert_eq!(parse_user(r#"{"ack":12}"#).unwrap(), UserFrame::Ack(12));
         let r = parse_user(r#"{"to":"a b","data":1,"ref":"r9"}"#).unwrap_err();
         assert_eq!(r.reference.as_deref(), Some("r9"));
         assert_eq!(
@@ -298,7 +297,10 @@ mod tests {
         assert_eq!(code(r#"{"ack":-1}"#), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"ack":"x"}"#), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"ack":1.5}"#), ErrorCode::BadRequest);
-        assert_eq!(code(r#"{"to":"u2","data":1,"ref":7}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"to":"u2","data":1,"ref":7}"#),
+            ErrorCode::BadRequest
+        );
         assert_eq!(code("nope"), ErrorCode::BadJson);
         assert_eq!(code("[1]"), ErrorCode::BadJson);
         assert_eq!(code(r#"{"data":1}"#), ErrorCode::BadRequest);
@@ -333,10 +335,11 @@ mod tests {
             Sent {
                 sent: "r".into(),
                 id: "i".into(),
-                seq: 2
+                seq: 2,
+                epoch: "e".into(),
             }
             .to_text(),
-            r#"{"sent":"r","id":"i","seq":2}"#
+            r#"{"sent":"r","id":"i","seq":2,"epoch":"e"}"#
         );
         assert_eq!(Resume::parse(None, None).unwrap(), Resume::default());
         assert_eq!(

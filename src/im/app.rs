@@ -35,15 +35,15 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::cluster::link::{self, Addressed, Offline, RouteFrame};
 use crate::cluster::inbox::{self, Inbox, Stamp};
+use crate::cluster::link::{self, Addressed, Offline, RouteFrame};
 use crate::cluster::servers;
 use crate::cluster::user::{self, error_frame, Delivered, Sent, UserFrame, UserSend};
 use crate::cluster::{ErrorCode, ProtocolError};
 use crate::event::{App, EventBus, Holds, ServerInfo};
+use crate::im::directory::Directory;
 use crate::im::feed::Live;
 use crate::im::feeds::{self, Feeds};
-use crate::im::directory::Directory;
 use crate::im::http;
 use crate::im::presence_store::PresenceStore;
 use crate::im::route_link::{Identity, RouteLink};
@@ -98,7 +98,10 @@ impl ImApp {
             directory: Directory::default(),
             presence: PresenceStore::new(redis_prefix, member, epoch, cfg.presence_ttl),
             route: RouteLink::new(&cfg, identity),
-            feeds: Feeds::new(Inbox::new(redis_prefix, cfg.inbox_limits())),
+            feeds: Feeds::new(
+                Inbox::new(redis_prefix, cfg.inbox_limits()),
+                cfg.inbox_check_interval,
+            ),
             cfg,
         }
     }
@@ -152,20 +155,28 @@ impl ImApp {
                             sent: r,
                             id: stamp.id.clone(),
                             seq: stamp.seq,
+                            epoch: stamp.epoch.clone(),
                         };
                         srv.push(fd, Message::Text(sent.to_text()));
                     }
                     stats::add(srv, stats::STORED, 1);
-                    app.send_on(srv, fd, Addressed {
-                        stamp: Some(stamp),
-                        ..msg
-                    });
+                    app.send_on(
+                        srv,
+                        fd,
+                        Addressed {
+                            stamp: Some(stamp),
+                            ..msg
+                        },
+                    );
                 }
                 Err(e) => {
                     log::warn!("im: a message for {} was not stored: {e}", msg.to);
                     let err = ProtocolError::new(
                         ErrorCode::Unavailable,
-                        format!("the message to {} was not stored ({e}); nothing was sent", msg.to),
+                        format!(
+                            "the message to {} was not stored ({e}); nothing was sent",
+                            msg.to
+                        ),
                     );
                     srv.push(fd, Message::Text(error_frame(&err, reference.as_deref())));
                 }
@@ -230,7 +241,13 @@ impl ImApp {
     /// A frame on the Route link.
     fn on_route_frame(&mut self, srv: &mut Server<Self>, text: &str) {
         match link::parse_route(text) {
-            RouteFrame::Registered(_) => self.route.registered(srv),
+            RouteFrame::Registered(_) => {
+                // (Re-)registered: whatever the Route sent while the link
+                // was down is only in the inboxes.
+                self.route.registered(srv);
+                self.check_feeds(srv);
+            }
+            RouteFrame::Check => self.check_feeds(srv),
             RouteFrame::Deliver(m) => {
                 // From the Route, which knows the user is on this server:
                 // every worker gets it and delivers to its own connections
@@ -248,6 +265,12 @@ impl ImApp {
             RouteFrame::Error(e) => log::warn!("im: the Route refused a frame: {e}"),
             RouteFrame::Unknown => log::warn!("im: ignoring an unknown frame from the Route"),
         }
+    }
+
+    /// Every connection of this server is checked against its inbox.
+    fn check_feeds(&mut self, srv: &mut Server<Self>) {
+        self.feeds.check_all();
+        workers::to_siblings(srv, &WorkerMsg::Check);
     }
 
     /// The Route found `o.to` online nowhere: tell the sender.
@@ -342,7 +365,7 @@ impl App for ImApp {
         }
         if !srv.is_task_worker() && self.cfg.inbox {
             srv.tick(feeds::FLUSH_MS, |app: &mut ImApp, srv, _| {
-                app.feeds.flush(srv);
+                app.feeds.tick(srv);
             });
         }
     }
@@ -452,6 +475,7 @@ impl App for ImApp {
     fn on_pipe_message(&mut self, srv: &mut Server<Self>, from: usize, data: Vec<u8>) {
         match WorkerMsg::parse(&data) {
             Ok(WorkerMsg::Deliver(m)) => self.deliver_local(srv, &m),
+            Ok(WorkerMsg::Check) => self.feeds.check_all(),
             Ok(WorkerMsg::Broadcast(b)) => self.sessions.broadcast(srv, &b.from, &b.data),
             Ok(WorkerMsg::Forward(m)) => self.route.forward(srv, m),
             Ok(WorkerMsg::Offline {

@@ -139,5 +139,11 @@ fn long_replays_are_paged_and_a_check_catches_up() {
     f.fetched(&entries(PAGE as u64 + 1..=2 * PAGE as u64), 2 * PAGE as u64);
     f.fetched(&entries(2 * PAGE as u64 + 1..=n), n);
     assert_eq!(f.position().1, n);
-    assert_eq!(f.checked("e", n + 2), vec![Step::Fetch { from: n + 1, to: n + 2 }]);
+    assert_eq!(
+        f.checked("e", n + 2),
+        vec![Step::Fetch {
+            from: n + 1,
+            to: n + 2
+        }]
+    );
 }

@@ -3,12 +3,22 @@
 //! a gap, a later check), and the delivered/acked marks, batched per user
 //! and written every [`FLUSH_MS`].
 //!
+//! A live copy can go astray without anyone knowing (a Route worker dies
+//! with it in a buffer, a pub/sub relay is dropped while a subscriber
+//! reconnects, the location the Route used was a moment old). The next
+//! message to the user exposes the gap, and the feed fills it from the
+//! inbox; for the last message before a quiet spell, connections are
+//! *checked* (their user's head read again, and caught up): 1 s and 5 s
+//! after they connect, all of them when the Route link was re-established
+//! or the Route says it may have dropped relays (`check`), and every one
+//! once per `inbox_check_interval` in a background sweep.
+//!
 //! Nothing here blocks: every read is a callback on the worker's Redis
 //! client. A connection whose head cannot be read (Redis away) is told so
 //! and closed with 1013 (try again later): it is never welcomed into a
 //! feed that could not be verified.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use redis::RedisResult;
 
@@ -54,15 +64,59 @@ pub struct Feeds {
     inbox: Inbox,
     conns: HashMap<Fd, Conn>,
     marks: HashMap<String, Marks>,
+    /// Connections to check soon (after a `check`), in order.
+    urgent: VecDeque<Fd>,
+    /// The background sweep's round, in order.
+    sweep: VecDeque<Fd>,
+    /// Milliseconds for one sweep over every connection (0: no sweep).
+    sweep_ms: u64,
 }
 
+/// Connections checked per tick after a `check`.
+const URGENT_PER_TICK: usize = 200;
+
 impl Feeds {
-    /// Feeds over `inbox`.
-    pub fn new(inbox: Inbox) -> Feeds {
+    /// Feeds over `inbox`, sweeping every connection once per
+    /// `check_interval` seconds (0: never).
+    pub fn new(inbox: Inbox, check_interval: f64) -> Feeds {
         Feeds {
             inbox,
             conns: HashMap::new(),
             marks: HashMap::new(),
+            urgent: VecDeque::new(),
+            sweep: VecDeque::new(),
+            sweep_ms: (check_interval.max(0.0) * 1000.0) as u64,
+        }
+    }
+
+    /// Every connection may have missed a live copy: check them all, a few
+    /// hundred per tick.
+    pub fn check_all(&mut self) {
+        self.urgent = self.conns.keys().copied().collect();
+    }
+
+    /// Every [`FLUSH_MS`]: writes the marks, and checks the next
+    /// connections due (after a `check`, and the sweep's share).
+    pub fn tick<A: Holds<Feeds>>(&mut self, srv: &mut Server<A>) {
+        self.flush(srv);
+        for _ in 0..URGENT_PER_TICK {
+            let Some(fd) = self.urgent.pop_front() else {
+                break;
+            };
+            self.check(srv, fd);
+        }
+        if self.sweep_ms == 0 || self.conns.is_empty() {
+            return;
+        }
+        let due = (self.conns.len() as u64 * FLUSH_MS).div_ceil(self.sweep_ms) as usize;
+        for _ in 0..due {
+            if self.sweep.is_empty() {
+                self.sweep = self.conns.keys().copied().collect();
+            }
+            match self.sweep.pop_front() {
+                Some(fd) => self.check(srv, fd),
+                None => break,
+            }
         }
     }
 
@@ -73,7 +127,13 @@ impl Feeds {
 
     /// A user connection opened, asking to resume as `resume`: read the
     /// head, then welcome it.
-    pub fn open<A: Holds<Feeds>>(&mut self, srv: &mut Server<A>, fd: Fd, uid: &str, resume: Resume) {
+    pub fn open<A: Holds<Feeds>>(
+        &mut self,
+        srv: &mut Server<A>,
+        fd: Fd,
+        uid: &str,
+        resume: Resume,
+    ) {
         self.conns.insert(
             fd,
             Conn {
@@ -180,7 +240,11 @@ impl Feeds {
         m.acked = m.acked.max(n);
     }
 
-    fn marks_for<'m>(marks: &'m mut HashMap<String, Marks>, uid: &str, epoch: &str) -> &'m mut Marks {
+    fn marks_for<'m>(
+        marks: &'m mut HashMap<String, Marks>,
+        uid: &str,
+        epoch: &str,
+    ) -> &'m mut Marks {
         let m = marks.entry(uid.to_string()).or_default();
         if m.epoch != epoch {
             *m = Marks {

@@ -36,6 +36,11 @@ pub struct ImSettings {
     pub inbox_max_len: u64,
     /// Seconds an inbox lives after its last message.
     pub inbox_ttl: u64,
+    /// Seconds for one background sweep that reads every local user's
+    /// inbox head and catches its connections up (a live copy gone astray
+    /// is delivered within this); 0 disables. Costs one HMGET per
+    /// connection per period.
+    pub inbox_check_interval: f64,
 }
 
 impl ImSettings {
@@ -62,6 +67,7 @@ impl Default for ImSettings {
             inbox: true,
             inbox_max_len: crate::cluster::inbox::DEFAULT_MAX_LEN,
             inbox_ttl: crate::cluster::inbox::DEFAULT_TTL,
+            inbox_check_interval: 30.0,
         }
     }
 }

@@ -61,6 +61,7 @@ pub(crate) struct Accepted<'a> {
     pub(crate) uid: &'a str,
     pub(crate) id: &'a str,
     pub(crate) seq: u64,
+    pub(crate) epoch: &'a str,
     pub(crate) status: &'static str,
 }
 

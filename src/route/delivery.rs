@@ -20,13 +20,13 @@
 
 use std::collections::HashMap;
 
+use crate::cluster::inbox::Inbox;
 use crate::cluster::keys::Keys;
 use crate::cluster::link::{Addressed, Broadcast, Offline, RouteFrame};
 use crate::cluster::presence::{self, Presence};
 use crate::cluster::servers::{self, ServerEntry};
 use crate::event::App;
 use crate::reactor::{Fd, Message, Server};
-use crate::cluster::inbox::Inbox;
 use crate::route::answers::{answer, bad, Accepted, Online, Refusal, Sent};
 use crate::route::cache::Cache;
 use crate::route::locations::{Locations, Route};
@@ -90,8 +90,9 @@ pub struct Delivery {
     keys: Keys,
     inbox: Option<Inbox>, // where /api/send stores (None: inbox = false)
     locations: Locations<Target, Waiting>, // where users are; what waits
-    topology: u64,                         // the registry cache's topology the locations hold for
-    sub_generation: u64,                   // the subscriber connection they hold for
+    topology: u64,        // the registry cache's topology the locations hold for
+    sub_generation: u64,  // the subscriber connection they hold for
+    relay_generation: u64, // the subscriber connection relays were last checked for
 }
 
 impl Delivery {
@@ -104,6 +105,7 @@ impl Delivery {
             locations: Locations::default(),
             topology: 0,
             sub_generation: 0,
+            relay_generation: 0,
         }
     }
 
@@ -123,6 +125,25 @@ impl Delivery {
             let (d, _, _) = app.delivery_parts();
             d.locations.invalidate(&String::from_utf8_lossy(uid));
         });
+    }
+
+    /// Called now and then: when this worker's subscriber connection was
+    /// re-established, relays published meanwhile are lost; its IM servers
+    /// are told to `check` their users' inboxes (stored messages are
+    /// caught up from there).
+    pub fn watch_relays<A: App>(&mut self, srv: &mut Server<A>, regs: &Registrations) {
+        let g = srv.redis_sub_generation();
+        if g == self.relay_generation {
+            return;
+        }
+        if self.relay_generation != 0 && self.inbox.is_some() {
+            log::info!("route: the relay subscription was re-established; asking IM servers to check their users' inboxes");
+            let frame = RouteFrame::Check.to_text();
+            for fd in regs.registered_fds() {
+                srv.push(fd, Message::Text(frame.clone()));
+            }
+        }
+        self.relay_generation = g;
     }
 
     /// The inbox `/api/send` stores in (None: `inbox = false`).
@@ -309,7 +330,9 @@ impl Delivery {
                 let n = match targets {
                     Ok(t) => self.deliver(srv, regs, t, msg, None),
                     Err(e) => {
-                        log::info!("route: could not locate {uid}: {e}; the message waits in its inbox");
+                        log::info!(
+                            "route: could not locate {uid}: {e}; the message waits in its inbox"
+                        );
                         0
                     }
                 };
@@ -318,6 +341,7 @@ impl Delivery {
                     uid: &uid,
                     id: &stamp.id,
                     seq: stamp.seq,
+                    epoch: &stamp.epoch,
                     status,
                 };
                 srv.respond(http, answer(200, &body));

@@ -50,7 +50,11 @@ pub fn send<A: DeliveryHost>(srv: &mut Server<A>, inbox: &Inbox, msg: Addressed,
 /// `GET /api/message?uid=U&seq=N`.
 pub fn status<A: DeliveryHost>(srv: &mut Server<A>, inbox: &Inbox, req: &Request) -> Response {
     let Some(uid) = req.query_param("uid").filter(|u| valid_uid(u)) else {
-        return bad(400, "bad_request", "a valid uid query parameter is required");
+        return bad(
+            400,
+            "bad_request",
+            "a valid uid query parameter is required",
+        );
     };
     let Some(seq) = req
         .query_param("seq")
@@ -93,7 +97,10 @@ fn answer_status(
         Ok(v) => v,
         Err(e) => return bad(503, "unavailable", &format!("Redis: {e}")),
     };
-    let Some(e) = inbox::parse_entries(entry).into_iter().find(|e| e.seq == seq) else {
+    let Some(e) = inbox::parse_entries(entry)
+        .into_iter()
+        .find(|e| e.seq == seq)
+    else {
         return not_found(uid);
     };
     let field = |i: usize| meta.get(i).cloned().flatten();
