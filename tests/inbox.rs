@@ -222,6 +222,36 @@ fn user_to_user_messages_are_stored_confirmed_and_queued_for_the_offline() {
     assert_eq!(w["seq"], 1);
     let f = next_frame(&mut ghost, Duration::from_secs(5)).unwrap();
     assert_eq!((&f["from"], &f["data"]), (&json!(from), &json!(1)));
+    // A retried send (same ref) is stored once: the same seq and id, and
+    // the recipient gets it once.
+    for _ in 0..2 {
+        users[a]
+            .send_json(&json!({"to": to, "data": "again", "ref": "r1b"}))
+            .unwrap();
+    }
+    let s1 = next_frame(&mut users[a], Duration::from_secs(5)).unwrap();
+    let s2 = next_frame(&mut users[a], Duration::from_secs(5)).unwrap();
+    assert_eq!((&s1["seq"], &s1["id"]), (&s2["seq"], &s2["id"]), "{s1} {s2}");
+    let got = next_frame(&mut users[b], Duration::from_secs(5)).unwrap();
+    assert_eq!((&got["data"], &got["seq"]), (&json!("again"), &s1["seq"]));
+    let body = json!({"uid": to, "data": "api-once", "ref": "k1"}).to_string();
+    let post = || {
+        let (st, _, b) = http_request(
+            c.route.addr(),
+            "POST",
+            "/api/send",
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(st, 200, "{b}");
+        serde_json::from_str::<Value>(&b).unwrap()
+    };
+    let (v1, v2) = (post(), post());
+    assert_eq!((&v1["seq"], &v1["id"]), (&v2["seq"], &v2["id"]), "{v1} {v2}");
+    let got = next_frame(&mut users[b], Duration::from_secs(5)).unwrap();
+    assert_eq!((&got["data"], &got["seq"]), (&json!("api-once"), &v1["seq"]));
+    next_is_sentinel(&c, &mut users[b], &to);
     // A refused frame echoes its ref.
     users[a]
         .send_json(&json!({"to": "a b", "data": 1, "ref": "r3"}))

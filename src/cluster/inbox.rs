@@ -11,6 +11,7 @@
 //! | key | type | holds |
 //! |-----|------|-------|
 //! | `P inbox:{U}` | STREAM | entry `<seq>-0` → `id`, `from`, `data` (JSON text); at most `inbox_max_len` entries; expires `inbox_ttl` after the last message |
+//! | `P inbox:{U}:refs` | ZSET | `<from>\|<ref>` → seq, for the messages still in the stream that were sent with a `ref`: a repeat is not stored twice |
 //! | `P inbox:{U}:meta` | HASH | `epoch`, `seq` (the last one given), `dlv` (the highest pushed to a connection), `acked` (the user's cumulative ack); expires [`META_TTL_FACTOR`] × `inbox_ttl` after the last use |
 //!
 //! The epoch is a random string made when the meta hash does not exist:
@@ -38,19 +39,39 @@ pub const DEFAULT_TTL: u64 = 7 * 86_400;
 /// told nothing.
 pub const META_TTL_FACTOR: u64 = 4;
 
-/// Stores one message: `[epoch, seq]`.
+/// Stores one message: `[epoch, seq, id, repeated]`. With a ref key
+/// (`<from>|<ref>`, ARGV[8]) a repeat of a message still in the stream
+/// is not stored again: its first copy's seq and id come back, with
+/// `repeated` = 1.
 const STORE: &str = r"
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
   epoch = ARGV[1]
-  redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1], KEYS[3])
   redis.call('HSET', KEYS[2], 'epoch', epoch, 'seq', 0, 'dlv', 0, 'acked', 0)
+end
+if ARGV[8] ~= '' then
+  local s = redis.call('ZSCORE', KEYS[3], ARGV[8])
+  if s then
+    local e = redis.call('XRANGE', KEYS[1], s .. '-0', s .. '-0')
+    if e[1] then
+      local f = e[1][2]
+      for i = 1, #f, 2 do
+        if f[i] == 'id' then return {epoch, tonumber(s), f[i + 1], 1} end
+      end
+    end
+  end
 end
 local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
 redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], seq .. '-0', 'id', ARGV[2], 'from', ARGV[3], 'data', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
-return {epoch, seq}
+if ARGV[8] ~= '' then
+  redis.call('ZADD', KEYS[3], seq, ARGV[8])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', seq - tonumber(ARGV[5]))
+  redis.call('PEXPIRE', KEYS[3], ARGV[6])
+end
+return {epoch, seq, ARGV[2], 0}
 ";
 
 /// A connection opens: `[epoch, seq, acked]`, making the epoch if needed.
@@ -179,6 +200,11 @@ impl Inbox {
         format!("{}inbox:{{{uid}}}", self.prefix)
     }
 
+    /// `uid`'s refs (idempotent sends).
+    pub fn refs_key(&self, uid: &str) -> String {
+        format!("{}inbox:{{{uid}}}:refs", self.prefix)
+    }
+
     /// `uid`'s meta hash.
     pub fn meta_key(&self, uid: &str) -> String {
         format!("{}inbox:{{{uid}}}:meta", self.prefix)
@@ -188,12 +214,21 @@ impl Inbox {
         self.limits.ttl.saturating_mul(1000 * META_TTL_FACTOR)
     }
 
-    /// Stores a message for `to` (the answer parses with [`parse_stored`]).
-    pub fn store(&self, to: &str, id: &str, from: &str, data: &serde_json::Value) -> ScriptCall {
+    /// Stores a message for `to` (the answer parses with [`parse_stored`]);
+    /// with a `reference`, a repeat from the same sender is not stored again.
+    pub fn store(
+        &self,
+        to: &str,
+        id: &str,
+        from: &str,
+        data: &serde_json::Value,
+        reference: Option<&str>,
+    ) -> ScriptCall {
         self.store
             .call()
             .key(self.stream_key(to))
             .key(self.meta_key(to))
+            .key(self.refs_key(to))
             .arg(new_epoch())
             .arg(id)
             .arg(from)
@@ -201,6 +236,7 @@ impl Inbox {
             .arg(self.limits.max_len)
             .arg(self.limits.ttl.saturating_mul(1000))
             .arg(self.meta_ttl_ms())
+            .arg(reference.map_or_else(String::new, |r| format!("{from}|{r}")))
     }
 
     /// A connection of `uid` opens (the answer parses with [`parse_head`]).
@@ -269,13 +305,19 @@ pub fn new_epoch() -> String {
     format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
 }
 
-/// `[epoch, seq]` from [`Inbox::store`].
-pub fn parse_stored(v: (String, u64), id: String) -> Stamp {
-    Stamp {
-        epoch: v.0,
-        seq: v.1,
-        id,
-    }
+/// What [`Inbox::store`] answers.
+pub type StoredReply = (String, u64, String, u8);
+
+/// The stamp, and whether the message was a repeat (stored before).
+pub fn parse_stored(v: StoredReply) -> (Stamp, bool) {
+    (
+        Stamp {
+            epoch: v.0,
+            seq: v.1,
+            id: v.2,
+        },
+        v.3 == 1,
+    )
 }
 
 /// `[epoch, seq, acked]` from [`Inbox::hello`].

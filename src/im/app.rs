@@ -144,12 +144,17 @@ impl ImApp {
             return self.send_on(srv, fd, msg);
         }
         let id = inbox::new_id();
-        let store = self.feeds.inbox().store(&msg.to, &id, &msg.from, &msg.data);
+        let store =
+            self.feeds
+                .inbox()
+                .store(&msg.to, &id, &msg.from, &msg.data, reference.as_deref());
         srv.redis(
             store,
-            move |app: &mut ImApp, srv, r: redis::RedisResult<(String, u64)>| match r {
+            move |app: &mut ImApp, srv, r: redis::RedisResult<inbox::StoredReply>| match r {
                 Ok(v) => {
-                    let stamp = inbox::parse_stored(v, id);
+                    // A repeat (same ref) is confirmed with its first copy's
+                    // seq and sent on again: each feed drops what it has.
+                    let (stamp, _repeated) = inbox::parse_stored(v);
                     if let Some(r) = reference {
                         let sent = Sent {
                             sent: r,

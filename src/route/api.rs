@@ -6,7 +6,7 @@
 //! | `GET /ready` | 200 while Redis answers and the registry cache is fresh, else 503 with the reason |
 //! | `GET /api/servers` | the live IM servers with details, from the worker's cache; `?fresh=1` reads Redis |
 //! | `GET /route?uid=U[&token=T]` | `{"ip","port","token","url","serviceName"}` of the IM server picked for U; 503 when none |
-//! | `POST /api/send {"uid","data"[,"from"]}` | once stored in the user's inbox: `{"uid","id","seq","status":"delivered"\|"queued"}`; 503 when it could not be stored (with `inbox = false`: `{"delivered":N}`, or 404 `{"error":"offline"}`) |
+//! | `POST /api/send {"uid","data"[,"from"][,"ref"]}` | once stored in the user's inbox: `{"uid","id","seq","status":"delivered"\|"queued"}`; 503 when it could not be stored (with `inbox = false`: `{"delivered":N}`, or 404 `{"error":"offline"}`) |
 //! | `GET /api/message?uid=U&seq=N` | `{"uid","seq","id","epoch","status":"queued"\|"delivered"\|"acked"}`, 404 when unknown or trimmed |
 //! | `POST /api/broadcast {"data"[,"from"]}` | `{"routes":N}`: Route workers that relayed it to their IM servers |
 //! | `GET /api/online?uid=U` | `{"uid","online","connections","servers"}` |
@@ -205,7 +205,20 @@ impl Api<'_> {
         let from = body.get("from").and_then(Value::as_str).unwrap_or("api");
         let msg = Addressed::new(uid.clone(), from.to_string(), data);
         if let Some(inbox) = self.delivery.inbox() {
-            messages::send(srv, inbox, msg, req.fd);
+            let reference = match body.get("ref") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(r)) if r.len() <= crate::cluster::user::MAX_REF => {
+                    Some(r.as_str())
+                }
+                Some(_) => {
+                    return bad(
+                        400,
+                        "bad_request",
+                        "`ref` must be a string of at most 128 bytes",
+                    )
+                }
+            };
+            messages::send(srv, inbox, msg, reference, req.fd);
             return Response::later();
         }
         let w = Waiting::Send { msg, http: req.fd };

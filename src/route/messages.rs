@@ -21,20 +21,30 @@ use crate::reactor::{Fd, Request, Response, Server};
 use crate::route::answers::{answer, bad, MessageStatus, Refusal};
 use crate::route::delivery::{DeliveryHost, Waiting};
 
-/// Stores `msg` in `inbox`, then hands it to the delivery, which answers
-/// `http`; 503 when it could not be stored (nothing was sent).
-pub fn send<A: DeliveryHost>(srv: &mut Server<A>, inbox: &Inbox, msg: Addressed, http: Fd) {
+/// Stores `msg` in `inbox` (once per `reference` of its sender), then
+/// hands it to the delivery, which answers `http`; 503 when it could not
+/// be stored (nothing was sent).
+pub fn send<A: DeliveryHost>(
+    srv: &mut Server<A>,
+    inbox: &Inbox,
+    msg: Addressed,
+    reference: Option<&str>,
+    http: Fd,
+) {
     let id = inbox::new_id();
     srv.redis(
-        inbox.store(&msg.to, &id, &msg.from, &msg.data),
-        move |app: &mut A, srv, r: RedisResult<(String, u64)>| match r {
+        inbox.store(&msg.to, &id, &msg.from, &msg.data, reference),
+        move |app: &mut A, srv, r: RedisResult<inbox::StoredReply>| match r {
             Ok(v) => {
                 let uid = msg.to.clone();
+                let (stamp, repeated) = inbox::parse_stored(v);
                 let msg = Addressed {
-                    stamp: Some(inbox::parse_stored(v, id)),
+                    stamp: Some(stamp),
                     ..msg
                 };
-                crate::route::stats::count(srv.row(), crate::route::stats::STORED);
+                if !repeated {
+                    crate::route::stats::count(srv.row(), crate::route::stats::STORED);
+                }
                 let (d, cache, regs) = app.delivery_parts();
                 d.submit(srv, cache, regs, &uid, Waiting::Send { msg, http });
             }
