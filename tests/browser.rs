@@ -1,0 +1,180 @@
+//! The chat page in a real browser: headless Chromium (Debian's `chromium`)
+//! driven by playwright-core (`tests/node/browser_chat.mjs`, installed by
+//! scripts/setup.sh) opens `/chat` for two users on two different IM
+//! servers. They chat; mid-conversation this test SIGKILLs the whole IM
+//! server of one of them while both keep sending. The page of the user who
+//! lost their server reconnects by itself (through `/route`, to the
+//! survivor) and resumes; in the end every message each page sent is shown
+//! exactly once, in order, on the other page, with the seq and id its
+//! sender was confirmed. A screenshot of both pages is kept in the output
+//! folder the test prints.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use common::cluster::{Cluster, SECRET};
+use common::{descendants_of, Proc};
+
+/// How long the driver may stay silent before the test gives up on it.
+const DRIVER_SILENCE: Duration = Duration::from_secs(90);
+
+/// SIGKILLs an IM server's master and every process under it at once.
+fn kill_server(c: &Cluster, service_name: &str) {
+    let i: usize = service_name
+        .strip_prefix("IM_")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not one of the cluster's servers: {service_name}"));
+    let master = c.ims[i].master_pid().expect("the IM server runs");
+    let tree: Vec<i32> = std::iter::once(master)
+        .chain(descendants_of(master))
+        .collect();
+    for p in tree {
+        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+    }
+}
+
+/// Checks one direction: every text `from` posted was confirmed to it and
+/// shown once, in order, on `to`'s page with that seq and id.
+#[track_caller]
+fn check_direction(result: &Value, from: &str, to: &str) {
+    let posted: Vec<&str> = result["posted"][from]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let sender = &result[from];
+    let receiver = &result[to];
+    let sender_uid = sender["uid"].as_str().unwrap();
+    let sent = sender["sent"].as_array().unwrap();
+    let got: Vec<&Value> = receiver["received"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["from"] == sender_uid)
+        .collect();
+    let texts = |v: &[&Value], key: &str| -> Vec<String> {
+        v.iter()
+            .map(|m| m[key].as_str().unwrap_or("?").to_string())
+            .collect()
+    };
+    let sent_refs: Vec<&Value> = sent.iter().collect();
+    assert_eq!(
+        texts(&sent_refs, "text"),
+        posted,
+        "{from}: confirmed sends in posting order"
+    );
+    assert_eq!(
+        texts(&got, "data"),
+        posted,
+        "{to} shows each message of {from} exactly once, in order"
+    );
+    for (s, r) in sent.iter().zip(&got) {
+        assert_eq!(s["seq"], r["seq"], "the confirmed seq is the one delivered");
+        assert_eq!(s["id"], r["id"], "the confirmed id is the one delivered");
+    }
+    let seqs: Vec<u64> = got.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(
+        seqs, want,
+        "{to} receives only from {from}: seqs 1..=N without a gap"
+    );
+    assert_eq!(receiver["resyncs"], 0, "{to}: Redis kept the history");
+}
+
+#[test]
+fn two_browsers_chat_through_an_im_server_kill() {
+    let node_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
+    assert!(
+        node_dir.join("node_modules/playwright-core").exists(),
+        "tests/node/node_modules/playwright-core is missing: run scripts/setup.sh"
+    );
+    assert!(
+        Path::new("/usr/bin/chromium").exists(),
+        "/usr/bin/chromium is missing: run scripts/setup.sh"
+    );
+    // One Route worker taking the servers in turn: the two pages, opened
+    // one after the other, land on different servers (asserted below).
+    let c = Cluster::start(1, 2, 2, "balancer = \"round_robin\"");
+    let out = common::temp_dir().keep();
+    let token = |uid: &str| swocloud::auth::mint(SECRET.as_bytes(), uid, "user", 600);
+
+    let mut driver = Proc::spawn(
+        Command::new("node")
+            .current_dir(&node_dir)
+            .arg("browser_chat.mjs")
+            .arg(c.route.addr())
+            .args(["alice", &token("alice"), "bob", &token("bob")])
+            .arg(&out)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit()),
+    );
+    let mut to_driver = driver.child_mut().stdin.take().unwrap();
+    let from_driver = BufReader::new(driver.child_mut().stdout.take().unwrap());
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in from_driver.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut result = None;
+    let mut killed = None;
+    while result.is_none() {
+        let line = match lines.recv_timeout(DRIVER_SILENCE) {
+            Ok(l) => l,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("the driver said nothing for 90 s"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
+                "the driver exited ({:?}) before its result; logs:\nIM_0:\n{}\nIM_1:\n{}",
+                driver.wait_timeout(Duration::from_secs(5)),
+                c.ims[0].log(),
+                c.ims[1].log()
+            ),
+        };
+        eprintln!("driver: {line}");
+        let (word, rest) = line.split_once(' ').unwrap_or((&line, ""));
+        match word {
+            "SERVERS" => {
+                let v: Value = serde_json::from_str(rest).unwrap();
+                assert_ne!(v["a"], v["b"], "the two users are on different IM servers");
+            }
+            "KILL" => {
+                kill_server(&c, rest);
+                killed = Some(rest.to_string());
+                to_driver.write_all(b"killed\n").unwrap();
+                to_driver.flush().unwrap();
+            }
+            "SCREENSHOT" => eprintln!("screenshot: {rest}"),
+            "RESULT" => result = Some(serde_json::from_str::<Value>(rest).unwrap()),
+            _ => {}
+        }
+    }
+    let result = result.unwrap();
+    assert_eq!(result["error"], Value::Null, "the driver: {result:#}");
+    let killed = killed.expect("the driver asked for a kill");
+    assert_eq!(result["first"]["b"], killed.as_str());
+    let moved = result["b"]["servers"].as_array().unwrap();
+    assert!(
+        moved.len() >= 2 && moved.last() != Some(&Value::from(killed.as_str())),
+        "bob's page reconnected to the survivor: {moved:?}"
+    );
+    check_direction(&result, "a", "b");
+    check_direction(&result, "b", "a");
+    assert!(driver
+        .wait_timeout(Duration::from_secs(20))
+        .is_some_and(|s| s.success()));
+    eprintln!("screenshots of both pages in {}", out.display());
+}
