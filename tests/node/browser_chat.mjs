@@ -120,7 +120,14 @@ async function run() {
 
   const shot = async (page, name) => {
     const file = path.join(outDir, `${name}.png`);
-    await page.screenshot({ path: file, fullPage: true });
+    // The message list scrolls inside the page: make the window tall
+    // enough to show all of it.
+    const height = await page.evaluate(() => {
+      const log = document.getElementById('log');
+      return document.body.scrollHeight - log.clientHeight + log.scrollHeight;
+    });
+    await page.setViewportSize({ width: 560, height: Math.max(720, height) });
+    await page.screenshot({ path: file });
     say(`SCREENSHOT ${file}`);
   };
   await shot(a, uidA);
