@@ -18,17 +18,32 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
 use common::cluster::{Cluster, SECRET};
-use common::{descendants_of, Proc};
+use common::{descendants_of, pid_alive, wait_until, Proc};
 
 /// How long the driver may stay silent before the test gives up on it.
 const DRIVER_SILENCE: Duration = Duration::from_secs(90);
 
-/// SIGKILLs an IM server's master and every process under it at once.
+/// The process group of `pid` (`/proc/PID/stat`'s 5th field).
+fn pgid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
+}
+
+/// SIGKILLs an IM server's master and every process under it at once: one
+/// signal to its process group (the daemon `setsid`s, its manager and
+/// workers stay in the master's group). Killing them one by one instead
+/// lets a manager that outlives its master by a few ms (the test thread
+/// preempted between two kills) stop its workers gracefully, which sends
+/// the users a drain hint: a different test.
 fn kill_server(c: &Cluster, service_name: &str) {
     let i: usize = service_name
         .strip_prefix("IM_")
@@ -38,9 +53,16 @@ fn kill_server(c: &Cluster, service_name: &str) {
     let tree: Vec<i32> = std::iter::once(master)
         .chain(descendants_of(master))
         .collect();
-    for p in tree {
-        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-    }
+    assert!(
+        tree.iter().all(|&p| pgid(p) == Some(master)),
+        "{service_name}'s processes {tree:?} are all in group {master}"
+    );
+    killpg(Pid::from_raw(master), Signal::SIGKILL).expect("killpg");
+    wait_until(
+        Duration::from_secs(5),
+        "the killed server's processes gone",
+        || tree.iter().all(|&p| !pid_alive(p)),
+    );
 }
 
 /// Checks one direction: every text `from` posted was confirmed to it and
@@ -171,6 +193,9 @@ fn two_browsers_chat_through_an_im_server_kill() {
         moved.len() >= 2 && moved.last() != Some(&Value::from(killed.as_str())),
         "bob's page reconnected to the survivor: {moved:?}"
     );
+    let bob = c.online("bob");
+    eprintln!("bob at the end: {bob}");
+    assert_eq!(bob["online"], true, "{bob}");
     check_direction(&result, "a", "b");
     check_direction(&result, "b", "a");
     assert!(driver

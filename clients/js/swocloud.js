@@ -97,7 +97,7 @@ export class SwocloudClient {
     this.state = /** @type {State} */ ('idle');
     this.epoch = /** @type {string|null} */ (null); // the epoch of `seq`, null until the server names one
     this.seq = 0; // the last seq processed in `epoch`
-    this.serviceName = /** @type {string|null} */ (null); // the IM server last routed to
+    this.serviceName = /** @type {string|null} */ (null); // the IM server last routed to; null after a drain hint
     this.duplicates = 0; // messages dropped as already processed
     this._listeners = new Map(EVENTS.map((e) => [e, new Set()]));
     this._ws = null;
@@ -334,6 +334,7 @@ export class SwocloudClient {
   _drain(url) {
     this._flushAck();
     this._url = url;
+    this.serviceName = null; // the hint names no server: unknown until the next /route
     this._fails = 0;
     this._drop('disconnected', 'the server is draining');
     this._attempt();
