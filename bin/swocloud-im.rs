@@ -13,6 +13,7 @@ fn main() {
         framework_defaults(),
         |settings, cfg: ImSettings| {
             swocloud::im::route_link::check_ws_url(&cfg.route_url)?;
+            cfg.inbox_limits().validate()?;
             Ok(ImApp::new(
                 cfg,
                 &settings.host,

@@ -114,19 +114,22 @@ fn two_hundred_users_exchange_messages_exactly_once() {
 }
 
 #[test]
-fn the_http_api_reaches_users_from_curl_and_php_and_404s_the_offline() {
+fn the_http_api_reaches_users_from_curl_and_php_and_queues_for_the_offline() {
     let c = Cluster::start(2, 2, 2, "");
     let (mut alice, _) = c.connect_user("alice");
     let (mut bob, _) = c.connect_user("bob");
     let (mut bob2, _) = c.connect_user("bob"); // a second device
     let (status, v) = c.api_send("alice", json!({"hello": 1}));
-    assert_eq!((status, &v["delivered"]), (200, &json!(1)), "{v}");
+    assert_eq!((status, &v["status"]), (200, &json!("delivered")), "{v}");
     let got = recv_until(&mut alice, Duration::from_secs(3), "alice via API", |v| {
         v.get("from").is_some()
     });
-    assert_eq!(got, json!({"from": "api", "data": {"hello": 1}}));
+    assert_eq!(
+        got,
+        json!({"from": "api", "data": {"hello": 1}, "seq": 1, "id": v["id"]})
+    );
     let (status, v) = c.api_send("bob", json!("two devices"));
-    assert_eq!((status, &v["delivered"]), (200, &json!(2)));
+    assert_eq!((status, &v["status"]), (200, &json!("delivered")));
     for ws in [&mut bob, &mut bob2] {
         assert_eq!(
             recv_until(ws, Duration::from_secs(3), "bob's devices", |v| v
@@ -136,7 +139,7 @@ fn the_http_api_reaches_users_from_curl_and_php_and_404s_the_offline() {
         );
     }
     let (status, v) = c.api_send("nobody", json!(1));
-    assert_eq!((status, v["error"].as_str()), (404, Some("offline")));
+    assert_eq!((status, v["status"].as_str()), (200, Some("queued")), "{v}");
     assert_eq!(c.online("bob")["connections"], 2);
     assert_eq!(c.online("nobody")["online"], false);
 
@@ -154,7 +157,12 @@ fn the_http_api_reaches_users_from_curl_and_php_and_404s_the_offline() {
         .arg(format!("http://{}/api/send", c.route.addr()))
         .output()
         .expect("curl is installed by scripts/setup.sh");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), r#"{"delivered":1}"#);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&v["status"], &v["seq"]),
+        (&json!("delivered"), &json!(2)),
+        "{v}"
+    );
     assert_eq!(
         recv_until(&mut alice, Duration::from_secs(3), "alice via curl", |v| v
             .get("from")
@@ -177,7 +185,7 @@ fn the_http_api_reaches_users_from_curl_and_php_and_404s_the_offline() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains(r#""delivered":1"#),
+        String::from_utf8_lossy(&out.stdout).contains(r#""status":"delivered""#),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
@@ -195,7 +203,7 @@ fn the_http_api_reaches_users_from_curl_and_php_and_404s_the_offline() {
         .output()
         .unwrap();
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("404"),
+        String::from_utf8_lossy(&out.stdout).contains(r#""status":"queued""#),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
@@ -283,7 +291,10 @@ fn an_im_server_killed_loses_its_users_at_once_and_they_move() {
         "message after reconnect",
         |v| v.get("from").is_some(),
     );
-    assert_eq!(got, json!({"from": other_uid, "data": "after the move"}));
+    assert_eq!(
+        (&got["from"], &got["data"]),
+        (&json!(other_uid), &json!("after the move"))
+    );
 }
 
 #[test]
@@ -398,8 +409,10 @@ fn bad_tokens_unknown_targets_and_malformed_frames_get_their_answers() {
     assert_eq!(http_get(c.route.addr(), "/route?uid=eve").unwrap().0, 401);
 
     let (mut eve, _) = c.connect_user("eve");
-    eve.send_json(&json!({"to": "ghost", "data": 1})).unwrap();
-    assert_eq!(eve.recv_text_json()["error"]["code"], "offline");
+    // An offline user's message is stored for it: confirmed, not refused.
+    eve.send_json(&json!({"to": "ghost", "data": 1, "ref": "g"}))
+        .unwrap();
+    assert_eq!(eve.recv_text_json()["sent"], "g");
     eve.send_text("{not json").unwrap();
     assert_eq!(eve.recv_text_json()["error"]["code"], "bad_json");
     eve.send_json(&json!({"data": 1})).unwrap();

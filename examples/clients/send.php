@@ -4,8 +4,10 @@
 //
 //   php send.php http://127.0.0.1:9500 alice "hello" [api_key]
 //
-// Prints the Route's HTTP status and JSON answer: {"delivered":N} when the
-// user is online, 404 {"error":"offline"} when not.
+// Prints the Route's HTTP status and JSON answer, once the message is stored
+// in the user's inbox: 200 {"uid","id","seq","status"}, status "delivered"
+// when the user is online, "queued" when it will get it at its next connect;
+// 503 when it could not be stored.
 if ($argc < 4) {
     fwrite(STDERR, "usage: php send.php ROUTE_URL UID DATA [API_KEY]\n");
     exit(2);

@@ -8,14 +8,17 @@
 //!   {"method":"register","serviceName":"IM_1","ip":"192.168.100.153","port":9000}
 //!        (the seed's frame, unchanged; + "token" when auth is on, + optional "load", "epoch")
 //!   {"method":"heartbeat","load":12}
-//!   {"method":"forward","to":"U2","from":"U1","data":…[,"sender":"W/FD"][,"here":true]}
+//!   {"method":"forward","to":"U2","from":"U1","data":…[,"stamp":{"epoch","seq","id"}][,"sender":"W/FD"][,"here":true]}
 //!   {"method":"draining"}
 //! Route → IM  [`RouteFrame`]
 //!   {"method":"registered","serviceName":"IM_1","ip":…,"port":…,"node":…,"lease_ms":…}
-//!   {"method":"deliver","to":"U2","from":"U1","data":…}
+//!   {"method":"deliver","to":"U2","from":"U1","data":…[,"stamp":{…}]}
+//!        (a stamped message is stored in the user's inbox: see [`crate::cluster::inbox`];
+//!         the Route never answers `offline` for one)
 //!   {"method":"broadcast","from":…,"data":…}
 //!   {"method":"offline","to":"U2","sender":"W/FD"[,"unavailable":true]}
 //!        the forward's user is online nowhere (or, unavailable: its location could not be read)
+//!   {"method":"check"}   relays may have been dropped: check every user's inbox
 //!   {"error":{"code":"…","message":"…"}}     (see [`crate::cluster::error`])
 //! ```
 
@@ -26,6 +29,7 @@ use serde_json::Value;
 
 use crate::cluster::error::{ErrorCode, ProtocolError};
 use crate::cluster::ids::{valid_service_name, MAX_NAME};
+use crate::cluster::inbox::Stamp;
 
 /// A message for one user: the body of `forward` and `deliver` (and of the
 /// IM workers' own hand-offs).
@@ -37,6 +41,10 @@ pub struct Addressed {
     pub from: String,
     /// Payload (any JSON).
     pub data: Value,
+    /// Its identity in `to`'s inbox, once stored (none: not stored, with
+    /// `inbox = false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<Stamp>,
     /// `forward` only: the sending connection on the IM server
     /// (`<worker>/<fd>`), where an `offline` answer goes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -55,6 +63,7 @@ impl Addressed {
             to,
             from,
             data,
+            stamp: None,
             sender: None,
             here: false,
         }
@@ -192,6 +201,10 @@ pub enum RouteFrame {
     Broadcast(Broadcast),
     /// The user of a `forward` is online nowhere.
     Offline(Offline),
+    /// Relays to this server may have been dropped (the Route worker's
+    /// pub/sub connection was re-established): check every connection
+    /// against its inbox.
+    Check,
     /// A refused frame (`{"error":…}`: no `method`).
     #[serde(skip)]
     Error(ProtocolError),

@@ -7,6 +7,7 @@
 //! - [`error`]: the error frame `{"error":{"code","message"}}` and its codes.
 //! - [`keys`]: the Redis key schema (every key and channel name).
 //! - [`ids`]: uid and serviceName validation.
+//! - [`inbox`]: every user's stored messages (ids, seq, epochs, acks).
 //! - [`servers`]: the registry's record format ([`servers::ServerEntry`],
 //!   the seed's set member) and its reads.
 //! - [`presence`]: who is online where (written by IM servers, read by the
@@ -16,6 +17,7 @@
 pub mod admin;
 pub mod error;
 pub mod ids;
+pub mod inbox;
 pub mod keys;
 pub mod link;
 pub mod presence;

@@ -2,20 +2,31 @@
 //! `ws://ip:port/?uid=U&token=T`.
 //!
 //! ```text
-//! user → {"to":"U2","data":…}                       [`UserSend`]
-//! user ← {"from":"U1","data":…}                     [`Delivered`]: a message
-//! user ← {"method":"reconnect","ip","port","url"}   [`Reconnect`]: the server is draining
-//! user ← {"error":{"code":…,"message":…}}           (see [`crate::cluster::error`])
+//! user → {"to":"U2","data":…[,"ref":"r"]}             [`UserSend`]
+//! user → {"ack":N}                                    [`UserFrame::Ack`]: everything ≤ N is processed
+//! user ← {"method":"welcome","uid","epoch","seq"}     [`Welcome`]: always the first frame
+//! user ← {"method":"resync","epoch","reason"}         [`Resync`]: stored history is gone
+//! user ← {"from":"U1","data":…,"seq":N,"id":"…"}      a stored message ([`Delivered`])
+//! user ← {"from":"api","data":…}                      a broadcast (not stored: no seq)
+//! user ← {"sent":"r","id":"…","seq":N,"epoch":"E"}     [`Sent`]: the message with ref r is stored
+//! user ← {"method":"reconnect","ip","port","url"}     [`Reconnect`]: the server is draining
+//! user ← {"error":{"code":…,"message":…}[,"ref":"r"]} (see [`crate::cluster::error`])
 //! ```
 //!
-//! A user frame has no `method`: any object with a valid `to` and a `data`
-//! is a message; anything else is refused with `bad_json` or `bad_request`.
+//! The query of the connection: `?uid=U[&token=T][&since=N&epoch=E]`
+//! ([`Resume`]). A user frame has no `method`: an object with `ack` is an
+//! ack, any other object with a valid `to` and a `data` is a message;
+//! anything else is refused with `bad_json` or `bad_request` (with the
+//! frame's `ref` when it had one).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::cluster::error::{ErrorCode, ProtocolError};
 use crate::cluster::ids::valid_uid;
+
+/// Longest `ref` accepted.
+pub const MAX_REF: usize = 128;
 
 /// A user's message for user `to`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,41 +35,214 @@ pub struct UserSend {
     pub to: String,
     /// Any JSON.
     pub data: Value,
+    /// The sender's label for the `sent` confirmation (or the error).
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+}
+
+/// One frame from a user.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UserFrame {
+    /// A message for another user.
+    Send(UserSend),
+    /// A cumulative ack: every message up to this seq is processed.
+    Ack(u64),
+}
+
+/// A refused user frame: the error, and the frame's `ref` if it had one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    /// What was wrong.
+    pub error: ProtocolError,
+    /// The frame's `ref`.
+    pub reference: Option<String>,
+}
+
+impl Refused {
+    fn new(code: ErrorCode, message: impl Into<String>, reference: Option<String>) -> Refused {
+        Refused {
+            error: ProtocolError::new(code, message),
+            reference,
+        }
+    }
+
+    /// `{"error":{…}[,"ref":"…"]}`.
+    pub fn to_frame(&self) -> String {
+        error_frame(&self.error, self.reference.as_deref())
+    }
+}
+
+/// `{"error":{…}[,"ref":"…"]}`.
+pub fn error_frame(error: &ProtocolError, reference: Option<&str>) -> String {
+    #[derive(Serialize)]
+    struct F<'a> {
+        error: &'a ProtocolError,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+    }
+    super::encode(&F { error, reference })
 }
 
 /// Parses a user's text frame.
-pub fn parse_user(text: &str) -> Result<UserSend, ProtocolError> {
+pub fn parse_user(text: &str) -> Result<UserFrame, Refused> {
     let v: Value = serde_json::from_str(text)
-        .map_err(|e| ProtocolError::new(ErrorCode::BadJson, format!("not JSON: {e}")))?;
-    if !v.is_object() {
-        return Err(ProtocolError::new(
+        .map_err(|e| Refused::new(ErrorCode::BadJson, format!("not JSON: {e}"), None))?;
+    let Value::Object(o) = v else {
+        return Err(Refused::new(
             ErrorCode::BadJson,
             "expected a JSON object",
+            None,
         ));
+    };
+    let reference = match o.get("ref") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(r)) if r.len() <= MAX_REF => Some(r.clone()),
+        Some(_) => {
+            return Err(Refused::new(
+                ErrorCode::BadRequest,
+                format!("`ref` must be a string of at most {MAX_REF} bytes"),
+                None,
+            ))
+        }
+    };
+    if let Some(a) = o.get("ack") {
+        return match a.as_u64() {
+            Some(n) => Ok(UserFrame::Ack(n)),
+            None => Err(Refused::new(
+                ErrorCode::BadRequest,
+                format!("`ack` must be a non-negative integer seq, not {a}"),
+                reference,
+            )),
+        };
     }
-    let send = UserSend::deserialize(v).map_err(|e| {
-        ProtocolError::new(
+    let send = UserSend::deserialize(Value::Object(o)).map_err(|e| {
+        Refused::new(
             ErrorCode::BadRequest,
-            format!("expected {{\"to\": uid, \"data\": any}}: {e}"),
+            format!("expected {{\"to\": uid, \"data\": any}} or {{\"ack\": seq}}: {e}"),
+            reference.clone(),
         )
     })?;
     if !valid_uid(&send.to) {
-        return Err(ProtocolError::new(
+        return Err(Refused::new(
             ErrorCode::BadRequest,
             "`to` is not a valid uid",
+            reference,
         ));
     }
-    Ok(send)
+    Ok(UserFrame::Send(send))
+}
+
+/// Where a reconnecting client resumes: the `since` and `epoch` query
+/// parameters of its connection.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Resume {
+    /// The last seq it processed.
+    pub since: Option<u64>,
+    /// The epoch that seq belongs to.
+    pub epoch: Option<String>,
+}
+
+impl Resume {
+    /// Reads `since` and `epoch`; a malformed value is refused, naming it.
+    pub fn parse(since: Option<&str>, epoch: Option<&str>) -> Result<Resume, String> {
+        let since = match since {
+            None | Some("") => None,
+            Some(s) => Some(s.parse::<u64>().map_err(|_| {
+                format!("since={s:?}: must be the last seq received (a non-negative integer)")
+            })?),
+        };
+        let epoch = match epoch {
+            None | Some("") => None,
+            Some(e) if e.len() <= 64 && e.chars().all(|c| c.is_ascii_alphanumeric()) => {
+                Some(e.to_string())
+            }
+            Some(e) => {
+                let shown: String = e.chars().take(64).collect();
+                return Err(format!(
+                    "epoch={shown:?}: must be the epoch of a welcome frame (letters and digits)"
+                ));
+            }
+        };
+        if epoch.is_some() && since.is_none() {
+            return Err("epoch without since: resume with both, or neither".into());
+        }
+        Ok(Resume { since, epoch })
+    }
+}
+
+/// The first frame on every user connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "method", rename = "welcome")]
+pub struct Welcome {
+    /// The user.
+    pub uid: String,
+    /// Its epoch.
+    pub epoch: String,
+    /// The highest seq stored for it.
+    pub seq: u64,
+}
+
+impl Welcome {
+    /// The frame's JSON text.
+    pub fn to_text(&self) -> String {
+        super::encode(self)
+    }
+}
+
+/// The stored history the client holds is gone (`reason`: `epoch`, Redis
+/// lost it; `trimmed`, messages it had not processed were trimmed by the
+/// inbox's bounds): reload from your own source of truth, and continue in
+/// `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "method", rename = "resync")]
+pub struct Resync {
+    /// The epoch to continue in.
+    pub epoch: String,
+    /// `epoch` or `trimmed`.
+    pub reason: String,
+}
+
+impl Resync {
+    /// The frame's JSON text.
+    pub fn to_text(&self) -> String {
+        super::encode(self)
+    }
+}
+
+/// A sender's confirmation: the message with this `ref` is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sent {
+    /// The sender's ref.
+    pub sent: String,
+    /// The message's id.
+    pub id: String,
+    /// Its seq in the recipient's inbox.
+    pub seq: u64,
+    /// The recipient's epoch it is stored in.
+    pub epoch: String,
+}
+
+impl Sent {
+    /// The frame's JSON text.
+    pub fn to_text(&self) -> String {
+        super::encode(self)
+    }
 }
 
 /// The frame a user receives for a message (borrowed: built once per
-/// delivery, pushed to every connection).
+/// delivery, pushed to every connection); `seq` and `id` for a stored one.
 #[derive(Debug, Serialize)]
 pub struct Delivered<'a> {
     /// Sender uid.
     pub from: &'a str,
     /// Payload.
     pub data: &'a Value,
+    /// Its seq in the recipient's inbox.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// Its id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<&'a str>,
 }
 
 impl Delivered<'_> {
@@ -96,12 +280,27 @@ mod tests {
     fn user_frames() {
         assert_eq!(
             parse_user(r#"{"to":"u2","data":{"x":1}}"#).unwrap(),
-            UserSend {
+            UserFrame::Send(UserSend {
                 to: "u2".into(),
-                data: json!({"x":1})
-            }
+                data: json!({"x":1}),
+                reference: None,
+            })
         );
-        let code = |t: &str| parse_user(t).unwrap_err().code;
+        assert_eq!(parse_user(r#"{"ack":12}"#).unwrap(), UserFrame::Ack(12));
+        let r = parse_user(r#"{"to":"a b","data":1,"ref":"r9"}"#).unwrap_err();
+        assert_eq!(r.reference.as_deref(), Some("r9"));
+        assert_eq!(
+            r.to_frame(),
+            r#"{"error":{"code":"bad_request","message":"`to` is not a valid uid"},"ref":"r9"}"#
+        );
+        let code = |t: &str| parse_user(t).unwrap_err().error.code;
+        assert_eq!(code(r#"{"ack":-1}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"ack":"x"}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"ack":1.5}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"to":"u2","data":1,"ref":7}"#),
+            ErrorCode::BadRequest
+        );
         assert_eq!(code("nope"), ErrorCode::BadJson);
         assert_eq!(code("[1]"), ErrorCode::BadJson);
         assert_eq!(code(r#"{"data":1}"#), ErrorCode::BadRequest);
@@ -116,11 +315,44 @@ mod tests {
         assert_eq!(
             Delivered {
                 from: "u1",
-                data: &d
+                data: &d,
+                seq: None,
+                id: None,
             }
             .to_text(),
             r#"{"from":"u1","data":[1]}"#
         );
+        assert_eq!(
+            Welcome {
+                uid: "u".into(),
+                epoch: "e1".into(),
+                seq: 3
+            }
+            .to_text(),
+            r#"{"method":"welcome","uid":"u","epoch":"e1","seq":3}"#
+        );
+        assert_eq!(
+            Sent {
+                sent: "r".into(),
+                id: "i".into(),
+                seq: 2,
+                epoch: "e".into(),
+            }
+            .to_text(),
+            r#"{"sent":"r","id":"i","seq":2,"epoch":"e"}"#
+        );
+        assert_eq!(Resume::parse(None, None).unwrap(), Resume::default());
+        assert_eq!(
+            Resume::parse(Some("4"), Some("ab12")).unwrap(),
+            Resume {
+                since: Some(4),
+                epoch: Some("ab12".into())
+            }
+        );
+        assert!(Resume::parse(Some("-1"), None).is_err());
+        assert!(Resume::parse(Some("x"), None).is_err());
+        assert!(Resume::parse(Some("1"), Some("a;b")).is_err());
+        assert!(Resume::parse(None, Some("ab")).is_err());
         let gone = Reconnect {
             ip: None,
             port: None,

@@ -2,15 +2,19 @@
 //! presence in Redis, and message delivery — local, across this server's
 //! workers, and through the Route to other IM servers.
 //!
-//! A user connects to `ws://ip:port/?uid=U&token=T` (the `url` the Route's
-//! `/route` hands out). With `auth_secret` set the token must be a JWT for
-//! `aud=user, sub=U`, else the connection is closed with 4001 and a reason.
-//! A user's frame `{"to":"U2","data":…}` is delivered to U2's connections on
-//! this server (the workers holding U2 are known from the server-wide
-//! [`Directory`], without asking Redis) and forwarded through the Route for
-//! U2's connections elsewhere (the Route knows, from its own cache); each
-//! delivered frame is `{"from":"U1","data":…}`. A user online nowhere gets
-//! `{"error":{"code":"offline"}}` back, from the Route's answer.
+//! A user connects to `ws://ip:port/?uid=U&token=T[&since=N&epoch=E]` (the
+//! `url` the Route's `/route` hands out). With `auth_secret` set the token
+//! must be a JWT for `aud=user, sub=U`, else the connection is closed with
+//! 4001 and a reason. Its first frame is `welcome`, then what its inbox
+//! holds past `since` (or past its ack), then live messages
+//! ([`Feeds`]). A user's frame `{"to":"U2","data":…[,"ref"]}` is first
+//! stored in U2's inbox (the sender gets `{"sent":ref,"id","seq"}`), then
+//! delivered to U2's connections on this server (the workers holding U2
+//! are known from the server-wide [`Directory`], without asking Redis) and
+//! forwarded through the Route for U2's connections elsewhere (the Route
+//! knows, from its own cache); each delivered frame is
+//! `{"from":"U1","data":…,"seq":N,"id":…}`. A user online nowhere finds
+//! it at its next connect.
 //!
 //! [`ImApp`] owns the components and wires the framework's hooks to them:
 //!
@@ -18,7 +22,8 @@
 //! |-----------|------|
 //! | [`Sessions`] | this worker's users: admission, uid ↔ connection, pushes, farewell |
 //! | [`Directory`] | the whole server's users, by worker (kept by the workers' messages) |
-//! | [`PresenceStore`] | every Redis call: presence records, the registry read |
+//! | [`PresenceStore`] | presence records, the registry read |
+//! | [`Feeds`] | each connection's feed of stored messages: welcome, replay, gaps, acks |
 //! | [`RouteLink`] | worker 0's link to the Route: dial, register, queue, heartbeat |
 //!
 //! The app itself keeps only the routing policy of a user's message
@@ -30,12 +35,15 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::cluster::inbox::{self, Inbox, Stamp};
 use crate::cluster::link::{self, Addressed, Offline, RouteFrame};
 use crate::cluster::servers;
-use crate::cluster::user::{self, UserSend};
+use crate::cluster::user::{self, error_frame, Delivered, Sent, UserFrame, UserSend};
 use crate::cluster::{ErrorCode, ProtocolError};
-use crate::event::{App, EventBus, ServerInfo};
+use crate::event::{App, EventBus, Holds, ServerInfo};
 use crate::im::directory::Directory;
+use crate::im::feed::Live;
+use crate::im::feeds::{self, Feeds};
 use crate::im::http;
 use crate::im::presence_store::PresenceStore;
 use crate::im::route_link::{Identity, RouteLink};
@@ -52,6 +60,7 @@ pub struct ImApp {
     sessions: Sessions,
     directory: Directory,
     presence: PresenceStore,
+    feeds: Feeds,
     /// The Route link (used on worker 0 only).
     route: RouteLink,
 }
@@ -89,6 +98,10 @@ impl ImApp {
             directory: Directory::default(),
             presence: PresenceStore::new(redis_prefix, member, epoch, cfg.presence_ttl),
             route: RouteLink::new(&cfg, identity),
+            feeds: Feeds::new(
+                Inbox::new(redis_prefix, cfg.inbox_limits()),
+                cfg.inbox_check_interval,
+            ),
             cfg,
         }
     }
@@ -117,13 +130,64 @@ impl ImApp {
         }
     }
 
-    /// A user's message: to the workers of this server that hold `to`
-    /// (from the directory), and through the Route, which delivers to the
-    /// other servers holding `to` (other devices) or answers `offline`.
-    /// No Redis call.
+    /// A user's message: stored in `to`'s inbox (the sender is told it is,
+    /// or why not), then sent on ([`Self::send_on`]). With `inbox = false`,
+    /// sent on at once, unstamped.
     fn route_message(&mut self, srv: &mut Server<Self>, fd: Fd, from: String, msg: UserSend) {
-        let UserSend { to, data } = msg;
-        let mut msg = Addressed::new(to, from, data);
+        let UserSend {
+            to,
+            data,
+            reference,
+        } = msg;
+        let msg = Addressed::new(to, from, data);
+        if !self.cfg.inbox {
+            return self.send_on(srv, fd, msg);
+        }
+        let id = inbox::new_id();
+        let store = self.feeds.inbox().store(&msg.to, &id, &msg.from, &msg.data);
+        srv.redis(
+            store,
+            move |app: &mut ImApp, srv, r: redis::RedisResult<(String, u64)>| match r {
+                Ok(v) => {
+                    let stamp = inbox::parse_stored(v, id);
+                    if let Some(r) = reference {
+                        let sent = Sent {
+                            sent: r,
+                            id: stamp.id.clone(),
+                            seq: stamp.seq,
+                            epoch: stamp.epoch.clone(),
+                        };
+                        srv.push(fd, Message::Text(sent.to_text()));
+                    }
+                    stats::add(srv, stats::STORED, 1);
+                    app.send_on(
+                        srv,
+                        fd,
+                        Addressed {
+                            stamp: Some(stamp),
+                            ..msg
+                        },
+                    );
+                }
+                Err(e) => {
+                    log::warn!("im: a message for {} was not stored: {e}", msg.to);
+                    let err = ProtocolError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "the message to {} was not stored ({e}); nothing was sent",
+                            msg.to
+                        ),
+                    );
+                    srv.push(fd, Message::Text(error_frame(&err, reference.as_deref())));
+                }
+            },
+        );
+    }
+
+    /// A (stored) user's message: to the workers of this server that hold
+    /// `to` (from the directory), and through the Route, which delivers to
+    /// the other servers holding `to` (other devices). No Redis call.
+    fn send_on(&mut self, srv: &mut Server<Self>, fd: Fd, mut msg: Addressed) {
         let here = self.deliver_here(srv, &msg);
         msg.here = here;
         msg.sender = Some(format!("{}/{fd}", srv.worker_id()));
@@ -142,22 +206,55 @@ impl ImApp {
         if !self.directory.has(&msg.to) {
             return false;
         }
-        self.sessions.deliver(srv, &msg.to, &msg.from, &msg.data);
+        self.deliver_local(srv, msg);
         workers::to_siblings(srv, &WorkerMsg::Deliver(msg.clone()));
         true
+    }
+
+    /// Pushes a message to this worker's connections of `msg.to`: a stamped
+    /// one through each connection's feed (in order, once), an unstamped
+    /// one as it is.
+    fn deliver_local(&mut self, srv: &mut Server<Self>, msg: &Addressed) {
+        let Some(Stamp { epoch, seq, id }) = &msg.stamp else {
+            self.sessions.deliver(srv, &msg.to, &msg.from, &msg.data);
+            return;
+        };
+        let fds = self.sessions.fds(&msg.to).to_vec();
+        if fds.is_empty() {
+            return;
+        }
+        let frame = Delivered {
+            from: &msg.from,
+            data: &msg.data,
+            seq: Some(*seq),
+            id: Some(id),
+        }
+        .to_text();
+        let live = Live {
+            epoch: epoch.clone(),
+            seq: *seq,
+            frame,
+        };
+        self.feeds.offer(srv, &fds, &live);
     }
 
     /// A frame on the Route link.
     fn on_route_frame(&mut self, srv: &mut Server<Self>, text: &str) {
         match link::parse_route(text) {
-            RouteFrame::Registered(_) => self.route.registered(srv),
+            RouteFrame::Registered(_) => {
+                // (Re-)registered: whatever the Route sent while the link
+                // was down is only in the inboxes.
+                self.route.registered(srv);
+                self.check_feeds(srv);
+            }
+            RouteFrame::Check => self.check_feeds(srv),
             RouteFrame::Deliver(m) => {
                 // From the Route, which knows the user is on this server:
                 // every worker gets it and delivers to its own connections
                 // of `to`. The directory is not asked: it can be a moment
                 // behind (a reload, a restart), and this path must not
                 // lose a message to it. Never sent on again.
-                self.sessions.deliver(srv, &m.to, &m.from, &m.data);
+                self.deliver_local(srv, &m);
                 workers::to_siblings(srv, &WorkerMsg::Deliver(m));
             }
             RouteFrame::Broadcast(b) => {
@@ -168,6 +265,12 @@ impl ImApp {
             RouteFrame::Error(e) => log::warn!("im: the Route refused a frame: {e}"),
             RouteFrame::Unknown => log::warn!("im: ignoring an unknown frame from the Route"),
         }
+    }
+
+    /// Every connection of this server is checked against its inbox.
+    fn check_feeds(&mut self, srv: &mut Server<Self>) {
+        self.feeds.check_all();
+        workers::to_siblings(srv, &WorkerMsg::Check);
     }
 
     /// The Route found `o.to` online nowhere: tell the sender.
@@ -203,6 +306,17 @@ impl ImApp {
                 uid: uid.to_string(),
             },
         );
+    }
+}
+
+/// Connection attribute: the feed's epoch, for the worker adopting it.
+const ATTR_EPOCH: &str = "im.epoch";
+/// Connection attribute: the last seq the feed pushed.
+const ATTR_LAST: &str = "im.last";
+
+impl Holds<Feeds> for ImApp {
+    fn part(&mut self) -> &mut Feeds {
+        &mut self.feeds
     }
 }
 
@@ -249,11 +363,27 @@ impl App for ImApp {
                 app.presence.refresh(srv, app.sessions.all());
             });
         }
+        if !srv.is_task_worker() && self.cfg.inbox {
+            srv.tick(feeds::FLUSH_MS, |app: &mut ImApp, srv, _| {
+                app.feeds.tick(srv);
+            });
+        }
     }
 
     fn on_worker_exit(&mut self, srv: &mut Server<Self>) {
         if srv.is_handing_over() {
-            return; // users and the Route link move to the replacement
+            // Users and the Route link move to the replacement; each feed's
+            // position goes along with its connection.
+            self.feeds.flush(srv);
+            let fds: Vec<Fd> = self.sessions.all().map(|(fd, _)| fd).collect();
+            for fd in fds {
+                if let Some((epoch, last)) = self.feeds.position(fd) {
+                    let epoch = epoch.to_string();
+                    srv.set_attr(fd, ATTR_EPOCH, Value::from(epoch));
+                    srv.set_attr(fd, ATTR_LAST, Value::from(last));
+                }
+            }
+            return;
         }
         if srv.worker_id() == 0 {
             self.route.drain(srv);
@@ -270,11 +400,16 @@ impl App for ImApp {
     }
 
     fn on_open(&mut self, srv: &mut Server<Self>, fd: Fd, req: &Request) {
-        let Some(uid) = self.sessions.open(srv, fd, req) else {
+        let Some((uid, resume)) = self.sessions.open(srv, fd, req) else {
             return;
         };
         self.joined(srv, &uid);
         self.presence.record(srv, &uid, fd);
+        if self.cfg.inbox {
+            // After the presence record on the same connection: a message
+            // stored after this read is routed here.
+            self.feeds.open(srv, fd, &uid, resume);
+        }
     }
 
     fn on_message(&mut self, srv: &mut Server<Self>, fd: Fd, msg: Message) {
@@ -294,7 +429,9 @@ impl App for ImApp {
             return;
         };
         match user::parse_user(&text) {
-            Ok(m) => self.route_message(srv, fd, from, m),
+            Ok(UserFrame::Send(m)) => self.route_message(srv, fd, from, m),
+            Ok(UserFrame::Ack(n)) if self.cfg.inbox => self.feeds.ack(srv, fd, n),
+            Ok(UserFrame::Ack(_)) => {} // nothing is stored, nothing to ack
             Err(e) => {
                 srv.push(fd, Message::Text(e.to_frame()));
             }
@@ -312,6 +449,14 @@ impl App for ImApp {
         };
         self.joined(srv, &uid);
         self.presence.rekey(srv, &uid, old_fd, fd);
+        if self.cfg.inbox {
+            let epoch = attrs.get(ATTR_EPOCH).and_then(Value::as_str);
+            match (epoch, attrs.get(ATTR_LAST).and_then(Value::as_u64)) {
+                (Some(e), Some(last)) => self.feeds.adopt(srv, fd, &uid, e.to_string(), last),
+                // Handed over before its welcome: welcomed here.
+                _ => self.feeds.open(srv, fd, &uid, user::Resume::default()),
+            }
+        }
     }
 
     fn on_close(&mut self, srv: &mut Server<Self>, fd: Fd) {
@@ -320,6 +465,7 @@ impl App for ImApp {
                 Self::redial_after(srv, delay);
             }
         } else if let Some(uid) = self.sessions.close(srv, fd) {
+            self.feeds.close(fd);
             self.directory.remove(&uid, srv.worker_id());
             workers::to_siblings(srv, &WorkerMsg::Left { uid: uid.clone() });
             self.presence.forget(srv, &uid, fd);
@@ -328,9 +474,8 @@ impl App for ImApp {
 
     fn on_pipe_message(&mut self, srv: &mut Server<Self>, from: usize, data: Vec<u8>) {
         match WorkerMsg::parse(&data) {
-            Ok(WorkerMsg::Deliver(m)) => {
-                self.sessions.deliver(srv, &m.to, &m.from, &m.data);
-            }
+            Ok(WorkerMsg::Deliver(m)) => self.deliver_local(srv, &m),
+            Ok(WorkerMsg::Check) => self.feeds.check_all(),
             Ok(WorkerMsg::Broadcast(b)) => self.sessions.broadcast(srv, &b.from, &b.data),
             Ok(WorkerMsg::Forward(m)) => self.route.forward(srv, m),
             Ok(WorkerMsg::Offline {

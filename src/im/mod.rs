@@ -6,6 +6,8 @@
 //! - [`app`]: [`ImApp`], which wires the framework's hooks to the
 //!   components below and routes a user's message.
 //! - [`sessions`]: this worker's users (admission, pushes, farewell).
+//! - [`feeds`]: each user connection's [`feed`] of stored messages
+//!   (welcome, replay, gap fill, acks) over the inbox.
 //! - [`directory`]: which worker of this server holds which user.
 //! - [`presence_store`]: this server's Redis calls (presence, registry read).
 //! - [`route_link`]: worker 0's link to the Route (register, heartbeat,
@@ -20,6 +22,8 @@
 
 pub mod app;
 pub mod directory;
+pub mod feed;
+pub mod feeds;
 pub mod http;
 pub mod presence_store;
 pub mod route_link;

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::auth;
 use crate::cluster::servers::ServerEntry;
-use crate::cluster::user::{Delivered, Reconnect};
+use crate::cluster::user::{Delivered, Reconnect, Resume};
 use crate::cluster::valid_uid;
 use crate::event::App;
 use crate::im::stats;
@@ -66,8 +66,15 @@ impl Sessions {
     }
 
     /// A WebSocket handshake completed: admit the user named by the query
-    /// (`?uid=U&token=T`) or close with 4001. Returns the admitted uid.
-    pub fn open<A: App>(&mut self, srv: &mut Server<A>, fd: Fd, req: &Request) -> Option<String> {
+    /// (`?uid=U&token=T[&since=N&epoch=E]`) or close with 4001 (bad uid or
+    /// token) or 4003 (a malformed resume). Returns the admitted uid and
+    /// where it resumes.
+    pub fn open<A: App>(
+        &mut self,
+        srv: &mut Server<A>,
+        fd: Fd,
+        req: &Request,
+    ) -> Option<(String, Resume)> {
         let uid = req.query_param("uid").unwrap_or("").to_string();
         if !valid_uid(&uid) {
             stats::add(srv, stats::REFUSED, 1);
@@ -83,11 +90,29 @@ impl Sessions {
                 return None;
             }
         }
+        let resume = match Resume::parse(req.query_param("since"), req.query_param("epoch")) {
+            Ok(r) => r,
+            Err(why) => {
+                stats::add(srv, stats::REFUSED, 1);
+                let e = crate::cluster::ProtocolError::new(
+                    crate::cluster::ErrorCode::BadRequest,
+                    why.clone(),
+                );
+                srv.push(fd, Message::Text(e.to_frame()));
+                srv.disconnect(fd, crate::im::feeds::BAD_RESUME, &why);
+                return None;
+            }
+        };
         self.bind(srv, fd, &uid);
         // What a worker adopting this connection needs (see `adopt`).
         srv.set_attr(fd, ATTR_UID, Value::from(uid.as_str()));
         srv.set_attr(fd, ATTR_PRESENCE_FD, Value::from(fd));
-        Some(uid)
+        Some((uid, resume))
+    }
+
+    /// This worker's connections of `uid`.
+    pub fn fds(&self, uid: &str) -> &[Fd] {
+        self.users.get(uid).map_or(&[], Vec::as_slice)
     }
 
     /// A user connection moved here from the worker this one replaced:
@@ -131,7 +156,13 @@ impl Sessions {
         let Some(fds) = self.users.get(to) else {
             return 0;
         };
-        let frame = Delivered { from, data }.to_text();
+        let frame = Delivered {
+            from,
+            data,
+            seq: None,
+            id: None,
+        }
+        .to_text();
         let n = fds
             .iter()
             .filter(|fd| srv.push(**fd, Message::Text(frame.clone())))
@@ -142,7 +173,13 @@ impl Sessions {
 
     /// Pushes a message to every local user.
     pub fn broadcast<A: App>(&self, srv: &mut Server<A>, from: &str, data: &Value) {
-        let frame = Delivered { from, data }.to_text();
+        let frame = Delivered {
+            from,
+            data,
+            seq: None,
+            id: None,
+        }
+        .to_text();
         let fds: Vec<Fd> = self.uid_of.keys().copied().collect();
         let n = fds
             .into_iter()

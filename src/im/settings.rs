@@ -27,6 +27,30 @@ pub struct ImSettings {
     /// learns again who is here; 0 disables. Costs one pipelined HSET +
     /// EXPIRE per local connection per period.
     pub presence_refresh: f64,
+    /// Store every user-to-user message in the recipient's inbox before
+    /// delivering it (ids, seq, welcome, replay, acks). false: the
+    /// fire-and-forget path of earlier versions (no identity, no replay),
+    /// kept to measure what durability costs. Must match the Route's.
+    pub inbox: bool,
+    /// Messages kept per user's inbox (older ones are trimmed).
+    pub inbox_max_len: u64,
+    /// Seconds an inbox lives after its last message.
+    pub inbox_ttl: u64,
+    /// Seconds for one background sweep that reads every local user's
+    /// inbox head and catches its connections up (a live copy gone astray
+    /// is delivered within this); 0 disables. Costs one HMGET per
+    /// connection per period.
+    pub inbox_check_interval: f64,
+}
+
+impl ImSettings {
+    /// The inbox's bounds.
+    pub fn inbox_limits(&self) -> crate::cluster::inbox::Limits {
+        crate::cluster::inbox::Limits {
+            max_len: self.inbox_max_len,
+            ttl: self.inbox_ttl,
+        }
+    }
 }
 
 impl Default for ImSettings {
@@ -40,6 +64,10 @@ impl Default for ImSettings {
             route_heartbeat: 3.0,
             presence_ttl: 86_400,
             presence_refresh: 10.0,
+            inbox: true,
+            inbox_max_len: crate::cluster::inbox::DEFAULT_MAX_LEN,
+            inbox_ttl: crate::cluster::inbox::DEFAULT_TTL,
+            inbox_check_interval: 30.0,
         }
     }
 }

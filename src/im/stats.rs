@@ -16,6 +16,8 @@ pub const DELIVERED: usize = 1;
 pub const FORWARDED: usize = 2;
 /// User connections refused (bad or missing token).
 pub const REFUSED: usize = 3;
+/// User-to-user messages stored in an inbox by this server.
+pub const STORED: usize = 4;
 
 /// The IM server's counters as `/metrics` exports them (summed over workers).
 pub const COUNTERS: &[AppCounter] = &[
@@ -34,7 +36,13 @@ pub const COUNTERS: &[AppCounter] = &[
     AppCounter {
         index: REFUSED,
         name: "swocloud_im_connections_refused_total",
-        help: "User connections refused for a missing uid or a bad token (close 4001).",
+        help: "User connections refused for a missing uid or a bad token (close 4001) or a malformed resume (4003).",
+        label: None,
+    },
+    AppCounter {
+        index: STORED,
+        name: "swocloud_im_messages_stored_total",
+        help: "User-to-user messages stored in the recipient's inbox by this server.",
         label: None,
     },
 ];

@@ -51,6 +51,9 @@ pub enum WorkerMsg {
         /// Uids, repeated per connection.
         uids: Vec<String>,
     },
+    /// (from worker 0) Check every connection against its inbox: the Route
+    /// link was re-established, or the Route may have dropped relays.
+    Check,
     /// A kind this build does not know (a newer sibling during a reload).
     #[serde(other, skip_serializing)]
     Unknown,

@@ -47,10 +47,32 @@ pub(crate) struct Ready {
     pub(crate) reasons: Vec<String>,
 }
 
-/// `/api/send`.
+/// `/api/send` with `inbox = false`.
 #[derive(Serialize)]
 pub(crate) struct Sent {
     pub(crate) delivered: usize,
+}
+
+/// `/api/send`: the message is stored; `delivered` when it was handed to
+/// an IM server holding the user, `queued` when the user is online
+/// nowhere (or where could not be read): it waits in the inbox.
+#[derive(Serialize)]
+pub(crate) struct Accepted<'a> {
+    pub(crate) uid: &'a str,
+    pub(crate) id: &'a str,
+    pub(crate) seq: u64,
+    pub(crate) epoch: &'a str,
+    pub(crate) status: &'static str,
+}
+
+/// `/api/message`.
+#[derive(Serialize)]
+pub(crate) struct MessageStatus<'a> {
+    pub(crate) uid: &'a str,
+    pub(crate) seq: u64,
+    pub(crate) id: &'a str,
+    pub(crate) epoch: &'a str,
+    pub(crate) status: &'static str,
 }
 
 /// `/api/broadcast`.

@@ -6,7 +6,8 @@
 //! | `GET /ready` | 200 while Redis answers and the registry cache is fresh, else 503 with the reason |
 //! | `GET /api/servers` | the live IM servers with details, from the worker's cache; `?fresh=1` reads Redis |
 //! | `GET /route?uid=U[&token=T]` | `{"ip","port","token","url","serviceName"}` of the IM server picked for U; 503 when none |
-//! | `POST /api/send {"uid","data"[,"from"]}` | `{"delivered":N}`, or 404 `{"error":"offline"}` |
+//! | `POST /api/send {"uid","data"[,"from"]}` | once stored in the user's inbox: `{"uid","id","seq","status":"delivered"\|"queued"}`; 503 when it could not be stored (with `inbox = false`: `{"delivered":N}`, or 404 `{"error":"offline"}`) |
+//! | `GET /api/message?uid=U&seq=N` | `{"uid","seq","id","epoch","status":"queued"\|"delivered"\|"acked"}`, 404 when unknown or trimmed |
 //! | `POST /api/broadcast {"data"[,"from"]}` | `{"routes":N}`: Route workers that relayed it to their IM servers |
 //! | `GET /api/online?uid=U` | `{"uid","online","connections","servers"}` |
 //! | `GET /metrics` | Prometheus text format, summed over every worker (see [`crate::metrics`]) |
@@ -37,6 +38,7 @@ use crate::route::answers::{
 };
 use crate::route::delivery::{Delivery, DeliveryHost, Waiting};
 use crate::route::directory::{servers_doc, Directory};
+use crate::route::messages;
 use crate::route::registrations::Registrations;
 use crate::route::settings::RouteSettings;
 use crate::route::stats;
@@ -125,6 +127,10 @@ impl Api<'_> {
             ("POST", "/api/send") => self.send(srv, req),
             ("POST", "/api/broadcast") => self.broadcast(srv, req),
             ("GET", "/api/online") => self.online(srv, req),
+            ("GET", "/api/message") => match self.delivery.inbox() {
+                Some(inbox) => messages::status(srv, inbox, req),
+                None => bad(404, "not_found", "inbox = false: messages are not stored"),
+            },
             (_, "/api/send" | "/api/broadcast") => method_not_allowed("POST"),
             (
                 _,
@@ -135,6 +141,7 @@ impl Api<'_> {
                 | "/api/online"
                 | "/metrics"
                 | "/dashboard"
+                | "/api/message"
                 | "/chat"
                 | "/client/swocloud.js",
             ) => method_not_allowed("GET"),
@@ -220,6 +227,10 @@ impl Api<'_> {
         };
         let from = body.get("from").and_then(Value::as_str).unwrap_or("api");
         let msg = Addressed::new(uid.clone(), from.to_string(), data);
+        if let Some(inbox) = self.delivery.inbox() {
+            messages::send(srv, inbox, msg, req.fd);
+            return Response::later();
+        }
         let w = Waiting::Send { msg, http: req.fd };
         self.delivery
             .submit(srv, self.directory.cache(), self.regs, &uid, w);

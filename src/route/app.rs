@@ -42,7 +42,11 @@ impl RouteApp {
     pub fn new(cfg: RouteSettings, redis_prefix: &str) -> RouteApp {
         RouteApp {
             regs: Registrations::new(cfg.clone(), redis_prefix),
-            delivery: Delivery::new(redis_prefix),
+            delivery: Delivery::new(
+                redis_prefix,
+                cfg.inbox
+                    .then(|| crate::cluster::inbox::Inbox::new(redis_prefix, cfg.inbox_limits())),
+            ),
             directory: Directory::new(&cfg, redis_prefix),
             cfg,
         }
@@ -134,7 +138,10 @@ impl App for RouteApp {
             .start(srv, |app: &mut RouteApp| app.directory.cache_mut());
         self.delivery.start(srv, &self.regs.node_pid());
         let every = settings::sweep_every(srv.settings()).as_millis() as u64;
-        srv.tick(every, |app: &mut RouteApp, srv, _| app.regs.sweep(srv));
+        srv.tick(every, |app: &mut RouteApp, srv, _| {
+            app.regs.sweep(srv);
+            app.delivery.watch_relays(srv, &app.regs);
+        });
     }
 
     fn on_open(&mut self, srv: &mut Server<Self>, fd: Fd, _req: &Request) {

@@ -20,13 +20,14 @@
 
 use std::collections::HashMap;
 
+use crate::cluster::inbox::Inbox;
 use crate::cluster::keys::Keys;
 use crate::cluster::link::{Addressed, Broadcast, Offline, RouteFrame};
 use crate::cluster::presence::{self, Presence};
 use crate::cluster::servers::{self, ServerEntry};
 use crate::event::App;
 use crate::reactor::{Fd, Message, Server};
-use crate::route::answers::{answer, bad, Online, Refusal, Sent};
+use crate::route::answers::{answer, bad, Accepted, Online, Refusal, Sent};
 use crate::route::cache::Cache;
 use crate::route::locations::{Locations, Route};
 use crate::route::registrations::Registrations;
@@ -87,19 +88,24 @@ pub trait DeliveryHost: App {
 #[derive(Debug)]
 pub struct Delivery {
     keys: Keys,
+    inbox: Option<Inbox>, // where /api/send stores (None: inbox = false)
     locations: Locations<Target, Waiting>, // where users are; what waits
-    topology: u64,                         // the registry cache's topology the locations hold for
-    sub_generation: u64,                   // the subscriber connection they hold for
+    topology: u64,        // the registry cache's topology the locations hold for
+    sub_generation: u64,  // the subscriber connection they hold for
+    relay_generation: u64, // the subscriber connection relays were last checked for
 }
 
 impl Delivery {
-    /// Delivery under `redis_prefix`.
-    pub fn new(redis_prefix: &str) -> Delivery {
+    /// Delivery under `redis_prefix`, storing `/api/send` messages in
+    /// `inbox` (None: fire and forget).
+    pub fn new(redis_prefix: &str, inbox: Option<Inbox>) -> Delivery {
         Delivery {
             keys: Keys::new(redis_prefix),
+            inbox,
             locations: Locations::default(),
             topology: 0,
             sub_generation: 0,
+            relay_generation: 0,
         }
     }
 
@@ -119,6 +125,30 @@ impl Delivery {
             let (d, _, _) = app.delivery_parts();
             d.locations.invalidate(&String::from_utf8_lossy(uid));
         });
+    }
+
+    /// Called now and then: when this worker's subscriber connection was
+    /// re-established, relays published meanwhile are lost; its IM servers
+    /// are told to `check` their users' inboxes (stored messages are
+    /// caught up from there).
+    pub fn watch_relays<A: App>(&mut self, srv: &mut Server<A>, regs: &Registrations) {
+        let g = srv.redis_sub_generation();
+        if g == self.relay_generation {
+            return;
+        }
+        if self.relay_generation != 0 && self.inbox.is_some() {
+            log::info!("route: the relay subscription was re-established; asking IM servers to check their users' inboxes");
+            let frame = RouteFrame::Check.to_text();
+            for fd in regs.registered_fds() {
+                srv.push(fd, Message::Text(frame.clone()));
+            }
+        }
+        self.relay_generation = g;
+    }
+
+    /// The inbox `/api/send` stores in (None: `inbox = false`).
+    pub fn inbox(&self) -> Option<&Inbox> {
+        self.inbox.as_ref()
     }
 
     /// (hits, misses, cached uids, lookups under way).
@@ -272,6 +302,7 @@ impl Delivery {
         match w {
             Waiting::Forward { msg, origin, link } => {
                 let (here, to) = (msg.here, msg.to.clone());
+                let stored = msg.stamp.is_some();
                 let sender = msg.sender.clone();
                 let exclude = here.then_some(origin.as_str());
                 let (delivered, unavailable) = match targets {
@@ -281,7 +312,8 @@ impl Delivery {
                         (0, true)
                     }
                 };
-                if delivered == 0 && (!here || unavailable) {
+                // A stored message waits in the inbox: no `offline`.
+                if delivered == 0 && (!here || unavailable) && !stored {
                     if let Some(sender) = sender {
                         let f = RouteFrame::Offline(Offline {
                             to,
@@ -291,6 +323,28 @@ impl Delivery {
                         srv.push(link, Message::Text(f.to_text()));
                     }
                 }
+            }
+            Waiting::Send { msg, http } if msg.stamp.is_some() => {
+                let uid = msg.to.clone();
+                let stamp = msg.stamp.clone().unwrap_or_default();
+                let n = match targets {
+                    Ok(t) => self.deliver(srv, regs, t, msg, None),
+                    Err(e) => {
+                        log::info!(
+                            "route: could not locate {uid}: {e}; the message waits in its inbox"
+                        );
+                        0
+                    }
+                };
+                let status = if n > 0 { "delivered" } else { "queued" };
+                let body = Accepted {
+                    uid: &uid,
+                    id: &stamp.id,
+                    seq: stamp.seq,
+                    epoch: &stamp.epoch,
+                    status,
+                };
+                srv.respond(http, answer(200, &body));
             }
             Waiting::Send { msg, http } => {
                 let uid = msg.to.clone();

@@ -8,6 +8,7 @@
 //! - [`registrations`]: the IM-server connections and the registry writes.
 //! - [`liveness`]: the sweep; silent IM servers leave the registry, and
 //!   come back within `heartbeat_grace_time`.
+//! - [`messages`]: `/api/send`'s store-then-deliver and `/api/message`'s status.
 //! - [`delivery`]: locating users and relaying frames between Route workers.
 //! - [`locations`]: where users are, cached, and the messages waiting for a lookup.
 //! - [`directory`]: the live-server list (cache, balancer) for the API.
@@ -30,6 +31,7 @@ pub mod delivery;
 pub mod directory;
 pub mod liveness;
 pub mod locations;
+pub mod messages;
 pub mod registrations;
 pub mod registry;
 pub mod settings;

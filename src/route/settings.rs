@@ -46,6 +46,15 @@ pub struct RouteSettings {
     /// meanwhile it is re-admitted under its old registration; after it,
     /// the connection is closed. 0: closed at once.
     pub heartbeat_grace_time: f64,
+    /// Store every `/api/send` message in the user's inbox before
+    /// answering (ids, seq, status). false: fire-and-forget, as earlier
+    /// versions (`{"delivered":N}`, 404 when offline). Must match the IM
+    /// servers'.
+    pub inbox: bool,
+    /// Messages kept per user's inbox (older ones are trimmed).
+    pub inbox_max_len: u64,
+    /// Seconds an inbox lives after its last message.
+    pub inbox_ttl: u64,
 }
 
 impl Default for RouteSettings {
@@ -59,6 +68,9 @@ impl Default for RouteSettings {
             balancer: Balancer::LeastLoaded,
             max_registrations_per_ip: 32,
             heartbeat_grace_time: 60.0,
+            inbox: true,
+            inbox_max_len: crate::cluster::inbox::DEFAULT_MAX_LEN,
+            inbox_ttl: crate::cluster::inbox::DEFAULT_TTL,
         }
     }
 }
@@ -66,6 +78,7 @@ impl Default for RouteSettings {
 impl RouteSettings {
     /// Refuses values no Route can run with, naming the key.
     pub fn validate(&self) -> Result<(), String> {
+        self.inbox_limits().validate()?;
         let g = self.heartbeat_grace_time;
         if !g.is_finite() || g < 0.0 {
             return Err(format!(
@@ -73,6 +86,14 @@ impl RouteSettings {
             ));
         }
         Ok(())
+    }
+
+    /// The inbox's bounds.
+    pub fn inbox_limits(&self) -> crate::cluster::inbox::Limits {
+        crate::cluster::inbox::Limits {
+            max_len: self.inbox_max_len,
+            ttl: self.inbox_ttl,
+        }
     }
 
     /// `heartbeat_grace_time` as a duration (0 when invalid; see

@@ -31,6 +31,8 @@ pub const REMOVED_REPLACED: usize = 7;
 /// Silent IM servers re-admitted because they spoke again within
 /// `heartbeat_grace_time`.
 pub const READMISSIONS: usize = 8;
+/// `/api/send` messages stored in an inbox.
+pub const STORED: usize = 9;
 
 const REMOVALS_HELP: &str = "IM servers removed from the registry, by cause.";
 
@@ -88,6 +90,12 @@ pub const COUNTERS: &[AppCounter] = &[
         index: REBUILT,
         name: "swocloud_route_rebuilt_entries_total",
         help: "Entries re-registered after Redis lost them.",
+        label: None,
+    },
+    AppCounter {
+        index: STORED,
+        name: "swocloud_route_messages_stored_total",
+        help: "/api/send messages stored in the user's inbox.",
         label: None,
     },
 ];

@@ -18,6 +18,8 @@ pub struct Cluster {
     pub ims: Vec<Daemon>,
     /// Between the daemons and Redis, when started with [`Cluster::start_proxied`].
     pub proxy: Option<FaultProxy>,
+    /// Settings lines every IM server gets besides the defaults.
+    pub im_extra: String,
 }
 
 impl Cluster {
@@ -30,7 +32,19 @@ impl Cluster {
         im_workers: usize,
         route_extra: &str,
     ) -> Cluster {
-        Cluster::build(route_workers, ims, im_workers, route_extra, false)
+        Cluster::build(route_workers, ims, im_workers, route_extra, "", false)
+    }
+
+    /// As [`Cluster::start`], with `im_extra` settings lines for every IM
+    /// server.
+    pub fn start_with(
+        route_workers: usize,
+        ims: usize,
+        im_workers: usize,
+        route_extra: &str,
+        im_extra: &str,
+    ) -> Cluster {
+        Cluster::build(route_workers, ims, im_workers, route_extra, im_extra, false)
     }
 
     /// As [`Cluster::start`], with every daemon reaching Redis through a
@@ -41,7 +55,7 @@ impl Cluster {
         im_workers: usize,
         route_extra: &str,
     ) -> Cluster {
-        Cluster::build(route_workers, ims, im_workers, route_extra, true)
+        Cluster::build(route_workers, ims, im_workers, route_extra, "", true)
     }
 
     fn build(
@@ -49,6 +63,7 @@ impl Cluster {
         ims: usize,
         im_workers: usize,
         route_extra: &str,
+        im_extra: &str,
         proxied: bool,
     ) -> Cluster {
         let redis = RedisServer::start();
@@ -72,6 +87,7 @@ impl Cluster {
             route,
             ims: Vec::new(),
             proxy,
+            im_extra: im_extra.to_string(),
         };
         for i in 0..ims {
             c.add_im(i, im_workers);
@@ -87,9 +103,10 @@ impl Cluster {
             IM_BIN,
             &host,
             &format!(
-                "worker_num = {workers}\nredis_url = \"{}\"\nauth_secret = \"{SECRET}\"\nroute_url = \"ws://{}/\"\nservice_name = \"IM_{i}\"\nroute_heartbeat = 0.3",
+                "worker_num = {workers}\nredis_url = \"{}\"\nauth_secret = \"{SECRET}\"\nroute_url = \"ws://{}/\"\nservice_name = \"IM_{i}\"\nroute_heartbeat = 0.3\n{}",
                 self.redis_url(),
-                self.route.addr()
+                self.route.addr(),
+                self.im_extra
             ),
         );
         im.start();
@@ -135,12 +152,42 @@ impl Cluster {
         serde_json::from_str(&body).unwrap()
     }
 
-    /// Asks `/route` and connects: the user's socket.
+    /// Asks `/route` and connects: the user's socket, past its `welcome`
+    /// frame.
     pub fn connect_user(&self, uid: &str) -> (WsClient, serde_json::Value) {
-        let r = self.route_for(uid);
-        let ws = ws_connect(r["url"].as_str().unwrap())
-            .unwrap_or_else(|e| panic!("connect {uid} to {}: {e}", r["url"]));
+        let (ws, r, _) = self.connect_resume(uid, "");
         (ws, r)
+    }
+
+    /// Asks `/route` and connects with `query` appended to the URL (e.g.
+    /// `&since=3&epoch=E`); returns the socket, the route answer and the
+    /// `welcome` frame, which must come first.
+    pub fn connect_resume(
+        &self,
+        uid: &str,
+        query: &str,
+    ) -> (WsClient, serde_json::Value, serde_json::Value) {
+        let r = self.route_for(uid);
+        let url = format!("{}{query}", r["url"].as_str().unwrap());
+        let mut ws = ws_connect(&url).unwrap_or_else(|e| panic!("connect {uid} to {url}: {e}"));
+        ws.set_timeout(Duration::from_secs(5));
+        let welcome = ws.recv_text_json();
+        assert_eq!(welcome["method"], "welcome", "the first frame: {welcome}");
+        assert_eq!(welcome["uid"], uid, "{welcome}");
+        (ws, r, welcome)
+    }
+
+    /// `GET /api/message?uid=U&seq=N`.
+    pub fn message_status(&self, uid: &str, seq: u64) -> (u16, serde_json::Value) {
+        let (status, _, body) = http_get(
+            self.route.addr(),
+            &format!("/api/message?uid={uid}&seq={seq}"),
+        )
+        .expect("GET /api/message");
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     /// `POST /api/send`.

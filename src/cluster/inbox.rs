@@ -1,0 +1,373 @@
+//! Every user's inbox in Redis: what makes a message *accepted*, its
+//! identity (`id`, and `seq` within the user's `epoch`), and what a
+//! reconnecting user replays. Written by whoever accepts a message (the
+//! Route for `/api/send`, the sender's IM server for a user's message),
+//! read by the recipient's IM server (welcome, replay, gap fill) and by
+//! the Route's `/api/message`.
+//!
+//! Two keys per user, both tagged `{uid}` so that every script runs on
+//! one slot of a Redis Cluster:
+//!
+//! | key | type | holds |
+//! |-----|------|-------|
+//! | `P inbox:{U}` | STREAM | entry `<seq>-0` → `id`, `from`, `data` (JSON text); at most `inbox_max_len` entries; expires `inbox_ttl` after the last message |
+//! | `P inbox:{U}:meta` | HASH | `epoch`, `seq` (the last one given), `dlv` (the highest pushed to a connection), `acked` (the user's cumulative ack); expires [`META_TTL_FACTOR`] × `inbox_ttl` after the last use |
+//!
+//! The epoch is a random string made when the meta hash does not exist:
+//! the first message or connect, or after Redis lost the hash (restarted
+//! empty, a failover that lost writes, the hash expired). Sequence
+//! numbers restart at 1 in a new epoch, so a client holding an old epoch
+//! is told `resync` instead of being handed a silent gap.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use redis::Value;
+use serde::Serialize;
+
+use crate::reactor::redis::{Request, Script, ScriptCall};
+
+/// Default `inbox_max_len`: entries kept per user.
+pub const DEFAULT_MAX_LEN: u64 = 10_000;
+/// Default `inbox_ttl`: seconds an inbox lives after its last message.
+pub const DEFAULT_TTL: u64 = 7 * 86_400;
+/// The meta hash outlives the stream by this factor, so that a user whose
+/// stored messages expired unread is told `resync` (reason `trimmed`)
+/// rather than silently starting over, and one who had read them all is
+/// told nothing.
+pub const META_TTL_FACTOR: u64 = 4;
+
+/// Stores one message: `[epoch, seq]`.
+const STORE: &str = r"
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'seq', 0, 'dlv', 0, 'acked', 0)
+end
+local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], seq .. '-0', 'id', ARGV[2], 'from', ARGV[3], 'data', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('PEXPIRE', KEYS[2], ARGV[7])
+return {epoch, seq}
+";
+
+/// A connection opens: `[epoch, seq, acked]`, making the epoch if needed.
+const HELLO: &str = r"
+local m = redis.call('HMGET', KEYS[2], 'epoch', 'seq', 'acked')
+if not m[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'epoch', ARGV[1], 'seq', 0, 'dlv', 0, 'acked', 0)
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  return {ARGV[1], 0, 0}
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return {m[1], tonumber(m[2]), tonumber(m[3])}
+";
+
+/// Raises `dlv` and `acked` (never past `seq`, only within `epoch`).
+const MARK: &str = r"
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'dlv', 'acked')
+if m[1] ~= ARGV[1] then return 0 end
+local top = tonumber(m[2])
+local a = math.min(tonumber(ARGV[3]), top)
+local d = math.max(math.min(tonumber(ARGV[2]), top), a)
+if d > tonumber(m[3]) then redis.call('HSET', KEYS[1], 'dlv', d) end
+if a > tonumber(m[4]) then redis.call('HSET', KEYS[1], 'acked', a) end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+";
+
+/// The bounds of every inbox (the `inbox_max_len` and `inbox_ttl` settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Entries kept per user (older ones are trimmed).
+    pub max_len: u64,
+    /// Seconds an inbox lives after its last message.
+    pub ttl: u64,
+}
+
+impl Limits {
+    /// Refuses bounds no inbox can work with, naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_len == 0 {
+            return Err("inbox_max_len = 0: must be at least 1".into());
+        }
+        if self.ttl == 0 {
+            return Err("inbox_ttl = 0: must be at least 1 second".into());
+        }
+        Ok(())
+    }
+}
+
+/// A stored message's identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Stamp {
+    /// The recipient's epoch it was stored in.
+    pub epoch: String,
+    /// Its sequence number within the epoch (1, 2, 3, …).
+    pub seq: u64,
+    /// Its id (unique).
+    pub id: String,
+}
+
+/// The state a connection starts from ([`Inbox::hello`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// The user's epoch.
+    pub epoch: String,
+    /// The last seq given.
+    pub seq: u64,
+    /// The user's cumulative ack.
+    pub acked: u64,
+}
+
+/// One stored entry, as replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Its seq.
+    pub seq: u64,
+    /// Its id.
+    pub id: String,
+    /// The sender.
+    pub from: String,
+    /// The payload's JSON text, as stored.
+    pub data: String,
+}
+
+impl Entry {
+    /// The frame the user receives: `{"from","data","seq","id"}`, built
+    /// from the stored JSON text without parsing it again.
+    pub fn frame(&self) -> String {
+        let mut f = String::with_capacity(self.data.len() + self.from.len() + 64);
+        f.push_str("{\"from\":");
+        f.push_str(&crate::cluster::encode(&self.from));
+        f.push_str(",\"data\":");
+        f.push_str(&self.data);
+        f.push_str(&format!(",\"seq\":{},\"id\":", self.seq));
+        f.push_str(&crate::cluster::encode(&self.id));
+        f.push('}');
+        f
+    }
+}
+
+/// The inbox's keys and scripts under one prefix.
+#[derive(Debug, Clone)]
+pub struct Inbox {
+    prefix: String,
+    limits: Limits,
+    store: Script,
+    hello: Script,
+    mark: Script,
+}
+
+impl Inbox {
+    /// The inbox under `prefix`, bounded by `limits`.
+    pub fn new(prefix: &str, limits: Limits) -> Inbox {
+        Inbox {
+            prefix: prefix.to_string(),
+            limits,
+            store: Script::new(STORE),
+            hello: Script::new(HELLO),
+            mark: Script::new(MARK),
+        }
+    }
+
+    /// `uid`'s stream.
+    pub fn stream_key(&self, uid: &str) -> String {
+        format!("{}inbox:{{{uid}}}", self.prefix)
+    }
+
+    /// `uid`'s meta hash.
+    pub fn meta_key(&self, uid: &str) -> String {
+        format!("{}inbox:{{{uid}}}:meta", self.prefix)
+    }
+
+    fn meta_ttl_ms(&self) -> u64 {
+        self.limits.ttl.saturating_mul(1000 * META_TTL_FACTOR)
+    }
+
+    /// Stores a message for `to` (the answer parses with [`parse_stored`]).
+    pub fn store(&self, to: &str, id: &str, from: &str, data: &serde_json::Value) -> ScriptCall {
+        self.store
+            .call()
+            .key(self.stream_key(to))
+            .key(self.meta_key(to))
+            .arg(new_epoch())
+            .arg(id)
+            .arg(from)
+            .arg(crate::cluster::encode(data))
+            .arg(self.limits.max_len)
+            .arg(self.limits.ttl.saturating_mul(1000))
+            .arg(self.meta_ttl_ms())
+    }
+
+    /// A connection of `uid` opens (the answer parses with [`parse_head`]).
+    pub fn hello(&self, uid: &str) -> ScriptCall {
+        self.hello
+            .call()
+            .key(self.stream_key(uid))
+            .key(self.meta_key(uid))
+            .arg(new_epoch())
+            .arg(self.meta_ttl_ms())
+    }
+
+    /// Raises `uid`'s delivered and acked marks within `epoch`.
+    pub fn mark(&self, uid: &str, epoch: &str, delivered: u64, acked: u64) -> ScriptCall {
+        self.mark
+            .call()
+            .key(self.meta_key(uid))
+            .arg(epoch)
+            .arg(delivered)
+            .arg(acked)
+            .arg(self.meta_ttl_ms())
+    }
+
+    /// Up to `count` entries of `uid` from seq `from` through `to` (None:
+    /// the newest); parses with [`parse_entries`].
+    pub fn range(&self, uid: &str, from: u64, to: Option<u64>, count: usize) -> Request {
+        let mut c = redis::cmd("XRANGE");
+        c.arg(self.stream_key(uid)).arg(format!("{from}-0"));
+        match to {
+            Some(t) => c.arg(format!("{t}-0")),
+            None => c.arg("+"),
+        };
+        c.arg("COUNT").arg(count);
+        c.into()
+    }
+
+    /// `uid`'s meta hash: `[epoch, seq, dlv, acked]` (all nil when gone).
+    pub fn meta(&self, uid: &str) -> Request {
+        let mut c = redis::cmd("HMGET");
+        c.arg(self.meta_key(uid))
+            .arg("epoch")
+            .arg("seq")
+            .arg("dlv")
+            .arg("acked");
+        c.into()
+    }
+}
+
+/// A fresh random id: 128 bits in hex, from the process's hasher keys
+/// (seeded by the OS) and a counter, so ids differ across processes and
+/// restarts without a syscall per message.
+pub fn new_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut a = RandomState::new().build_hasher();
+    a.write_u64(n);
+    let mut b = RandomState::new().build_hasher();
+    b.write_u64(!n);
+    format!("{:016x}{:016x}", a.finish(), b.finish())
+}
+
+/// A fresh random epoch (12 hex digits).
+pub fn new_epoch() -> String {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(crate::process::scoreboard::now_ms());
+    format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
+}
+
+/// `[epoch, seq]` from [`Inbox::store`].
+pub fn parse_stored(v: (String, u64), id: String) -> Stamp {
+    Stamp {
+        epoch: v.0,
+        seq: v.1,
+        id,
+    }
+}
+
+/// `[epoch, seq, acked]` from [`Inbox::hello`].
+pub fn parse_head(v: (String, u64, u64)) -> Head {
+    Head {
+        epoch: v.0,
+        seq: v.1,
+        acked: v.2,
+    }
+}
+
+/// The entries of an `XRANGE` answer; entries that are not the inbox's
+/// own (a malformed id) are skipped with a log line.
+pub fn parse_entries(v: Value) -> Vec<Entry> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let Ok((sid, fields)) = redis::from_redis_value::<(String, Vec<(String, String)>)>(&item)
+        else {
+            log::warn!("inbox: skipping a malformed stream entry");
+            continue;
+        };
+        let Some(seq) = sid.split('-').next().and_then(|s| s.parse().ok()) else {
+            log::warn!("inbox: skipping stream entry {sid}: not <seq>-0");
+            continue;
+        };
+        let mut e = Entry {
+            seq,
+            id: String::new(),
+            from: String::new(),
+            data: "null".into(),
+        };
+        for (k, val) in fields {
+            match k.as_str() {
+                "id" => e.id = val,
+                "from" => e.from = val,
+                "data" => e.data = val,
+                _ => {}
+            }
+        }
+        out.push(e);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_the_uid_tag() {
+        let i = Inbox::new(
+            "p:",
+            Limits {
+                max_len: 5,
+                ttl: 60,
+            },
+        );
+        assert_eq!(i.stream_key("u1"), "p:inbox:{u1}");
+        assert_eq!(i.meta_key("u1"), "p:inbox:{u1}:meta");
+        assert_eq!(i.meta_ttl_ms(), 60_000 * META_TTL_FACTOR);
+    }
+
+    #[test]
+    fn ids_and_epochs_differ() {
+        let a = new_id();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, new_id());
+        assert_eq!(new_epoch().len(), 12);
+    }
+
+    #[test]
+    fn an_entry_becomes_the_users_frame() {
+        let e = Entry {
+            seq: 7,
+            id: "abc".into(),
+            from: "u\"1".into(),
+            data: r#"{"x":[1,2]}"#.into(),
+        };
+        let f: serde_json::Value = serde_json::from_str(&e.frame()).unwrap();
+        assert_eq!(
+            f,
+            serde_json::json!({"from":"u\"1","data":{"x":[1,2]},"seq":7,"id":"abc"})
+        );
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        assert!(Limits { max_len: 0, ttl: 1 }.validate().is_err());
+        assert!(Limits { max_len: 1, ttl: 0 }.validate().is_err());
+        assert!(Limits { max_len: 1, ttl: 1 }.validate().is_ok());
+    }
+}

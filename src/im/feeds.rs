@@ -1,0 +1,362 @@
+//! This worker's side of the inbox: each user connection's [`Feed`], the
+//! Redis reads it asks for (the head at connect, ranges to replay or fill
+//! a gap, a later check), and the delivered/acked marks, batched per user
+//! and written every [`FLUSH_MS`].
+//!
+//! A live copy can go astray without anyone knowing (a Route worker dies
+//! with it in a buffer, a pub/sub relay is dropped while a subscriber
+//! reconnects, the location the Route used was a moment old). The next
+//! message to the user exposes the gap, and the feed fills it from the
+//! inbox; for the last message before a quiet spell, connections are
+//! *checked* (their user's head read again, and caught up): 1 s and 5 s
+//! after they connect, all of them when the Route link was re-established
+//! or the Route says it may have dropped relays (`check`), and every one
+//! once per `inbox_check_interval` in a background sweep.
+//!
+//! Nothing here blocks: every read is a callback on the worker's Redis
+//! client. A connection whose head cannot be read (Redis away) is told so
+//! and closed with 1013 (try again later): it is never welcomed into a
+//! feed that could not be verified.
+
+use std::collections::{HashMap, VecDeque};
+
+use redis::RedisResult;
+
+use crate::cluster::error::{ErrorCode, ProtocolError};
+use crate::cluster::inbox::{self, Head, Inbox};
+use crate::cluster::user::{error_frame, Resume};
+use crate::event::Holds;
+use crate::im::feed::{Feed, Live, Step, PAGE};
+use crate::im::stats;
+use crate::reactor::{Fd, Message, Server};
+
+/// Milliseconds between writes of the delivered/acked marks.
+pub const FLUSH_MS: u64 = 100;
+/// After a connection goes live, its user's head is read again this many
+/// milliseconds later: a live copy routed by a location a moment old (the
+/// user had just moved) is caught up from the inbox.
+const CHECKS_MS: [u64; 2] = [1_000, 5_000];
+/// Milliseconds before a failed inbox read is tried again.
+const RETRY_MS: u64 = 250;
+/// Close code for a connection whose inbox could not be read.
+const TRY_AGAIN: u16 = 1013;
+/// Close code for a resume the inbox cannot honour (`since` in the future).
+pub const BAD_RESUME: u16 = 4003;
+
+/// One connection's feed and its user.
+#[derive(Debug)]
+struct Conn {
+    uid: String,
+    feed: Feed,
+}
+
+/// The marks waiting to be written for one user.
+#[derive(Debug, Default)]
+struct Marks {
+    epoch: String,
+    delivered: u64,
+    acked: u64,
+}
+
+/// The feeds of this worker's user connections.
+#[derive(Debug)]
+pub struct Feeds {
+    inbox: Inbox,
+    conns: HashMap<Fd, Conn>,
+    marks: HashMap<String, Marks>,
+    /// Connections to check soon (after a `check`), in order.
+    urgent: VecDeque<Fd>,
+    /// The background sweep's round, in order.
+    sweep: VecDeque<Fd>,
+    /// Milliseconds for one sweep over every connection (0: no sweep).
+    sweep_ms: u64,
+}
+
+/// Connections checked per tick after a `check`.
+const URGENT_PER_TICK: usize = 200;
+
+impl Feeds {
+    /// Feeds over `inbox`, sweeping every connection once per
+    /// `check_interval` seconds (0: never).
+    pub fn new(inbox: Inbox, check_interval: f64) -> Feeds {
+        Feeds {
+            inbox,
+            conns: HashMap::new(),
+            marks: HashMap::new(),
+            urgent: VecDeque::new(),
+            sweep: VecDeque::new(),
+            sweep_ms: (check_interval.max(0.0) * 1000.0) as u64,
+        }
+    }
+
+    /// Every connection may have missed a live copy: check them all, a few
+    /// hundred per tick.
+    pub fn check_all(&mut self) {
+        self.urgent = self.conns.keys().copied().collect();
+    }
+
+    /// Every [`FLUSH_MS`]: writes the marks, and checks the next
+    /// connections due (after a `check`, and the sweep's share).
+    pub fn tick<A: Holds<Feeds>>(&mut self, srv: &mut Server<A>) {
+        self.flush(srv);
+        for _ in 0..URGENT_PER_TICK {
+            let Some(fd) = self.urgent.pop_front() else {
+                break;
+            };
+            self.check(srv, fd);
+        }
+        if self.sweep_ms == 0 || self.conns.is_empty() {
+            return;
+        }
+        let due = (self.conns.len() as u64 * FLUSH_MS).div_ceil(self.sweep_ms) as usize;
+        for _ in 0..due {
+            if self.sweep.is_empty() {
+                self.sweep = self.conns.keys().copied().collect();
+            }
+            match self.sweep.pop_front() {
+                Some(fd) => self.check(srv, fd),
+                None => break,
+            }
+        }
+    }
+
+    /// The inbox (its keys and scripts).
+    pub fn inbox(&self) -> &Inbox {
+        &self.inbox
+    }
+
+    /// A user connection opened, asking to resume as `resume`: read the
+    /// head, then welcome it.
+    pub fn open<A: Holds<Feeds>>(
+        &mut self,
+        srv: &mut Server<A>,
+        fd: Fd,
+        uid: &str,
+        resume: Resume,
+    ) {
+        self.conns.insert(
+            fd,
+            Conn {
+                uid: uid.to_string(),
+                feed: Feed::opening(resume),
+            },
+        );
+        srv.redis(
+            self.inbox.hello(uid),
+            move |app: &mut A, srv, r: RedisResult<(String, u64, u64)>| {
+                app.part().welcomed(srv, fd, r.map(inbox::parse_head));
+            },
+        );
+    }
+
+    fn welcomed<A: Holds<Feeds>>(&mut self, srv: &mut Server<A>, fd: Fd, r: RedisResult<Head>) {
+        let Some(c) = self.conns.get_mut(&fd) else {
+            return; // closed meanwhile
+        };
+        match r {
+            Ok(head) => {
+                let steps = c.feed.welcomed(&c.uid, head);
+                self.run(srv, fd, steps);
+                for ms in CHECKS_MS {
+                    Self::check_after(srv, fd, ms);
+                }
+            }
+            Err(e) => {
+                log::warn!("im: the inbox of {} could not be read: {e}", c.uid);
+                let err = ProtocolError::new(
+                    ErrorCode::Unavailable,
+                    format!("your stored messages could not be read ({e}); connect again later"),
+                );
+                srv.push(fd, Message::Text(error_frame(&err, None)));
+                srv.disconnect(fd, TRY_AGAIN, "inbox unavailable");
+            }
+        }
+    }
+
+    /// A connection moved here from the worker this one replaced, at
+    /// `epoch`/`last`: live at once, and checked against the inbox (what
+    /// reached the old worker after it stopped reading is read again).
+    pub fn adopt<A: Holds<Feeds>>(
+        &mut self,
+        srv: &mut Server<A>,
+        fd: Fd,
+        uid: &str,
+        epoch: String,
+        last: u64,
+    ) {
+        self.conns.insert(
+            fd,
+            Conn {
+                uid: uid.to_string(),
+                feed: Feed::adopted(epoch, last),
+            },
+        );
+        Self::check_after(srv, fd, 0);
+        for ms in CHECKS_MS {
+            Self::check_after(srv, fd, ms);
+        }
+    }
+
+    /// Where a connection stands (epoch, last seq pushed), for a handover.
+    pub fn position(&self, fd: Fd) -> Option<(&str, u64)> {
+        let c = self.conns.get(&fd)?;
+        (!c.feed.is_opening()).then(|| c.feed.position())
+    }
+
+    /// A connection closed.
+    pub fn close(&mut self, fd: Fd) {
+        self.conns.remove(&fd);
+    }
+
+    /// A stored message for `fds` (connections of one user on this worker).
+    pub fn offer<A: Holds<Feeds>>(&mut self, srv: &mut Server<A>, fds: &[Fd], m: &Live) {
+        for fd in fds {
+            let Some(c) = self.conns.get_mut(fd) else {
+                continue;
+            };
+            let steps = c.feed.offer(m.clone());
+            self.run(srv, *fd, steps);
+        }
+    }
+
+    /// `{"ack":n}` on connection `fd`: refused past what it was pushed,
+    /// else remembered for the next flush.
+    pub fn ack<A: Holds<Feeds>>(&mut self, srv: &mut Server<A>, fd: Fd, n: u64) {
+        let Some(c) = self.conns.get(&fd) else {
+            return;
+        };
+        let (epoch, last) = c.feed.position();
+        if c.feed.is_opening() || n > last {
+            let e = ProtocolError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "ack {n} is past the last seq this connection received ({last}); nothing was acknowledged"
+                ),
+            );
+            srv.push(fd, Message::Text(e.to_frame()));
+            return;
+        }
+        let m = Self::marks_for(&mut self.marks, &c.uid, epoch);
+        m.acked = m.acked.max(n);
+    }
+
+    fn marks_for<'m>(
+        marks: &'m mut HashMap<String, Marks>,
+        uid: &str,
+        epoch: &str,
+    ) -> &'m mut Marks {
+        let m = marks.entry(uid.to_string()).or_default();
+        if m.epoch != epoch {
+            *m = Marks {
+                epoch: epoch.to_string(),
+                ..Marks::default()
+            };
+        }
+        m
+    }
+
+    /// Writes the marks gathered since the last flush (one script call per
+    /// user, not waited for).
+    pub fn flush<A: Holds<Feeds>>(&mut self, srv: &mut Server<A>) {
+        for (uid, m) in self.marks.drain() {
+            srv.redis_send(self.inbox.mark(&uid, &m.epoch, m.delivered, m.acked));
+        }
+    }
+
+    /// Carries out a feed's steps for connection `fd`.
+    fn run<A: Holds<Feeds>>(&mut self, srv: &mut Server<A>, fd: Fd, steps: Vec<Step>) {
+        let mut pushed = 0;
+        for s in steps {
+            match s {
+                Step::Push(frame) => {
+                    pushed += u64::from(frame.starts_with("{\"from\""));
+                    srv.push(fd, Message::Text(frame));
+                }
+                Step::Fetch { from, to } => self.fetch(srv, fd, from, to),
+                Step::Refuse(frame) => {
+                    srv.push(fd, Message::Text(frame));
+                    srv.disconnect(fd, BAD_RESUME, "bad resume");
+                    self.conns.remove(&fd);
+                    return;
+                }
+            }
+        }
+        stats::add(srv, stats::DELIVERED, pushed);
+        if let Some(c) = self.conns.get(&fd) {
+            let (epoch, last) = c.feed.position();
+            if pushed > 0 && last > 0 {
+                let m = Self::marks_for(&mut self.marks, &c.uid, epoch);
+                m.delivered = m.delivered.max(last);
+            }
+        }
+    }
+
+    fn fetch<A: Holds<Feeds>>(&mut self, srv: &mut Server<A>, fd: Fd, from: u64, to: u64) {
+        let Some(c) = self.conns.get(&fd) else {
+            return;
+        };
+        srv.redis(
+            self.inbox.range(&c.uid, from, Some(to), PAGE),
+            move |app: &mut A, srv, r: RedisResult<redis::Value>| {
+                app.part().fetched(srv, fd, to, r);
+            },
+        );
+    }
+
+    fn fetched<A: Holds<Feeds>>(
+        &mut self,
+        srv: &mut Server<A>,
+        fd: Fd,
+        to: u64,
+        r: RedisResult<redis::Value>,
+    ) {
+        let Some(c) = self.conns.get_mut(&fd) else {
+            return;
+        };
+        match r {
+            Ok(v) => {
+                let steps = c.feed.fetched(&inbox::parse_entries(v), to);
+                self.run(srv, fd, steps);
+            }
+            Err(e) => {
+                log::warn!("im: reading the inbox of {} failed: {e}; retrying", c.uid);
+                srv.after(RETRY_MS, move |app: &mut A, srv, _| {
+                    let me = app.part();
+                    let step = me.conns.get(&fd).and_then(|c| c.feed.retry());
+                    if let Some(s) = step {
+                        me.run(srv, fd, vec![s]);
+                    }
+                });
+            }
+        }
+    }
+
+    fn check_after<A: Holds<Feeds>>(srv: &mut Server<A>, fd: Fd, ms: u64) {
+        srv.after(ms, move |app: &mut A, srv, _| app.part().check(srv, fd));
+    }
+
+    /// Reads the user's head again and catches the connection up to it.
+    fn check<A: Holds<Feeds>>(&mut self, srv: &mut Server<A>, fd: Fd) {
+        let Some(c) = self.conns.get(&fd) else {
+            return;
+        };
+        srv.redis(
+            self.inbox.meta(&c.uid),
+            move |app: &mut A, srv, r: RedisResult<Vec<Option<String>>>| {
+                let me = app.part();
+                let Some(c) = me.conns.get_mut(&fd) else {
+                    return;
+                };
+                let Ok(v) = r else {
+                    return; // the next check, or the next message, will tell
+                };
+                let (Some(Some(epoch)), Some(Some(seq))) = (v.first(), v.get(1)) else {
+                    return; // no inbox (yet): nothing to catch up
+                };
+                let seq = seq.parse().unwrap_or(0);
+                let steps = c.feed.checked(epoch, seq);
+                me.run(srv, fd, steps);
+            },
+        );
+    }
+}
