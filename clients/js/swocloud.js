@@ -115,7 +115,7 @@ export class SwocloudClient {
   /**
    * Adds a listener: `message` (Message), `resync` ({epoch, reason}:
    * `epoch`, `trimmed`, or `ahead`: our seq was past the server's),
-   * `welcome` (the welcome frame), `sent` ({ref, id, seq}), `error`
+   * `welcome` (the welcome frame), `sent` ({ref, id, seq, epoch}), `error`
    * (SwocloudError: protocol errors and failed attempts), `state` (State).
    * @param {string} event
    * @param {(arg: any) => void} fn
@@ -134,16 +134,16 @@ export class SwocloudClient {
   }
 
   /**
-   * Sends `data` to user `to`. Resolves with `{id, seq}` (its seq in `to`'s
-   * stream) once the server stored it; rejects with a SwocloudError: the
+   * Sends `data` to user `to`. Resolves with `{id, seq, epoch}` (its place in
+   * `to`'s stream) once the server stored it; rejects with a SwocloudError: the
    * server's error for it, `not_connected` (nothing sent), or
    * `disconnected`/`timeout` (no confirmation came: maybe stored, maybe
-   * not; a retry with the same `ref` is stored once only by a server that
-   * dedupes by ref).
+   * not; the server does not dedupe by ref, so a retry may be stored twice:
+   * put your own message id in `data` to recognise it, as chat.html does).
    * @param {string} to
    * @param {*} data any JSON
    * @param {{ref?: string}} [opts]
-   * @returns {Promise<{id: string, seq: number}>}
+   * @returns {Promise<{id: string, seq: number, epoch: string}>}
    */
   send(to, data, opts = {}) {
     const ref = opts.ref ?? `${this.uid}.${Date.now().toString(36)}.${++this._refs}`;
@@ -266,8 +266,9 @@ export class SwocloudClient {
     }
     if (f.method === 'reconnect') return this._drain(f.url ?? null);
     if (typeof f.sent === 'string') {
-      this._settle(f.sent, null, { id: f.id, seq: f.seq });
-      return this._emit('sent', { ref: f.sent, id: f.id, seq: f.seq });
+      const stored = { id: f.id, seq: f.seq, epoch: f.epoch };
+      this._settle(f.sent, null, stored);
+      return this._emit('sent', { ref: f.sent, ...stored });
     }
     if (f.error) {
       const e = new SwocloudError(f.error.code ?? 'error', f.error.message ?? '', f.ref);

@@ -18,9 +18,10 @@
 //! `/api/*` requires `Authorization: Bearer <api_key>` when `api_key` is set.
 //! `/route` requires a user token (JWT HS256, `aud=user`, `sub=U`) when
 //! `auth_secret` is set; the answer carries a fresh token for the IM server.
-//! `/health`, `/ready`, `/metrics`, `/dashboard`, `/chat` and the client stay open, as probes and
+//! `/health`, `/ready`, `/metrics` and `/dashboard` stay open, as probes and
 //! scrapers expect: they show counts and states, never the registry's
-//! addresses (the dashboard asks for the key to read `/api/servers`).
+//! addresses (the dashboard asks for the key to read `/api/servers`); so do
+//! `/chat` and its client (static files; the page asks `/route` itself).
 //!
 //! [`Api`] borrows the components a request needs — the registrations
 //! (read-only), delivery and the directory — for the length of one request;

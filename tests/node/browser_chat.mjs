@@ -64,7 +64,7 @@ async function run() {
   };
   // Until `page` has shown `count` messages from `from`.
   const delivered = (page, from, count) => page.waitForFunction(
-    ([f, c]) => window.chat.received.filter((m) => m.from === f).length >= c,
+    ([f, c]) => window.chat.shown.filter((m) => m.from === f).length >= c,
     [from, count], { timeout: WAIT },
   );
 
@@ -113,7 +113,7 @@ async function run() {
   });
   await everything();
   // A last message each way: a duplicate of any earlier one, had the
-  // cluster sent one, would have arrived before it (each stream is ordered).
+  // cluster sent one, arrives before it (each stream is ordered).
   await post('a', a, uidA, 'last');
   await post('b', b, uidB, 'last');
   await everything();
