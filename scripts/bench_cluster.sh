@@ -29,6 +29,13 @@
 #     that many messages a second has its link closed with 1008 (and the
 #     frames over the limit are dropped), so u2u saturation past 20,000
 #     msg/s needs it raised
+#   CLUSTER_INBOX [true]: the inbox setting of the Route and both IM
+#     servers (false: the fire-and-forget path, to measure what storing
+#     every message costs; scripts/bench_inbox.sh runs both)
+#   CLUSTER_REPLAY [10000]: with the inbox on, after the runs, queue this
+#     many messages for one offline user through /api/send, then time its
+#     connect until the last one arrived (tests/node/bench_replay.mjs;
+#     0: skip)
 #   BENCH_OUT [target/bench]
 #
 # Redis commands per delivered message: `INFO commandstats` is sampled
@@ -57,6 +64,8 @@ CLUSTER_HTTP_CONNS=${CLUSTER_HTTP_CONNS:-16}
 CLUSTER_SENDERS=${CLUSTER_SENDERS:-64}
 CLUSTER_REPEATS=${CLUSTER_REPEATS:-3}
 CLUSTER_LOW_RATE=${CLUSTER_LOW_RATE:-1000}
+CLUSTER_INBOX=${CLUSTER_INBOX:-true}
+CLUSTER_REPLAY=${CLUSTER_REPLAY:-10000}
 BENCH_OUT=${BENCH_OUT:-target/bench}
 
 LOADGEN=target/release/examples/loadgen
@@ -112,6 +121,7 @@ pid_file = "$WORK/route.pid"
 log_file = "$WORK/route.log"
 log_level = "warn"
 redis_url = "redis://127.0.0.1:$REDIS_PORT"
+inbox = $CLUSTER_INBOX
 ${CLUSTER_ROUTE_MSG_RATE:+max_messages_per_second = $CLUSTER_ROUTE_MSG_RATE}
 TOML
 timeout 30 "$ROUTE" start -d -c "$WORK/route.toml" || die "the Route did not start"
@@ -130,6 +140,7 @@ log_level = "warn"
 redis_url = "redis://127.0.0.1:$REDIS_PORT"
 route_url = "ws://127.0.0.1:$RPORT/"
 service_name = "IM_$i"
+inbox = $CLUSTER_INBOX
 max_conn = 20000
 heartbeat_idle_time = 600
 TOML
@@ -228,6 +239,12 @@ if [[ $CLUSTER_LOW_RATE != 0 ]]; then
     run api-send "$CLUSTER_LOW_RATE" apilow
     run u2u "$CLUSTER_LOW_RATE" u2ulow
 fi
+if [[ $CLUSTER_INBOX == true && $CLUSTER_REPLAY != 0 ]]; then
+    log "replay: $CLUSTER_REPLAY messages queued for an offline user, then its connect"
+    line=$(node tests/node/bench_replay.mjs "http://127.0.0.1:$RPORT" "replay_$$" "$CLUSTER_REPLAY" | sed -n 's/^RESULT //p')
+    log "replay: $line"
+    [[ -n $line ]] && echo "replay 0 $line" >>"$RESULTS"
+fi
 log "Route /metrics after the runs (errors, drops):"
 curl -s "http://127.0.0.1:$RPORT/metrics" | grep -E '^swocloud_[a-z_]*(error|drop|dropped|slow|fail|overflow|refused)[a-z_]* ' | sed 's/^/    /' >&2 || true
 
@@ -240,6 +257,11 @@ for l in open(sys.argv[1]):
 def ms(xs):
     return f"median {statistics.median(xs):.0f} (min {min(xs):.0f}, max {max(xs):.0f}, n={len(xs)})"
 for (mode, rate), rs in sorted(rows.items()):
+    if mode == "replay":
+        r = rs[0]
+        print(f"replay: {r['messages']} queued messages received in {r['replay_ms']:.0f} ms"
+              f" ({r['per_s']:.0f} msg/s) after connect; queued at {r['fill_per_s']:.0f} msg/s")
+        continue
     print(f"{mode} {'saturation (window)' if rate == 0 else f'paced at {rate:.0f} msg/s'}:")
     for k in ("sent_per_s", "received_per_s", "p50_us", "p99_us", "max_us", "lost", "errors"):
         print(f"  {k:15} {ms([r[k] for r in rs])}")

@@ -478,3 +478,21 @@ fn redis_down_means_503_and_an_error_with_the_ref() {
     );
     c.redis.restart();
 }
+
+#[test]
+fn with_the_inbox_off_messages_are_fire_and_forget_as_before() {
+    let off = "inbox = false\n";
+    let c = Cluster::start_with(1, 1, 1, off, off);
+    let url = c.route_for("olga")["url"].as_str().unwrap().to_string();
+    let mut ws = ws_connect(&url).unwrap();
+    wait_until(Duration::from_secs(5), "olga online", || {
+        c.online("olga")["online"] == true
+    });
+    let (st, v) = c.api_send("olga", json!("x"));
+    assert_eq!((st, &v["delivered"]), (200, &json!(1)), "{v}");
+    let f = next_frame(&mut ws, Duration::from_secs(5)).unwrap();
+    assert_eq!(f, json!({"from": "api", "data": "x"}), "no welcome, no seq");
+    let (st, v) = c.api_send("nobody", json!(1));
+    assert_eq!((st, &v["error"]), (404, &json!("offline")), "{v}");
+    assert_eq!(c.message_status("olga", 1).0, 404);
+}

@@ -194,6 +194,9 @@ pub async fn run(args: ClusterArgs, u2u: bool) -> Result<serde_json::Value, Stri
                         window.add_permits(1);
                         continue;
                     }
+                    if v.get("method").is_some() {
+                        continue; // welcome (and resync): the inbox's, not a message
+                    }
                     let Some(t) = v.pointer("/data/t").and_then(|t| t.as_u64()) else {
                         errors.record(format!("unexpected frame: {text}"));
                         continue;

@@ -351,7 +351,22 @@ impl Feeds {
                     return; // the next check, or the next message, will tell
                 };
                 let (Some(Some(epoch)), Some(Some(seq))) = (v.first(), v.get(1)) else {
-                    return; // no inbox (yet): nothing to catch up
+                    // The inbox this connection follows is gone (Redis lost
+                    // it, or it expired): start the new epoch, and say so.
+                    let uid = c.uid.clone();
+                    let hello = me.inbox.hello(&uid);
+                    srv.redis(
+                        hello,
+                        move |app: &mut A, srv, r: RedisResult<(String, u64, u64)>| {
+                            let me = app.part();
+                            if let (Ok(h), Some(c)) = (r, me.conns.get_mut(&fd)) {
+                                let head = inbox::parse_head(h);
+                                let steps = c.feed.checked(&head.epoch, head.seq);
+                                me.run(srv, fd, steps);
+                            }
+                        },
+                    );
+                    return;
                 };
                 let seq = seq.parse().unwrap_or(0);
                 let steps = c.feed.checked(epoch, seq);
