@@ -102,7 +102,8 @@ export class SwocloudClient {
     this._listeners = new Map(EVENTS.map((e) => [e, new Set()]));
     this._ws = null;
     this._url = null; // a known server's URL (uid and token included), or null: ask /route
-    this._fails = 0; // attempts in a row that ended before the socket opened
+    this._fails = 0; // attempts in a row that ended before a welcome or a message
+    this._served = false; // this socket got a welcome or a message
     this._timer = null; // the backoff timer
     this._acked = 0; // the last seq acked to the server
     this._ackTimer = null;
@@ -195,12 +196,9 @@ export class SwocloudClient {
     const q = new URLSearchParams({ uid: this.uid, ...(this.token && { token: this.token }) });
     const r = await this._fetch(`${this.routeUrl}/route?${q}`, { cache: 'no-store' });
     const body = await r.json().catch(() => ({}));
-    if (r.status >= 400 && r.status < 500) {
-      throw new SwocloudError('route', `/route answered ${r.status}: ${body.error?.message ?? ''}`);
-    }
-    if (!r.ok || !body.url) {
-      throw new SwocloudError(body.error?.code ?? 'unavailable', `/route answered ${r.status}`);
-    }
+    const why = `/route answered ${r.status}: ${body.error?.message ?? ''}`;
+    if (r.status >= 400 && r.status < 500) throw new SwocloudError('route', why);
+    if (!r.ok || !body.url) throw new SwocloudError(body.error?.code ?? 'unavailable', why);
     this.serviceName = body.serviceName ?? null;
     return body.url;
   }
@@ -222,10 +220,8 @@ export class SwocloudClient {
       return this._retry();
     }
     this._ws = ws;
-    let opened = false;
+    this._served = false;
     ws.onopen = () => {
-      opened = true;
-      this._fails = 0;
       this._acked = 0; // the welcome acks a resumed position
       this._setState('open');
     };
@@ -236,7 +232,8 @@ export class SwocloudClient {
       this._ws = null;
       this._cancelAck();
       this._failPending('disconnected', 'the connection closed before the server confirmed');
-      if (!opened && ++this._fails >= this.routeAfter) this._url = null;
+      // Refused (token, storage unavailable, resume point) or unreachable: back off, ask /route.
+      if (!this._served && ++this._fails >= this.routeAfter) this._url = null;
       this._retry();
     };
   }
@@ -285,6 +282,8 @@ export class SwocloudClient {
    * resumed position is acked at once: the server trims unacked history.
    */
   _welcome(f) {
+    this._served = true;
+    this._fails = 0;
     const epoch = f.epoch == null ? null : String(f.epoch);
     if (this.epoch && epoch && epoch !== this.epoch) {
       this._resync(epoch, 'epoch');
@@ -311,6 +310,8 @@ export class SwocloudClient {
 
   /** A delivered message: deduped by seq, processed, then acked (batched). */
   _message(f) {
+    this._served = true;
+    this._fails = 0;
     const m = { from: f.from, data: f.data };
     if (typeof f.seq !== 'number') return this._emit('message', m); // a broadcast
     if (f.seq <= this.seq) return void this.duplicates++;
