@@ -245,7 +245,12 @@ impl Feeds {
         uid: &str,
         epoch: &str,
     ) -> &'m mut Marks {
-        let m = marks.entry(uid.to_string()).or_default();
+        if !marks.contains_key(uid) {
+            marks.insert(uid.to_string(), Marks::default());
+        }
+        let Some(m) = marks.get_mut(uid) else {
+            unreachable!("inserted above")
+        };
         if m.epoch != epoch {
             *m = Marks {
                 epoch: epoch.to_string(),
