@@ -5,7 +5,9 @@
 # examples/clients/ are tested for real); systemd-analyze (package systemd)
 # and Python's prometheus_client (PyPI) for tests/ops.rs, which verify the
 # units and parse /metrics; Node.js with the ws package (npm) for the
-# permessage-deflate test in tests/frames.rs.
+# permessage-deflate test in tests/frames.rs; Debian's chromium and the
+# playwright-core package (npm; it downloads no browser) for the chat page
+# test in tests/browser.rs.
 # Rust itself (>= 1.80, with cargo) must already be installed (rustup).
 set -euo pipefail
 
@@ -19,6 +21,7 @@ command -v php >/dev/null 2>&1 || need+=(php-cli)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
@@ -36,11 +39,12 @@ if ! python3 -c 'import prometheus_client' >/dev/null 2>&1; then
          DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-prometheus-client >/dev/null; }
 fi
 
-# Node's ws package: a real permessage-deflate client for tests/frames.rs
-# (pinned in tests/node/package-lock.json).
+# Node's ws package (a real permessage-deflate client for tests/frames.rs)
+# and playwright-core (drives chromium for tests/browser.rs), pinned in
+# tests/node/package-lock.json.
 root="$(cd "$(dirname "$0")/.." && pwd)"
-if [ ! -d "$root/tests/node/node_modules/ws" ]; then
-  echo "setup: installing the ws package (npm) into tests/node"
+if [ ! -d "$root/tests/node/node_modules/ws" ] || [ ! -d "$root/tests/node/node_modules/playwright-core" ]; then
+  echo "setup: installing the npm packages (ws, playwright-core) into tests/node"
   (cd "$root/tests/node" && npm ci --no-audit --no-fund --silent)
 fi
 

@@ -2,8 +2,9 @@
 //! endpoints — `/api/*`, `/metrics`, `/dashboard` — are answered only on
 //! connections the worker accepted on that address, and are `404 Not
 //! Found` on the public one (as if they did not exist, so a scan of the
-//! public port learns nothing). `/health`, `/ready` and `/route` stay on
-//! both (the IM server's `/metrics` is admin-only too).
+//! public port learns nothing). `/health`, `/ready`, `/route` and the chat
+//! page (`/chat`, `/client/swocloud.js`) stay on both (the IM server's
+//! `/metrics` is admin-only too).
 //!
 //! The admin address is no authentication: bind it to loopback or a
 //! private network, and keep `api_key` set.
@@ -39,7 +40,16 @@ mod tests {
         ] {
             assert!(super::is_admin_path(p), "{p}");
         }
-        for p in ["/health", "/ready", "/route", "/", "/apix", "/metricsx"] {
+        for p in [
+            "/health",
+            "/ready",
+            "/route",
+            "/",
+            "/apix",
+            "/metricsx",
+            "/chat",
+            "/client/swocloud.js",
+        ] {
             assert!(!super::is_admin_path(p), "{p}");
         }
     }

@@ -12,13 +12,16 @@
 //! | `GET /api/online?uid=U` | `{"uid","online","connections","servers"}` |
 //! | `GET /metrics` | Prometheus text format, summed over every worker (see [`crate::metrics`]) |
 //! | `GET /dashboard` | a self-contained HTML page that polls the three above |
+//! | `GET /chat?uid=U&token=T&peer=P` | a chat page (`chat.html`) on the JavaScript client |
+//! | `GET /client/swocloud.js` | that client (`clients/js/swocloud.js`), an ES module |
 //!
 //! `/api/*` requires `Authorization: Bearer <api_key>` when `api_key` is set.
 //! `/route` requires a user token (JWT HS256, `aud=user`, `sub=U`) when
 //! `auth_secret` is set; the answer carries a fresh token for the IM server.
 //! `/health`, `/ready`, `/metrics` and `/dashboard` stay open, as probes and
 //! scrapers expect: they show counts and states, never the registry's
-//! addresses (the dashboard asks for the key to read `/api/servers`).
+//! addresses (the dashboard asks for the key to read `/api/servers`); so do
+//! `/chat` and its client (static files; the page asks `/route` itself).
 //!
 //! [`Api`] borrows the components a request needs — the registrations
 //! (read-only), delivery and the directory — for the length of one request;
@@ -44,8 +47,19 @@ use crate::route::stats;
 /// The dashboard page (inline CSS and JS, no external assets).
 const DASHBOARD: &str = include_str!("dashboard.html");
 
+/// The chat page (inline CSS; imports [`CLIENT_JS`] from `/client/swocloud.js`).
+const CHAT: &str = include_str!("chat.html");
+/// The JavaScript client (`clients/js/swocloud.js`), an ES module.
+const CLIENT_JS: &str = include_str!("../../clients/js/swocloud.js");
+
 /// Lifetime of the user tokens `/route` hands out.
 const USER_TOKEN_TTL: u64 = 3600;
+
+fn page(body: &'static str, content_type: &str) -> Response {
+    Response::new(200, body)
+        .with_header("Content-Type", content_type)
+        .with_header("Cache-Control", "no-cache")
+}
 
 fn json_body(req: &Request) -> Result<Map<String, Value>, Response> {
     match serde_json::from_slice::<Value>(&req.body) {
@@ -101,6 +115,8 @@ impl Api<'_> {
             ("GET", "/dashboard") => Response::new(200, DASHBOARD)
                 .with_header("Content-Type", "text/html; charset=utf-8")
                 .with_header("Cache-Control", "no-cache"),
+            ("GET", "/chat") => page(CHAT, "text/html; charset=utf-8"),
+            ("GET", "/client/swocloud.js") => page(CLIENT_JS, "text/javascript; charset=utf-8"),
             ("GET", "/api/servers") if req.query_param("fresh") == Some("1") => {
                 self.fresh_servers(srv, req)
             }
@@ -119,8 +135,16 @@ impl Api<'_> {
             (_, "/api/send" | "/api/broadcast") => method_not_allowed("POST"),
             (
                 _,
-                "/health" | "/ready" | "/api/servers" | "/route" | "/api/online" | "/metrics"
-                | "/dashboard" | "/api/message",
+                "/health"
+                | "/ready"
+                | "/api/servers"
+                | "/route"
+                | "/api/online"
+                | "/metrics"
+                | "/dashboard"
+                | "/api/message"
+                | "/chat"
+                | "/client/swocloud.js",
             ) => method_not_allowed("GET"),
             _ => not_found(path),
         }
