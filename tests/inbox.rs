@@ -231,7 +231,11 @@ fn user_to_user_messages_are_stored_confirmed_and_queued_for_the_offline() {
     }
     let s1 = next_frame(&mut users[a], Duration::from_secs(5)).unwrap();
     let s2 = next_frame(&mut users[a], Duration::from_secs(5)).unwrap();
-    assert_eq!((&s1["seq"], &s1["id"]), (&s2["seq"], &s2["id"]), "{s1} {s2}");
+    assert_eq!(
+        (&s1["seq"], &s1["id"]),
+        (&s2["seq"], &s2["id"]),
+        "{s1} {s2}"
+    );
     let got = next_frame(&mut users[b], Duration::from_secs(5)).unwrap();
     assert_eq!((&got["data"], &got["seq"]), (&json!("again"), &s1["seq"]));
     let body = json!({"uid": to, "data": "api-once", "ref": "k1"}).to_string();
@@ -248,9 +252,16 @@ fn user_to_user_messages_are_stored_confirmed_and_queued_for_the_offline() {
         serde_json::from_str::<Value>(&b).unwrap()
     };
     let (v1, v2) = (post(), post());
-    assert_eq!((&v1["seq"], &v1["id"]), (&v2["seq"], &v2["id"]), "{v1} {v2}");
+    assert_eq!(
+        (&v1["seq"], &v1["id"]),
+        (&v2["seq"], &v2["id"]),
+        "{v1} {v2}"
+    );
     let got = next_frame(&mut users[b], Duration::from_secs(5)).unwrap();
-    assert_eq!((&got["data"], &got["seq"]), (&json!("api-once"), &v1["seq"]));
+    assert_eq!(
+        (&got["data"], &got["seq"]),
+        (&json!("api-once"), &v1["seq"])
+    );
     next_is_sentinel(&c, &mut users[b], &to);
     // A refused frame echoes its ref.
     users[a]

@@ -139,8 +139,8 @@ export class SwocloudClient {
    * `to`'s stream) once the server stored it; rejects with a SwocloudError: the
    * server's error for it, `not_connected` (nothing sent), or
    * `disconnected`/`timeout` (no confirmation came: maybe stored, maybe
-   * not; the server does not dedupe by ref, so a retry may be stored twice:
-   * put your own message id in `data` to recognise it, as chat.html does).
+   * not). Retry with the same `opts.ref`: the server stores a repeat of a
+   * ref it still holds once, and confirms it with the first copy's seq.
    * @param {string} to
    * @param {*} data any JSON
    * @param {{ref?: string}} [opts]
