@@ -26,6 +26,8 @@ pub enum ErrorCode {
     RateLimited,
     /// (to users) The target user is not online.
     Offline,
+    /// The sender is not a member of the group.
+    NotMember,
     /// A code this build does not know (from a newer peer).
     #[serde(other)]
     Unknown,
@@ -44,6 +46,7 @@ impl ErrorCode {
             ErrorCode::BadFrame => "bad_frame",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Offline => "offline",
+            ErrorCode::NotMember => "not_member",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -116,6 +119,7 @@ mod tests {
             ErrorCode::BadFrame,
             ErrorCode::RateLimited,
             ErrorCode::Offline,
+            ErrorCode::NotMember,
         ] {
             let wire = serde_json::to_value(c).unwrap();
             assert_eq!(wire.as_str(), Some(c.as_str()));

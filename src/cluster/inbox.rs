@@ -173,6 +173,24 @@ impl Entry {
     }
 }
 
+impl Entry {
+    /// The frame a member receives for a group message:
+    /// `{"group","from","data","gseq","id"}`.
+    pub fn group_frame(&self, group: &str) -> String {
+        let mut f = String::with_capacity(self.data.len() + self.from.len() + group.len() + 72);
+        f.push_str("{\"group\":");
+        f.push_str(&crate::cluster::encode(&group));
+        f.push_str(",\"from\":");
+        f.push_str(&crate::cluster::encode(&self.from));
+        f.push_str(",\"data\":");
+        f.push_str(&self.data);
+        f.push_str(&format!(",\"gseq\":{},\"id\":", self.seq));
+        f.push_str(&crate::cluster::encode(&self.id));
+        f.push('}');
+        f
+    }
+}
+
 /// The inbox's keys and scripts under one prefix.
 #[derive(Debug, Clone)]
 pub struct Inbox {

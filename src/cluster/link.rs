@@ -10,6 +10,7 @@
 //!   {"method":"heartbeat","load":12}
 //!   {"method":"forward","to":"U2","from":"U1","data":…[,"stamp":{"epoch","seq","id"}][,"sender":"W/FD"][,"here":true]}
 //!   {"method":"draining"}
+//!   {"method":"group_send","group","from","data"[,"ref"],"sender":"W/FD"}   a user's group message
 //! Route → IM  [`RouteFrame`]
 //!   {"method":"registered","serviceName":"IM_1","ip":…,"port":…,"node":…,"lease_ms":…}
 //!   {"method":"deliver","to":"U2","from":"U1","data":…[,"stamp":{…}]}
@@ -19,6 +20,12 @@
 //!   {"method":"offline","to":"U2","sender":"W/FD"[,"unavailable":true]}
 //!        the forward's user is online nowhere (or, unavailable: its location could not be read)
 //!   {"method":"check"}   relays may have been dropped: check every user's inbox
+//!   {"method":"group_deliver","group","from","data","stamp","mver"}   to the local members
+//!   {"method":"group_joined"|"group_left","group","uid","epoch","gseq","mver"}
+//!   {"method":"group_sent","sender","ref","group","gseq","id"}   a user's group message is stored
+//!   {"method":"group_refused","sender","ref","error":{…}}
+//!   {"method":"group_event","group","event":"join"|"leave","uid"}   presence, to the members
+//!   {"method":"kick","uid","reason"}   close the user's connections with 4000
 //!   {"error":{"code":"…","message":"…"}}     (see [`crate::cluster::error`])
 //! ```
 
@@ -28,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::cluster::error::{ErrorCode, ProtocolError};
+use crate::cluster::groups::{GroupMessage, Membership};
 use crate::cluster::ids::{valid_service_name, MAX_NAME};
 use crate::cluster::inbox::Stamp;
 
@@ -91,6 +99,71 @@ pub struct Broadcast {
     pub from: String,
     /// Payload (any JSON).
     pub data: Value,
+}
+
+/// A user's group message, on its way to the Route.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupSend {
+    /// The group.
+    pub group: String,
+    /// The sending user.
+    pub from: String,
+    /// Payload.
+    pub data: Value,
+    /// The sender's ref.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// The sending connection (`<worker>/<fd>`).
+    pub sender: String,
+}
+
+/// The Route stored a user's group message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSent {
+    /// The sending connection.
+    pub sender: String,
+    /// The sender's ref.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// The group.
+    pub group: String,
+    /// Its gseq.
+    pub gseq: u64,
+    /// Its id.
+    pub id: String,
+}
+
+/// The Route refused a user's group message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRefused {
+    /// The sending connection.
+    pub sender: String,
+    /// The sender's ref.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// Why.
+    pub error: ProtocolError,
+}
+
+/// A presence event for a group's members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupEvent {
+    /// The group.
+    pub group: String,
+    /// `join` or `leave`.
+    pub event: String,
+    /// Who.
+    pub uid: String,
+}
+
+/// Close a user's connections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kick {
+    /// The user.
+    pub uid: String,
+    /// The close reason.
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// The fields of a `register` (the seed's message, plus optional fields).
@@ -160,6 +233,8 @@ pub enum ImFrame {
     Forward(Addressed),
     /// The IM server is stopping: hand out no more users to it.
     Draining,
+    /// A user's message for a group.
+    GroupSend(GroupSend),
     /// A method this build does not know.
     #[serde(other, skip_serializing)]
     Unknown,
@@ -205,6 +280,20 @@ pub enum RouteFrame {
     /// pub/sub connection was re-established): check every connection
     /// against its inbox.
     Check,
+    /// A group message for the local members.
+    GroupDeliver(GroupMessage),
+    /// A local user joined a group.
+    GroupJoined(Membership),
+    /// A local user left a group.
+    GroupLeft(Membership),
+    /// A user's group message is stored.
+    GroupSent(GroupSent),
+    /// A user's group message was refused.
+    GroupRefused(GroupRefused),
+    /// A presence event for a group's members.
+    GroupEvent(GroupEvent),
+    /// Close every connection of a user (code 4000).
+    Kick(Kick),
     /// A refused frame (`{"error":…}`: no `method`).
     #[serde(skip)]
     Error(ProtocolError),

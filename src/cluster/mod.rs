@@ -8,6 +8,7 @@
 //! - [`keys`]: the Redis key schema (every key and channel name).
 //! - [`ids`]: uid and serviceName validation.
 //! - [`inbox`]: every user's stored messages (ids, seq, epochs, acks).
+//! - [`groups`]: group membership, group streams (`gseq`), per-server counts.
 //! - [`servers`]: the registry's record format ([`servers::ServerEntry`],
 //!   the seed's set member) and its reads.
 //! - [`presence`]: who is online where (written by IM servers, read by the
@@ -16,6 +17,7 @@
 
 pub mod admin;
 pub mod error;
+pub mod groups;
 pub mod ids;
 pub mod inbox;
 pub mod keys;

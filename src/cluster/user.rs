@@ -4,6 +4,11 @@
 //! ```text
 //! user → {"to":"U2","data":…[,"ref":"r"]}             [`UserSend`]
 //! user → {"ack":N}                                    [`UserFrame::Ack`]: everything ≤ N is processed
+//! user → {"group":G,"data":…[,"ref":"r"]}             a message for a group (the user's)
+//! user → {"ack":N,"group":G}                          a group's cumulative ack (gseq)
+//! user ← {"method":"group","group","epoch","gseq"}    a group's head, after welcome (one per group)
+//! user ← {"group":G,"from","data","gseq","id"}         a group message
+//! user ← {"method":"join"|"leave","group","uid"}       a group's presence event
 //! user ← {"method":"welcome","uid","epoch","seq"}     [`Welcome`]: always the first frame
 //! user ← {"method":"resync","epoch","reason"}         [`Resync`]: stored history is gone
 //! user ← {"from":"U1","data":…,"seq":N,"id":"…"}      a stored message ([`Delivered`])
@@ -47,6 +52,22 @@ pub enum UserFrame {
     Send(UserSend),
     /// A cumulative ack: every message up to this seq is processed.
     Ack(u64),
+    /// A message for a group the user belongs to.
+    GroupSend {
+        /// The group.
+        group: String,
+        /// Any JSON.
+        data: Value,
+        /// The sender's label for the confirmation.
+        reference: Option<String>,
+    },
+    /// A cumulative ack of a group's messages (gseq).
+    GroupAck {
+        /// The group.
+        group: String,
+        /// Everything up to this gseq is processed.
+        gseq: u64,
+    },
 }
 
 /// A refused user frame: the error, and the frame's `ref` if it had one.
@@ -105,15 +126,48 @@ pub fn parse_user(text: &str) -> Result<UserFrame, Refused> {
             ))
         }
     };
+    let group = match o.get("group") {
+        None => None,
+        Some(Value::String(g)) if crate::cluster::groups::valid_group(g) => Some(g.clone()),
+        Some(_) => {
+            return Err(Refused::new(
+                ErrorCode::BadRequest,
+                format!("`group`: {}", crate::cluster::groups::GROUP_RULE),
+                reference,
+            ))
+        }
+    };
     if let Some(a) = o.get("ack") {
-        return match a.as_u64() {
-            Some(n) => Ok(UserFrame::Ack(n)),
-            None => Err(Refused::new(
+        return match (a.as_u64(), group) {
+            (Some(n), Some(group)) => Ok(UserFrame::GroupAck { group, gseq: n }),
+            (Some(n), None) => Ok(UserFrame::Ack(n)),
+            (None, _) => Err(Refused::new(
                 ErrorCode::BadRequest,
                 format!("`ack` must be a non-negative integer seq, not {a}"),
                 reference,
             )),
         };
+    }
+    if let Some(group) = group {
+        if o.contains_key("to") {
+            return Err(Refused::new(
+                ErrorCode::BadRequest,
+                "a message goes `to` a user or to a `group`, not both",
+                reference,
+            ));
+        }
+        let Some(data) = o.get("data").cloned() else {
+            return Err(Refused::new(
+                ErrorCode::BadRequest,
+                "expected {\"group\": name, \"data\": any}",
+                reference,
+            ));
+        };
+        return Ok(UserFrame::GroupSend {
+            group,
+            data,
+            reference,
+        });
     }
     let send = UserSend::deserialize(Value::Object(o)).map_err(|e| {
         Refused::new(
@@ -170,6 +224,32 @@ impl Resume {
     }
 }
 
+/// The per-group positions of a reconnecting member: the `gsince` query
+/// parameter, `G~E~N[,G2~E2~N2…]` (group, its epoch, the last gseq
+/// processed); a malformed one is refused, naming it.
+pub fn parse_gsince(q: Option<&str>) -> Result<std::collections::HashMap<String, Resume>, String> {
+    let mut out = std::collections::HashMap::new();
+    let Some(q) = q.filter(|q| !q.is_empty()) else {
+        return Ok(out);
+    };
+    for part in q.split(',') {
+        let mut it = part.split('~');
+        let (Some(g), Some(e), Some(n), None) = (it.next(), it.next(), it.next(), it.next()) else {
+            return Err(format!("gsince part {part:?}: expected group~epoch~gseq"));
+        };
+        if !crate::cluster::groups::valid_group(g) {
+            return Err(format!(
+                "gsince part {part:?}: {}",
+                crate::cluster::groups::GROUP_RULE
+            ));
+        }
+        let r = Resume::parse(Some(n), Some(e))
+            .map_err(|why| format!("gsince part {part:?}: {why}"))?;
+        out.insert(g.to_string(), r);
+    }
+    Ok(out)
+}
+
 /// The first frame on every user connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "method", rename = "welcome")]
@@ -200,6 +280,9 @@ pub struct Resync {
     pub epoch: String,
     /// `epoch` or `trimmed`.
     pub reason: String,
+    /// The group whose stream it is (none: the user's inbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 impl Resync {
@@ -353,6 +436,10 @@ mod tests {
         assert!(Resume::parse(Some("x"), None).is_err());
         assert!(Resume::parse(Some("1"), Some("a;b")).is_err());
         assert!(Resume::parse(None, Some("ab")).is_err());
+        let g = parse_gsince(Some("room~e1~4,b~e2~0")).unwrap();
+        assert_eq!(g["room"].since, Some(4));
+        assert!(parse_gsince(Some("room~e1")).is_err());
+        assert!(parse_gsince(Some("a b~e~1")).is_err());
         let gone = Reconnect {
             ip: None,
             port: None,

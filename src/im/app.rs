@@ -44,6 +44,10 @@ use crate::event::{App, EventBus, Holds, ServerInfo};
 use crate::im::directory::Directory;
 use crate::im::feed::Live;
 use crate::im::feeds::{self, Feeds};
+use crate::im::groups::GroupFeeds;
+
+#[path = "app_groups.rs"]
+mod app_groups;
 use crate::im::http;
 use crate::im::presence_store::PresenceStore;
 use crate::im::route_link::{Identity, RouteLink};
@@ -61,6 +65,7 @@ pub struct ImApp {
     directory: Directory,
     presence: PresenceStore,
     feeds: Feeds,
+    groups: GroupFeeds,
     /// The Route link (used on worker 0 only).
     route: RouteLink,
 }
@@ -96,8 +101,21 @@ impl ImApp {
         ImApp {
             sessions: Sessions::new(&cfg.auth_secret),
             directory: Directory::default(),
-            presence: PresenceStore::new(redis_prefix, member, epoch, cfg.presence_ttl),
+            presence: PresenceStore::new(
+                redis_prefix,
+                member.clone(),
+                epoch.clone(),
+                cfg.presence_ttl,
+            ),
             route: RouteLink::new(&cfg, identity),
+            groups: GroupFeeds::new(
+                crate::cluster::groups::Groups::new(
+                    redis_prefix,
+                    crate::cluster::groups::GroupLimits::default(),
+                ),
+                &member,
+                &epoch,
+            ),
             feeds: Feeds::new(
                 Inbox::new(redis_prefix, cfg.inbox_limits()),
                 cfg.inbox_check_interval,
@@ -245,7 +263,10 @@ impl ImApp {
 
     /// A frame on the Route link.
     fn on_route_frame(&mut self, srv: &mut Server<Self>, text: &str) {
-        match link::parse_route(text) {
+        let Some(frame) = self.on_group_frame(srv, link::parse_route(text)) else {
+            return;
+        };
+        match frame {
             RouteFrame::Registered(_) => {
                 // (Re-)registered: whatever the Route sent while the link
                 // was down is only in the inboxes.
@@ -269,6 +290,14 @@ impl ImApp {
             RouteFrame::Offline(o) => self.offline(srv, o),
             RouteFrame::Error(e) => log::warn!("im: the Route refused a frame: {e}"),
             RouteFrame::Unknown => log::warn!("im: ignoring an unknown frame from the Route"),
+            // Handled by on_group_frame, which never hands these back.
+            RouteFrame::GroupDeliver(_)
+            | RouteFrame::GroupJoined(_)
+            | RouteFrame::GroupLeft(_)
+            | RouteFrame::GroupSent(_)
+            | RouteFrame::GroupRefused(_)
+            | RouteFrame::GroupEvent(_)
+            | RouteFrame::Kick(_) => {}
         }
     }
 
@@ -318,6 +347,14 @@ impl ImApp {
 const ATTR_EPOCH: &str = "im.epoch";
 /// Connection attribute: the last seq the feed pushed.
 const ATTR_LAST: &str = "im.last";
+/// Connection attribute: its group feeds' positions.
+const ATTR_GROUPS: &str = "im.groups";
+
+impl Holds<GroupFeeds> for ImApp {
+    fn part(&mut self) -> &mut GroupFeeds {
+        &mut self.groups
+    }
+}
 
 impl Holds<Feeds> for ImApp {
     fn part(&mut self) -> &mut Feeds {
@@ -387,6 +424,7 @@ impl App for ImApp {
                     srv.set_attr(fd, ATTR_EPOCH, Value::from(epoch));
                     srv.set_attr(fd, ATTR_LAST, Value::from(last));
                 }
+                srv.set_attr(fd, ATTR_GROUPS, self.groups.positions(fd));
             }
             return;
         }
@@ -405,7 +443,7 @@ impl App for ImApp {
     }
 
     fn on_open(&mut self, srv: &mut Server<Self>, fd: Fd, req: &Request) {
-        let Some((uid, resume)) = self.sessions.open(srv, fd, req) else {
+        let Some((uid, resume, gsince)) = self.sessions.open(srv, fd, req) else {
             return;
         };
         self.joined(srv, &uid);
@@ -414,6 +452,7 @@ impl App for ImApp {
             // After the presence record on the same connection: a message
             // stored after this read is routed here.
             self.feeds.open(srv, fd, &uid, resume);
+            self.groups.open(srv, fd, &uid, gsince);
         }
     }
 
@@ -437,6 +476,12 @@ impl App for ImApp {
             Ok(UserFrame::Send(m)) => self.route_message(srv, fd, from, m),
             Ok(UserFrame::Ack(n)) if self.cfg.inbox => self.feeds.ack(srv, fd, n),
             Ok(UserFrame::Ack(_)) => {} // nothing is stored, nothing to ack
+            Ok(UserFrame::GroupSend {
+                group,
+                data,
+                reference,
+            }) => self.group_send(srv, fd, from, group, data, reference),
+            Ok(UserFrame::GroupAck { group, gseq }) => self.groups.ack(srv, fd, &group, gseq),
             Err(e) => {
                 srv.push(fd, Message::Text(e.to_frame()));
             }
@@ -457,9 +502,17 @@ impl App for ImApp {
         if self.cfg.inbox {
             let epoch = attrs.get(ATTR_EPOCH).and_then(Value::as_str);
             match (epoch, attrs.get(ATTR_LAST).and_then(Value::as_u64)) {
-                (Some(e), Some(last)) => self.feeds.adopt(srv, fd, &uid, e.to_string(), last),
+                (Some(e), Some(last)) => {
+                    self.feeds.adopt(srv, fd, &uid, e.to_string(), last);
+                    let none = Value::Null;
+                    let groups = attrs.get(ATTR_GROUPS).unwrap_or(&none);
+                    self.groups.adopt(srv, fd, &uid, groups);
+                }
                 // Handed over before its welcome: welcomed here.
-                _ => self.feeds.open(srv, fd, &uid, user::Resume::default()),
+                _ => {
+                    self.feeds.open(srv, fd, &uid, user::Resume::default());
+                    self.groups.open(srv, fd, &uid, Default::default());
+                }
             }
         }
     }
@@ -471,6 +524,7 @@ impl App for ImApp {
             }
         } else if let Some(uid) = self.sessions.close(srv, fd) {
             self.feeds.close(fd);
+            self.groups.close(srv, fd);
             self.directory.remove(&uid, srv.worker_id());
             workers::to_siblings(srv, &WorkerMsg::Left { uid: uid.clone() });
             self.presence.forget(srv, &uid, fd);
@@ -481,6 +535,18 @@ impl App for ImApp {
         match WorkerMsg::parse(&data) {
             Ok(WorkerMsg::Deliver(m)) => self.deliver_local(srv, &m),
             Ok(WorkerMsg::Check) => self.feeds.check_all(),
+            Ok(WorkerMsg::GroupDeliver(m)) => self.group_deliver(srv, m),
+            Ok(WorkerMsg::GroupJoined(m)) => self.group_joined(srv, &m),
+            Ok(WorkerMsg::GroupLeft(m)) => self.group_left(srv, &m),
+            Ok(WorkerMsg::GroupEvent(e)) => self.group_event(srv, &e),
+            Ok(WorkerMsg::Kick(k)) => self.kick(srv, &k),
+            Ok(WorkerMsg::GroupSend(m)) => {
+                self.route
+                    .send(srv, &crate::cluster::link::ImFrame::GroupSend(m));
+            }
+            Ok(WorkerMsg::Push { fd, frame }) => {
+                srv.push(fd, Message::Text(frame));
+            }
             Ok(WorkerMsg::Broadcast(b)) => self.sessions.broadcast(srv, &b.from, &b.data),
             Ok(WorkerMsg::Forward(m)) => self.route.forward(srv, m),
             Ok(WorkerMsg::Offline {

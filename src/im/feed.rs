@@ -81,6 +81,8 @@ pub struct Feed {
     held: Vec<Live>,
     /// Epochs this connection left: their stragglers are dropped.
     left: Vec<String>,
+    /// The group this feed follows (None: the user's own inbox).
+    group: Option<String>,
 }
 
 impl Feed {
@@ -92,6 +94,25 @@ impl Feed {
             last: 0,
             held: Vec::new(),
             left: Vec::new(),
+            group: None,
+        }
+    }
+
+    /// A member connection's feed of group `group`, asking to resume as
+    /// `resume`.
+    pub fn opening_group(group: &str, resume: Resume) -> Feed {
+        Feed {
+            group: Some(group.to_string()),
+            ..Feed::opening(resume)
+        }
+    }
+
+    /// A group feed that starts live in `epoch` after gseq `last` (a join
+    /// while connected, a connection moved here).
+    pub fn adopted_group(group: &str, epoch: String, last: u64) -> Feed {
+        Feed {
+            group: Some(group.to_string()),
+            ..Feed::adopted(epoch, last)
         }
     }
 
@@ -104,6 +125,7 @@ impl Feed {
             last,
             held: Vec::new(),
             left: Vec::new(),
+            group: None,
         }
     }
 
@@ -122,19 +144,40 @@ impl Feed {
         let Phase::Opening(resume) = std::mem::replace(&mut self.phase, Phase::Live) else {
             return Vec::new();
         };
-        let mut out = vec![Step::Push(
-            Welcome {
+        let first = match &self.group {
+            None => Welcome {
                 uid: uid.to_string(),
                 epoch: head.epoch.clone(),
                 seq: head.seq,
             }
             .to_text(),
-        )];
+            Some(g) => GroupHead {
+                method: "group",
+                group: g,
+                epoch: &head.epoch,
+                gseq: head.seq,
+            }
+            .to_text(),
+        };
+        let mut out = vec![Step::Push(first)];
         self.epoch = head.epoch.clone();
         self.last = match (resume.since, resume.epoch) {
             (Some(_), Some(e)) if e != head.epoch => {
                 self.left.push(e);
-                out.push(resync(&head.epoch, "epoch"));
+                out.push(self.resync(&head.epoch, "epoch"));
+                head.acked
+            }
+            (Some(since), _) if since > head.seq && self.group.is_some() => {
+                // A group's position is one of several: refuse it alone.
+                let e = crate::cluster::ProtocolError::new(
+                    crate::cluster::ErrorCode::BadRequest,
+                    format!(
+                        "gsince {since} is past the last gseq of {} ({}); resuming after your ack",
+                        self.group.as_deref().unwrap_or(""),
+                        head.seq
+                    ),
+                );
+                out.push(Step::Push(e.to_frame()));
                 head.acked
             }
             (Some(since), _) if since > head.seq => {
@@ -176,7 +219,7 @@ impl Feed {
             let old = std::mem::replace(&mut self.epoch, m.epoch.clone());
             self.left.push(old);
             self.last = 0;
-            out.push(resync(&self.epoch, "epoch"));
+            out.push(self.resync(&self.epoch, "epoch"));
         }
         if m.seq <= self.last {
             return; // already pushed
@@ -223,7 +266,10 @@ impl Feed {
             }
             trimmed |= e.seq > self.last + 1;
             self.last = e.seq;
-            out.push(Step::Push(e.frame()));
+            out.push(Step::Push(match &self.group {
+                None => e.frame(),
+                Some(g) => e.group_frame(g),
+            }));
         }
         if self.last < to {
             trimmed = true; // what it asked for is not there any more
@@ -232,7 +278,7 @@ impl Feed {
         if trimmed {
             // The inbox trims its oldest entries, so the hole is before
             // what this read found: say so first.
-            out.insert(0, resync(&self.epoch, "trimmed"));
+            out.insert(0, self.resync(&self.epoch, "trimmed"));
         }
         self.catch_up(until, &mut out);
         out
@@ -263,21 +309,38 @@ impl Feed {
             let old = std::mem::replace(&mut self.epoch, epoch.to_string());
             self.left.push(old);
             self.last = 0;
-            out.push(resync(epoch, "epoch"));
+            out.push(self.resync(epoch, "epoch"));
         }
         self.catch_up(seq, &mut out);
         out
     }
+
+    fn resync(&self, epoch: &str, reason: &str) -> Step {
+        Step::Push(
+            Resync {
+                epoch: epoch.to_string(),
+                reason: reason.to_string(),
+                group: self.group.clone(),
+            }
+            .to_text(),
+        )
+    }
 }
 
-fn resync(epoch: &str, reason: &str) -> Step {
-    Step::Push(
-        Resync {
-            epoch: epoch.to_string(),
-            reason: reason.to_string(),
-        }
-        .to_text(),
-    )
+/// A group's head, after the user's welcome: `{"method":"group","group",
+/// "epoch","gseq"}`.
+#[derive(serde::Serialize)]
+struct GroupHead<'a> {
+    method: &'static str,
+    group: &'a str,
+    epoch: &'a str,
+    gseq: u64,
+}
+
+impl GroupHead<'_> {
+    fn to_text(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@
 //! - [`sessions`]: this worker's users (admission, pushes, farewell).
 //! - [`feeds`]: each user connection's [`feed`] of stored messages
 //!   (welcome, replay, gap fill, acks) over the inbox.
+//! - [`groups`]: this worker's group members, their feeds of the group
+//!   streams and this server's member counts.
 //! - [`directory`]: which worker of this server holds which user.
 //! - [`presence_store`]: this server's Redis calls (presence, registry read).
 //! - [`route_link`]: worker 0's link to the Route (register, heartbeat,
@@ -24,6 +26,7 @@ pub mod app;
 pub mod directory;
 pub mod feed;
 pub mod feeds;
+pub mod groups;
 pub mod http;
 pub mod presence_store;
 pub mod route_link;

@@ -74,7 +74,7 @@ impl Sessions {
         srv: &mut Server<A>,
         fd: Fd,
         req: &Request,
-    ) -> Option<(String, Resume)> {
+    ) -> Option<(String, Resume, HashMap<String, Resume>)> {
         let uid = req.query_param("uid").unwrap_or("").to_string();
         if !valid_uid(&uid) {
             stats::add(srv, stats::REFUSED, 1);
@@ -90,7 +90,14 @@ impl Sessions {
                 return None;
             }
         }
-        let resume = match Resume::parse(req.query_param("since"), req.query_param("epoch")) {
+        let parsed =
+            Resume::parse(req.query_param("since"), req.query_param("epoch")).and_then(|r| {
+                Ok((
+                    r,
+                    crate::cluster::user::parse_gsince(req.query_param("gsince"))?,
+                ))
+            });
+        let (resume, gsince) = match parsed {
             Ok(r) => r,
             Err(why) => {
                 stats::add(srv, stats::REFUSED, 1);
@@ -107,7 +114,7 @@ impl Sessions {
         // What a worker adopting this connection needs (see `adopt`).
         srv.set_attr(fd, ATTR_UID, Value::from(uid.as_str()));
         srv.set_attr(fd, ATTR_PRESENCE_FD, Value::from(fd));
-        Some((uid, resume))
+        Some((uid, resume, gsince))
     }
 
     /// This worker's connections of `uid`.

@@ -54,6 +54,25 @@ pub enum WorkerMsg {
     /// (from worker 0) Check every connection against its inbox: the Route
     /// link was re-established, or the Route may have dropped relays.
     Check,
+    /// A group message for your local members.
+    GroupDeliver(crate::cluster::groups::GroupMessage),
+    /// A local user joined a group.
+    GroupJoined(crate::cluster::groups::Membership),
+    /// A local user left a group.
+    GroupLeft(crate::cluster::groups::Membership),
+    /// A presence event for a group's local members.
+    GroupEvent(crate::cluster::link::GroupEvent),
+    /// Close a user's local connections (4000).
+    Kick(crate::cluster::link::Kick),
+    /// (to worker 0) A user's group message for the Route.
+    GroupSend(crate::cluster::link::GroupSend),
+    /// Push this frame to your connection `fd` (an answer for its sender).
+    Push {
+        /// The connection.
+        fd: u64,
+        /// The text frame.
+        frame: String,
+    },
     /// A kind this build does not know (a newer sibling during a reload).
     #[serde(other, skip_serializing)]
     Unknown,

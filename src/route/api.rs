@@ -10,6 +10,10 @@
 //! | `GET /api/message?uid=U&seq=N` | `{"uid","seq","id","epoch","status":"queued"\|"delivered"\|"acked"}`, 404 when unknown or trimmed |
 //! | `POST /api/broadcast {"data"[,"from"]}` | `{"routes":N}`: Route workers that relayed it to their IM servers |
 //! | `GET /api/online?uid=U` | `{"uid","online","connections","servers"}` |
+//! | `POST /api/groups/join`, `/leave` `{"group","uid"}` | `{"group","uid","members"}`; 403 `limit` |
+//! | `POST /api/groups/send {"group","data"[,"from"]}` | `{"group","gseq","id","servers"}`; 404 `no_such_group` |
+//! | `GET /api/groups/members?group=G[&cursor=C]` | `{"group","count","online","members","cursor"}` |
+//! | `POST /api/kick {"uid"[,"reason"]}` | `{"uid","servers"}`: every connection closed with 4000 |
 //! | `GET /metrics` | Prometheus text format, summed over every worker (see [`crate::metrics`]) |
 //! | `GET /dashboard` | a self-contained HTML page that polls the three above |
 //! | `GET /chat?uid=U&token=T&peer=P` | a chat page (`chat.html`) on the JavaScript client |
@@ -39,10 +43,10 @@ use crate::route::answers::{
 };
 use crate::route::delivery::{Delivery, DeliveryHost, Waiting};
 use crate::route::directory::{servers_doc, Directory};
-use crate::route::messages;
 use crate::route::registrations::Registrations;
 use crate::route::settings::RouteSettings;
 use crate::route::stats;
+use crate::route::{groups, messages};
 
 /// The dashboard page (inline CSS and JS, no external assets).
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -128,11 +132,22 @@ impl Api<'_> {
             ("POST", "/api/send") => self.send(srv, req),
             ("POST", "/api/broadcast") => self.broadcast(srv, req),
             ("GET", "/api/online") => self.online(srv, req),
+            ("POST", "/api/groups/join") => groups::join(srv, self.delivery, req),
+            ("POST", "/api/groups/leave") => groups::leave(srv, self.delivery, req),
+            ("POST", "/api/groups/send") => groups::send(srv, self.delivery, req),
+            ("GET", "/api/groups/members") => groups::members(srv, self.delivery, req),
+            ("POST", "/api/kick") => {
+                groups::kick(srv, self.delivery, self.directory.cache(), self.regs, req)
+            }
             ("GET", "/api/message") => match self.delivery.inbox() {
                 Some(inbox) => messages::status(srv, inbox, req),
                 None => bad(404, "not_found", "inbox = false: messages are not stored"),
             },
-            (_, "/api/send" | "/api/broadcast") => method_not_allowed("POST"),
+            (
+                _,
+                "/api/send" | "/api/broadcast" | "/api/groups/join" | "/api/groups/leave"
+                | "/api/groups/send" | "/api/kick",
+            ) => method_not_allowed("POST"),
             (
                 _,
                 "/health"

@@ -46,7 +46,9 @@ impl RouteApp {
                 redis_prefix,
                 cfg.inbox
                     .then(|| crate::cluster::inbox::Inbox::new(redis_prefix, cfg.inbox_limits())),
-            ),
+                crate::cluster::groups::Groups::new(redis_prefix, cfg.group_limits()),
+            )
+            .with_group_presence(cfg.group_presence_events, cfg.group_presence_max),
             directory: Directory::new(&cfg, redis_prefix),
             cfg,
         }
@@ -85,6 +87,14 @@ impl RouteApp {
                     .submit(srv, self.directory.cache(), &self.regs, &to, w);
             }
             Ok(ImFrame::Draining) => self.regs.draining(srv, fd),
+            Ok(ImFrame::GroupSend(m)) => {
+                if self.regs.member_of(fd).is_none() {
+                    let e = ProtocolError::new(ErrorCode::NotRegistered, "register first");
+                    self.regs.refuse(srv, fd, &e);
+                    return;
+                }
+                crate::route::groups::from_user(srv, &self.delivery, &self.cfg, fd, m);
+            }
             // parse_im refuses unknown methods by name; this is the backstop.
             Ok(ImFrame::Unknown) => self.regs.refuse(
                 srv,

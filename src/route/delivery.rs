@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 
+use crate::cluster::groups::Groups;
 use crate::cluster::inbox::Inbox;
 use crate::cluster::keys::Keys;
 use crate::cluster::link::{Addressed, Broadcast, Offline, RouteFrame};
@@ -68,6 +69,16 @@ pub enum Waiting {
         /// The HTTP connection waiting for the answer.
         http: Fd,
     },
+    /// A control frame for every IM server holding `uid` (a membership
+    /// change, a kick); `http`, when set, is answered `{"uid","servers"}`.
+    Notify {
+        /// The uid.
+        uid: String,
+        /// The frame.
+        frame: String,
+        /// The HTTP connection waiting for the answer.
+        http: Option<Fd>,
+    },
     /// `GET /api/online`, answered on `http`.
     Online {
         /// The uid asked about.
@@ -89,19 +100,24 @@ pub trait DeliveryHost: App {
 pub struct Delivery {
     keys: Keys,
     inbox: Option<Inbox>, // where /api/send stores (None: inbox = false)
+    groups: Groups,       // group keys and scripts
+    /// `group_presence_events` and `group_presence_max`.
+    pub group_presence: (bool, u64),
     locations: Locations<Target, Waiting>, // where users are; what waits
-    topology: u64,        // the registry cache's topology the locations hold for
-    sub_generation: u64,  // the subscriber connection they hold for
-    relay_generation: u64, // the subscriber connection relays were last checked for
+    topology: u64,                         // the registry cache's topology the locations hold for
+    sub_generation: u64,                   // the subscriber connection they hold for
+    relay_generation: u64,                 // the subscriber connection relays were last checked for
 }
 
 impl Delivery {
     /// Delivery under `redis_prefix`, storing `/api/send` messages in
     /// `inbox` (None: fire and forget).
-    pub fn new(redis_prefix: &str, inbox: Option<Inbox>) -> Delivery {
+    pub fn new(redis_prefix: &str, inbox: Option<Inbox>, groups: Groups) -> Delivery {
         Delivery {
             keys: Keys::new(redis_prefix),
             inbox,
+            groups,
+            group_presence: (false, 0),
             locations: Locations::default(),
             topology: 0,
             sub_generation: 0,
@@ -144,6 +160,17 @@ impl Delivery {
             }
         }
         self.relay_generation = g;
+    }
+
+    /// With presence events for groups of up to `max` members when `on`.
+    pub fn with_group_presence(mut self, on: bool, max: u64) -> Delivery {
+        self.group_presence = (on, max);
+        self
+    }
+
+    /// The group keys and scripts.
+    pub fn groups(&self) -> &Groups {
+        &self.groups
     }
 
     /// The inbox `/api/send` stores in (None: `inbox = false`).
@@ -363,6 +390,24 @@ impl Delivery {
                 };
                 srv.respond(http, resp);
             }
+            Waiting::Notify { uid, frame, http } => {
+                let mut servers: Vec<&ServerEntry> = Vec::new();
+                if let Ok(t) = targets {
+                    for (_, e) in t {
+                        if !servers.iter().any(|x| x.owner == e.owner) {
+                            servers.push(e);
+                        }
+                    }
+                }
+                let n = servers
+                    .into_iter()
+                    .filter(|e| self.relay(srv, regs, e, &frame))
+                    .count();
+                if let Some(http) = http {
+                    let body = serde_json::json!({"uid": uid, "servers": n});
+                    srv.respond(http, answer(200, &body));
+                }
+            }
             Waiting::Online { uid, http } => {
                 let resp = match targets {
                     Err(e) => bad(503, "unavailable", &format!("Redis: {e}")),
@@ -424,8 +469,9 @@ impl Delivery {
     }
 
     /// Hands `frame` to the Route worker holding `entry`'s connection:
-    /// this one, a sibling (mailbox) or one on another node (pub/sub).
-    fn relay<A: App>(
+    /// this one, a sibling (mailbox) or one on another node (pub/sub);
+    /// false when it could not.
+    pub fn relay<A: App>(
         &self,
         srv: &mut Server<A>,
         regs: &Registrations,

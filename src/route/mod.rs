@@ -8,6 +8,8 @@
 //! - [`registrations`]: the IM-server connections and the registry writes.
 //! - [`liveness`]: the sweep; silent IM servers leave the registry, and
 //!   come back within `heartbeat_grace_time`.
+//! - [`groups`]: the group API, users' group messages and the fan-out to
+//!   the servers holding members.
 //! - [`messages`]: `/api/send`'s store-then-deliver and `/api/message`'s status.
 //! - [`delivery`]: locating users and relaying frames between Route workers.
 //! - [`locations`]: where users are, cached, and the messages waiting for a lookup.
@@ -29,6 +31,7 @@ pub mod balancer;
 pub mod cache;
 pub mod delivery;
 pub mod directory;
+pub mod groups;
 pub mod liveness;
 pub mod locations;
 pub mod messages;

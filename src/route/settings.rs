@@ -55,6 +55,22 @@ pub struct RouteSettings {
     pub inbox_max_len: u64,
     /// Seconds an inbox lives after its last message.
     pub inbox_ttl: u64,
+    /// Groups one user may belong to.
+    pub group_max_per_user: u64,
+    /// Members one group may have.
+    pub group_max_members: u64,
+    /// Messages kept per group stream.
+    pub group_max_len: u64,
+    /// Seconds a group stream lives after its last message.
+    pub group_ttl: u64,
+    /// Whether members may send to their groups over their WebSocket.
+    pub user_group_send: bool,
+    /// Send `{"method":"join"|"leave","group","uid"}` to a group's members
+    /// when its membership changes.
+    pub group_presence_events: bool,
+    /// Groups with more members than this get no presence events (they
+    /// would grow with the square of the size).
+    pub group_presence_max: u64,
 }
 
 impl Default for RouteSettings {
@@ -71,6 +87,13 @@ impl Default for RouteSettings {
             inbox: true,
             inbox_max_len: crate::cluster::inbox::DEFAULT_MAX_LEN,
             inbox_ttl: crate::cluster::inbox::DEFAULT_TTL,
+            group_max_per_user: 100,
+            group_max_members: 100_000,
+            group_max_len: 10_000,
+            group_ttl: 7 * 86_400,
+            user_group_send: true,
+            group_presence_events: false,
+            group_presence_max: 100,
         }
     }
 }
@@ -86,6 +109,16 @@ impl RouteSettings {
             ));
         }
         Ok(())
+    }
+
+    /// The groups' bounds.
+    pub fn group_limits(&self) -> crate::cluster::groups::GroupLimits {
+        crate::cluster::groups::GroupLimits {
+            per_user: self.group_max_per_user,
+            members: self.group_max_members,
+            max_len: self.group_max_len.max(1),
+            ttl: self.group_ttl.max(1),
+        }
     }
 
     /// The inbox's bounds.

@@ -1,0 +1,459 @@
+//! This worker's group members: which local connections belong to which
+//! group, each one's [`Feed`] of the group's stream (gseq, replay, gaps),
+//! and this server's member counts in Redis (`group:{G}:servers`, the
+//! field `<member>|<epoch>`: one per (worker, uid, group) online here),
+//! which decide whether the Route sends a group's messages here at all.
+//!
+//! - At connect: the user's groups (`user_groups:{U}`), each one counted,
+//!   its head sent (`{"method":"group",…}`) and replayed from the
+//!   client's `gsince` position, or from after its join or ack.
+//! - A group message: delivered to the local members' feeds. When it
+//!   carries a membership version newer than this worker has seen (a join
+//!   or leave this worker may not have heard of yet), the local members
+//!   are checked against Redis first (`SMISMEMBER`) and the messages of
+//!   that group wait: nobody gets a message sent after its leave
+//!   completed.
+//! - `group_joined`: the user's local connections become members, live
+//!   from the gseq of the join, and are caught up from the stream (a
+//!   message may have gone by before the news came).
+//! - `group_left` and close: forgotten, and uncounted.
+
+use std::collections::HashMap;
+
+use redis::RedisResult;
+
+use crate::cluster::groups::{GroupMessage, Groups, Membership};
+use crate::cluster::inbox::{self, Head};
+use crate::cluster::user::Resume;
+use crate::event::Holds;
+use crate::im::feed::{Feed, Live, Step, PAGE};
+use crate::reactor::{Fd, Message, Server};
+
+/// One group's local state.
+#[derive(Debug, Default)]
+struct Local {
+    /// Local member connections.
+    fds: Vec<Fd>,
+    /// Connections per member uid (the count in Redis is per uid).
+    uids: HashMap<String, u32>,
+    /// The newest membership version this worker has caught up with.
+    mver_seen: u64,
+    /// Messages waiting for a membership check, in order.
+    held: Option<Vec<GroupMessage>>,
+}
+
+/// A connection's groups.
+#[derive(Debug, Default)]
+struct ConnGroups {
+    uid: String,
+    feeds: HashMap<String, Feed>,
+}
+
+/// The group members of this worker.
+#[derive(Debug)]
+pub struct GroupFeeds {
+    groups: Groups,
+    /// This server's field in the counts hashes: `<member>|<epoch>`.
+    field: String,
+    by_group: HashMap<String, Local>,
+    conns: HashMap<Fd, ConnGroups>,
+}
+
+impl GroupFeeds {
+    /// Groups under `groups`' keys, counted as this server (`member`,
+    /// instance `epoch`).
+    pub fn new(groups: Groups, member: &str, epoch: &str) -> GroupFeeds {
+        GroupFeeds {
+            groups,
+            field: format!("{member}|{epoch}"),
+            by_group: HashMap::new(),
+            conns: HashMap::new(),
+        }
+    }
+
+    /// A user connection opened: load its groups, then each one's head.
+    pub fn open<A: Holds<GroupFeeds>>(
+        &mut self,
+        srv: &mut Server<A>,
+        fd: Fd,
+        uid: &str,
+        mut gsince: HashMap<String, Resume>,
+    ) {
+        self.conns.insert(
+            fd,
+            ConnGroups {
+                uid: uid.to_string(),
+                feeds: HashMap::new(),
+            },
+        );
+        srv.redis(
+            self.groups.of_user(uid),
+            move |app: &mut A, srv, r: RedisResult<Vec<String>>| {
+                let me = app.part();
+                let Ok(mut groups) = r else {
+                    return; // Redis away: the inbox's welcome failed too and closes it
+                };
+                groups.sort();
+                for g in groups {
+                    let resume = gsince.remove(&g).unwrap_or_default();
+                    me.add(srv, fd, &g, Feed::opening_group(&g, resume));
+                    me.head(srv, fd, &g);
+                }
+            },
+        );
+    }
+
+    /// Makes `fd` a member of `g` here with `feed`, counted in Redis when
+    /// it is its user's first connection in `g` on this worker.
+    fn add<A: Holds<GroupFeeds>>(&mut self, srv: &mut Server<A>, fd: Fd, g: &str, feed: Feed) {
+        let Some(c) = self.conns.get_mut(&fd) else {
+            return;
+        };
+        if c.feeds.contains_key(g) {
+            return;
+        }
+        c.feeds.insert(g.to_string(), feed);
+        let local = self.by_group.entry(g.to_string()).or_default();
+        local.fds.push(fd);
+        let n = local.uids.entry(c.uid.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            srv.redis_durable(self.groups.count(g, &self.field, 1));
+        }
+    }
+
+    /// Forgets `fd`'s membership of `g`, uncounting its user's last one.
+    fn remove<A: Holds<GroupFeeds>>(&mut self, srv: &mut Server<A>, fd: Fd, g: &str) {
+        let Some(c) = self.conns.get_mut(&fd) else {
+            return;
+        };
+        if c.feeds.remove(g).is_none() {
+            return;
+        }
+        let Some(local) = self.by_group.get_mut(g) else {
+            return;
+        };
+        local.fds.retain(|f| *f != fd);
+        if let Some(n) = local.uids.get_mut(&c.uid) {
+            *n -= 1;
+            if *n == 0 {
+                local.uids.remove(&c.uid);
+                srv.redis_durable(self.groups.count(g, &self.field, -1));
+            }
+        }
+        if local.fds.is_empty() && local.held.is_none() {
+            self.by_group.remove(g);
+        }
+    }
+
+    fn head<A: Holds<GroupFeeds>>(&mut self, srv: &mut Server<A>, fd: Fd, g: &str) {
+        let Some(c) = self.conns.get(&fd) else {
+            return;
+        };
+        let group = g.to_string();
+        srv.redis(
+            self.groups.head(g, &c.uid),
+            move |app: &mut A, srv, r: RedisResult<Vec<redis::Value>>| {
+                let me = app.part();
+                let head = r.ok().and_then(|v| {
+                    let (e, s, f) =
+                        redis::from_redis_value::<(String, u64, u64)>(&redis::Value::Array(v))
+                            .ok()?;
+                    Some(Head {
+                        epoch: e,
+                        seq: s,
+                        acked: f,
+                    })
+                });
+                let Some(head) = head else {
+                    // Not a member any more (or Redis away): not followed.
+                    me.remove(srv, fd, &group);
+                    return;
+                };
+                let Some(c) = me.conns.get_mut(&fd) else {
+                    return;
+                };
+                let uid = c.uid.clone();
+                let Some(feed) = c.feeds.get_mut(&group) else {
+                    return;
+                };
+                let steps = feed.welcomed(&uid, head);
+                me.run(srv, fd, &group, steps);
+            },
+        );
+    }
+
+    /// Carries out a group feed's steps.
+    fn run<A: Holds<GroupFeeds>>(
+        &mut self,
+        srv: &mut Server<A>,
+        fd: Fd,
+        g: &str,
+        steps: Vec<Step>,
+    ) {
+        for s in steps {
+            match s {
+                Step::Push(f) | Step::Refuse(f) => {
+                    srv.push(fd, Message::Text(f));
+                }
+                Step::Fetch { from, to } => {
+                    let group = g.to_string();
+                    srv.redis(
+                        self.groups.range(g, from, to, PAGE),
+                        move |app: &mut A, srv, r: RedisResult<redis::Value>| {
+                            let me = app.part();
+                            let entries = match r {
+                                Ok(v) => inbox::parse_entries(v),
+                                Err(e) => {
+                                    log::warn!("im: reading group {group} failed: {e}");
+                                    Vec::new() // reported as trimmed: a gap is never silent
+                                }
+                            };
+                            let Some(feed) =
+                                me.conns.get_mut(&fd).and_then(|c| c.feeds.get_mut(&group))
+                            else {
+                                return;
+                            };
+                            let steps = feed.fetched(&entries, to);
+                            me.run(srv, fd, &group, steps);
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// A group message for this worker's members.
+    pub fn deliver<A: Holds<GroupFeeds>>(&mut self, srv: &mut Server<A>, m: GroupMessage) {
+        let Some(local) = self.by_group.get_mut(&m.group) else {
+            return; // no member here
+        };
+        if let Some(held) = local.held.as_mut() {
+            held.push(m);
+            return;
+        }
+        if m.mver > local.mver_seen {
+            // Membership changed since this worker last looked: ask who
+            // is still a member before delivering.
+            let uids: Vec<String> = local.uids.keys().cloned().collect();
+            let (g, mver) = (m.group.clone(), m.mver);
+            local.held = Some(vec![m]);
+            if uids.is_empty() {
+                return self.checked(srv, &g, mver, Vec::new(), Vec::new());
+            }
+            srv.redis(
+                self.groups.are_members(&g, &uids),
+                move |app: &mut A, srv, r: RedisResult<Vec<u8>>| {
+                    let flags = r.unwrap_or_else(|_| vec![1; uids.len()]);
+                    app.part().checked(srv, &g, mver, uids, flags);
+                },
+            );
+            return;
+        }
+        let frame = crate::cluster::inbox::Entry {
+            seq: m.stamp.seq,
+            id: m.stamp.id.clone(),
+            from: m.from.clone(),
+            data: crate::cluster::encode(&m.data),
+        }
+        .group_frame(&m.group);
+        let live = Live {
+            epoch: m.stamp.epoch.clone(),
+            seq: m.stamp.seq,
+            frame,
+        };
+        for fd in local.fds.clone() {
+            let Some(feed) = self
+                .conns
+                .get_mut(&fd)
+                .and_then(|c| c.feeds.get_mut(&m.group))
+            else {
+                continue;
+            };
+            let steps = feed.offer(live.clone());
+            self.run(srv, fd, &m.group, steps);
+        }
+    }
+
+    /// The membership check came back: drop those who left, then deliver
+    /// what waited.
+    fn checked<A: Holds<GroupFeeds>>(
+        &mut self,
+        srv: &mut Server<A>,
+        g: &str,
+        mver: u64,
+        uids: Vec<String>,
+        flags: Vec<u8>,
+    ) {
+        let gone: Vec<&String> = uids
+            .iter()
+            .zip(&flags)
+            .filter(|(_, f)| **f == 0)
+            .map(|(u, _)| u)
+            .collect();
+        let fds: Vec<Fd> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.feeds.contains_key(g) && gone.contains(&&c.uid))
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in fds {
+            self.remove(srv, fd, g);
+        }
+        let Some(local) = self.by_group.get_mut(g) else {
+            return;
+        };
+        local.mver_seen = local.mver_seen.max(mver);
+        for m in local.held.take().unwrap_or_default() {
+            self.deliver(srv, m);
+        }
+        if self
+            .by_group
+            .get(g)
+            .is_some_and(|l| l.fds.is_empty() && l.held.is_none())
+        {
+            self.by_group.remove(g);
+        }
+    }
+
+    /// `uid` joined `m.group`: its connections `fds` here become members,
+    /// live after the join's gseq, and are caught up from the stream.
+    pub fn joined<A: Holds<GroupFeeds>>(
+        &mut self,
+        srv: &mut Server<A>,
+        fds: &[Fd],
+        m: &Membership,
+    ) {
+        for fd in fds {
+            self.add(
+                srv,
+                *fd,
+                &m.group,
+                Feed::adopted_group(&m.group, m.epoch.clone(), m.gseq),
+            );
+            self.catch_up(srv, *fd, &m.group);
+        }
+    }
+
+    /// Reads `g`'s head and catches `fd`'s feed up to it.
+    fn catch_up<A: Holds<GroupFeeds>>(&mut self, srv: &mut Server<A>, fd: Fd, g: &str) {
+        let group = g.to_string();
+        srv.redis(
+            self.groups.meta(g),
+            move |app: &mut A, srv, r: RedisResult<Vec<Option<String>>>| {
+                let me = app.part();
+                let Ok(v) = r else { return };
+                let (Some(Some(epoch)), Some(Some(seq))) = (v.first(), v.get(1)) else {
+                    return;
+                };
+                let seq = seq.parse().unwrap_or(0);
+                let Some(feed) = me.conns.get_mut(&fd).and_then(|c| c.feeds.get_mut(&group)) else {
+                    return;
+                };
+                let steps = feed.checked(epoch, seq);
+                me.run(srv, fd, &group, steps);
+            },
+        );
+    }
+
+    /// `uid` left `m.group`: its connections `fds` here are no members.
+    pub fn left<A: Holds<GroupFeeds>>(&mut self, srv: &mut Server<A>, fds: &[Fd], m: &Membership) {
+        for fd in fds {
+            self.remove(srv, *fd, &m.group);
+        }
+        if let Some(local) = self.by_group.get_mut(&m.group) {
+            local.mver_seen = local.mver_seen.max(m.mver);
+        }
+    }
+
+    /// A presence event: pushed to the local members of the group.
+    pub fn event<A: Holds<GroupFeeds>>(&mut self, srv: &mut Server<A>, group: &str, frame: &str) {
+        if let Some(local) = self.by_group.get(group) {
+            for fd in local.fds.clone() {
+                srv.push(fd, Message::Text(frame.to_string()));
+            }
+        }
+    }
+
+    /// `{"ack":N,"group":G}` from `fd`: refused when it does not follow
+    /// `g` or N is past what it was pushed.
+    pub fn ack<A: Holds<GroupFeeds>>(&mut self, srv: &mut Server<A>, fd: Fd, g: &str, n: u64) {
+        let Some(c) = self.conns.get(&fd) else { return };
+        let last = c.feeds.get(g).map(|f| f.position().1);
+        match last {
+            Some(last) if n <= last => srv.redis_send(self.groups.ack(g, &c.uid, n)),
+            _ => {
+                let e = crate::cluster::ProtocolError::new(
+                    crate::cluster::ErrorCode::BadRequest,
+                    format!("ack {n} of group {g}: you follow it up to {last:?}; nothing was acknowledged"),
+                );
+                srv.push(fd, Message::Text(e.to_frame()));
+            }
+        }
+    }
+
+    /// A connection closed: forgotten and uncounted in each of its groups.
+    pub fn close<A: Holds<GroupFeeds>>(&mut self, srv: &mut Server<A>, fd: Fd) {
+        let groups: Vec<String> = self
+            .conns
+            .get(&fd)
+            .map(|c| c.feeds.keys().cloned().collect())
+            .unwrap_or_default();
+        for g in groups {
+            self.remove(srv, fd, &g);
+        }
+        self.conns.remove(&fd);
+    }
+
+    /// Each group feed's position of `fd` (group → (epoch, gseq)), for a
+    /// handover.
+    pub fn positions(&self, fd: Fd) -> serde_json::Value {
+        let Some(c) = self.conns.get(&fd) else {
+            return serde_json::Value::Null;
+        };
+        c.feeds
+            .iter()
+            .filter(|(_, f)| !f.is_opening())
+            .map(|(g, f)| {
+                let (e, n) = f.position();
+                (g.clone(), serde_json::json!([e, n]))
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
+    /// A connection moved here with its group positions: members again,
+    /// live, not counted again (the worker it left counted them), caught
+    /// up from the streams.
+    pub fn adopt<A: Holds<GroupFeeds>>(
+        &mut self,
+        srv: &mut Server<A>,
+        fd: Fd,
+        uid: &str,
+        positions: &serde_json::Value,
+    ) {
+        self.conns.insert(
+            fd,
+            ConnGroups {
+                uid: uid.to_string(),
+                feeds: HashMap::new(),
+            },
+        );
+        let Some(map) = positions.as_object() else {
+            return;
+        };
+        for (g, pos) in map {
+            let (Some(e), Some(n)) = (pos[0].as_str(), pos[1].as_u64()) else {
+                continue;
+            };
+            if let Some(c) = self.conns.get_mut(&fd) {
+                c.feeds
+                    .insert(g.clone(), Feed::adopted_group(g, e.to_string(), n));
+            }
+            let local = self.by_group.entry(g.clone()).or_default();
+            local.fds.push(fd);
+            *local.uids.entry(uid.to_string()).or_insert(0) += 1;
+            self.catch_up(srv, fd, g);
+        }
+    }
+}
