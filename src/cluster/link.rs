@@ -366,7 +366,7 @@ pub fn parse_route(text: &str) -> RouteFrame {
     let Ok(v) = serde_json::from_str::<Value>(text) else {
         return RouteFrame::Unknown;
     };
-    if let Some(e) = v.get("error") {
+    if let (None, Some(e)) = (v.get("method"), v.get("error")) {
         return RouteFrame::Error(
             ProtocolError::deserialize(e)
                 .unwrap_or_else(|_| ProtocolError::new(ErrorCode::Unknown, e.to_string())),

@@ -27,6 +27,7 @@ impl ImApp {
     ) -> Option<RouteFrame> {
         match f {
             RouteFrame::GroupDeliver(m) => {
+                crate::im::stats::add(srv, crate::im::stats::GROUP_IN, 1);
                 workers::to_siblings(srv, &WorkerMsg::GroupDeliver(m.clone()));
                 self.group_deliver(srv, m);
             }

@@ -18,6 +18,9 @@ pub const FORWARDED: usize = 2;
 pub const REFUSED: usize = 3;
 /// User-to-user messages stored in an inbox by this server.
 pub const STORED: usize = 4;
+/// Group messages this server received from the Route (one per message
+/// per server, however many members it holds).
+pub const GROUP_IN: usize = 5;
 
 /// The IM server's counters as `/metrics` exports them (summed over workers).
 pub const COUNTERS: &[AppCounter] = &[
@@ -43,6 +46,12 @@ pub const COUNTERS: &[AppCounter] = &[
         index: STORED,
         name: "swocloud_im_messages_stored_total",
         help: "User-to-user messages stored in the recipient's inbox by this server.",
+        label: None,
+    },
+    AppCounter {
+        index: GROUP_IN,
+        name: "swocloud_im_group_messages_received_total",
+        help: "Group messages received from the Route (one per message for the whole server).",
         label: None,
     },
 ];
