@@ -355,3 +355,73 @@ fn kick_limits_bad_names_and_non_members() {
     let f = next_group_msg(&mut m, "a", "u2's own message");
     assert_eq!((&f["from"], &f["gseq"]), (&json!("u2"), &s["gseq"]));
 }
+
+#[test]
+fn presence_events_go_to_small_groups_only_and_user_sends_can_be_off() {
+    let c = Cluster::start(
+        1,
+        1,
+        1,
+        "group_presence_events = true\ngroup_presence_max = 2\nuser_group_send = false\n",
+    );
+    let (mut a, _) = c.connect_user("pa");
+    join(&c, "duo", "pa");
+    join(&c, "duo", "pb");
+    let f = loop {
+        let f = next_frame(&mut a, Duration::from_secs(5)).expect("a join event");
+        if f["method"] == "join" {
+            break f;
+        }
+    };
+    assert_eq!(
+        (&f["group"], &f["uid"]),
+        (&json!("duo"), &json!("pb")),
+        "{f}"
+    );
+    // Past group_presence_max members: no events.
+    join(&c, "duo", "pc");
+    post(
+        &c,
+        "/api/groups/leave",
+        json!({"group": "duo", "uid": "pc"}),
+    );
+    let (st, _) = c.api_send("pa", json!("sentinel"));
+    assert_eq!(st, 200);
+    loop {
+        let f = next_frame(&mut a, Duration::from_secs(5)).expect("the sentinel");
+        if f["data"] == "sentinel" {
+            break;
+        }
+        assert!(
+            f["method"] != "join" || f["uid"] != "pc",
+            "an event for a group over the cap: {f}"
+        );
+    }
+    // A leave while small again: an event.
+    post(
+        &c,
+        "/api/groups/leave",
+        json!({"group": "duo", "uid": "pb"}),
+    );
+    let f = loop {
+        let f = next_frame(&mut a, Duration::from_secs(5)).expect("a leave event");
+        if f["method"] == "leave" && f["uid"] == "pb" {
+            break f;
+        }
+    };
+    assert_eq!(f["group"], "duo");
+    // user_group_send = false: a member's send is refused with its ref.
+    a.send_json(&json!({"group": "duo", "data": 1, "ref": "x"}))
+        .unwrap();
+    let e = loop {
+        let f = next_frame(&mut a, Duration::from_secs(5)).expect("the refusal");
+        if f.get("error").is_some() {
+            break f;
+        }
+    };
+    assert_eq!(
+        (&e["error"]["code"], &e["ref"]),
+        (&json!("unauthorized"), &json!("x")),
+        "{e}"
+    );
+}
