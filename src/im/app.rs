@@ -246,10 +246,10 @@ impl ImApp {
     /// A frame on the Route link.
     fn on_route_frame(&mut self, srv: &mut Server<Self>, text: &str) {
         match link::parse_route(text) {
-            RouteFrame::Registered(_) => {
+            RouteFrame::Registered(r) => {
                 // (Re-)registered: whatever the Route sent while the link
                 // was down is only in the inboxes.
-                self.route.registered(srv);
+                self.route.registered(srv, &r.node);
                 self.check_feeds(srv);
             }
             RouteFrame::Check => self.check_feeds(srv),
@@ -359,7 +359,9 @@ impl App for ImApp {
             let ms = (self.cfg.route_heartbeat.max(0.05) * 1000.0) as u64;
             srv.tick(ms, |app: &mut ImApp, srv, _| {
                 let load = stats::load(srv);
-                app.route.heartbeat(srv, load);
+                if let Some(delay) = app.route.heartbeat(srv, load) {
+                    Self::redial_after(srv, delay);
+                }
             });
         }
         if !srv.is_task_worker() && self.cfg.presence_refresh > 0.0 {
