@@ -12,8 +12,7 @@ fn main() {
         "A swocloud IM server: holds users' WebSocket connections and delivers their messages",
         framework_defaults(),
         |settings, cfg: ImSettings| {
-            swocloud::im::route_link::check_ws_url(&cfg.route_url)?;
-            cfg.inbox_limits().validate()?;
+            cfg.validate()?;
             Ok(ImApp::new(
                 cfg,
                 &settings.host,

@@ -267,10 +267,10 @@ impl ImApp {
             return;
         };
         match frame {
-            RouteFrame::Registered(_) => {
+            RouteFrame::Registered(r) => {
                 // (Re-)registered: whatever the Route sent while the link
                 // was down is only in the inboxes.
-                self.route.registered(srv);
+                self.route.registered(srv, &r.node);
                 self.check_feeds(srv);
             }
             RouteFrame::Check => self.check_feeds(srv),
@@ -396,7 +396,9 @@ impl App for ImApp {
             let ms = (self.cfg.route_heartbeat.max(0.05) * 1000.0) as u64;
             srv.tick(ms, |app: &mut ImApp, srv, _| {
                 let load = stats::load(srv);
-                app.route.heartbeat(srv, load);
+                if let Some(delay) = app.route.heartbeat(srv, load) {
+                    Self::redial_after(srv, delay);
+                }
             });
         }
         if !srv.is_task_worker() && self.cfg.presence_refresh > 0.0 {

@@ -5,13 +5,25 @@
 //! registers again, so a Route restart heals by itself. Messages other
 //! workers forward to the Route queue here (bounded) while the link is down.
 //!
+//! **Several Route nodes** (`route_urls`): the link is to one node at a
+//! time. Every heartbeat also sends a WebSocket ping; a link that brought
+//! nothing (not even the pong) for `route_timeout` is given up. A link
+//! that closes, is given up, or cannot be dialled moves the link to the
+//! next URL of the list (cyclically), after the usual backoff delay (the
+//! backoff is reset by each acknowledged registration, so the first
+//! failover dial waits 50–100 ms). The link stays where it landed: a node
+//! earlier in the list that comes back is used again only when the link
+//! fails over again, never by a switch back (no flapping). Any node takes
+//! any IM server: they share the registry in Redis, and a registration
+//! replaces the entry the dead node held.
+//!
 //! [`RouteLink`] is the mechanism (dial, register, queue, redial delays);
 //! the app owns the timers: a method that wants to run again later returns
 //! the delay, and the app schedules it. The link makes no Redis call.
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -19,7 +31,9 @@ use crate::auth;
 use crate::backoff::Backoff;
 use crate::cluster::link::{Addressed, ImFrame, Registration};
 use crate::event::App;
-use crate::im::settings::ImSettings;
+use crate::im::settings::{ImSettings, DEFAULT_ROUTE_URL};
+use crate::im::stats;
+use crate::process::scoreboard::now_ms;
 use crate::reactor::resolve::Resolver;
 use crate::reactor::{Fd, Message, Server};
 
@@ -27,6 +41,9 @@ use crate::reactor::{Fd, Message, Server};
 const ATTR_ROUTE_LINK: &str = "im.route_link";
 /// Connection attribute on the Route link: the Route acknowledged us.
 const ATTR_ROUTE_REGISTERED: &str = "im.route_registered";
+/// Connection attribute on the Route link: the URL it was dialled at (so
+/// the worker adopting it knows where in `route_urls` it is).
+const ATTR_ROUTE_URL: &str = "im.route_url";
 
 /// First redial delay.
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -57,13 +74,22 @@ pub struct Identity {
 /// Worker 0's link to the Route.
 #[derive(Debug)]
 pub struct RouteLink {
-    /// `ws://` URL of the Route.
-    url: String,
+    /// The Route nodes' `ws://` URLs, in order (never empty).
+    urls: Vec<String>,
+    /// Index in `urls` of the node dialled now (or next).
+    current: usize,
+    /// How long the open link may bring nothing before it is given up.
+    silence: Duration,
     /// Mints registration tokens when not empty.
     auth_secret: String,
     identity: Identity,
     /// The connection to the Route, once dialled.
     fd: Option<Fd>,
+    /// Whether that connection's WebSocket is open (`on_connect` came, or
+    /// it was adopted).
+    open: bool,
+    /// When the last registered link was lost (for the failover's log line).
+    lost_at: Option<Instant>,
     /// Whether the Route acknowledged the registration.
     registered: bool,
     /// Redial delay (exponential, capped, jittered).
@@ -74,8 +100,8 @@ pub struct RouteLink {
     dropped: u64,
     /// The server is draining: tell the Route once registered.
     draining: bool,
-    /// Where the Route is (made at the first dial, in the worker).
-    target: Option<Target>,
+    /// Where each node is (made at its first dial, in the worker).
+    targets: Vec<Option<Target>>,
 }
 
 /// Where the Route is: its address (kept current off the loop), the
@@ -102,17 +128,17 @@ pub fn parse_ws_url(url: &str) -> Result<Target, String> {
     })
 }
 
-/// Checks a `route_url` without looking anything up (what the master does
-/// before it forks: no thread, no DNS).
+/// Checks a Route URL (`route_url`, each of `route_urls`) without looking
+/// anything up (what the master does before it forks: no thread, no DNS).
 pub fn check_ws_url(url: &str) -> Result<(), String> {
     split_ws_url(url).map(drop)
 }
 
 /// `ws://host:port/path` → (host, port, `host:port`, path).
 fn split_ws_url(url: &str) -> Result<(&str, u16, &str, String), String> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| format!("route_url {url:?} must start with ws://"))?;
+    let rest = url.strip_prefix("ws://").ok_or_else(|| {
+        format!("Route URL {url:?} (route_url, route_urls) must start with ws://")
+    })?;
     let (hostport, path) = match rest.find('/') {
         Some(i) => (&rest[..i], rest[i..].to_string()),
         None => (rest, "/".to_string()),
@@ -120,7 +146,7 @@ fn split_ws_url(url: &str) -> Result<(&str, u16, &str, String), String> {
     let (host, port) = hostport
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-        .ok_or_else(|| format!("route_url {url:?}: expected host:port"))?;
+        .ok_or_else(|| format!("Route URL {url:?} (route_url, route_urls): expected host:port"))?;
     Ok((host, port, hostport, path))
 }
 
@@ -130,20 +156,48 @@ impl RouteLink {
         self.backoff.next()
     }
 
-    /// The link for these settings and this identity.
+    /// The link for these settings (checked by [`ImSettings::validate`]
+    /// in the master) and this identity.
     pub fn new(cfg: &ImSettings, identity: Identity) -> RouteLink {
+        let urls = cfg
+            .route_list()
+            .unwrap_or_else(|_| vec![DEFAULT_ROUTE_URL.to_string()]);
         RouteLink {
-            url: cfg.route_url.clone(),
+            targets: vec![None; urls.len()],
+            urls,
+            current: 0,
+            silence: cfg.route_silence(),
             auth_secret: cfg.auth_secret.clone(),
             identity,
             backoff: Backoff::new(BACKOFF_START, BACKOFF_MAX).with_jitter(),
             fd: None,
+            open: false,
+            lost_at: None,
             registered: false,
             queue: VecDeque::new(),
             dropped: 0,
             draining: false,
-            target: None,
         }
+    }
+
+    /// The URL of the node dialled now (or next).
+    pub fn url(&self) -> &str {
+        self.urls.get(self.current).map_or(DEFAULT_ROUTE_URL, |u| u)
+    }
+
+    /// Moves to the next node of the list (cyclically; a one-node list
+    /// stays put).
+    fn fail_over<A: App>(&mut self, srv: &Server<A>) {
+        if self.urls.len() < 2 {
+            return;
+        }
+        let from = self.url().to_string();
+        self.current = (self.current + 1) % self.urls.len();
+        stats::add(srv, stats::ROUTE_FAILOVERS, 1);
+        log::warn!(
+            "im: failing over from the Route at {from} to {}",
+            self.url()
+        );
     }
 
     /// Whether `fd` is the Route link.
@@ -170,16 +224,18 @@ impl RouteLink {
         if srv.is_adopting() {
             return Some(Duration::from_millis(ADOPT_POLL_MS));
         }
-        if self.target.is_none() {
-            match parse_ws_url(&self.url) {
-                Ok(t) => self.target = Some(t),
+        let i = self.current;
+        if self.targets.get(i).is_some_and(Option::is_none) {
+            match parse_ws_url(self.url()) {
+                Ok(t) => self.targets[i] = Some(t),
                 Err(e) => {
                     log::error!("im: {e}");
+                    self.fail_over(srv);
                     return Some(self.redial_delay());
                 }
             }
         }
-        let dialled = match &self.target {
+        let dialled = match self.targets.get(i).and_then(Option::as_ref) {
             Some(t) => match t.resolver.current().first() {
                 Some(addr) => srv
                     .ws_connect(*addr, &t.host, &t.path)
@@ -192,10 +248,12 @@ impl RouteLink {
             Ok(fd) => {
                 self.fd = Some(fd);
                 srv.set_attr(fd, ATTR_ROUTE_LINK, Value::Bool(true));
+                srv.set_attr(fd, ATTR_ROUTE_URL, Value::from(self.url()));
                 None
             }
             Err(e) => {
-                log::warn!("im: cannot dial the Route at {}: {e}", self.url);
+                log::warn!("im: cannot dial the Route at {}: {e}", self.url());
+                self.fail_over(srv);
                 Some(self.redial_delay())
             }
         }
@@ -203,13 +261,18 @@ impl RouteLink {
 
     fn redial_delay(&mut self) -> Duration {
         let delay = self.next_delay();
-        log::info!("im: redialling the Route in {} ms", delay.as_millis());
+        log::info!(
+            "im: dialling the Route at {} in {} ms",
+            self.url(),
+            delay.as_millis()
+        );
         delay
     }
 
     /// The link is up: register (the seed's frame, plus token, load and
     /// epoch).
     pub fn connected<A: App>(&mut self, srv: &mut Server<A>, fd: Fd, load: u64) {
+        self.open = true;
         let id = &self.identity;
         let token = (!self.auth_secret.is_empty()).then(|| {
             auth::mint(
@@ -230,20 +293,37 @@ impl RouteLink {
         srv.push(fd, Message::Text(reg.to_text()));
         log::info!(
             "im: connected to the Route at {}; registering as {}",
-            self.url,
+            self.url(),
             id.service_name
         );
     }
 
-    /// The Route acknowledged: reset the backoff, flush what waited.
-    pub fn registered<A: App>(&mut self, srv: &mut Server<A>) {
+    /// The Route (node `node`; empty: not known, as for an adopted link)
+    /// acknowledged: reset the backoff, flush what waited.
+    pub fn registered<A: App>(&mut self, srv: &mut Server<A>, node: &str) {
         self.registered = true;
         if let Some(fd) = self.fd {
             srv.set_attr(fd, ATTR_ROUTE_REGISTERED, Value::Bool(true));
         }
         self.backoff.reset();
+        let after = self
+            .lost_at
+            .take()
+            .map(|t| {
+                format!(
+                    ", {} ms after the last link was lost",
+                    t.elapsed().as_millis()
+                )
+            })
+            .unwrap_or_default();
+        let node = if node.is_empty() {
+            String::new()
+        } else {
+            format!(" node {node}")
+        };
         log::info!(
-            "im: registered with the Route as {} (epoch {})",
+            "im: registered with the Route{node} at {} as {} (epoch {}){after}",
+            self.url(),
             self.identity.service_name,
             self.identity.epoch
         );
@@ -269,22 +349,39 @@ impl RouteLink {
             return false;
         }
         let registered = attrs.get(ATTR_ROUTE_REGISTERED) == Some(&Value::Bool(true));
-        log::info!("im: took over the Route link (fd {fd}, registered: {registered})");
+        let url = attrs.get(ATTR_ROUTE_URL).and_then(Value::as_str);
+        if let Some(i) = url.and_then(|u| self.urls.iter().position(|x| x == u)) {
+            self.current = i;
+        }
+        log::info!(
+            "im: took over the Route link to {} (fd {fd}, registered: {registered})",
+            self.url()
+        );
         self.fd = Some(fd);
+        self.open = true;
+        if let Some(u) = url {
+            srv.set_attr(fd, ATTR_ROUTE_URL, Value::from(u));
+        }
         if registered {
-            self.registered(srv);
+            self.registered(srv, "");
         }
         true
     }
 
-    /// The link closed: forget it. Returns when to redial (None while
-    /// stopping).
+    /// The link closed (or was given up): forget it and move to the next
+    /// node. Returns when to redial (None while stopping).
     pub fn closed<A: App>(&mut self, srv: &Server<A>) -> Option<Duration> {
         self.fd = None;
+        self.open = false;
         if std::mem::take(&mut self.registered) {
-            log::warn!("im: lost the Route connection");
+            log::warn!("im: lost the Route connection to {}", self.url());
+            self.lost_at = Some(Instant::now());
         }
-        (!srv.is_stopping()).then(|| self.redial_delay())
+        if srv.is_stopping() {
+            return None;
+        }
+        self.fail_over(srv);
+        Some(self.redial_delay())
     }
 
     /// Sends a frame to the Route now, or queues it (bounded) until the
@@ -308,12 +405,28 @@ impl RouteLink {
         self.send(srv, &ImFrame::Forward(msg));
     }
 
-    /// The heartbeat: a load report (only while registered).
-    pub fn heartbeat<A: App>(&mut self, srv: &mut Server<A>, load: u64) {
-        if let (Some(fd), true) = (self.fd, self.registered) {
+    /// The heartbeat: a load report (while registered) and a ping (while
+    /// open). A link that brought nothing for `route_timeout` is given up
+    /// here (closed; its `on_close` is no longer the link's): returns when
+    /// to dial the next node then.
+    pub fn heartbeat<A: App>(&mut self, srv: &mut Server<A>, load: u64) -> Option<Duration> {
+        let fd = self.fd.filter(|_| self.open)?;
+        let heard_ms = srv.connection_info(fd)?.last_active_ms;
+        let silent_ms = now_ms().saturating_sub(heard_ms);
+        if silent_ms > self.silence.as_millis() as u64 {
+            log::warn!(
+                "im: the Route at {} sent nothing (not even a pong) for {silent_ms} ms, more than route_timeout: giving the link up",
+                self.url()
+            );
+            srv.close(fd);
+            return self.closed(srv);
+        }
+        if self.registered {
             let beat = ImFrame::Heartbeat { load: Some(load) };
             srv.push(fd, Message::Text(beat.to_text()));
         }
+        srv.ping(fd, b"");
+        None
     }
 
     /// The server is stopping: tell the Route (now, or once registered).
@@ -344,6 +457,7 @@ mod tests {
         assert!(parse_ws_url("http://x").is_err());
         assert!(parse_ws_url("ws://no-port/").is_err());
         let mut r = RouteLink::new(&ImSettings::default(), Identity::default());
+        assert_eq!(r.url(), DEFAULT_ROUTE_URL);
         let delays: Vec<Duration> = (0..12).map(|_| r.next_delay()).collect();
         assert!(delays[0] <= BACKOFF_START && delays[0] >= BACKOFF_START / 2);
         assert!(delays.iter().all(|d| *d <= BACKOFF_MAX));

@@ -18,9 +18,11 @@ pub const FORWARDED: usize = 2;
 pub const REFUSED: usize = 3;
 /// User-to-user messages stored in an inbox by this server.
 pub const STORED: usize = 4;
+/// Times the Route link moved to the next node of `route_urls`.
+pub const ROUTE_FAILOVERS: usize = 5;
 /// Group messages this server received from the Route (one per message
 /// per server, however many members it holds).
-pub const GROUP_IN: usize = 5;
+pub const GROUP_IN: usize = 6;
 
 /// The IM server's counters as `/metrics` exports them (summed over workers).
 pub const COUNTERS: &[AppCounter] = &[
@@ -46,6 +48,12 @@ pub const COUNTERS: &[AppCounter] = &[
         index: STORED,
         name: "swocloud_im_messages_stored_total",
         help: "User-to-user messages stored in the recipient's inbox by this server.",
+        label: None,
+    },
+    AppCounter {
+        index: ROUTE_FAILOVERS,
+        name: "swocloud_im_route_failovers_total",
+        help: "Times the Route link moved to the next node of route_urls (the node closed, fell silent or could not be dialled).",
         label: None,
     },
     AppCounter {

@@ -351,6 +351,19 @@ impl Conn {
         }
     }
 
+    /// Queues a ping; false if not an open WebSocket.
+    pub fn queue_ping(&mut self, payload: &[u8]) -> bool {
+        match &self.phase {
+            Phase::WebSocket(st) if !st.close_sent => {
+                let role = st.role;
+                self.compact_output();
+                ws::encode_frame(&mut self.wbuf, role, ws_ping(), payload);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Queues a close frame and marks it sent; false if not an open
     /// WebSocket.
     pub fn queue_close(&mut self, code: u16, reason: &str) -> bool {
@@ -565,6 +578,11 @@ impl Conn {
 fn ws_pong() -> tungstenite::protocol::frame::coding::OpCode {
     use tungstenite::protocol::frame::coding::{Control, OpCode};
     OpCode::Control(Control::Pong)
+}
+
+fn ws_ping() -> tungstenite::protocol::frame::coding::OpCode {
+    use tungstenite::protocol::frame::coding::{Control, OpCode};
+    OpCode::Control(Control::Ping)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! - `input` — reading and decoding a connection's bytes;
 //! - `dispatch` — calling hooks (panic-guarded), teardown, timers, IPC;
 //! - `server` — [`Server`], the handle hooks get, with Swoole's verbs;
+//! - `outbound` — dialled WebSocket connections (`ws_connect`) and pings;
 //! - `conn` — a connection: phase, owned buffers, the protocol step;
 //! - `table` — the connection table: slab, fds, flush and teardown lists;
 //! - `http` — requests, responses, the two-phase parser;
@@ -42,6 +43,7 @@ mod input;
 mod lifecycle;
 pub mod limits;
 mod migrate;
+mod outbound;
 pub mod redis;
 pub mod resolve;
 pub mod server;

@@ -12,7 +12,6 @@
 //! from `emit` — is recorded and done by the loop after the hook returns.
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,7 @@ use crate::config::Settings;
 use crate::event::App;
 use crate::process::ipc::{Dest, Envelope, Postbox, SendError};
 use crate::process::scoreboard::{Row, Scoreboard};
-use crate::reactor::conn::{Conn, ConnKind, ConnSnapshot, ConnectionInfo, Phase};
+use crate::reactor::conn::{Conn, ConnSnapshot, ConnectionInfo, Phase};
 use crate::reactor::lifecycle::Lifecycle;
 use crate::reactor::redis::{client::Callback, RedisClient, Reply, Request};
 use crate::reactor::table::ConnTable;
@@ -546,45 +545,6 @@ impl<A: App> Server<A> {
     /// mailbox message until that is done.
     pub fn is_adopting(&self) -> bool {
         self.lifecycle.is_adopting()
-    }
-
-    /// Opens an outbound WebSocket connection to `addr`, sending `host` and
-    /// `path` in the upgrade. The connect and handshake run in the loop;
-    /// `on_connect(fd)` follows on success, `on_close(fd)` on failure or
-    /// when it later closes. Messages and `push` work as for accepted
-    /// connections.
-    pub fn ws_connect(&mut self, addr: SocketAddr, host: &str, path: &str) -> io::Result<Fd> {
-        let stream = mio::net::TcpStream::connect(addr)
-            .map_err(|e| io::Error::new(e.kind(), format!("ws_connect to {addr}: {e}")))?;
-        // As for accepted connections: small frames (an IM server's forwards
-        // to the Route) must not wait for the peer's delayed ACK (Nagle).
-        let _ = stream.set_nodelay(true);
-        let fd = self.conns.next_fd();
-        let phase = Phase::Connecting { host: host.into() };
-        let mut conn = Conn::new(fd, stream, addr, ConnKind::Client, phase);
-        conn.set_path(path);
-        conn.opened = true; // on_close is due even if the dial fails
-        self.conns.insert(conn).map_err(|e| {
-            io::Error::new(e.kind(), format!("ws_connect to {addr}: register: {e}"))
-        })?;
-        self.arm_handshake_timer(fd);
-        Ok(fd)
-    }
-
-    pub(crate) fn arm_handshake_timer(&mut self, fd: Fd) {
-        let secs = self.settings.handshake_timeout;
-        if secs <= 0.0 {
-            return;
-        }
-        let id = self.timers.insert(
-            Instant::now(),
-            Duration::from_secs_f64(secs),
-            None,
-            TimerTask::Handshake(fd),
-        );
-        if let Some(c) = self.conn_mut(fd) {
-            c.timer.set(id);
-        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! |----------|--------|
 //! | `GET /health` | 200 whenever the worker serves (liveness) |
 //! | `GET /ready` | 200 while Redis answers and the registry cache is fresh, else 503 with the reason |
-//! | `GET /api/servers` | the live IM servers with details, from the worker's cache; `?fresh=1` reads Redis |
+//! | `GET /api/servers` | the live IM servers with details (each names the Route `node` holding it), the Route `nodes` with their servers, and the answering `node`; from the worker's cache; `?fresh=1` reads Redis |
 //! | `GET /route?uid=U[&token=T]` | `{"ip","port","token","url","serviceName"}` of the IM server picked for U; 503 when none |
 //! | `POST /api/send {"uid","data"[,"from"][,"ref"]}` | once stored in the user's inbox: `{"uid","id","seq","status":"delivered"\|"queued"}`; 503 when it could not be stored (with `inbox = false`: `{"delivered":N}`, or 404 `{"error":"offline"}`) |
 //! | `GET /api/message?uid=U&seq=N` | `{"uid","seq","id","epoch","status":"queued"\|"delivered"\|"acked"}`, 404 when unknown or trimmed |
@@ -269,6 +269,7 @@ impl Api<'_> {
     /// `GET /api/servers?fresh=1`: read Redis now.
     fn fresh_servers<A: App>(&self, srv: &mut Server<A>, req: &Request) -> Response {
         let http = req.fd;
+        let node = self.regs.node().to_string();
         srv.redis(
             self.delivery.list_request(),
             move |_: &mut A,
@@ -277,7 +278,7 @@ impl Api<'_> {
                 let resp = match r {
                     Ok(map) => {
                         let entries = crate::cluster::servers::parse_list(map);
-                        Response::new(200, servers_doc(&entries, "redis"))
+                        Response::new(200, servers_doc(&entries, "redis", &node))
                             .with_header("Content-Type", "application/json")
                     }
                     Err(e) => bad(503, "unavailable", &format!("Redis: {e}")),
@@ -334,15 +335,22 @@ impl Api<'_> {
         let mut m = crate::metrics::Exposition::new();
         m.framework(&sb);
         m.app_counters(&sb, stats::COUNTERS);
-        let (servers, fresh) = self
-            .directory
-            .cache_gauges()
-            .unwrap_or((self.regs.held_count(), false));
+        let (servers, nodes, fresh) = self.directory.cache_gauges().unwrap_or((
+            self.regs.held_count(),
+            usize::from(self.regs.held_count() > 0),
+            false,
+        ));
         m.gauge(
             "swocloud_route_im_servers",
             "IM servers registered, from the answering worker's registry cache.",
             &[],
             servers as u64,
+        );
+        m.gauge(
+            "swocloud_route_nodes",
+            "Route nodes holding at least one registered IM server, from the answering worker's registry cache.",
+            &[],
+            nodes as u64,
         );
         m.gauge(
             "swocloud_route_cache_fresh",

@@ -46,7 +46,43 @@ pub struct Directory {
 struct ServersDoc<'a> {
     count: usize,
     source: &'a str,
+    /// The Route node that answered.
+    node: &'a str,
+    /// The Route nodes the registry names, each with its IM servers.
+    nodes: Vec<NodeDoc<'a>>,
     servers: &'a [ServerEntry],
+}
+
+/// One Route node as the registry knows it: the IM servers it holds.
+#[derive(serde::Serialize)]
+struct NodeDoc<'a> {
+    node: &'a str,
+    /// Their serviceNames, in the entries' order.
+    servers: Vec<&'a str>,
+}
+
+/// The Route nodes named by `entries` (each entry carries the node holding
+/// its connection), sorted, with their IM servers. O(n log n).
+fn nodes_of(entries: &[ServerEntry]) -> Vec<NodeDoc<'_>> {
+    let mut nodes: Vec<NodeDoc<'_>> = Vec::new();
+    for e in entries {
+        match nodes.binary_search_by(|n| n.node.cmp(e.node.as_str())) {
+            Ok(i) => nodes[i].servers.push(&e.service_name),
+            Err(i) => nodes.insert(
+                i,
+                NodeDoc {
+                    node: &e.node,
+                    servers: vec![&e.service_name],
+                },
+            ),
+        }
+    }
+    nodes
+}
+
+/// How many Route nodes `entries` name. O(n log n).
+pub fn node_count(entries: &[ServerEntry]) -> usize {
+    nodes_of(entries).len()
 }
 
 impl Directory {
@@ -108,11 +144,11 @@ impl Directory {
         .flatten()
     }
 
-    /// (servers in the cache, whether it is fresh), for `/metrics`; None
-    /// without a cache.
-    pub fn cache_gauges(&self) -> Option<(usize, bool)> {
+    /// (servers in the cache, Route nodes holding them, whether it is
+    /// fresh), for `/metrics`; None without a cache.
+    pub fn cache_gauges(&self) -> Option<(usize, usize, bool)> {
         let max_age = self.max_age();
-        self.with_cache(|g| (g.entries.len(), g.fresh(max_age)))
+        self.with_cache(|g| (g.entries.len(), node_count(&g.entries), g.fresh(max_age)))
     }
 
     /// The live servers: from the cache when warm, else this worker's own
@@ -139,12 +175,12 @@ impl Directory {
                 }
             }
             let source = if g.connected { "cache" } else { "stale-cache" };
-            let body = servers_doc(&g.entries, source);
+            let body = servers_doc(&g.entries, source, regs.node());
             self.servers_body = Some((generation, body.clone()));
             return body;
         }
         let (servers, source) = self.servers(regs);
-        servers_doc(&servers, source)
+        servers_doc(&servers, source, regs.node())
     }
 
     /// Picks a live, non-draining IM server for `uid` (the balancer) and
@@ -219,11 +255,13 @@ impl Directory {
     }
 }
 
-/// The `/api/servers` document for `entries`.
-pub fn servers_doc(entries: &[ServerEntry], source: &str) -> Vec<u8> {
+/// The `/api/servers` document for `entries`, answered by Route node `node`.
+pub fn servers_doc(entries: &[ServerEntry], source: &str, node: &str) -> Vec<u8> {
     serde_json::to_vec(&ServersDoc {
         count: entries.len(),
         source,
+        node,
+        nodes: nodes_of(entries),
         servers: entries,
     })
     .unwrap_or_default()

@@ -1,5 +1,6 @@
-//! The Route's section of `swocloud status`: the registered IM servers and
-//! the Redis state, asked of the running Route over its own HTTP port
+//! The Route's section of `swocloud status`: the registered IM servers,
+//! the Route nodes holding them (every node's, from the shared registry),
+//! and the Redis state, asked of the running Route over its own HTTP port
 //! (`/api/servers` with the api_key, and `/ready`), so the answer is what
 //! the workers see. The Redis URL is never printed (it may hold a password). A Route that does not answer is reported, not fatal:
 //! the process table above it is still right.
@@ -50,9 +51,14 @@ pub fn section(settings: &Settings, cfg: &RouteSettings) -> StatusExtra {
                     s["worker"].as_u64().unwrap_or(0),
                 ));
             }
+            text.push_str(&nodes_text(&doc));
             extra
                 .json
                 .insert("im_servers".into(), Value::Array(servers));
+            extra
+                .json
+                .insert("route_nodes".into(), doc["nodes"].clone());
+            extra.json.insert("route_node".into(), doc["node"].clone());
         }
         Ok((code, body)) => {
             text.push_str(&format!(
@@ -103,4 +109,45 @@ pub fn section(settings: &Settings, cfg: &RouteSettings) -> StatusExtra {
     extra.json.insert("redis".into(), redis);
     extra.text = text;
     extra
+}
+
+/// The "Route nodes" lines of an `/api/servers` document: every node the
+/// registry names, with its IM servers; the node that answered is marked.
+fn nodes_text(doc: &Value) -> String {
+    let nodes = doc["nodes"].as_array().cloned().unwrap_or_default();
+    let me = doc["node"].as_str().unwrap_or("?");
+    let mut text = format!("\nRoute nodes: {} (this node: {me})\n", nodes.len());
+    for n in &nodes {
+        let name = n["node"].as_str().unwrap_or("?");
+        let servers: Vec<&str> = n["servers"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let mark = if name == me { " *" } else { "" };
+        text.push_str(&format!(
+            "{:<28} {} IM server(s): {}\n",
+            format!("{name}{mark}"),
+            servers.len(),
+            servers.join(", ")
+        ));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_node_of_the_registry_is_listed() {
+        let doc = serde_json::json!({
+            "node": "b",
+            "nodes": [{"node": "a", "servers": ["IM_0"]}, {"node": "b", "servers": ["IM_1", "IM_2"]}],
+        });
+        let t = super::nodes_text(&doc);
+        assert!(t.contains("Route nodes: 2 (this node: b)"), "{t}");
+        assert!(
+            t.contains("a ") && t.contains("1 IM server(s): IM_0"),
+            "{t}"
+        );
+        assert!(t.contains("b *") && t.contains("IM_1, IM_2"), "{t}");
+    }
 }

@@ -23,6 +23,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod frames;
 pub mod inproc;
+pub mod nodes;
 pub mod proxy;
 
 use std::fs;
