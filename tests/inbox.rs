@@ -537,3 +537,41 @@ fn with_the_inbox_off_messages_are_fire_and_forget_as_before() {
     assert_eq!((st, &v["error"]), (404, &json!("offline")), "{v}");
     assert_eq!(c.message_status("olga", 1).0, 404);
 }
+
+#[test]
+fn sends_pending_during_a_reload_are_confirmed_by_the_replacement() {
+    // Redis answers 40 ms late, so sends are still waiting for their store
+    // when the worker hands its connections over.
+    let c = Cluster::start_proxied(1, 1, 1, "");
+    let (mut alice, _) = c.connect_user("pal");
+    let (mut bob, _) = c.connect_user("pbo");
+    c.proxy
+        .as_ref()
+        .unwrap()
+        .set(common::proxy::Mode::Delay(Duration::from_millis(40)));
+    for i in 0..8 {
+        alice
+            .send_json(&json!({"to": "pbo", "data": i, "ref": format!("r{i}")}))
+            .unwrap();
+    }
+    c.ims[0].reload_workers();
+    let mut sent = std::collections::BTreeMap::new();
+    while sent.len() < 8 {
+        let f = next_frame(&mut alice, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("only {} of 8 confirmed: {sent:?}", sent.len()));
+        if let Some(r) = f["sent"].as_str() {
+            sent.insert(r.to_string(), f["seq"].as_u64().unwrap());
+        }
+    }
+    let mut seqs: Vec<u64> = sent.values().copied().collect();
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (1..=8).collect::<Vec<_>>(),
+        "each stored once: {sent:?}"
+    );
+    c.proxy.as_ref().unwrap().set(common::proxy::Mode::Pass);
+    let got = frames_until_messages(&mut bob, 8, "bob");
+    assert_eq!(seqs(&got), (1..=8).collect::<Vec<_>>());
+    next_is_sentinel(&c, &mut bob, "pbo");
+}

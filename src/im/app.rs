@@ -35,10 +35,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::cluster::inbox::{self, Inbox, Stamp};
+use crate::cluster::inbox::{Inbox, Stamp};
 use crate::cluster::link::{self, Addressed, Offline, RouteFrame};
 use crate::cluster::servers;
-use crate::cluster::user::{self, error_frame, Delivered, Sent, UserFrame, UserSend};
+use crate::cluster::user::{self, Delivered, UserFrame};
 use crate::cluster::{ErrorCode, ProtocolError};
 use crate::event::{App, EventBus, Holds, ServerInfo};
 use crate::im::directory::Directory;
@@ -48,6 +48,8 @@ use crate::im::groups::GroupFeeds;
 
 #[path = "app_groups.rs"]
 mod app_groups;
+#[path = "app_messages.rs"]
+mod app_messages;
 use crate::im::http;
 use crate::im::presence_store::PresenceStore;
 use crate::im::route_link::{Identity, RouteLink};
@@ -146,65 +148,6 @@ impl ImApp {
         } else {
             workers::send(srv, 0, &WorkerMsg::Forward(msg));
         }
-    }
-
-    /// A user's message: stored in `to`'s inbox (the sender is told it is,
-    /// or why not), then sent on ([`Self::send_on`]). With `inbox = false`,
-    /// sent on at once, unstamped.
-    fn route_message(&mut self, srv: &mut Server<Self>, fd: Fd, from: String, msg: UserSend) {
-        let UserSend {
-            to,
-            data,
-            reference,
-        } = msg;
-        let msg = Addressed::new(to, from, data);
-        if !self.cfg.inbox {
-            return self.send_on(srv, fd, msg);
-        }
-        let id = inbox::new_id();
-        let store =
-            self.feeds
-                .inbox()
-                .store(&msg.to, &id, &msg.from, &msg.data, reference.as_deref());
-        srv.redis(
-            store,
-            move |app: &mut ImApp, srv, r: redis::RedisResult<inbox::StoredReply>| match r {
-                Ok(v) => {
-                    // A repeat (same ref) is confirmed with its first copy's
-                    // seq and sent on again: each feed drops what it has.
-                    let (stamp, _repeated) = inbox::parse_stored(v);
-                    if let Some(r) = reference {
-                        let sent = Sent {
-                            sent: r,
-                            id: stamp.id.clone(),
-                            seq: stamp.seq,
-                            epoch: stamp.epoch.clone(),
-                        };
-                        srv.push(fd, Message::Text(sent.to_text()));
-                    }
-                    stats::add(srv, stats::STORED, 1);
-                    app.send_on(
-                        srv,
-                        fd,
-                        Addressed {
-                            stamp: Some(stamp),
-                            ..msg
-                        },
-                    );
-                }
-                Err(e) => {
-                    log::warn!("im: a message for {} was not stored: {e}", msg.to);
-                    let err = ProtocolError::new(
-                        ErrorCode::Unavailable,
-                        format!(
-                            "the message to {} was not stored ({e}); nothing was sent",
-                            msg.to
-                        ),
-                    );
-                    srv.push(fd, Message::Text(error_frame(&err, reference.as_deref())));
-                }
-            },
-        );
     }
 
     /// A (stored) user's message: to the workers of this server that hold
@@ -501,6 +444,7 @@ impl App for ImApp {
         };
         self.joined(srv, &uid);
         self.presence.rekey(srv, &uid, old_fd, fd);
+        self.resend_pending(srv, fd, &uid, attrs);
         if self.cfg.inbox {
             let epoch = attrs.get(ATTR_EPOCH).and_then(Value::as_str);
             match (epoch, attrs.get(ATTR_LAST).and_then(Value::as_u64)) {
