@@ -454,8 +454,8 @@ impl App for ImApp {
             // After the presence record on the same connection: a message
             // stored after this read is routed here.
             self.feeds.open(srv, fd, &uid, resume);
-            self.groups.open(srv, fd, &uid, gsince);
         }
+        self.groups.open(srv, fd, &uid, gsince);
     }
 
     fn on_message(&mut self, srv: &mut Server<Self>, fd: Fd, msg: Message) {

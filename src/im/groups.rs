@@ -90,8 +90,14 @@ impl GroupFeeds {
             self.groups.of_user(uid),
             move |app: &mut A, srv, r: RedisResult<Vec<String>>| {
                 let me = app.part();
-                let Ok(mut groups) = r else {
-                    return; // Redis away: the inbox's welcome failed too and closes it
+                let mut groups = match r {
+                    Ok(g) => g,
+                    Err(e) => {
+                        // Never followed silently without its groups.
+                        log::warn!("im: the groups of fd {fd} could not be read: {e}");
+                        srv.disconnect(fd, 1013, "groups unavailable");
+                        return;
+                    }
                 };
                 groups.sort();
                 for g in groups {
@@ -405,18 +411,22 @@ impl GroupFeeds {
         self.conns.remove(&fd);
     }
 
-    /// Each group feed's position of `fd` (group → (epoch, gseq)), for a
-    /// handover.
+    /// Each group feed's position of `fd` (group → [epoch, gseq], or null
+    /// while its head is still to come), for a handover.
     pub fn positions(&self, fd: Fd) -> serde_json::Value {
         let Some(c) = self.conns.get(&fd) else {
             return serde_json::Value::Null;
         };
         c.feeds
             .iter()
-            .filter(|(_, f)| !f.is_opening())
             .map(|(g, f)| {
                 let (e, n) = f.position();
-                (g.clone(), serde_json::json!([e, n]))
+                let pos = if f.is_opening() {
+                    serde_json::Value::Null // its head is still to come: read again
+                } else {
+                    serde_json::json!([e, n])
+                };
+                (g.clone(), pos)
             })
             .collect::<serde_json::Map<_, _>>()
             .into()
@@ -443,17 +453,22 @@ impl GroupFeeds {
             return;
         };
         for (g, pos) in map {
-            let (Some(e), Some(n)) = (pos[0].as_str(), pos[1].as_u64()) else {
-                continue;
+            let feed = match (pos[0].as_str(), pos[1].as_u64()) {
+                (Some(e), Some(n)) => Feed::adopted_group(g, e.to_string(), n),
+                _ => Feed::opening_group(g, Resume::default()),
             };
+            let opening = feed.is_opening();
             if let Some(c) = self.conns.get_mut(&fd) {
-                c.feeds
-                    .insert(g.clone(), Feed::adopted_group(g, e.to_string(), n));
+                c.feeds.insert(g.clone(), feed);
             }
             let local = self.by_group.entry(g.clone()).or_default();
             local.fds.push(fd);
             *local.uids.entry(uid.to_string()).or_insert(0) += 1;
-            self.catch_up(srv, fd, g);
+            if opening {
+                self.head(srv, fd, g);
+            } else {
+                self.catch_up(srv, fd, g);
+            }
         }
     }
 }
