@@ -366,6 +366,11 @@ fn presence_events_go_to_small_groups_only_and_user_sends_can_be_off() {
     );
     let (mut a, _) = c.connect_user("pa");
     join(&c, "duo", "pa");
+    // Events go to the servers that counted a member: wait for pa's.
+    wait_until(Duration::from_secs(5), "pa counted online", || {
+        let (_, _, b) = common::http_get(c.route.addr(), "/api/groups/members?group=duo").unwrap();
+        serde_json::from_str::<Value>(&b).unwrap()["online"] == 1
+    });
     join(&c, "duo", "pb");
     let f = loop {
         let f = next_frame(&mut a, Duration::from_secs(5)).expect("a join event");
