@@ -563,10 +563,10 @@ fn sends_pending_during_a_reload_are_confirmed_by_the_replacement() {
             sent.insert(r.to_string(), f["seq"].as_u64().unwrap());
         }
     }
-    let mut seqs: Vec<u64> = sent.values().copied().collect();
-    seqs.sort_unstable();
+    let mut stored: Vec<u64> = sent.values().copied().collect();
+    stored.sort_unstable();
     assert_eq!(
-        seqs,
+        stored,
         (1..=8).collect::<Vec<_>>(),
         "each stored once: {sent:?}"
     );
