@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::cluster::Cluster;
 use common::{descendants_of, http_request, metric, wait_until, WsClient};
@@ -44,17 +44,7 @@ fn gsend(c: &Cluster, g: &str, data: Value) -> Value {
 
 /// The next JSON text frame, or None after `timeout`.
 fn next_frame(ws: &mut WsClient, timeout: Duration) -> Option<Value> {
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout {
-        match ws.recv_timeout(Duration::from_millis(100)) {
-            Ok(Message::Text(t)) => return Some(serde_json::from_str(t.as_str()).unwrap()),
-            Ok(Message::Close(_)) => return None,
-            Ok(_) => {}
-            Err(e) if common::is_timeout(&e) => {}
-            Err(_) => return None,
-        }
-    }
-    None
+    ws.next_json(timeout)
 }
 
 /// The next group message of `g` (skipping heads and other frames).

@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::cluster::Cluster;
 use common::{descendants_of, http_request, wait_until, ws_connect, WsClient};
@@ -20,17 +20,7 @@ use tungstenite::Message;
 
 /// The next JSON text frame, or None after `timeout`.
 fn next_frame(ws: &mut WsClient, timeout: Duration) -> Option<Value> {
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout {
-        match ws.recv_timeout(Duration::from_millis(100)) {
-            Ok(Message::Text(t)) => return Some(serde_json::from_str(t.as_str()).unwrap()),
-            Ok(Message::Close(_)) => return None,
-            Ok(_) => {}
-            Err(e) if common::is_timeout(&e) => {}
-            Err(_) => return None,
-        }
-    }
-    None
+    ws.next_json(timeout)
 }
 
 /// Reads frames until `n` stored messages (frames with a seq) arrived;

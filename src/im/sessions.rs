@@ -163,13 +163,7 @@ impl Sessions {
         let Some(fds) = self.users.get(to) else {
             return 0;
         };
-        let frame = Delivered {
-            from,
-            data,
-            seq: None,
-            id: None,
-        }
-        .to_text();
+        let frame = unstored(from, data);
         let n = fds
             .iter()
             .filter(|fd| srv.push(**fd, Message::Text(frame.clone())))
@@ -180,13 +174,7 @@ impl Sessions {
 
     /// Pushes a message to every local user.
     pub fn broadcast<A: App>(&self, srv: &mut Server<A>, from: &str, data: &Value) {
-        let frame = Delivered {
-            from,
-            data,
-            seq: None,
-            id: None,
-        }
-        .to_text();
+        let frame = unstored(from, data);
         let fds: Vec<Fd> = self.uid_of.keys().copied().collect();
         let n = fds
             .into_iter()
@@ -224,4 +212,16 @@ impl Sessions {
             srv.push(fd, Message::Text(frame.to_text()));
         }
     }
+}
+
+/// The frame of a message that is not stored (a broadcast, or any message
+/// with `inbox = false`): `{"from","data"}`, no seq.
+fn unstored(from: &str, data: &Value) -> String {
+    Delivered {
+        from,
+        data,
+        seq: None,
+        id: None,
+    }
+    .to_text()
 }

@@ -579,6 +579,27 @@ impl WsClient {
         }
     }
 
+    /// The next JSON text frame within `timeout` (skipping pings and
+    /// binary frames), or None: timed out, closed or broken.
+    pub fn next_json(&mut self, timeout: Duration) -> Option<serde_json::Value> {
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            match self.recv_timeout(Duration::from_millis(100)) {
+                Ok(Message::Text(t)) => {
+                    return Some(
+                        serde_json::from_str(t.as_str())
+                            .unwrap_or_else(|e| panic!("text message is not JSON ({e}): {t}")),
+                    )
+                }
+                Ok(Message::Close(_)) => return None,
+                Ok(_) => {}
+                Err(e) if is_timeout(&e) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
     /// Whether the connection is closed by the peer within `timeout`: a Close
     /// frame, EOF or a reset, after skipping any data messages still queued.
     pub fn wait_closed(&mut self, timeout: Duration) -> bool {
