@@ -19,7 +19,7 @@ use crate::measure::{self, percentile, Window};
 use crate::{ClusterArgs, Target, Ws};
 
 /// Nanoseconds since the Unix epoch (the timestamp carried in messages).
-fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)

@@ -1,13 +1,16 @@
-//! A keep-alive HTTP/1.1 client for the `http` and `api-send` modes: one
-//! request in flight per connection, `Content-Length` bodies only (what
-//! swocloud answers).
+//! A keep-alive HTTP/1.1 client for the `http`, `api-send` and `group`
+//! modes: one request in flight per connection, `Content-Length` bodies
+//! only (what swocloud answers); a reconnecting [`Client`] and a pool of
+//! them ([`post_pool`]).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::connect::resolve_loopback;
+use crate::connect::{resolve_loopback, ErrorLog};
 use crate::{CONNECT_TIMEOUT, ECHO_TIMEOUT};
 
 /// A parsed `http://host:port/path` URL: the loopback address and the
@@ -109,4 +112,98 @@ impl HttpConn {
             .await
             .unwrap_or_else(|_| Err("request timed out".to_string()))
     }
+}
+
+/// A keep-alive connection to `http://host:port[/base]`, opened on first
+/// use and reopened after a failure.
+pub struct Client {
+    addr: std::net::SocketAddr,
+    host: String,
+    base: String,
+    conn: Option<HttpConn>,
+}
+
+impl Client {
+    /// A client of `url` (loopback only); nothing is opened yet.
+    pub fn new(url: &str) -> Result<Client, String> {
+        let (addr, host, path) = parse_http_url(url)?;
+        Ok(Client {
+            addr,
+            host,
+            base: path.trim_end_matches('/').to_string(),
+            conn: None,
+        })
+    }
+
+    /// `method base+path` with a JSON `body`: (status, body).
+    pub async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> Result<(u16, Vec<u8>), String> {
+        let conn = match self.conn.as_mut() {
+            Some(c) => c,
+            None => self
+                .conn
+                .insert(HttpConn::open(self.addr, &self.host).await?),
+        };
+        let r = conn
+            .request(method, &format!("{}{path}", self.base), body.as_bytes())
+            .await;
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
+    }
+}
+
+/// An unexpected answer, for an error tally.
+pub fn http_error(status: u16, body: &[u8]) -> String {
+    let b: String = String::from_utf8_lossy(body).chars().take(100).collect();
+    format!("HTTP {status} {b}")
+}
+
+/// `n` requests `make(i)` (path, JSON body) over `conns` keep-alive
+/// connections (`POST`), one in flight on each; how many were answered 200.
+pub async fn post_pool<F>(
+    route: &str,
+    conns: usize,
+    n: usize,
+    errors: &Arc<ErrorLog>,
+    make: F,
+) -> usize
+where
+    F: Fn(usize) -> (&'static str, String) + Send + Sync + 'static,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let make = Arc::new(make);
+    let mut tasks = Vec::new();
+    for _ in 0..conns.max(1) {
+        let (next, ok, make, errors) = (next.clone(), ok.clone(), make.clone(), errors.clone());
+        let Ok(mut api) = Client::new(route) else {
+            break;
+        };
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Relaxed);
+                if i >= n {
+                    return;
+                }
+                let (path, body) = make(i);
+                match api.call("POST", path, &body).await {
+                    Ok((200, _)) => {
+                        ok.fetch_add(1, Relaxed);
+                    }
+                    Ok((s, b)) => errors.record(http_error(s, &b)),
+                    Err(e) => errors.record(e),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    ok.load(Relaxed)
 }

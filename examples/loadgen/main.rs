@@ -30,6 +30,16 @@
 //! * `u2u`: the same users; `--senders` users on the first IM server send
 //!   `{"to":"<a user on the second>","data":{"t":<ns>}}`, same window and
 //!   figures.
+//! * `group`: `--users` members on the IM servers `--ims` (alternating),
+//!   joined to `--group` through the Route (`POST /api/groups/join`, over
+//!   `--http-conns` keep-alive connections); once the Route counts them all
+//!   online, `--messages` `POST /api/groups/send {"group","data":{"t","k"}}`
+//!   with at most `--window` in flight (complete when every member has
+//!   it): deliveries/s, the API call to the last member (p50, p99, max),
+//!   lost frames, `servers` per send and the IM servers' group-message
+//!   counters around the run; then, in the same run, one `POST /api/send`
+//!   to each of `--sample` of the same members (`--http-conns` in flight):
+//!   the time until all arrived and deliveries/s.
 //!
 //! Each mode prints human-readable lines, then one final line
 //! `RESULT {json}` for scripts. Only loopback targets and source addresses are
@@ -44,6 +54,7 @@
 //! loadgen register --url ws://127.0.0.1:9500/ --count 100 --hold 600
 //! loadgen api-send --route http://127.0.0.1:9500 --ims ws://127.0.0.2:9000/,ws://127.0.0.3:9000/ --users 10000
 //! loadgen u2u --ims ws://127.0.0.2:9000/,ws://127.0.0.3:9000/ --users 10000 --senders 64
+//! loadgen group --route http://127.0.0.1:9500 --ims ws://127.0.0.2:9000/,ws://127.0.0.3:9000/ --users 10000 --messages 200 --window 4
 //! ```
 //!
 //! Layout: this file owns the command line and the dispatch;
@@ -57,6 +68,7 @@ mod cluster;
 mod connect;
 mod deflate;
 mod echo;
+mod group;
 mod http;
 mod httpc;
 mod idle;
@@ -103,6 +115,9 @@ enum Mode {
     ApiSend(ClusterArgs),
     /// Users on IM servers, user-to-user messages across two IM servers.
     U2u(ClusterArgs),
+    /// One group's members on IM servers: group sends through the Route,
+    /// against the same messages one by one through /api/send.
+    Group(GroupArgs),
     /// Closed-loop echo of chat-like JSON over raw sockets, with or without
     /// permessage-deflate: msgs/s and bytes on the wire per message.
     Deflate(DeflateArgs),
@@ -281,6 +296,54 @@ struct ClusterArgs {
     connect_concurrency: usize,
 }
 
+#[derive(Args, Debug)]
+struct GroupArgs {
+    /// IM servers' WebSocket URLs, comma-separated; member i connects to
+    /// the (i mod n)th with `?uid=<prefix><i>`.
+    #[arg(long)]
+    ims: String,
+    /// The Route's base URL (`http://127.0.0.1:9500`).
+    #[arg(long)]
+    route: String,
+    /// Members to connect and join.
+    #[arg(long, default_value_t = 10_000)]
+    users: usize,
+    /// uid prefix.
+    #[arg(long, default_value = "g")]
+    uid_prefix: String,
+    /// Source addresses for the members' sockets (see `echo --src-ips`).
+    #[arg(long)]
+    src_ips: Option<String>,
+    /// The group (a fresh name per run: its members stay in Redis).
+    #[arg(long, default_value = "bench")]
+    group: String,
+    /// Measured group messages.
+    #[arg(long, default_value_t = 200)]
+    messages: usize,
+    /// Group messages before the measured ones, waited for, not measured
+    /// (the first after the joins has each IM worker check the membership).
+    #[arg(long, default_value_t = 1)]
+    warmup_messages: usize,
+    /// Group messages in flight at most (sent, not yet at every member).
+    #[arg(long, default_value_t = 4)]
+    window: usize,
+    /// Keep-alive HTTP connections to the Route (joins, one-by-one sends).
+    #[arg(long, default_value_t = 16)]
+    http_conns: usize,
+    /// Members sent one /api/send each for the comparison (0: all).
+    #[arg(long, default_value_t = 0)]
+    sample: usize,
+    /// Seconds a message may take to reach every member.
+    #[arg(long, default_value_t = 30.0)]
+    msg_timeout: f64,
+    /// Quiet milliseconds after each MEASURE_*/SEND_* marker.
+    #[arg(long, default_value_t = 500)]
+    settle_ms: u64,
+    /// Connection attempts in flight while connecting.
+    #[arg(long, default_value_t = 200)]
+    connect_concurrency: usize,
+}
+
 fn main() {
     let cli = Cli::parse();
     raise_nofile_limit();
@@ -311,6 +374,7 @@ fn main() {
             Mode::ApiSend(a) => cluster::run(a, false).await,
             Mode::U2u(a) => cluster::run(a, true).await,
             Mode::Deflate(a) => deflate::run(a).await,
+            Mode::Group(a) => group::run(a).await,
         }
     });
     match result {
