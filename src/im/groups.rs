@@ -17,6 +17,9 @@
 //!   from the gseq of the join, and are caught up from the stream (a
 //!   message may have gone by before the news came).
 //! - `group_left` and close: forgotten, and uncounted.
+//! - Messages that arrive out of gseq order (two Route workers relaying at
+//!   once) are put back in order here, once for all local members
+//!   ([`Order`]).
 
 use std::collections::HashMap;
 
@@ -40,7 +43,30 @@ struct Local {
     mver_seen: u64,
     /// Messages waiting for a membership check, in order.
     held: Option<Vec<GroupMessage>>,
+    /// Putting the group's messages back in gseq order for all its local
+    /// members at once.
+    order: Order,
 }
+
+/// A group's messages arrive out of order when several Route workers
+/// relay them at once: a later one is held here a moment
+/// ([`REORDER_MS`]) for the one before it, so that the members' feeds do
+/// not each read the gap from the stream (one read per member per gap).
+#[derive(Debug, Default)]
+struct Order {
+    /// The epoch of the messages below.
+    epoch: String,
+    /// The highest gseq handed to the feeds (0: none yet).
+    next: u64,
+    /// Messages that came early, by gseq.
+    early: std::collections::BTreeMap<u64, GroupMessage>,
+    /// Whether a release is scheduled.
+    armed: bool,
+}
+
+/// How long a group message that came early waits for the ones before it
+/// before the feeds read the gap themselves.
+const REORDER_MS: u64 = 50;
 
 /// A connection's groups.
 #[derive(Debug, Default)]
@@ -256,6 +282,67 @@ impl GroupFeeds {
             );
             return;
         }
+        self.pass(srv, m);
+    }
+
+    /// Puts `m` in gseq order with the group's other messages, then hands
+    /// what is in order to the feeds.
+    fn pass<A: Holds<GroupFeeds>>(&mut self, srv: &mut Server<A>, m: GroupMessage) {
+        let Some(local) = self.by_group.get_mut(&m.group) else {
+            return;
+        };
+        let o = &mut local.order;
+        if o.epoch != m.stamp.epoch {
+            *o = Order {
+                epoch: m.stamp.epoch.clone(),
+                ..Order::default()
+            };
+        }
+        let g = m.group.clone();
+        let mut ready = Vec::new();
+        if o.next == 0 || m.stamp.seq <= o.next + 1 {
+            o.next = o.next.max(m.stamp.seq);
+            ready.push(m);
+            while let Some(m) = o.early.remove(&(o.next + 1)) {
+                o.next = m.stamp.seq;
+                ready.push(m);
+            }
+        } else {
+            o.early.insert(m.stamp.seq, m);
+            if !o.armed {
+                o.armed = true;
+                srv.after(REORDER_MS, move |app: &mut A, srv, _| {
+                    app.part().release(srv, &g);
+                });
+            }
+        }
+        for m in ready {
+            self.fan(srv, m);
+        }
+    }
+
+    /// The wait is over: what came early goes to the feeds, in order (they
+    /// read what is still missing).
+    fn release<A: Holds<GroupFeeds>>(&mut self, srv: &mut Server<A>, g: &str) {
+        let Some(local) = self.by_group.get_mut(g) else {
+            return;
+        };
+        let o = &mut local.order;
+        o.armed = false;
+        let early = std::mem::take(&mut o.early);
+        if let Some((&last, _)) = early.iter().next_back() {
+            o.next = o.next.max(last);
+        }
+        for (_, m) in early {
+            self.fan(srv, m);
+        }
+    }
+
+    /// Hands `m` to every local member's feed.
+    fn fan<A: Holds<GroupFeeds>>(&mut self, srv: &mut Server<A>, m: GroupMessage) {
+        let Some(local) = self.by_group.get(&m.group) else {
+            return;
+        };
         let frame = crate::cluster::inbox::Entry {
             seq: m.stamp.seq,
             id: m.stamp.id.clone(),
