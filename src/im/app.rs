@@ -286,12 +286,8 @@ impl ImApp {
     }
 }
 
-/// Connection attribute: the feed's epoch, for the worker adopting it.
-const ATTR_EPOCH: &str = "im.epoch";
-/// Connection attribute: the last seq the feed pushed.
-const ATTR_LAST: &str = "im.last";
-/// Connection attribute: its group feeds' positions.
-const ATTR_GROUPS: &str = "im.groups";
+use crate::im::feeds::{ATTR_EPOCH, ATTR_LAST};
+use crate::im::groups::ATTR_GROUPS;
 
 impl Holds<GroupFeeds> for ImApp {
     fn part(&mut self) -> &mut GroupFeeds {
@@ -361,15 +357,13 @@ impl App for ImApp {
         if srv.is_handing_over() {
             // Users and the Route link move to the replacement; each feed's
             // position goes along with its connection.
+            // (What they push from now until a connection has moved
+            // keeps its attributes current: see Feeds::run.)
             self.feeds.flush(srv);
             let fds: Vec<Fd> = self.sessions.all().map(|(fd, _)| fd).collect();
             for fd in fds {
-                if let Some((epoch, last)) = self.feeds.position(fd) {
-                    let epoch = epoch.to_string();
-                    srv.set_attr(fd, ATTR_EPOCH, Value::from(epoch));
-                    srv.set_attr(fd, ATTR_LAST, Value::from(last));
-                }
-                srv.set_attr(fd, ATTR_GROUPS, self.groups.positions(fd));
+                self.feeds.keep_position(srv, fd);
+                self.groups.keep_positions(srv, fd);
             }
             return;
         }

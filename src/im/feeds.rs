@@ -30,6 +30,11 @@ use crate::im::feed::{Feed, Live, Step, PAGE};
 use crate::im::stats;
 use crate::reactor::{Fd, Message, Server};
 
+/// Connection attribute: the feed's epoch, for the worker adopting it.
+pub const ATTR_EPOCH: &str = "im.epoch";
+/// Connection attribute: the last seq the feed pushed.
+pub const ATTR_LAST: &str = "im.last";
+
 /// Milliseconds between writes of the delivered/acked marks.
 pub const FLUSH_MS: u64 = 100;
 /// After a connection goes live, its user's head is read again this many
@@ -203,6 +208,16 @@ impl Feeds {
         (!c.feed.is_opening()).then(|| c.feed.position())
     }
 
+    /// Writes `fd`'s position into its attributes, which go along with it
+    /// when a reload hands it over (called at the handover's start, and
+    /// after every push until the connection has moved).
+    pub fn keep_position<A: crate::event::App>(&self, srv: &mut Server<A>, fd: Fd) {
+        if let Some((epoch, last)) = self.position(fd) {
+            srv.set_attr(fd, ATTR_EPOCH, serde_json::Value::from(epoch));
+            srv.set_attr(fd, ATTR_LAST, serde_json::Value::from(last));
+        }
+    }
+
     /// A connection closed.
     pub fn close(&mut self, fd: Fd) {
         self.conns.remove(&fd);
@@ -287,6 +302,9 @@ impl Feeds {
             }
         }
         stats::add(srv, stats::DELIVERED, pushed);
+        if srv.is_handing_over() {
+            self.keep_position(srv, fd);
+        }
         if let Some(c) = self.conns.get(&fd) {
             let (epoch, last) = c.feed.position();
             if pushed > 0 && last > 0 {

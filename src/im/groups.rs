@@ -32,6 +32,9 @@ use crate::event::Holds;
 use crate::im::feed::{Feed, Live, Step, PAGE};
 use crate::reactor::{Fd, Message, Server};
 
+/// Connection attribute: its group feeds' positions.
+pub const ATTR_GROUPS: &str = "im.groups";
+
 /// One group's local state.
 #[derive(Debug, Default)]
 struct Local {
@@ -215,6 +218,14 @@ impl GroupFeeds {
         );
     }
 
+    /// Writes `fd`'s group positions into its attributes (for a handover;
+    /// see [`crate::im::feeds::Feeds::keep_position`]).
+    pub fn keep_positions<A: crate::event::App>(&self, srv: &mut Server<A>, fd: Fd) {
+        if self.conns.contains_key(&fd) {
+            srv.set_attr(fd, ATTR_GROUPS, self.positions(fd));
+        }
+    }
+
     /// Carries out a group feed's steps.
     fn run<A: Holds<GroupFeeds>>(
         &mut self,
@@ -223,6 +234,12 @@ impl GroupFeeds {
         g: &str,
         steps: Vec<Step>,
     ) {
+        if !steps.is_empty() && srv.is_handing_over() {
+            // After this run, so that the attribute names what it pushed.
+            srv.after(0, move |app: &mut A, srv, _| {
+                app.part().keep_positions(srv, fd)
+            });
+        }
         for s in steps {
             match s {
                 Step::Push(f) | Step::Refuse(f) => {
