@@ -87,7 +87,8 @@ redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return {m[1], tonumber(m[2]), tonumber(m[3])}
 ";
 
-/// Raises `dlv` and `acked` (never past `seq`, only within `epoch`).
+/// Raises `dlv` and `acked` (never past `seq`, only within `epoch`); an
+/// ack also renews the meta hash's life (a store and a connect do too).
 const MARK: &str = r"
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'dlv', 'acked')
 if m[1] ~= ARGV[1] then return 0 end
@@ -96,7 +97,7 @@ local a = math.min(tonumber(ARGV[3]), top)
 local d = math.max(math.min(tonumber(ARGV[2]), top), a)
 if d > tonumber(m[3]) then redis.call('HSET', KEYS[1], 'dlv', d) end
 if a > tonumber(m[4]) then redis.call('HSET', KEYS[1], 'acked', a) end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if ARGV[3] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
 return 1
 ";
 
