@@ -2,8 +2,9 @@
 # The demo cluster (the README's run command): a private Redis, a Route with
 # 2 workers and two IM servers (2 workers each, on 127.0.0.2 and 127.0.0.3),
 # users chatting across servers, a message from "any program" through the
-# HTTP API (curl and PHP), an IM server dying and its users moving, a rolling
-# reload, and a clean stop. Loopback only; everything is cleaned up on exit.
+# HTTP API (curl and PHP), a message waiting in an offline user's inbox, a
+# group, an IM server dying and its users moving, a rolling reload, and a
+# clean stop. Loopback only; everything is cleaned up on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
@@ -73,6 +74,21 @@ curl -s -X POST -H 'Content-Type: application/json' -d '{"uid":"bob","data":"fro
 php examples/clients/send.php "http://127.0.0.1:$ROUTE_PORT" carol "from php"
 php examples/clients/send.php "http://127.0.0.1:$ROUTE_PORT" nobody "lost?"
 curl -s "http://127.0.0.1:$ROUTE_PORT/api/online?uid=alice"; echo
+wait
+
+say "verifiable delivery: the message for 'nobody' waits in its inbox; nobody connects now and gets it after welcome"
+$U --uid nobody --listen-ms 600
+curl -s "http://127.0.0.1:$ROUTE_PORT/api/message?uid=nobody&seq=1"; echo
+
+say "groups: alice and bob join 'team' (the API); one group message goes once to each IM server holding members"
+$U --uid alice --listen-ms 1500 &
+$U --uid bob --listen-ms 1500 &
+sleep 0.5
+for u in alice bob; do
+  curl -s -X POST -H 'Content-Type: application/json' -d "{\"group\":\"team\",\"uid\":\"$u\"}" "http://127.0.0.1:$ROUTE_PORT/api/groups/join"; echo
+done
+sleep 0.3
+curl -s -X POST -H 'Content-Type: application/json' -d '{"group":"team","data":"standup in 5"}' "http://127.0.0.1:$ROUTE_PORT/api/groups/send"; echo
 wait
 
 say "IM_0 dies (SIGKILL of its whole tree): the Route drops it at once"
