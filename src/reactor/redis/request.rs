@@ -2,6 +2,8 @@
 //! command, a pipeline, a MULTI/EXEC transaction or a Lua [`Script`]
 //! call), packed with the `redis` crate's own command encoder.
 
+use std::sync::Arc;
+
 use redis::{Cmd, Pipeline, ToRedisArgs};
 
 /// A Lua script: its source and SHA1, for `EVALSHA` (the client loads it
@@ -9,16 +11,16 @@ use redis::{Cmd, Pipeline, ToRedisArgs};
 /// to `EVAL` if the server forgot it).
 #[derive(Debug, Clone)]
 pub struct Script {
-    code: String, // the Lua source
-    hash: String, // its SHA1, hex
+    code: Arc<str>, // the Lua source (shared: every call holds the script)
+    hash: Arc<str>, // its SHA1, hex
 }
 
 impl Script {
     /// A script for `code`.
     pub fn new(code: &str) -> Script {
         Script {
-            code: code.to_string(),
-            hash: redis::Script::new(code).get_hash().to_string(),
+            code: code.into(),
+            hash: redis::Script::new(code).get_hash().into(),
         }
     }
 
@@ -73,11 +75,11 @@ impl ScriptCall {
     pub(crate) fn command(&self, by_source: bool) -> Cmd {
         let mut c = if by_source {
             let mut c = redis::cmd("EVAL");
-            c.arg(&self.script.code);
+            c.arg(&*self.script.code);
             c
         } else {
             let mut c = redis::cmd("EVALSHA");
-            c.arg(&self.script.hash);
+            c.arg(&*self.script.hash);
             c
         };
         c.arg(self.keys.len());
