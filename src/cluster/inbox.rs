@@ -12,7 +12,7 @@
 //! |-----|------|-------|
 //! | `P inbox:{U}` | STREAM | entry `<seq>-0` → `id`, `from`, `data` (JSON text); at most `inbox_max_len` entries; expires `inbox_ttl` after the last message |
 //! | `P inbox:{U}:refs` | ZSET | `<from>\|<ref>` → seq, for the messages still in the stream that were sent with a `ref`: a repeat is not stored twice |
-//! | `P inbox:{U}:meta` | HASH | `epoch`, `seq` (the last one given), `dlv` (the highest pushed to a connection), `acked` (the user's cumulative ack); expires [`META_TTL_FACTOR`] × `inbox_ttl` after the last use |
+//! | `P inbox:{U}:meta` | HASH | `epoch`, `seq` (the last one given), `dlv` (the highest pushed to a connection), `acked` (the user's cumulative ack); expires [`META_TTL_FACTOR`] × `inbox_ttl` after the last store, connect or ack |
 //!
 //! The epoch is a random string made when the meta hash does not exist:
 //! the first message or connect, or after Redis lost the hash (restarted
@@ -87,19 +87,30 @@ redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return {m[1], tonumber(m[2]), tonumber(m[3])}
 ";
 
-/// Raises `dlv` and `acked` (never past `seq`, only within `epoch`); an
-/// ack also renews the meta hash's life (a store and a connect do too).
+/// Raises `dlv` and `acked` of each user (KEYS: their meta hashes; ARGV:
+/// `epoch, dlv, acked` per key, then the meta TTL), never past `seq`,
+/// only within the epoch; an ack also renews the hash's life (a store and
+/// a connect do too). One call marks a whole flush's users: on a Redis
+/// Cluster the batch must be split per slot (each key is its user's own).
 const MARK: &str = r"
-local m = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'dlv', 'acked')
-if m[1] ~= ARGV[1] then return 0 end
-local top = tonumber(m[2])
-local a = math.min(tonumber(ARGV[3]), top)
-local d = math.max(math.min(tonumber(ARGV[2]), top), a)
-if d > tonumber(m[3]) then redis.call('HSET', KEYS[1], 'dlv', d) end
-if a > tonumber(m[4]) then redis.call('HSET', KEYS[1], 'acked', a) end
-if ARGV[3] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
-return 1
+local ttl = ARGV[#ARGV]
+for i = 1, #KEYS do
+  local b = (i - 1) * 3
+  local m = redis.call('HMGET', KEYS[i], 'epoch', 'seq', 'dlv', 'acked')
+  if m[1] == ARGV[b + 1] then
+    local top = tonumber(m[2])
+    local a = math.min(tonumber(ARGV[b + 3]), top)
+    local d = math.max(math.min(tonumber(ARGV[b + 2]), top), a)
+    if d > tonumber(m[3]) then redis.call('HSET', KEYS[i], 'dlv', d) end
+    if a > tonumber(m[4]) then redis.call('HSET', KEYS[i], 'acked', a) end
+    if ARGV[b + 3] ~= '0' then redis.call('PEXPIRE', KEYS[i], ttl) end
+  end
+end
+return #KEYS
 ";
+
+/// Users per [`Inbox::mark`] call.
+pub const MARKS_PER_CALL: usize = 256;
 
 /// The bounds of every inbox (the `inbox_max_len` and `inbox_ttl` settings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,15 +279,21 @@ impl Inbox {
             .arg(self.meta_ttl_ms())
     }
 
-    /// Raises `uid`'s delivered and acked marks within `epoch`.
-    pub fn mark(&self, uid: &str, epoch: &str, delivered: u64, acked: u64) -> ScriptCall {
-        self.mark
-            .call()
-            .key(self.meta_key(uid))
-            .arg(epoch)
-            .arg(delivered)
-            .arg(acked)
-            .arg(self.meta_ttl_ms())
+    /// Raises the delivered and acked marks of each `(uid, epoch,
+    /// delivered, acked)` (at most [`MARKS_PER_CALL`] per call).
+    pub fn mark<'a>(
+        &self,
+        marks: impl IntoIterator<Item = (&'a str, &'a str, u64, u64)>,
+    ) -> ScriptCall {
+        let mut call = self.mark.call();
+        for (uid, epoch, delivered, acked) in marks {
+            call = call
+                .key(self.meta_key(uid))
+                .arg(epoch)
+                .arg(delivered)
+                .arg(acked);
+        }
+        call.arg(self.meta_ttl_ms())
     }
 
     /// Up to `count` entries of `uid` from seq `from` through `to` (None:

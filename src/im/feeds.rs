@@ -276,10 +276,16 @@ impl Feeds {
     }
 
     /// Writes the marks gathered since the last flush (one script call per
-    /// user, not waited for).
+    /// [`inbox::MARKS_PER_CALL`] users, not waited for).
     pub fn flush<A: Holds<Feeds>>(&mut self, srv: &mut Server<A>) {
-        for (uid, m) in self.marks.drain() {
-            srv.redis_send(self.inbox.mark(&uid, &m.epoch, m.delivered, m.acked));
+        let marks: Vec<(String, Marks)> = self.marks.drain().collect();
+        for chunk in marks.chunks(inbox::MARKS_PER_CALL) {
+            let call = self.inbox.mark(
+                chunk
+                    .iter()
+                    .map(|(u, m)| (u.as_str(), m.epoch.as_str(), m.delivered, m.acked)),
+            );
+            srv.redis_send(call);
         }
     }
 
