@@ -429,3 +429,38 @@ fn bad_tokens_unknown_targets_and_malformed_frames_get_their_answers() {
         "still here"
     );
 }
+
+#[test]
+fn percent_encoded_query_values_are_decoded() {
+    // What URLSearchParams and encodeURIComponent send for a uid with @
+    // and : (both allowed in a uid).
+    let c = Cluster::start(1, 1, 1, "");
+    let uid = "ann@example.com:phone";
+    let token = swocloud::auth::mint(SECRET.as_bytes(), uid, "user", 600);
+    let (st, _, body) = http_get(
+        c.route.addr(),
+        &format!("/route?uid=ann%40example.com%3Aphone&token={token}"),
+    )
+    .unwrap();
+    assert_eq!(st, 200, "{body}");
+    let r: Value = serde_json::from_str(&body).unwrap();
+    let im = format!("ws://{}:{}/", r["ip"].as_str().unwrap(), r["port"]);
+    let mut ws = ws_connect(&format!(
+        "{im}?uid=ann%40example.com%3Aphone&token={}",
+        r["token"].as_str().unwrap()
+    ))
+    .unwrap();
+    let welcome = ws.recv_text_json();
+    assert_eq!(
+        (&welcome["method"], &welcome["uid"]),
+        (&json!("welcome"), &json!(uid)),
+        "{welcome}"
+    );
+    let (st, v) = c.api_send(uid, json!("hi"));
+    assert_eq!((st, &v["status"]), (200, &json!("delivered")), "{v}");
+    assert_eq!(ws.recv_text_json()["data"], "hi");
+    let (st, _, body) =
+        http_get(c.route.addr(), "/api/online?uid=ann%40example.com%3Aphone").unwrap();
+    assert_eq!(st, 200);
+    assert!(body.contains(r#""online":true"#), "{body}");
+}

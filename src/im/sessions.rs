@@ -75,14 +75,15 @@ impl Sessions {
         fd: Fd,
         req: &Request,
     ) -> Option<(String, Resume, HashMap<String, Resume>)> {
-        let uid = req.query_param("uid").unwrap_or("").to_string();
+        let uid = req.query_param("uid").unwrap_or_default().into_owned();
         if !valid_uid(&uid) {
             stats::add(srv, stats::REFUSED, 1);
             srv.disconnect(fd, 4001, "a valid uid query parameter is required");
             return None;
         }
         if !self.auth_secret.is_empty() {
-            let token = req.query_param("token").unwrap_or("");
+            let token = req.query_param("token").unwrap_or_default();
+            let token: &str = &token;
             if let Err(e) = auth::verify(self.auth_secret.as_bytes(), token, "user", Some(&uid)) {
                 stats::add(srv, stats::REFUSED, 1);
                 log::info!("im: refused {uid} on fd {fd}: {e}");
@@ -90,13 +91,16 @@ impl Sessions {
                 return None;
             }
         }
-        let parsed =
-            Resume::parse(req.query_param("since"), req.query_param("epoch")).and_then(|r| {
-                Ok((
-                    r,
-                    crate::cluster::user::parse_gsince(req.query_param("gsince"))?,
-                ))
-            });
+        let parsed = Resume::parse(
+            req.query_param("since").as_deref(),
+            req.query_param("epoch").as_deref(),
+        )
+        .and_then(|r| {
+            Ok((
+                r,
+                crate::cluster::user::parse_gsince(req.query_param("gsince").as_deref())?,
+            ))
+        });
         let (resume, gsince) = match parsed {
             Ok(r) => r,
             Err(why) => {

@@ -54,12 +54,13 @@ impl Request {
         self.path.split_once('?').map(|(_, q)| q)
     }
 
-    /// The first value of `key` in the query string, as sent (not
-    /// percent-decoded: every parameter the apps read — uids, JWTs, flags —
-    /// is restricted to characters that need no escaping, so decoding
-    /// would only add a copy and a dependency). O(query length).
-    pub fn query_param(&self, key: &str) -> Option<&str> {
-        query_param(self.query()?, key)
+    /// The first value of `key` in the query string, percent-decoded
+    /// (`%40` is `@`, `+` a space: what `URLSearchParams` and
+    /// `encodeURIComponent` send); borrowed when there was nothing to
+    /// decode. Invalid UTF-8 after decoding is replaced (U+FFFD), which no
+    /// validated parameter accepts.
+    pub fn query_param(&self, key: &str) -> Option<std::borrow::Cow<'_, str>> {
+        query_param(self.query()?, key).map(percent_decode)
     }
 
     /// Whether the connection may stay open after the response.
@@ -247,8 +248,44 @@ pub fn error_response(status: u16, why: &str) -> Vec<u8> {
     out
 }
 
-/// The first value of `key` in a query string `a=1&b=2` (see
-/// [`Request::query_param`]); a key without `=` has no value.
+/// Decodes `%XX` escapes and `+` (a space) in a query value; a `%` not
+/// followed by two hex digits is kept as it is.
+pub fn percent_decode(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains(['%', '+']) {
+        return std::borrow::Cow::Borrowed(v);
+    }
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                }
+                _ => {
+                    out.push(b'%');
+                    i += 1;
+                }
+            },
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// The first value of `key` in a query string `a=1&b=2`, as sent (see
+/// [`Request::query_param`] for the decoded one); a key without `=` has
+/// no value.
 pub fn query_param<'q>(query: &'q str, key: &str) -> Option<&'q str> {
     query
         .split('&')
@@ -268,6 +305,14 @@ mod tests {
         assert_eq!(query_param(q, "flag"), None);
         assert_eq!(query_param(q, "missing"), None);
         assert_eq!(query_param("uidx=1&uid=2", "uid"), Some("2"));
+        assert_eq!(percent_decode("a%40b%3Ac"), "a@b:c");
+        assert_eq!(percent_decode("x+y%2"), "x y%2");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%FF"), "\u{FFFD}");
+        assert!(matches!(
+            percent_decode("plain"),
+            std::borrow::Cow::Borrowed("plain")
+        ));
     }
 
     #[test]

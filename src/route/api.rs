@@ -121,7 +121,7 @@ impl Api<'_> {
                 .with_header("Cache-Control", "no-cache"),
             ("GET", "/chat") => page(CHAT, "text/html; charset=utf-8"),
             ("GET", "/client/swocloud.js") => page(CLIENT_JS, "text/javascript; charset=utf-8"),
-            ("GET", "/api/servers") if req.query_param("fresh") == Some("1") => {
+            ("GET", "/api/servers") if req.query_param("fresh").as_deref() == Some("1") => {
                 self.fresh_servers(srv, req)
             }
             ("GET", "/api/servers") => {
@@ -193,7 +193,8 @@ impl Api<'_> {
 
     /// `GET /route?uid=U`: pick an IM server for U and record the choice.
     fn route_user<A: Holds<Directory>>(&mut self, srv: &mut Server<A>, req: &Request) -> Response {
-        let uid = req.query_param("uid").unwrap_or("");
+        let uid = req.query_param("uid").unwrap_or_default();
+        let uid: &str = &uid;
         if !valid_uid(uid) {
             return bad(
                 400,
@@ -203,7 +204,8 @@ impl Api<'_> {
         }
         let secret = self.cfg.auth_secret.as_bytes();
         if !secret.is_empty() {
-            let token = req.query_param("token").unwrap_or("");
+            let token = req.query_param("token").unwrap_or_default();
+            let token: &str = &token;
             if let Err(e) = auth::verify(secret, token, "user", Some(uid)) {
                 return bad(401, "unauthorized", &e.to_string());
             }
@@ -324,7 +326,7 @@ impl Api<'_> {
             http: req.fd,
         };
         self.delivery
-            .submit(srv, self.directory.cache(), self.regs, uid, w);
+            .submit(srv, self.directory.cache(), self.regs, &uid, w);
         Response::later()
     }
 

@@ -430,11 +430,11 @@ pub fn from_user<A: DeliveryHost>(
 
 /// `GET /api/groups/members?group=G[&cursor=C]`.
 pub fn members<A: DeliveryHost>(srv: &mut Server<A>, d: &Delivery, req: &Request) -> Response {
-    let group = match group_of(req.query_param("group").map(Value::from).as_ref()) {
+    let group = match group_of(req.query_param("group").map(|g| Value::from(&*g)).as_ref()) {
         Ok(g) => g,
         Err(r) => return r,
     };
-    let cursor = req.query_param("cursor").unwrap_or("0");
+    let cursor = req.query_param("cursor").unwrap_or("0".into());
     if cursor.parse::<u64>().is_err() {
         return bad(
             400,
@@ -444,7 +444,7 @@ pub fn members<A: DeliveryHost>(srv: &mut Server<A>, d: &Delivery, req: &Request
     }
     let http = req.fd;
     srv.redis(
-        d.groups().members_page(&group, cursor, PAGE),
+        d.groups().members_page(&group, &cursor, PAGE),
         move |app: &mut A, srv, r: RedisResult<MembersPage>| {
             let (_, cache, _) = app.delivery_parts();
             let resp = match r {

@@ -79,11 +79,11 @@ pub fn status<A: DeliveryHost>(srv: &mut Server<A>, inbox: &Inbox, req: &Request
     };
     let mut p = redis::pipe();
     p.cmd("XRANGE")
-        .arg(inbox.stream_key(uid))
+        .arg(inbox.stream_key(&uid))
         .arg(format!("{seq}-0"))
         .arg(format!("{seq}-0"));
     p.cmd("HMGET")
-        .arg(inbox.meta_key(uid))
+        .arg(inbox.meta_key(&uid))
         .arg("epoch")
         .arg("dlv")
         .arg("acked");

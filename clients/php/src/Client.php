@@ -461,12 +461,10 @@ final class Client
     }
 
     /**
-     * Percent-encodes for a query string, leaving `@` and `:` as they are:
-     * they are legal there (RFC 3986) and appear in uids and group names,
-     * and the Route reads query values without decoding them.
+     * Percent-encodes for a query string (the Route decodes query values).
      */
     private static function queryEncode(string $value): string
     {
-        return str_replace(['%40', '%3A'], ['@', ':'], rawurlencode($value));
+        return rawurlencode($value);
     }
 }
