@@ -87,17 +87,7 @@ REDIS_PORT=""
 LG_PID=""
 cleanup() {
     [[ -n $LG_PID ]] && kill -TERM "$LG_PID" 2>/dev/null || true
-    local c
-    for c in im1 im0 route; do
-        if [[ -f $WORK/$c.pid ]]; then
-            if [[ $c == route ]]; then
-                timeout 20 "$ROUTE" stop -c "$WORK/$c.toml" >/dev/null 2>&1 || true
-            else
-                timeout 20 "$IM" stop -c "$WORK/$c.toml" >/dev/null 2>&1 || true
-            fi
-        fi
-        cp "$WORK/$c.log" "$BENCH_OUT/${CLUSTER_LABEL}cluster-$c.log" 2>/dev/null || true
-    done
+    declare -F bench_cluster_down >/dev/null && bench_cluster_down "$WORK" "$ROUTE" "$IM" "$BENCH_OUT" "${CLUSTER_LABEL}cluster-"
     [[ -n $REDIS_PORT ]] && redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
@@ -112,48 +102,8 @@ cargo build --release --quiet --bin swocloud --bin swocloud-im --example loadgen
 
 start_private_redis "$WORK" || die "the private Redis did not start"
 
-RPORT=$(free_port)
-cat >"$WORK/route.toml" <<TOML
-host = "127.0.0.1"
-port = $RPORT
-worker_num = 2
-pid_file = "$WORK/route.pid"
-log_file = "$WORK/route.log"
-log_level = "warn"
-redis_url = "redis://127.0.0.1:$REDIS_PORT"
-inbox = $CLUSTER_INBOX
-${CLUSTER_ROUTE_MSG_RATE:+max_messages_per_second = $CLUSTER_ROUTE_MSG_RATE}
-TOML
-timeout 30 "$ROUTE" start -d -c "$WORK/route.toml" || die "the Route did not start"
-
-IM_URLS=()
-for i in 0 1; do
-    host="127.0.0.$((i + 2))"
-    port=$(free_port "$host")
-    cat >"$WORK/im$i.toml" <<TOML
-host = "$host"
-port = $port
-worker_num = 2
-pid_file = "$WORK/im$i.pid"
-log_file = "$WORK/im$i.log"
-log_level = "warn"
-redis_url = "redis://127.0.0.1:$REDIS_PORT"
-route_url = "ws://127.0.0.1:$RPORT/"
-service_name = "IM_$i"
-inbox = $CLUSTER_INBOX
-max_conn = 20000
-heartbeat_idle_time = 600
-TOML
-    timeout 30 "$IM" start -d -c "$WORK/im$i.toml" || die "IM_$i did not start"
-    IM_URLS+=("ws://$host:$port/")
-done
-count() { curl -s "http://127.0.0.1:$RPORT/api/servers" | python3 -c 'import json,sys; print(json.load(sys.stdin)["count"])'; }
-for _ in $(seq 100); do [[ $(count) == 2 ]] && break; sleep 0.1; done
-[[ $(count) == 2 ]] || die "the IM servers did not register"
-IMS=$(
-    IFS=,
-    echo "${IM_URLS[*]}"
-)
+bench_cluster_up "$WORK" "$ROUTE" "$IM" "inbox = $CLUSTER_INBOX
+${CLUSTER_ROUTE_MSG_RATE:+max_messages_per_second = $CLUSTER_ROUTE_MSG_RATE}" "inbox = $CLUSTER_INBOX" || die "the cluster did not start"
 log "cluster up: Route 127.0.0.1:$RPORT ($ROUTE), IM servers $IMS ($IM), Redis $REDIS_PORT"
 
 # Redis commands per message: `INFO commandstats` snapshots.

@@ -20,3 +20,75 @@ start_private_redis() {
     echo "redis-server on port $REDIS_PORT did not answer" >&2
     return 1
 }
+
+# The benchmarks' cluster (bench_cluster.sh, bench_groups.sh): a Route
+# (2 workers, on 127.0.0.1) and two IM servers (2 workers each, on
+# 127.0.0.2 and 127.0.0.3, max_conn 20000) under WORK, on the private Redis
+# at REDIS_PORT, started with the binaries ROUTE and IM (`start -d`), every
+# IM server registered before it returns. ROUTE_EXTRA and IM_EXTRA are
+# settings lines for their configs. Sets RPORT, IM_URLS (ws:// URLs),
+# IM_HP (host:port) and IMS (the URLs, comma-separated).
+# Usage: bench_cluster_up WORK ROUTE IM [ROUTE_EXTRA] [IM_EXTRA]
+bench_cluster_up() {
+  local work=$1 route=$2 im=$3 route_extra=${4:-} im_extra=${5:-} i host port
+  RPORT=$(free_port)
+  cat >"$work/route.toml" <<TOML
+host = "127.0.0.1"
+port = $RPORT
+worker_num = 2
+pid_file = "$work/route.pid"
+log_file = "$work/route.log"
+log_level = "warn"
+redis_url = "redis://127.0.0.1:$REDIS_PORT"
+$route_extra
+TOML
+  timeout 30 "$route" start -d -c "$work/route.toml" || { echo "the Route did not start" >&2; return 1; }
+  IM_URLS=()
+  IM_HP=()
+  for i in 0 1; do
+    host="127.0.0.$((i + 2))"
+    port=$(free_port "$host")
+    cat >"$work/im$i.toml" <<TOML
+host = "$host"
+port = $port
+worker_num = 2
+pid_file = "$work/im$i.pid"
+log_file = "$work/im$i.log"
+log_level = "warn"
+redis_url = "redis://127.0.0.1:$REDIS_PORT"
+route_url = "ws://127.0.0.1:$RPORT/"
+service_name = "IM_$i"
+max_conn = 20000
+heartbeat_idle_time = 600
+$im_extra
+TOML
+    timeout 30 "$im" start -d -c "$work/im$i.toml" || { echo "IM_$i did not start" >&2; return 1; }
+    IM_URLS+=("ws://$host:$port/")
+    IM_HP+=("$host:$port")
+  done
+  local n=0
+  for _ in $(seq 100); do
+    n=$(curl -s "http://127.0.0.1:$RPORT/api/servers" | python3 -c 'import json,sys; print(json.load(sys.stdin)["count"])' 2>/dev/null || echo 0)
+    [[ $n == 2 ]] && break
+    sleep 0.1
+  done
+  [[ $n == 2 ]] || { echo "the IM servers did not register" >&2; return 1; }
+  IMS=$(IFS=,; echo "${IM_URLS[*]}")
+}
+
+# Stops what bench_cluster_up started under WORK and keeps the daemons'
+# logs as OUT/PREFIX<name>.log.
+# Usage: bench_cluster_down WORK ROUTE IM OUT PREFIX
+bench_cluster_down() {
+  local work=$1 route=$2 im=$3 out=$4 prefix=$5 c
+  for c in im1 im0 route; do
+    if [[ -f $work/$c.pid ]]; then
+      if [[ $c == route ]]; then
+        timeout 20 "$route" stop -c "$work/$c.toml" >/dev/null 2>&1 || true
+      else
+        timeout 20 "$im" stop -c "$work/$c.toml" >/dev/null 2>&1 || true
+      fi
+    fi
+    cp "$work/$c.log" "$out/$prefix$c.log" 2>/dev/null || true
+  done
+}
