@@ -185,7 +185,7 @@ impl ImApp {
             self.sessions.deliver(srv, &msg.to, &msg.from, &msg.data);
             return;
         };
-        let fds = self.sessions.fds(&msg.to).to_vec();
+        let fds = self.sessions.fds(&msg.to);
         if fds.is_empty() {
             return;
         }
@@ -201,7 +201,7 @@ impl ImApp {
             seq: *seq,
             frame,
         };
-        self.feeds.offer(srv, &fds, &live);
+        self.feeds.offer(srv, fds, &live);
     }
 
     /// A frame on the Route link.

@@ -41,8 +41,11 @@ pub struct Live {
 /// What the caller must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// Push this text frame to the connection.
+    /// Push this control frame (welcome, a group head, resync, an error)
+    /// to the connection.
     Push(String),
+    /// Push this stored message (its seq is now the feed's last).
+    Message(String),
     /// Read the inbox from seq `from` through `to` (at most [`PAGE`]) and
     /// hand the entries to [`Feed::fetched`].
     Fetch {
@@ -226,7 +229,7 @@ impl Feed {
         }
         if m.seq == self.last + 1 {
             self.last = m.seq;
-            out.push(Step::Push(m.frame));
+            out.push(Step::Message(m.frame));
             return;
         }
         let until = m.seq - 1;
@@ -266,7 +269,7 @@ impl Feed {
             }
             trimmed |= e.seq > self.last + 1;
             self.last = e.seq;
-            out.push(Step::Push(match &self.group {
+            out.push(Step::Message(match &self.group {
                 None => e.frame(),
                 Some(g) => e.group_frame(g),
             }));

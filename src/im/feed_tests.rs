@@ -33,7 +33,7 @@ fn pushed(steps: &[Step]) -> Vec<String> {
     steps
         .iter()
         .filter_map(|s| match s {
-            Step::Push(f) => Some(f.clone()),
+            Step::Push(f) | Step::Message(f) => Some(f.clone()),
             _ => None,
         })
         .collect()

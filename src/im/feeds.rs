@@ -251,28 +251,7 @@ impl Feeds {
             srv.push(fd, Message::Text(e.to_frame()));
             return;
         }
-        let m = Self::marks_for(&mut self.marks, &c.uid, epoch);
-        m.acked = m.acked.max(n);
-    }
-
-    fn marks_for<'m>(
-        marks: &'m mut HashMap<String, Marks>,
-        uid: &str,
-        epoch: &str,
-    ) -> &'m mut Marks {
-        if !marks.contains_key(uid) {
-            marks.insert(uid.to_string(), Marks::default());
-        }
-        let Some(m) = marks.get_mut(uid) else {
-            unreachable!("inserted above")
-        };
-        if m.epoch != epoch {
-            *m = Marks {
-                epoch: epoch.to_string(),
-                ..Marks::default()
-            };
-        }
-        m
+        raise(&mut self.marks, &c.uid, epoch, 0, n);
     }
 
     /// Writes the marks gathered since the last flush (one script call per
@@ -295,7 +274,10 @@ impl Feeds {
         for s in steps {
             match s {
                 Step::Push(frame) => {
-                    pushed += u64::from(frame.starts_with("{\"from\""));
+                    srv.push(fd, Message::Text(frame));
+                }
+                Step::Message(frame) => {
+                    pushed += 1;
                     srv.push(fd, Message::Text(frame));
                 }
                 Step::Fetch { from, to } => self.fetch(srv, fd, from, to),
@@ -314,8 +296,7 @@ impl Feeds {
         if let Some(c) = self.conns.get(&fd) {
             let (epoch, last) = c.feed.position();
             if pushed > 0 && last > 0 {
-                let m = Self::marks_for(&mut self.marks, &c.uid, epoch);
-                m.delivered = m.delivered.max(last);
+                raise(&mut self.marks, &c.uid, epoch, last, 0);
             }
         }
     }
@@ -402,5 +383,31 @@ impl Feeds {
                 me.run(srv, fd, steps);
             },
         );
+    }
+}
+
+/// Raises `uid`'s marks waiting for the next flush (a mark of another
+/// epoch replaces them); allocates the uid only for its first mark.
+fn raise(marks: &mut HashMap<String, Marks>, uid: &str, epoch: &str, delivered: u64, acked: u64) {
+    match marks.get_mut(uid) {
+        Some(m) if m.epoch == epoch => {
+            m.delivered = m.delivered.max(delivered);
+            m.acked = m.acked.max(acked);
+        }
+        Some(m) => {
+            *m = Marks {
+                epoch: epoch.to_string(),
+                delivered,
+                acked,
+            }
+        }
+        None => {
+            let m = Marks {
+                epoch: epoch.to_string(),
+                delivered,
+                acked,
+            };
+            marks.insert(uid.to_string(), m);
+        }
     }
 }

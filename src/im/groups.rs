@@ -242,7 +242,7 @@ impl GroupFeeds {
         }
         for s in steps {
             match s {
-                Step::Push(f) | Step::Refuse(f) => {
+                Step::Push(f) | Step::Message(f) | Step::Refuse(f) => {
                     srv.push(fd, Message::Text(f));
                 }
                 Step::Fetch { from, to } => {

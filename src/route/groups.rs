@@ -110,21 +110,16 @@ pub fn join<A: DeliveryHost>(srv: &mut Server<A>, d: &Delivery, req: &Request) -
                                 )
                             }
                             Ok((members, gseq, mver, epoch, added)) => {
-                                if added == 1 {
-                                    let m = Membership {
-                                        group: group.clone(),
-                                        uid: uid.clone(),
-                                        epoch,
-                                        gseq,
-                                        mver,
-                                    };
-                                    notify(srv, d, cache, regs, &uid, RouteFrame::GroupJoined(m));
-                                    presence(srv, d, &group, "join", &uid, members);
-                                }
-                                answer(
-                                    200,
-                                    &json!({"group": group, "uid": uid, "members": members}),
-                                )
+                                let m = Membership {
+                                    group,
+                                    uid,
+                                    epoch,
+                                    gseq,
+                                    mver,
+                                };
+                                let frame =
+                                    (added == 1).then(|| RouteFrame::GroupJoined(m.clone()));
+                                changed(srv, d, cache, regs, m, frame, "join", members)
                             }
                         };
                         srv.respond(http, resp);
@@ -151,27 +146,46 @@ pub fn leave<A: DeliveryHost>(srv: &mut Server<A>, d: &Delivery, req: &Request) 
             let resp = match r {
                 Err(e) => bad(503, "unavailable", &format!("Redis: {e}")),
                 Ok((members, gseq, mver, removed)) => {
-                    if removed == 1 {
-                        let m = Membership {
-                            group: group.clone(),
-                            uid: uid.clone(),
-                            epoch: String::new(),
-                            gseq,
-                            mver,
-                        };
-                        notify(srv, d, cache, regs, &uid, RouteFrame::GroupLeft(m));
-                        presence(srv, d, &group, "leave", &uid, members);
-                    }
-                    answer(
-                        200,
-                        &json!({"group": group, "uid": uid, "members": members}),
-                    )
+                    let epoch = String::new();
+                    let m = Membership {
+                        group,
+                        uid,
+                        epoch,
+                        gseq,
+                        mver,
+                    };
+                    let frame = (removed == 1).then(|| RouteFrame::GroupLeft(m.clone()));
+                    changed(srv, d, cache, regs, m, frame, "leave", members)
                 }
             };
             srv.respond(http, resp);
         },
     );
     Response::later()
+}
+
+/// A join or leave is in Redis: when it changed the membership (`frame`
+/// is the news for the user's servers), tell them and the members'
+/// presence; the answer `{"group","uid","members"}`.
+#[allow(clippy::too_many_arguments)]
+fn changed<A: DeliveryHost>(
+    srv: &mut Server<A>,
+    d: &mut Delivery,
+    cache: &Cache,
+    regs: &Registrations,
+    m: Membership,
+    frame: Option<RouteFrame>,
+    event: &str,
+    members: u64,
+) -> Response {
+    if let Some(f) = frame {
+        notify(srv, d, cache, regs, &m.uid, f);
+        presence(srv, d, &m.group, event, &m.uid, members);
+    }
+    answer(
+        200,
+        &json!({"group": m.group, "uid": m.uid, "members": members}),
+    )
 }
 
 /// Tells the IM servers holding `uid` (not waited for).
