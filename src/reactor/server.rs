@@ -494,6 +494,19 @@ impl<A: App> Server<A> {
         }
     }
 
+    /// Whether the worker's Redis is a Redis Cluster: everything one Lua
+    /// script or MULTI touches must then share a hash tag
+    /// ([`crate::reactor::redis::slot_of`] tells a key's slot).
+    pub fn redis_cluster(&self) -> bool {
+        self.redis.as_ref().is_some_and(|c| c.is_cluster())
+    }
+
+    /// `SPUBLISH` on a cluster, `PUBLISH` otherwise (for Lua scripts that
+    /// publish; plain `PUBLISH` requests are translated by the client).
+    pub fn redis_publish_command(&self) -> &'static str {
+        self.redis.as_ref().map_or("PUBLISH", |c| c.publish_command())
+    }
+
     /// Requests on the wire plus durable ones waiting (for stats).
     pub fn redis_backlog(&self) -> (usize, usize) {
         self.redis

@@ -29,6 +29,7 @@ pub mod link;
 pub mod pubsub;
 pub mod request;
 pub mod resp;
+pub mod slot;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -38,6 +39,7 @@ use redis::IntoConnectionInfo;
 
 pub use client::Reply;
 pub use request::{Request, Script, ScriptCall};
+pub use slot::slot_of;
 
 use crate::process::scoreboard::Row;
 use crate::reactor::resolve::Resolver;
@@ -132,6 +134,23 @@ impl<A, S> RedisClient<A, S> {
             row,
             probe_seq: 0,
         })
+    }
+
+    /// Whether the client talks to a Redis Cluster (keys of one script or
+    /// MULTI must then share a slot, and pub/sub is sharded).
+    pub fn is_cluster(&self) -> bool {
+        false
+    }
+
+    /// The command that publishes to a channel: `SPUBLISH` on a cluster
+    /// (sharded pub/sub), `PUBLISH` otherwise. A Lua script that publishes
+    /// takes it as an argument, and its channel shares the script's tag.
+    pub fn publish_command(&self) -> &'static str {
+        if self.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
     }
 
     /// Whether the command connection is up.
