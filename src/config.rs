@@ -115,6 +115,18 @@ pub struct Settings {
     pub max_wait_time: f64,
     /// Redis the workers connect to in on_worker_start; none: no Redis.
     pub redis_url: Option<String>,
+    /// Redis Sentinel addresses (`redis://host:port`, …): the master named
+    /// `redis_sentinel_master` is discovered and followed through
+    /// failovers. Takes precedence over `redis_url`.
+    pub redis_sentinels: Vec<String>,
+    /// The master's name at the Sentinels.
+    pub redis_sentinel_master: Option<String>,
+    /// Redis Cluster seed nodes (`redis://host:port`, …): the slot map is
+    /// read from them and kept current. Takes precedence over `redis_url`.
+    pub redis_cluster: Vec<String>,
+    /// Pub/sub on a cluster: `sharded` (SPUBLISH/SSUBSCRIBE, the default)
+    /// or `classic` (PUBLISH, copied to every node; for comparison).
+    pub redis_cluster_pubsub: String,
     /// Prefix of every Redis key the applications write.
     pub redis_prefix: String,
     /// Seconds a Redis request may go unanswered before the worker's link
@@ -164,6 +176,10 @@ impl Default for Settings {
             reload_async: true,
             max_wait_time: 3.0,
             redis_url: None,
+            redis_sentinels: Vec::new(),
+            redis_sentinel_master: None,
+            redis_cluster: Vec::new(),
+            redis_cluster_pubsub: "sharded".into(),
             redis_prefix: String::new(),
             redis_timeout: 3.0,
             control_socket: None,
@@ -285,7 +301,16 @@ fn framework_keys() -> Vec<String> {
         Ok(toml::Value::Table(t)) => t
             .keys()
             .cloned()
-            .chain(["log_file", "redis_url", "control_socket", "admin_listen"].map(String::from))
+            .chain(
+                [
+                    "log_file",
+                    "redis_url",
+                    "redis_sentinel_master",
+                    "control_socket",
+                    "admin_listen",
+                ]
+                .map(String::from),
+            )
             .collect(),
         _ => Vec::new(),
     }
@@ -445,6 +470,9 @@ impl Settings {
             if let Err(e) = redis::Client::open(url.as_str()) {
                 return Err(bad("redis_url", &e.to_string()));
             }
+        }
+        if let Err((key, why)) = crate::reactor::redis::target::Plan::check(self) {
+            return Err(bad(key, &why));
         }
         if self.heartbeat_check_interval > 0.0 && self.heartbeat_idle_time == 0.0 {
             self.heartbeat_idle_time = 2.0 * self.heartbeat_check_interval;

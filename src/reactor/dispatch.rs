@@ -284,20 +284,16 @@ impl<A: App> Reactor<A> {
     }
 
     /// A readiness event on one of the Redis client's sockets.
-    pub(crate) fn redis_event(&mut self, which: crate::reactor::redis::Which) {
+    pub(crate) fn redis_event(&mut self, index: usize) {
         if let Some(r) = self.srv.redis.as_mut() {
-            r.on_event(which, self.srv.conns.registry());
+            r.on_event(index, self.srv.conns.registry());
         }
     }
 
     /// Whether Redis replies or pub/sub messages wait for their callbacks.
     pub(crate) fn redis_completions_due(&self) -> bool {
         !self.srv.redis_late.is_empty()
-            || self
-                .srv
-                .redis
-                .as_ref()
-                .is_some_and(|r| !r.cmd.ready.is_empty() || !r.sub.ready.is_empty())
+            || self.srv.redis.as_ref().is_some_and(|r| r.completions_due())
     }
 
     /// Runs the callbacks of finished Redis requests and the handlers of
@@ -310,19 +306,21 @@ impl<A: App> Reactor<A> {
             let mut done = std::mem::take(&mut self.srv.redis_late);
             let mut msgs = Vec::new();
             if let Some(r) = self.srv.redis.as_mut() {
-                if done.is_empty() {
-                    done = std::mem::take(&mut r.cmd.ready);
-                } else {
-                    done.append(&mut r.cmd.ready);
-                }
-                msgs = std::mem::take(&mut r.sub.ready);
+                let (mut d, m) = r.take_completions();
+                done.append(&mut d);
+                msgs = m;
             }
             for (cb, reply) in done {
                 let srv = &mut self.srv;
                 Self::guarded(w, "redis callback", None, || cb(app, srv, reply));
             }
             for (channel, payload) in msgs {
-                let Some(mut h) = self.srv.redis.as_mut().and_then(|r| r.sub.take(&channel)) else {
+                let Some(mut h) = self
+                    .srv
+                    .redis
+                    .as_mut()
+                    .and_then(|r| r.take_handler(&channel))
+                else {
                     continue;
                 };
                 let srv = &mut self.srv;
@@ -330,7 +328,7 @@ impl<A: App> Reactor<A> {
                     h(app, srv, &payload)
                 });
                 if let Some(r) = self.srv.redis.as_mut() {
-                    r.sub.put_back(channel, h);
+                    r.put_handler(channel, h);
                 }
             }
         }

@@ -27,7 +27,7 @@ use crate::reactor::accept::AcceptPause;
 use crate::reactor::conn::Phase;
 pub use crate::reactor::lifecycle::StopHandle;
 use crate::reactor::migrate::Migrate;
-use crate::reactor::redis::{RedisClient, Which};
+use crate::reactor::redis::{target::Plan, RedisClient};
 use crate::reactor::server::{Server, TimerTask};
 use crate::reactor::table::ConnTable;
 use crate::reactor::{WorkerContext, WorkerExit};
@@ -44,10 +44,11 @@ pub(crate) const HANDOVER_RX: Token = Token(4);
 pub(crate) const HANDOVER_TX: Token = Token(5);
 /// The admin listener (`admin_listen`): far above any connection token.
 const ADMIN_LISTENER: Token = Token(usize::MAX - 1);
-/// The worker's Redis command connection.
-const REDIS_CMD: Token = Token(usize::MAX - 2);
-/// The worker's Redis subscriber connection.
-const REDIS_SUB: Token = Token(usize::MAX - 3);
+/// The worker's Redis connections: a range far above any connection
+/// token and below the admin listener (see `redis::node::tokens`).
+const REDIS_FIRST: usize = crate::reactor::redis::node::FIRST_TOKEN;
+/// The last token of the Redis range.
+const REDIS_LAST: usize = REDIS_FIRST + 2 * crate::reactor::redis::node::MAX_NODES;
 /// The readiness callback of a [`WorkerContext`].
 pub(crate) type OnReady = Option<Box<dyn FnOnce()>>;
 /// First connection token.
@@ -146,21 +147,21 @@ impl<A: App> Reactor<A> {
             .try_clone()
             .map_err(|e| ctxerr("cloning the registry", e))?;
         let conns = ConnTable::new(conn_registry, ctx.settings.buffer_output_size, ctx.row);
-        let redis = match ctx.settings.redis_url.as_deref() {
-            None => None,
-            Some(url) => match RedisClient::new(
-                url,
-                (REDIS_CMD, REDIS_SUB),
+        let redis = match Plan::of(&ctx.settings) {
+            Ok(None) => None,
+            Ok(Some(plan)) => Some(RedisClient::new(
+                plan,
                 Duration::from_secs_f64(ctx.settings.redis_timeout.max(0.05)),
                 ctx.worker_id,
                 ctx.row,
-            ) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    log::error!("worker {}: {e}; running without Redis", ctx.worker_id);
-                    None
-                }
-            },
+            )),
+            Err((key, e)) => {
+                log::error!(
+                    "worker {}: {key}: {e}; running without Redis",
+                    ctx.worker_id
+                );
+                None
+            }
         };
         let srv = Server::new(ctx, conns, lifecycle, redis);
         let r = Reactor {
@@ -224,8 +225,9 @@ impl<A: App> Reactor<A> {
                     INBOX | WAKER => {}
                     HANDOVER_RX => self.on_handover_rx(app),
                     HANDOVER_TX => self.on_handover_tx(),
-                    REDIS_CMD => self.redis_event(Which::Commands),
-                    REDIS_SUB => self.redis_event(Which::Subscriber),
+                    Token(t) if (REDIS_FIRST..=REDIS_LAST).contains(&t) => {
+                        self.redis_event(t - REDIS_FIRST)
+                    }
                     Token(t) => self.conn_event(
                         app,
                         t - FIRST_CONN,

@@ -423,7 +423,7 @@ impl<A: App> Server<A> {
         let cb: Callback<A, Server<A>> =
             Box::new(move |app, srv, r: Reply| cb(app, srv, r.and_then(T::from_owned_redis_value)));
         match self.redis.as_mut() {
-            Some(c) => c.cmd.submit(req, Some(cb), durable),
+            Some(c) => c.submit(req, Some(cb), durable),
             None => self.redis_late.push((cb, Err(not_configured()))),
         }
     }
@@ -431,7 +431,7 @@ impl<A: App> Server<A> {
     /// Sends `req` and forgets it; a failure is counted and logged.
     pub fn redis_send(&mut self, req: impl Into<Request>) {
         if let Some(c) = self.redis.as_mut() {
-            c.cmd.submit(req.into(), None, false);
+            c.submit(req.into(), None, false);
         }
     }
 
@@ -441,7 +441,7 @@ impl<A: App> Server<A> {
     /// (`swocloud_redis_queued`, `_retried_total`, `_dropped_total`).
     pub fn redis_durable(&mut self, req: impl Into<Request>) {
         if let Some(c) = self.redis.as_mut() {
-            c.cmd.submit(req.into(), None, true);
+            c.submit(req.into(), None, true);
         }
     }
 
@@ -472,7 +472,7 @@ impl<A: App> Server<A> {
     /// messages published in between may have been missed, so what they
     /// would have invalidated must be dropped.
     pub fn redis_sub_generation(&self) -> u64 {
-        self.redis.as_ref().map_or(0, |c| c.sub.generation)
+        self.redis.as_ref().map_or(0, |c| c.sub_generation())
     }
 
     /// Whether a Redis URL is configured.
@@ -504,14 +504,14 @@ impl<A: App> Server<A> {
     /// `SPUBLISH` on a cluster, `PUBLISH` otherwise (for Lua scripts that
     /// publish; plain `PUBLISH` requests are translated by the client).
     pub fn redis_publish_command(&self) -> &'static str {
-        self.redis.as_ref().map_or("PUBLISH", |c| c.publish_command())
+        self.redis
+            .as_ref()
+            .map_or("PUBLISH", |c| c.publish_command())
     }
 
     /// Requests on the wire plus durable ones waiting (for stats).
     pub fn redis_backlog(&self) -> (usize, usize) {
-        self.redis
-            .as_ref()
-            .map_or((0, 0), |c| (c.cmd.in_flight(), c.cmd.queued()))
+        self.redis.as_ref().map_or((0, 0), |c| c.backlog())
     }
 
     /// This worker's scoreboard row.

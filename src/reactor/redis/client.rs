@@ -11,6 +11,12 @@
 //! - *durable* requests (removals, renewals: work that must reach Redis)
 //!   are instead kept in a bounded queue and sent again, first, once the
 //!   link is back; an overflow is counted, never silent.
+//!
+//! Behind a Sentinel or on a Cluster ([`Follow`]) the FIFO also hands
+//! back what the topology must handle: a request answered `MOVED`, `ASK`,
+//! `TRYAGAIN`, `CLUSTERDOWN` or (behind a Sentinel) `READONLY` becomes a
+//! [`Redirect`] carrying its own copy, and the answers of the client's
+//! own `CLUSTER SLOTS` and `ROLE` come back as [`Control`] replies.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -35,10 +41,45 @@ pub const DURABLE_MAX: usize = 100_000;
 
 /// What a pending entry does with its replies.
 enum Shape {
-    One,      // a command or a script: its reply
-    Pipe,     // an array of the replies
-    Atomic,   // MULTI … EXEC: EXEC's reply
-    Internal, // AUTH, SELECT, SCRIPT LOAD: an error is logged
+    One,              // a command or a script: its reply
+    Pipe,             // an array of the replies
+    Atomic,           // MULTI … EXEC: EXEC's reply
+    Internal,         // AUTH, SELECT, SCRIPT LOAD, ASKING: an error is logged
+    Control(Control), // the topology's own question: to `control`
+}
+
+/// The client's own questions about the topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// `CLUSTER SLOTS`: the slot map.
+    Slots,
+    /// `ROLE`: is the node behind the Sentinel's answer really a master.
+    Role,
+}
+
+/// Which server-side redirections a connection's requests follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follow {
+    /// One server: errors are errors.
+    Single,
+    /// A Sentinel's master: `READONLY` means it was demoted.
+    Sentinel,
+    /// A cluster node: `MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`.
+    Cluster,
+}
+
+/// A request the server sent elsewhere (or asked to retry), with its copy.
+pub struct Redirect<A, S> {
+    /// The request, to send again.
+    pub req: Request,
+    /// Who gets its reply.
+    pub cb: Option<Callback<A, S>>,
+    /// Whether it must reach Redis (kept across outages).
+    pub durable: bool,
+    /// Redirections so far (a loop is cut after a few).
+    pub hops: u8,
+    /// The server's answer (`MOVED 3999 127.0.0.1:7001`, …).
+    pub err: RedisError,
 }
 
 /// A request on the wire, waiting for its replies.
@@ -47,7 +88,9 @@ struct Pending<A, S> {
     got: Vec<Value>,            // replies so far
     shape: Shape,               // how to combine them
     cb: Option<Callback<A, S>>, // who gets the result
-    keep: Option<Request>,      // durable: resend if the link breaks
+    keep: Option<Request>,      // a copy: durable, or redirectable
+    durable: bool,              // resend `keep` if the link breaks
+    hops: u8,                   // redirections it has followed
     script: Option<ScriptCall>, // a script: EVAL it on NOSCRIPT
     sent: Instant,              // for the timeout
     resent: bool,               // a durable request sent again after an outage
@@ -74,6 +117,9 @@ pub struct Commands<A, S> {
     loaded: HashSet<String>,                              // script hashes this connection knows
     hello: Vec<redis::Cmd>, // AUTH / SELECT, sent first on every connect
     pub(crate) ready: Vec<(Callback<A, S>, Reply)>, // completions to run
+    pub(crate) redirects: Vec<Redirect<A, S>>, // for the topology to resend
+    pub(crate) control: Vec<(Control, Reply)>, // answers to the topology
+    follow: Follow,         // which redirections apply
     timeout: Duration,      // redis_timeout
     pub(crate) counts: Counts, // see Counts
 }
@@ -84,7 +130,12 @@ fn err(kind: ErrorKind, what: &'static str, detail: String) -> RedisError {
 
 impl<A, S> Commands<A, S> {
     /// A client over `link`, sending `hello` on every connect.
-    pub fn new(link: Link, hello: Vec<redis::Cmd>, timeout: Duration) -> Commands<A, S> {
+    pub fn new(
+        link: Link,
+        hello: Vec<redis::Cmd>,
+        timeout: Duration,
+        follow: Follow,
+    ) -> Commands<A, S> {
         Commands {
             link,
             pending: VecDeque::new(),
@@ -92,8 +143,69 @@ impl<A, S> Commands<A, S> {
             loaded: HashSet::new(),
             hello,
             ready: Vec::new(),
+            redirects: Vec::new(),
+            control: Vec::new(),
+            follow,
             timeout,
             counts: Counts::default(),
+        }
+    }
+
+    /// Whether the link accepts requests now.
+    pub fn is_accepting(&self) -> bool {
+        self.accepting()
+    }
+
+    /// Takes the durable requests waiting for this link (its node left
+    /// the topology: they go to the node that took its place).
+    pub fn take_durable(&mut self) -> Vec<(Request, Option<Callback<A, S>>)> {
+        std::mem::take(&mut self.durable).into_iter().collect()
+    }
+
+    /// Sends one of the client's own questions (answered in `control`).
+    pub fn ask(&mut self, c: redis::Cmd, what: Control) {
+        c.write_packed_command(self.link.queue());
+        self.pending.push_back(Pending {
+            want: 1,
+            got: Vec::new(),
+            shape: Shape::Control(what),
+            cb: None,
+            keep: None,
+            durable: false,
+            hops: 0,
+            script: None,
+            sent: Instant::now(),
+            resent: false,
+        });
+    }
+
+    /// Sends `req` after `ASKING` (a slot being migrated, `ASK` redirect).
+    pub fn submit_asking(
+        &mut self,
+        req: Request,
+        cb: Option<Callback<A, S>>,
+        durable: bool,
+        hops: u8,
+    ) {
+        if !self.accepting() {
+            return self.submit(req, cb, durable);
+        }
+        self.internal(redis::cmd("ASKING"), Instant::now());
+        self.put(req, cb, durable);
+        if let Some(p) = self.pending.back_mut() {
+            p.hops = hops;
+        }
+    }
+
+    /// [`Commands::submit`] of a request that has followed `hops`
+    /// redirections already.
+    pub fn resubmit(&mut self, req: Request, cb: Option<Callback<A, S>>, durable: bool, hops: u8) {
+        let accepting = self.accepting();
+        self.submit(req, cb, durable);
+        if accepting {
+            if let Some(p) = self.pending.back_mut() {
+                p.hops = hops;
+            }
         }
     }
 
@@ -173,12 +285,15 @@ impl<A, S> Commands<A, S> {
             Request::Pipe(_) => Shape::Pipe,
             Request::Atomic(_) => Shape::Atomic,
         };
+        let copy = durable || self.follow == Follow::Cluster;
         self.pending.push_back(Pending {
             want: req.replies(),
             got: Vec::new(),
             shape,
             cb,
-            keep: durable.then_some(req),
+            keep: copy.then_some(req),
+            durable,
+            hops: 0,
             script,
             sent: now,
             resent: false,
@@ -193,6 +308,8 @@ impl<A, S> Commands<A, S> {
             shape: Shape::Internal,
             cb: None,
             keep: None,
+            durable: false,
+            hops: 0,
             script: None,
             sent: now,
             resent: false,
@@ -236,6 +353,18 @@ impl<A, S> Commands<A, S> {
         if p.resent {
             self.counts.retried += 1;
         }
+        if let Some(err) = self.redirection(&p) {
+            if let Some(req) = p.keep {
+                self.redirects.push(Redirect {
+                    req,
+                    cb: p.cb,
+                    durable: p.durable,
+                    hops: p.hops,
+                    err,
+                });
+                return;
+            }
+        }
         let result = match p.shape {
             Shape::One => p
                 .got
@@ -262,6 +391,11 @@ impl<A, S> Commands<A, S> {
                 .last()
                 .unwrap_or(Value::Nil)
                 .extract_error(),
+            Shape::Control(what) => {
+                let v = p.got.into_iter().next().unwrap_or(Value::Nil);
+                self.control.push((what, v.extract_error()));
+                return;
+            }
             Shape::Internal => {
                 if let Err(e) = p
                     .got
@@ -292,6 +426,8 @@ impl<A, S> Commands<A, S> {
                         shape: Shape::One,
                         cb: p.cb,
                         keep: p.keep,
+                        durable: p.durable,
+                        hops: p.hops,
                         script: None,
                         sent: Instant::now(),
                         resent: false,
@@ -314,6 +450,22 @@ impl<A, S> Commands<A, S> {
         }
     }
 
+    /// The server's redirection in `p`'s replies, if it is one this
+    /// connection follows (for MULTI, the queued commands' answers).
+    fn redirection(&self, p: &Pending<A, S>) -> Option<RedisError> {
+        let codes: &[&str] = match self.follow {
+            Follow::Single => return None,
+            Follow::Sentinel => &["READONLY"],
+            Follow::Cluster => &["MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN"],
+        };
+        p.got.iter().find_map(|v| match v {
+            Value::ServerError(se) if codes.contains(&se.code()) => {
+                Some(RedisError::from(se.clone()))
+            }
+            _ => None,
+        })
+    }
+
     /// Whether the oldest request has waited past `redis_timeout`.
     pub fn overdue(&self, now: Instant) -> bool {
         self.pending
@@ -326,7 +478,7 @@ impl<A, S> Commands<A, S> {
     pub fn on_broken(&mut self, why: &str, timed_out: bool) {
         let mut requeue = Vec::new();
         for p in self.pending.drain(..) {
-            if let Some(req) = p.keep {
+            if let (true, Some(req)) = (p.durable, p.keep) {
                 requeue.push((req, p.cb));
                 continue;
             }

@@ -3,18 +3,23 @@
 //! `ae` loop. Nothing on a worker's loop ever waits for Redis.
 //!
 //! - [`Request`]s (commands, pipelines, transactions, [`Script`] calls)
-//!   are packed by the `redis` crate into one output buffer and written
-//!   once per loop iteration; replies are framed by [`resp`] and parsed by
-//!   the `redis` crate's RESP parser, then matched in order to their
-//!   callbacks ([`client`]).
-//! - A second connection in subscribe mode serves pub/sub handlers and
-//!   proves itself with a self-probe ([`pubsub`]).
-//! - Each connection is a [`link::Link`]: non-blocking connect to an
-//!   address resolved off the loop, write interest only while output is
-//!   pending, reconnect with backoff.
+//!   are packed by the `redis` crate into one output buffer per node and
+//!   written once per loop iteration; replies are framed by [`resp`] and
+//!   parsed by the `redis` crate's RESP parser, then matched in order to
+//!   their callbacks ([`client`]).
+//! - Each server is a [`node::Node`]: a command connection and a
+//!   subscriber connection (pub/sub handlers, a self-probe, [`pubsub`]),
+//!   each a [`link::Link`] (non-blocking connect, write interest only
+//!   while output is pending, reconnect with backoff).
+//! - Three ways to reach Redis ([`target`]), the same code paths above:
+//!   one server; the master behind Sentinels ([`sentinel`]: discovered,
+//!   followed on `+switch-master`, checked with `ROLE`); a Redis Cluster
+//!   ([`cluster`]: a slot map, `MOVED`/`ASK`/`TRYAGAIN` followed, one
+//!   connection per node, sharded pub/sub, pipelines split by slot).
+//!   The routing lives in [`route`].
 //!
 //! Why on the loop and not on an I/O thread: the loop already multiplexes
-//! hundreds of sockets; two more cost one `epoll` registration each, no
+//! hundreds of sockets; a few more cost one `epoll` registration each, no
 //! context switch per reply, no lock, and a callback runs with the
 //! application's state in hand (`|app, srv, reply|`) exactly like every
 //! other hook. A thread would add a mailbox hop to every reply and a
@@ -22,30 +27,36 @@
 //!
 //! Applications use it through [`crate::reactor::Server`]: `redis`,
 //! `redis_send`, `redis_durable`, `redis_subscribe`, `redis_ok`,
-//! `redis_ready`.
+//! `redis_ready`, `redis_cluster`.
 
 pub mod client;
+pub mod cluster;
 pub mod link;
+pub mod node;
 pub mod pubsub;
 pub mod request;
 pub mod resp;
+mod route;
+pub mod sentinel;
 pub mod slot;
+pub mod target;
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use mio::{Registry, Token};
-use redis::IntoConnectionInfo;
+use mio::Registry;
 
 pub use client::Reply;
 pub use request::{Request, Script, ScriptCall};
 pub use slot::slot_of;
 
 use crate::process::scoreboard::Row;
-use crate::reactor::resolve::Resolver;
-use client::Commands;
-use link::{Link, LinkState, ReadOutcome};
-use pubsub::Subscriber;
+use client::{Callback, Counts, Follow};
+use cluster::SlotMap;
+use node::{Node, Note, Spec};
+use sentinel::SentinelLink;
+use target::{Plan, Target};
 
 /// How often the client checks timeouts, reconnects and probes.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -55,286 +66,367 @@ pub const TICK: Duration = Duration::from_millis(100);
 /// Far above a healthy Redis's latency, below any user's patience.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Which of the client's sockets an event is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Which {
-    /// The command connection.
-    Commands,
-    /// The subscriber connection.
-    Subscriber,
+/// Callbacks with their replies, and pub/sub messages `(channel, payload)`.
+pub type Completions<A, S> = (Vec<(Callback<A, S>, Reply)>, Vec<(Vec<u8>, Vec<u8>)>);
+
+/// How the client finds its nodes.
+#[derive(Debug)]
+enum Topo {
+    /// One server: node 0.
+    Single,
+    /// The master the Sentinels name (none while unknown).
+    Sentinel {
+        link: Box<SentinelLink>,
+        master: Option<usize>,
+    },
+    /// A cluster's masters, by slot.
+    Cluster(SlotMap),
 }
 
-/// A worker's Redis client (none when `redis_url` is unset).
+/// A request that no node can take yet (no master known, its slot being
+/// failed over, a `TRYAGAIN`).
+struct Waiting<A, S> {
+    req: Request,
+    cb: Option<Callback<A, S>>,
+    durable: bool,
+    hops: u8,
+    since: Instant,      // a non-durable one fails after redis_timeout
+    not_before: Instant, // a retry is not sent before this
+}
+
+/// A worker's Redis client (none when no Redis is configured).
 pub struct RedisClient<A, S> {
-    worker_id: usize,                 // for logs
-    pub(crate) cmd: Commands<A, S>,   // requests and callbacks
-    pub(crate) sub: Subscriber<A, S>, // pub/sub handlers and the probe
-    sub_wanted: bool,                 // some handler was registered
-    outage_logged: bool,              // the current outage was logged
-    row: &'static Row,                // where the counters go
-    probe_seq: u64,                   // probe payload counter
+    worker_id: usize,                                  // for logs
+    row: &'static Row,                                 // where the counters go
+    spec: Spec,                                        // how nodes are built
+    probe_base: String,                                // probe channel prefix, ours alone
+    nodes: Vec<Option<Node<A, S>>>,                    // by index (tokens follow it)
+    topo: Topo,                                        // see Topo
+    handlers: HashMap<Vec<u8>, pubsub::Handler<A, S>>, // channel → handler
+    waiting: VecDeque<Waiting<A, S>>,                  // not routable yet
+    ready: Vec<(Callback<A, S>, Reply)>,               // completions to run
+    messages: Vec<(Vec<u8>, Vec<u8>)>,                 // (channel, payload) to run
+    outage_logged: bool,                               // the current outage was logged
+    retired: Counts,                                   // counters of nodes that left
+    retired_probes: u64,                               // their failed probes
+    generation_base: u64,                              // their subscriber connections
 }
 
 impl<A, S> std::fmt::Debug for RedisClient<A, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisClient")
-            .field("cmd", &self.cmd)
-            .field("sub", &self.sub)
+            .field("topo", &self.topo)
+            .field("nodes", &self.nodes)
+            .field("waiting", &self.waiting.len())
             .finish()
     }
 }
 
-impl<A, S> RedisClient<A, S> {
-    /// A client for `url` using the two tokens; `None` with an error text
-    /// when the URL is not one this client can dial.
+impl<A: 'static, S: 'static> RedisClient<A, S> {
+    /// A client for `plan`.
     pub fn new(
-        url: &str,
-        tokens: (Token, Token),
+        plan: Plan,
         timeout: Duration,
         worker_id: usize,
         row: &'static Row,
-    ) -> Result<RedisClient<A, S>, String> {
-        let info = url
-            .into_connection_info()
-            .map_err(|e| format!("bad redis_url {url:?}: {e}"))?;
-        let (host, port) = match info.addr {
-            redis::ConnectionAddr::Tcp(h, p) => (h, p),
-            other => {
-                return Err(format!(
-                    "redis_url {url:?}: {other:?} is not supported (tcp only)"
-                ))
-            }
+    ) -> RedisClient<A, S> {
+        let (follow, sharded) = match &plan.target {
+            Target::Single(_) => (Follow::Single, false),
+            Target::Sentinel { .. } => (Follow::Sentinel, false),
+            Target::Cluster { sharded, .. } => (Follow::Cluster, *sharded),
         };
-        let resolver = Resolver::new(&host, port);
-        let mut hello = Vec::new();
-        if let Some(pw) = &info.redis.password {
-            let mut c = redis::cmd("AUTH");
-            if let Some(u) = &info.redis.username {
-                c.arg(u);
-            }
-            c.arg(pw);
-            hello.push(c);
-        }
-        if info.redis.db != 0 {
-            let mut c = redis::cmd("SELECT");
-            c.arg(info.redis.db);
-            hello.push(c);
-        }
-        let probe = format!("swocloud:probe:{}:{worker_id}", std::process::id());
-        Ok(RedisClient {
+        let spec = Spec {
+            hello: plan.hello,
+            timeout,
+            follow,
+            sharded,
+        };
+        let mut c = RedisClient {
             worker_id,
-            cmd: Commands::new(
-                Link::new("redis", tokens.0, resolver.clone()),
-                hello,
-                timeout,
-            ),
-            sub: Subscriber::new(Link::new("redis pub/sub", tokens.1, resolver), probe),
-            sub_wanted: false,
-            outage_logged: false,
             row,
-            probe_seq: 0,
-        })
+            spec,
+            probe_base: format!("swocloud:probe:{}:{worker_id}", std::process::id()),
+            nodes: Vec::new(),
+            topo: Topo::Single,
+            handlers: HashMap::new(),
+            waiting: VecDeque::new(),
+            ready: Vec::new(),
+            messages: Vec::new(),
+            outage_logged: false,
+            retired: Counts::default(),
+            retired_probes: 0,
+            generation_base: 0,
+        };
+        match plan.target {
+            Target::Single(addr) => {
+                c.node_for(&addr);
+            }
+            Target::Sentinel { sentinels, master } => {
+                let link = Box::new(SentinelLink::new(
+                    mio::Token(node::FIRST_TOKEN),
+                    sentinels,
+                    master,
+                ));
+                c.topo = Topo::Sentinel { link, master: None };
+            }
+            Target::Cluster { seeds, sharded } => {
+                for s in &seeds {
+                    c.node_for(s);
+                }
+                c.topo = Topo::Cluster(SlotMap::new(seeds, sharded));
+            }
+        }
+        c
     }
 
     /// Whether the client talks to a Redis Cluster (keys of one script or
     /// MULTI must then share a slot, and pub/sub is sharded).
     pub fn is_cluster(&self) -> bool {
-        false
+        matches!(self.topo, Topo::Cluster(_))
     }
 
     /// The command that publishes to a channel: `SPUBLISH` on a cluster
-    /// (sharded pub/sub), `PUBLISH` otherwise. A Lua script that publishes
-    /// takes it as an argument, and its channel shares the script's tag.
+    /// with sharded pub/sub, `PUBLISH` otherwise. A Lua script that
+    /// publishes takes it as an argument, and its channel shares the
+    /// script's tag.
     pub fn publish_command(&self) -> &'static str {
-        if self.is_cluster() {
-            "SPUBLISH"
-        } else {
-            "PUBLISH"
+        match &self.topo {
+            Topo::Cluster(m) if m.sharded => "SPUBLISH",
+            _ => "PUBLISH",
         }
     }
 
-    /// Whether the command connection is up.
-    pub fn is_up(&self) -> bool {
-        self.cmd.link.is_up()
+    fn node(&self, i: usize) -> Option<&Node<A, S>> {
+        self.nodes.get(i).and_then(Option::as_ref)
     }
 
-    /// `Ok` when commands flow and, if anything is subscribed, the
-    /// subscriber is verified by its probe; otherwise the reason.
+    fn node_up(&self, i: usize) -> bool {
+        self.node(i).is_some_and(|n| n.cmd.link.is_up())
+    }
+
+    /// Whether requests flow: the server, the Sentinels' master, or every
+    /// master of a complete slot map is connected.
+    pub fn is_up(&self) -> bool {
+        match &self.topo {
+            Topo::Single => self.node_up(0),
+            Topo::Sentinel { master, .. } => master.is_some_and(|i| self.node_up(i)),
+            Topo::Cluster(m) => m.complete() && m.nodes().iter().all(|&i| self.node_up(i)),
+        }
+    }
+
+    /// `Ok` when commands flow and every subscriber is verified by its
+    /// probe; otherwise the reason (for `/ready`).
     pub fn ready(&self) -> Result<(), &'static str> {
         if !self.is_up() {
-            return Err("redis unavailable");
+            return Err(match &self.topo {
+                Topo::Single => "redis unavailable",
+                Topo::Sentinel { master: None, .. } => "redis master unknown (sentinels)",
+                Topo::Sentinel { .. } => "redis master unreachable (failing over?)",
+                Topo::Cluster(m) if !m.complete() => "redis cluster: slots without a master",
+                Topo::Cluster(_) => "redis cluster: a master is unreachable (failing over?)",
+            });
         }
-        if self.sub_wanted && !self.sub.verified() {
+        let unverified = self
+            .nodes
+            .iter()
+            .flatten()
+            .any(|n| n.sub.wanted() && !n.sub.verified());
+        if unverified || (!self.handlers.is_empty() && self.placed() < self.handlers.len()) {
             return Err("redis pub/sub not verified");
         }
         Ok(())
     }
 
+    /// Subscribed channels that have a node.
+    fn placed(&self) -> usize {
+        self.handlers
+            .keys()
+            .filter(|ch| self.nodes.iter().flatten().any(|n| n.sub.has(ch)))
+            .count()
+    }
+
     /// Registers a pub/sub handler for `channel`.
     pub fn subscribe(&mut self, channel: Vec<u8>, h: pubsub::Handler<A, S>, registry: &Registry) {
-        self.sub_wanted = true;
-        self.sub.subscribe(channel, h);
+        self.handlers.insert(channel.clone(), h);
+        self.place(&channel);
         self.tick(registry, Instant::now());
     }
 
-    /// Periodic work: dial what is down, break what is overdue, probe.
+    /// Takes a channel's handler out (to call it), or `None`.
+    pub fn take_handler(&mut self, channel: &[u8]) -> Option<pubsub::Handler<A, S>> {
+        self.handlers.remove(channel)
+    }
+
+    /// Puts a handler back after its call, unless it was replaced meanwhile.
+    pub fn put_handler(&mut self, channel: Vec<u8>, h: pubsub::Handler<A, S>) {
+        self.handlers.entry(channel).or_insert(h);
+    }
+
+    /// Subscriber connections made so far (messages may have been missed
+    /// between two).
+    pub fn sub_generation(&self) -> u64 {
+        self.generation_base
+            + self
+                .nodes
+                .iter()
+                .flatten()
+                .map(|n| n.sub.generation)
+                .sum::<u64>()
+    }
+
+    /// Requests on the wire, and requests waiting (durable or unroutable).
+    pub fn backlog(&self) -> (usize, usize) {
+        let (mut on_wire, mut queued) = (0, self.waiting.len());
+        for n in self.nodes.iter().flatten() {
+            on_wire += n.cmd.in_flight();
+            queued += n.cmd.queued();
+        }
+        (on_wire, queued)
+    }
+
+    /// Whether callbacks or messages wait to run.
+    pub fn completions_due(&self) -> bool {
+        !self.ready.is_empty()
+            || !self.messages.is_empty()
+            || self
+                .nodes
+                .iter()
+                .flatten()
+                .any(|n| !n.cmd.ready.is_empty() || !n.sub.ready.is_empty())
+    }
+
+    /// Takes the callbacks and messages that wait to run.
+    pub fn take_completions(&mut self) -> Completions<A, S> {
+        let mut done = std::mem::take(&mut self.ready);
+        let mut msgs = std::mem::take(&mut self.messages);
+        for n in self.nodes.iter_mut().flatten() {
+            done.append(&mut n.cmd.ready);
+            msgs.append(&mut n.sub.ready);
+        }
+        (done, msgs)
+    }
+
+    /// Periodic work: the topology, then every node (dial what is down,
+    /// break what is overdue, probe), then what waits for a node.
     pub fn tick(&mut self, registry: &Registry, now: Instant) {
-        if self.cmd.link.connect_overdue(now) {
-            self.cmd_broken("connect timed out", false, now);
-        }
-        if self.cmd.overdue(now) {
-            let why = format!(
-                "no reply within redis_timeout from {}",
-                self.cmd.link.target()
-            );
-            self.cmd_broken(&why, true, now);
-        }
-        match self.cmd.link.dial_if_due(registry, now) {
-            Ok(true) => self.cmd.on_dial(),
-            Ok(false) => {}
-            Err(e) => self.log_outage(&e),
-        }
-        if self.sub_wanted {
-            if self.sub.link.connect_overdue(now) {
-                self.sub.link.fail(now);
+        self.topology_tick(registry, now);
+        let mut notes = Vec::new();
+        for i in 0..self.nodes.len() {
+            if let Some(n) = self.nodes[i].as_mut() {
+                n.tick(registry, now, &mut notes);
             }
-            match self.sub.link.dial_if_due(registry, now) {
-                Ok(true) => self.sub.on_dial(),
-                Ok(false) => {}
-                Err(e) => log::debug!("worker {}: {e}", self.worker_id),
-            }
-            match self.sub.check(now) {
-                Some(true) if self.is_up() => {
-                    self.probe_seq += 1;
-                    let mut c = redis::cmd("PUBLISH");
-                    c.arg(self.sub.probe_channel()).arg(self.probe_seq);
-                    self.cmd.submit(Request::Cmd(c), None, false);
-                }
-                Some(true) => {}
-                Some(false) => {
-                    log::warn!(
-                        "worker {}: redis pub/sub to {}: a probe did not come back within {:?}; reconnecting and resubscribing",
-                        self.worker_id,
-                        self.sub.link.target(),
-                        pubsub::PROBE_TIMEOUT
-                    );
-                    self.sub.link.fail(now);
-                    self.sub.health = pubsub::Health::Unverified { probe_sent: None };
-                }
-                None => {}
-            }
+            self.on_notes(i, std::mem::take(&mut notes), now);
         }
+        self.outputs(now);
+        self.drain_waiting(now);
         self.publish_counts();
     }
 
-    fn log_outage(&mut self, e: &str) {
-        self.row.redis_up.store(0, Relaxed);
-        if !self.outage_logged {
-            log::warn!(
-                "worker {}: redis unavailable ({e}); serving without it, retrying with backoff",
-                self.worker_id
-            );
-            self.outage_logged = true;
-        }
-    }
-
-    fn cmd_broken(&mut self, why: &str, timed_out: bool, now: Instant) {
-        self.row.redis_errors.fetch_add(1, Relaxed);
-        self.log_outage(why);
-        self.cmd.link.fail(now);
-        self.cmd.on_broken(why, timed_out);
-    }
-
-    /// A readiness event on one of the client's sockets.
-    pub fn on_event(&mut self, which: Which, registry: &Registry) {
+    /// A readiness event on the Redis socket with index `index` (its
+    /// token minus [`node::FIRST_TOKEN`]).
+    pub fn on_event(&mut self, index: usize, registry: &Registry) {
         let now = Instant::now();
-        match which {
-            Which::Commands => {
-                if matches!(self.cmd.link.state, LinkState::Connecting { .. }) {
-                    match self.cmd.link.finish_connect() {
-                        Ok(true) => {
-                            if self.outage_logged {
-                                log::info!("worker {}: redis is back", self.worker_id);
-                                self.row.redis_reconnects.fetch_add(1, Relaxed);
-                                self.outage_logged = false;
-                            }
-                            self.row.redis_up.store(1, Relaxed);
-                        }
-                        Ok(false) => return,
-                        Err(e) => return self.cmd_broken(&e, false, now),
-                    }
-                }
-                let cmd = &mut self.cmd;
-                let mut replies = Vec::new();
-                let outcome = cmd.link.read_replies(|v| replies.push(v));
-                for v in replies {
-                    cmd.on_reply(v);
-                }
-                if let ReadOutcome::Broken(why) = outcome {
-                    return self.cmd_broken(&why, false, now);
-                }
-                if let Err(e) = self.cmd.link.flush(registry) {
-                    self.cmd_broken(&e, false, now);
-                }
+        if index == 0 {
+            if let Topo::Sentinel { link, .. } = &mut self.topo {
+                link.on_event(registry);
             }
-            Which::Subscriber => {
-                if matches!(self.sub.link.state, LinkState::Connecting { .. }) {
-                    match self.sub.link.finish_connect() {
-                        Ok(true) => {}
-                        Ok(false) => return,
-                        Err(e) => {
-                            log::debug!("worker {}: {e}", self.worker_id);
-                            return self.sub.link.fail(now);
-                        }
-                    }
-                }
-                let sub = &mut self.sub;
-                let mut replies = Vec::new();
-                let outcome = sub.link.read_replies(|v| replies.push(v));
-                for v in replies {
-                    sub.on_reply(v, now);
-                }
-                if let ReadOutcome::Broken(why) = outcome {
-                    log::warn!("worker {}: {why}; resubscribing", self.worker_id);
-                    self.sub.link.fail(now);
-                    return;
-                }
-                if let Err(e) = self.sub.link.flush(registry) {
-                    log::warn!("worker {}: {e}; resubscribing", self.worker_id);
-                    self.sub.link.fail(now);
-                }
+            self.apply_sentinel(now);
+            return;
+        }
+        let (i, sub) = ((index - 1) / 2, (index - 1) % 2 == 1);
+        let mut notes = Vec::new();
+        if let Some(n) = self.nodes.get_mut(i).and_then(Option::as_mut) {
+            if sub {
+                n.on_sub_event(registry, &mut notes);
+            } else {
+                n.on_cmd_event(registry, &mut notes);
             }
         }
+        self.on_notes(i, notes, now);
+        self.outputs(now);
     }
 
     /// Writes what was queued this iteration (one write per link).
     pub fn flush(&mut self, registry: &Registry) {
-        if self.cmd.link.pending_out() > 0 {
-            if let Err(e) = self.cmd.link.flush(registry) {
-                self.cmd_broken(&e, false, Instant::now());
-            }
+        let now = Instant::now();
+        if let Topo::Sentinel { link, .. } = &mut self.topo {
+            link.flush(registry, now);
         }
-        if self.sub.link.pending_out() > 0 {
-            if let Err(e) = self.sub.link.flush(registry) {
-                log::warn!("worker {}: {e}; resubscribing", self.worker_id);
-                self.sub.link.fail(Instant::now());
+        let mut notes = Vec::new();
+        for i in 0..self.nodes.len() {
+            if let Some(n) = self.nodes[i].as_mut() {
+                n.flush(registry, &mut notes);
+            }
+            if !notes.is_empty() {
+                self.on_notes(i, std::mem::take(&mut notes), now);
             }
         }
     }
 
+    fn on_notes(&mut self, i: usize, notes: Vec<Note>, now: Instant) {
+        for note in notes {
+            match note {
+                Note::Up => {
+                    if self.outage_logged && self.is_up() {
+                        log::info!("worker {}: redis is back", self.worker_id);
+                        self.row.redis_reconnects.fetch_add(1, Relaxed);
+                        self.outage_logged = false;
+                    }
+                    if let Topo::Sentinel {
+                        master: Some(m), ..
+                    } = self.topo
+                    {
+                        if m == i {
+                            if let Some(n) = self.nodes[i].as_mut() {
+                                n.cmd.ask(redis::cmd("ROLE"), client::Control::Role);
+                            }
+                        }
+                    }
+                }
+                Note::Down(why) => {
+                    self.row.redis_errors.fetch_add(1, Relaxed);
+                    if !self.outage_logged {
+                        log::warn!(
+                            "worker {}: redis unavailable ({why}); serving without it, retrying with backoff",
+                            self.worker_id
+                        );
+                        self.outage_logged = true;
+                    }
+                    match &mut self.topo {
+                        Topo::Sentinel { link, .. } => link.rediscover(now),
+                        Topo::Cluster(m) => m.soon(Duration::ZERO),
+                        Topo::Single => {}
+                    }
+                }
+                Note::SubDown(why) => log::warn!("worker {}: {why}", self.worker_id),
+            }
+        }
+        self.row.redis_up.store(u64::from(self.is_up()), Relaxed);
+    }
+
     /// Copies the client's figures into the scoreboard row.
     pub fn publish_counts(&self) {
-        let c = self.cmd.counts;
+        let mut c = self.retired;
+        let mut probes = self.retired_probes;
+        for n in self.nodes.iter().flatten() {
+            c.errors += n.cmd.counts.errors;
+            c.timeouts += n.cmd.counts.timeouts;
+            c.retried += n.cmd.counts.retried;
+            c.dropped += n.cmd.counts.dropped;
+            probes += n.sub.probes_failed;
+        }
+        let (on_wire, queued) = self.backlog();
         let r = self.row;
-        r.redis_pending.store(self.cmd.in_flight() as u64, Relaxed);
-        r.redis_queued.store(self.cmd.queued() as u64, Relaxed);
+        r.redis_pending.store(on_wire as u64, Relaxed);
+        r.redis_queued.store(queued as u64, Relaxed);
         r.redis_cmd_errors.store(c.errors, Relaxed);
         r.redis_timeouts.store(c.timeouts, Relaxed);
         r.redis_retried.store(c.retried, Relaxed);
         r.redis_dropped.store(c.dropped, Relaxed);
-        r.redis_probe_failures
-            .store(self.sub.probes_failed, Relaxed);
-        r.redis_sub_verified
-            .store(u64::from(!self.sub_wanted || self.sub.verified()), Relaxed);
+        r.redis_probe_failures.store(probes, Relaxed);
+        r.redis_sub_verified.store(
+            u64::from(self.ready() != Err("redis pub/sub not verified")),
+            Relaxed,
+        );
     }
 }

@@ -1,6 +1,10 @@
-//! The subscriber side of a worker's Redis client: its own connection in
-//! subscribe mode, a table of channel handlers (apart from the command
-//! FIFO, as in hiredis), and a self-probe that proves the link delivers.
+//! The subscriber side of a worker's Redis client: a connection in
+//! subscribe mode per node that holds subscribed channels, the set of
+//! channels it listens to (the client keeps their handlers, apart from the
+//! command FIFO, as in hiredis), and a self-probe that proves the link
+//! delivers. On a cluster it speaks sharded pub/sub (`SSUBSCRIBE`, one
+//! command per channel since each names a slot; messages arrive as
+//! `smessage`) and its probe channel hashes to a slot of its own node.
 //!
 //! A quiet subscriber publishes a probe to a channel only it listens to;
 //! if the probe does not come back within [`PROBE_TIMEOUT`] the link is
@@ -9,7 +13,7 @@
 //! the application's `/ready` says so: "health green, nothing delivered"
 //! cannot happen.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use redis::Value;
@@ -44,28 +48,80 @@ pub enum Health {
     },
 }
 
-/// The subscriber connection.
-pub struct Subscriber<A, S> {
+/// A subscriber connection.
+#[derive(Debug)]
+pub struct Subscriber {
     pub(crate) link: Link,                     // the socket
-    handlers: HashMap<Vec<u8>, Handler<A, S>>, // channel → handler
+    channels: HashSet<Vec<u8>>,                // what it listens to
+    sharded: bool,                             // SSUBSCRIBE (a cluster)
     probe_channel: Vec<u8>,                    // ours alone
     pub(crate) health: Health,                 // see Health
     pub(crate) ready: Vec<(Vec<u8>, Vec<u8>)>, // (channel, payload) to dispatch
+    pub(crate) lost: Vec<Vec<u8>>,             // channels the server dropped (slot moved)
     pub(crate) probes_failed: u64,             // times a probe did not return
     pub(crate) generation: u64, // connections so far (messages may be missed between two)
 }
 
-impl<A, S> Subscriber<A, S> {
+impl Subscriber {
     /// A subscriber over `link`; `probe_channel` must be unique to it.
-    pub fn new(link: Link, probe_channel: String) -> Subscriber<A, S> {
+    pub fn new(link: Link, probe_channel: Vec<u8>, sharded: bool) -> Subscriber {
         Subscriber {
             link,
-            handlers: HashMap::new(),
-            probe_channel: probe_channel.into_bytes(),
+            channels: HashSet::new(),
+            sharded,
+            probe_channel,
             health: Health::Unverified { probe_sent: None },
             ready: Vec::new(),
+            lost: Vec::new(),
             probes_failed: 0,
             generation: 0,
+        }
+    }
+
+    /// Whether it listens to anything (else its link need not be up).
+    pub fn wanted(&self) -> bool {
+        !self.channels.is_empty()
+    }
+
+    /// Whether it listens to `channel`.
+    pub fn has(&self, channel: &[u8]) -> bool {
+        self.channels.contains(channel)
+    }
+
+    /// The channels it listens to.
+    pub fn channels(&self) -> impl Iterator<Item = &Vec<u8>> {
+        self.channels.iter()
+    }
+
+    fn command(&self, verb: &str, channel: &[u8]) -> redis::Cmd {
+        let mut c = redis::cmd(&if self.sharded {
+            format!("S{verb}")
+        } else {
+            verb.to_string()
+        });
+        c.arg(channel);
+        c
+    }
+
+    /// Forgets `channel` without telling the server (the server dropped it).
+    pub fn forget(&mut self, channel: &[u8]) {
+        self.channels.remove(channel);
+    }
+
+    /// A new probe channel (its slot moved to another node); the link
+    /// starts over to subscribe to it.
+    pub fn set_probe_channel(&mut self, channel: Vec<u8>, now: Instant) {
+        if channel != self.probe_channel {
+            self.probe_channel = channel;
+            self.link.fail(now);
+        }
+    }
+
+    /// Stops listening to `channel` (it moved to another node).
+    pub fn unsubscribe(&mut self, channel: &[u8]) {
+        if self.channels.remove(channel) && self.link.is_up() {
+            self.command("UNSUBSCRIBE", channel)
+                .write_packed_command(self.link.queue());
         }
     }
 
@@ -79,38 +135,39 @@ impl<A, S> Subscriber<A, S> {
         !matches!(self.health, Health::Unverified { .. })
     }
 
-    /// Adds (or replaces) the handler of `channel` and subscribes now if
-    /// connected (otherwise on connect).
-    pub fn subscribe(&mut self, channel: Vec<u8>, h: Handler<A, S>) {
+    /// Listens to `channel`: now if connected (otherwise on connect).
+    pub fn subscribe(&mut self, channel: Vec<u8>) {
+        if !self.channels.insert(channel.clone()) {
+            return;
+        }
         if self.link.is_up() || matches!(self.link.state, super::link::LinkState::Connecting { .. })
         {
-            let mut c = redis::cmd("SUBSCRIBE");
-            c.arg(channel.as_slice());
-            c.write_packed_command(self.link.queue());
+            self.command("SUBSCRIBE", &channel)
+                .write_packed_command(self.link.queue());
         }
-        self.handlers.insert(channel, h);
     }
 
-    /// A connect has started: subscribe to everything, probe channel first.
+    /// A connect has started: subscribe to everything, probe channel first
+    /// (one command per channel when sharded: each names its own slot).
     pub fn on_dial(&mut self) {
         self.generation += 1;
         self.health = Health::Unverified { probe_sent: None };
-        let mut c = redis::cmd("SUBSCRIBE");
-        c.arg(self.probe_channel.as_slice());
-        for ch in self.handlers.keys() {
-            c.arg(ch.as_slice());
+        if self.sharded {
+            let mut out = Vec::new();
+            self.command("SUBSCRIBE", &self.probe_channel)
+                .write_packed_command(&mut out);
+            for ch in &self.channels {
+                self.command("SUBSCRIBE", ch).write_packed_command(&mut out);
+            }
+            self.link.queue().extend_from_slice(&out);
+        } else {
+            let mut c = redis::cmd("SUBSCRIBE");
+            c.arg(self.probe_channel.as_slice());
+            for ch in &self.channels {
+                c.arg(ch.as_slice());
+            }
+            c.write_packed_command(self.link.queue());
         }
-        c.write_packed_command(self.link.queue());
-    }
-
-    /// Takes a channel's handler out (to call it), or `None`.
-    pub fn take(&mut self, channel: &[u8]) -> Option<Handler<A, S>> {
-        self.handlers.remove(channel)
-    }
-
-    /// Puts a handler back after its call, unless it was replaced meanwhile.
-    pub fn put_back(&mut self, channel: Vec<u8>, h: Handler<A, S>) {
-        self.handlers.entry(channel).or_insert(h);
     }
 
     /// One push from the server.
@@ -129,7 +186,18 @@ impl<A, S> Subscriber<A, S> {
             Some(Value::SimpleString(k)) => k.into_bytes(),
             _ => return,
         };
-        if kind != b"message" {
+        if kind == b"sunsubscribe" {
+            // The server dropped a shard channel (its slot moved away); a
+            // confirmation of our own SUNSUBSCRIBE names a channel we no
+            // longer hold.
+            if let Some(Value::BulkString(ch)) = it.next() {
+                if self.channels.contains(&ch) {
+                    self.lost.push(ch);
+                }
+            }
+            return;
+        }
+        if kind != b"message" && kind != b"smessage" {
             return; // subscribe confirmations and the like
         }
         let (Some(Value::BulkString(ch)), Some(Value::BulkString(payload))) =
@@ -174,15 +242,5 @@ impl<A, S> Subscriber<A, S> {
             }
             Health::Verified { .. } => None,
         }
-    }
-}
-
-impl<A, S> std::fmt::Debug for Subscriber<A, S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subscriber")
-            .field("link", &self.link)
-            .field("channels", &self.handlers.len())
-            .field("health", &self.health)
-            .finish()
     }
 }

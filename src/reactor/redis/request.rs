@@ -65,6 +65,11 @@ impl ScriptCall {
         self
     }
 
+    /// Its first key (a cluster routes the call by it).
+    pub(crate) fn first_key(&self) -> Option<&[u8]> {
+        self.keys.first().map(Vec::as_slice)
+    }
+
     /// The call as one `EVAL` command (with the source): for a program
     /// that runs it on a plain connection, such as a test.
     pub fn eval_cmd(&self) -> Cmd {
