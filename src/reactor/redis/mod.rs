@@ -344,6 +344,9 @@ impl<A: 'static, S: 'static> RedisClient<A, S> {
         }
         self.on_notes(i, notes, now);
         self.outputs(now);
+        if self.any_fresh() {
+            self.tick(registry, now); // dial new nodes now, not at the next tick
+        }
     }
 
     /// Writes what was queued this iteration (one write per link).

@@ -54,6 +54,7 @@ pub struct Node<A, S> {
     sharded: bool,          // SPUBLISH probes
     was_down: bool,         // for "is back" notes
     pub(crate) probe: bool, // a probe is due on the command link
+    pub(crate) fresh: bool, // never dialled: requests wait for the first dial
 }
 
 impl<A, S> std::fmt::Debug for Node<A, S> {
@@ -110,6 +111,7 @@ impl<A, S> Node<A, S> {
             sharded: spec.sharded,
             was_down: false,
             probe: false,
+            fresh: true,
         }
     }
 
@@ -148,10 +150,12 @@ impl<A, S> Node<A, S> {
         match self.cmd.link.dial_if_due(registry, now) {
             Ok(true) => {
                 self.cmd.on_dial();
+                self.fresh = false;
                 dialled = true;
             }
             Ok(false) => {}
             Err(e) => {
+                self.fresh = false;
                 self.was_down = true;
                 notes.push(Note::Down(e));
             }

@@ -140,9 +140,16 @@ impl<A: 'static, S: 'static> RedisClient<A, S> {
     }
 
     fn send_to(&mut self, i: usize, req: Request, cb: Option<Callback<A, S>>, d: bool, hops: u8) {
-        if let Some(n) = self.nodes[i].as_mut() {
-            n.cmd.resubmit(req, cb, d, hops);
+        match self.nodes[i].as_mut() {
+            Some(n) if n.fresh => self.wait(req, cb, d, hops, Instant::now()),
+            Some(n) => n.cmd.resubmit(req, cb, d, hops),
+            None => {}
         }
+    }
+
+    /// Whether a node has not been dialled yet (the next tick dials it).
+    pub(super) fn any_fresh(&self) -> bool {
+        self.nodes.iter().flatten().any(|n| n.fresh)
     }
 
     /// A connected node for a command without a key (the first of the map).
@@ -446,31 +453,37 @@ impl<A: 'static, S: 'static> RedisClient<A, S> {
                 link.tick(registry, now);
                 self.apply_sentinel(now);
             }
-            Topo::Cluster(m) => {
-                if let Some((_, since)) = m.asked {
-                    if now.duration_since(since) > self.spec.timeout {
-                        m.asked = None;
-                    }
-                }
-                if m.asked.is_some() || now < m.refresh_at {
-                    return;
-                }
-                m.refresh_at = now + REFRESH_FAST;
-                let seeds = m.seeds.clone();
-                let Some(i) = self.any_up() else {
-                    // Nothing is connected: make sure the seeds are dialled.
-                    for s in &seeds {
-                        self.node_for(s);
-                    }
-                    return;
-                };
-                if let (Some(n), Topo::Cluster(m)) = (self.nodes[i].as_mut(), &mut self.topo) {
-                    let mut c = redis::cmd("CLUSTER");
-                    c.arg("SLOTS");
-                    n.cmd.ask(c, Control::Slots);
-                    m.asked = Some((i, now));
-                }
+            Topo::Cluster(_) => self.ask_slots(now, false),
+        }
+    }
+
+    /// Asks a connected node for the slot map when it is due (or now,
+    /// with `force`, unless a question is already out).
+    pub(super) fn ask_slots(&mut self, now: Instant, force: bool) {
+        let timeout = self.spec.timeout;
+        let Topo::Cluster(m) = &mut self.topo else {
+            return;
+        };
+        if m.asked.is_some_and(|(_, since)| now.duration_since(since) > timeout) {
+            m.asked = None;
+        }
+        if m.asked.is_some() || (!force && now < m.refresh_at) {
+            return;
+        }
+        let seeds = m.seeds.clone();
+        let Some(i) = self.any_up() else {
+            // Nothing is connected: make sure the seeds are dialled.
+            for s in &seeds {
+                self.node_for(s);
             }
+            return;
+        };
+        if let (Some(n), Topo::Cluster(m)) = (self.nodes[i].as_mut(), &mut self.topo) {
+            let mut c = redis::cmd("CLUSTER");
+            c.arg("SLOTS");
+            n.cmd.ask(c, Control::Slots);
+            m.asked = Some((i, now));
+            m.refresh_at = now + REFRESH_FAST;
         }
     }
 
