@@ -49,6 +49,9 @@
 # commands a message itself can cost) per message.
 # u2u senders are users; the IM server closes a user sending more than
 # max_messages_per_second (200) with 1008, so u2u saturation is capped at
+# CLUSTER_REDIS: single (a private redis-server, the default), cluster (a
+# private 3-master, 3-replica Redis Cluster, sharded pub/sub) or
+# cluster-classic (the same with classic PUBLISH/SUBSCRIBE).
 # CLUSTER_SENDERS x 200 msg/s: use CLUSTER_SENDERS=256 to measure past
 # 12,800 msg/s. api-send has CLUSTER_HTTP_CONNS requests in flight at most.
 set -euo pipefail
@@ -71,6 +74,7 @@ BENCH_OUT=${BENCH_OUT:-target/bench}
 LOADGEN=target/release/examples/loadgen
 ROUTE=${CLUSTER_ROUTE_BIN:-target/release/swocloud}
 CLUSTER_LABEL=${CLUSTER_LABEL:-}
+CLUSTER_REDIS=${CLUSTER_REDIS:-single}
 IM=${CLUSTER_IM_BIN:-target/release/swocloud-im}
 
 log() { printf '[bench-cluster %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -84,11 +88,13 @@ command -v redis-server >/dev/null || die "redis-server is needed (scripts/setup
 mkdir -p "$BENCH_OUT"
 WORK=$(mktemp -d)
 REDIS_PORT=""
+REDIS_CLUSTER_PORTS=()
 LG_PID=""
 cleanup() {
     [[ -n $LG_PID ]] && kill -TERM "$LG_PID" 2>/dev/null || true
     declare -F bench_cluster_down >/dev/null && bench_cluster_down "$WORK" "$ROUTE" "$IM" "$BENCH_OUT" "${CLUSTER_LABEL}cluster-"
     [[ -n $REDIS_PORT ]] && redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+    declare -F stop_private_redis_cluster >/dev/null && stop_private_redis_cluster
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -100,14 +106,38 @@ source "$ROOT/scripts/lib.sh"
 log "building"
 cargo build --release --quiet --bin swocloud --bin swocloud-im --example loadgen
 
-start_private_redis "$WORK" || die "the private Redis did not start"
+case $CLUSTER_REDIS in
+single) start_private_redis "$WORK" || die "the private Redis did not start" ;;
+cluster | cluster-classic)
+    start_private_redis_cluster "$WORK" || die "the private Redis Cluster did not start"
+    [[ $CLUSTER_REDIS == cluster-classic ]] && REDIS_SETTINGS="$REDIS_SETTINGS
+redis_cluster_pubsub = \"classic\""
+    ;;
+*) die "CLUSTER_REDIS must be single, cluster or cluster-classic" ;;
+esac
 
 bench_cluster_up "$WORK" "$ROUTE" "$IM" "inbox = $CLUSTER_INBOX
 ${CLUSTER_ROUTE_MSG_RATE:+max_messages_per_second = $CLUSTER_ROUTE_MSG_RATE}" "inbox = $CLUSTER_INBOX" || die "the cluster did not start"
-log "cluster up: Route 127.0.0.1:$RPORT ($ROUTE), IM servers $IMS ($IM), Redis $REDIS_PORT"
+log "cluster up: Route 127.0.0.1:$RPORT ($ROUTE), IM servers $IMS ($IM), Redis $CLUSTER_REDIS ${REDIS_PORT:-${REDIS_MASTER_PORTS[*]}}"
 
-# Redis commands per message: `INFO commandstats` snapshots.
-snap() { redis-cli -p "$REDIS_PORT" INFO commandstats >"$1" 2>/dev/null || : >"$1"; }
+# Redis commands per message: `INFO commandstats` snapshots (on a cluster,
+# of every master, summed), and the CPU every Redis process used (`INFO
+# cpu`, masters and replicas: classic pub/sub costs on every node).
+snap() {
+    local p
+    : >"$1"
+    if [[ $CLUSTER_REDIS == single ]]; then
+        redis-cli -p "$REDIS_PORT" INFO commandstats >>"$1" 2>/dev/null || :
+        redis-cli -p "$REDIS_PORT" INFO cpu >>"$1" 2>/dev/null || :
+    else
+        for p in "${REDIS_MASTER_PORTS[@]}"; do
+            redis-cli -p "$p" INFO commandstats >>"$1" 2>/dev/null || :
+        done
+        for p in "${REDIS_CLUSTER_PORTS[@]}"; do
+            redis-cli -p "$p" INFO cpu >>"$1" 2>/dev/null || :
+        done
+    fi
+}
 watch_markers() { # LOGFILE: copies loadgen's output, snapshots at its markers
     local l
     while IFS= read -r l; do
@@ -149,7 +179,11 @@ def load(name):
         for l in open(f"{work}/{name}"):
             if l.startswith("cmdstat_"):
                 k, v = l.strip()[8:].split(":", 1)
-                out[k] = int(dict(x.split("=") for x in v.split(","))["calls"])
+                out[k] = out.get(k, 0) + int(dict(x.split("=") for x in v.split(","))["calls"])
+            elif l.startswith(("used_cpu_sys:", "used_cpu_user:")):
+                # Redis CPU seconds, summed over the nodes (as µs).
+                k, v = l.strip().split(":", 1)
+                out["cpu_us"] = out.get("cpu_us", 0) + int(float(v) * 1e6)
     except OSError:
         return None
     return out
@@ -158,12 +192,15 @@ def delta(a, b):
         return None
     d = {k: b.get(k, 0) - a.get(k, 0) for k in b if k != "info"}
     return {k: v for k, v in d.items() if v > 0}
+def cpu(d, msgs):
+    return round(d.pop("cpu_us", 0) / msgs, 2) if d is not None and msgs else None
 # The commands a message can cost (presence lookup, server details, relay);
 # the rest is periodic (presence refresh, lease renewals) or per connection.
 PATH = ("hgetall", "hmget", "publish")
 def put(tag, d, msgs):
     if d is None:
         return
+    res[f"redis_cpu_us_per_msg_{tag}"] = cpu(d, msgs)
     total = sum(d.values())
     path = sum(d.get(k, 0) for k in PATH)
     res[f"redis_calls_{tag}"] = total
