@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Installs what swocloud needs on a Debian machine, only what is missing:
-# redis-server (tests start private instances; the demo uses one), a C
-# compiler for crates with C parts, curl and php-cli (the client examples in
+# redis-server (tests start private instances; the demo uses one),
+# redis-tools (redis-cli: tests/common/topology.rs creates its Redis
+# Clusters with `redis-cli --cluster create`), redis-sentinel (the
+# `redis-sentinel` command; topology.rs itself runs its sentinels as
+# `redis-server CONF --sentinel`, the same binary), a C compiler for
+# crates with C parts, curl and php-cli (the client examples in
 # examples/clients/ are tested for real); systemd-analyze (package systemd)
 # and Python's prometheus_client (PyPI) for tests/ops.rs, which verify the
 # units and parse /metrics; Node.js with the ws package (npm) for the
@@ -14,6 +18,10 @@ set -euo pipefail
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
+# On a machine with systemd the package also starts a system sentinel on
+# 26379 (as redis-server's starts a Redis on 6379). The tests' servers and
+# sentinels all run on free ports of their own, so neither is in the way.
+command -v redis-sentinel >/dev/null 2>&1 || need+=(redis-sentinel)
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)

@@ -5,7 +5,8 @@
 //!
 //! * ports and temporary directories: [`free_port`], [`free_port_on`],
 //!   [`temp_dir`], [`assert_port_free`], [`port_accepts`];
-//! * a private, throw-away Redis: [`RedisServer`];
+//! * a private, throw-away Redis: [`RedisServer`]; a real local Redis
+//!   Cluster and a Redis Sentinel set: [`topology`];
 //! * polling: [`wait_until`], [`wait_for`];
 //! * a tiny blocking HTTP/1.1 client: [`http_get`], [`http_request`];
 //! * a blocking WebSocket client with timeouts: [`ws_connect`],
@@ -25,6 +26,7 @@ pub mod frames;
 pub mod inproc;
 pub mod nodes;
 pub mod proxy;
+pub mod topology;
 
 use std::fs;
 use std::io::{self, Read, Write};
