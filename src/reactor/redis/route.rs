@@ -464,7 +464,9 @@ impl<A: 'static, S: 'static> RedisClient<A, S> {
         let Topo::Cluster(m) = &mut self.topo else {
             return;
         };
-        if m.asked.is_some_and(|(_, since)| now.duration_since(since) > timeout) {
+        if m.asked
+            .is_some_and(|(_, since)| now.duration_since(since) > timeout)
+        {
             m.asked = None;
         }
         if m.asked.is_some() || (!force && now < m.refresh_at) {
