@@ -81,7 +81,9 @@ stop_private_redis_cluster() {
 # when set, replaces the redis_url line (a Redis Cluster, a Sentinel).
 # Usage: bench_cluster_up WORK ROUTE IM [ROUTE_EXTRA] [IM_EXTRA]
 bench_cluster_up() {
-  local work=$1 route=$2 im=$3 route_extra=${4:-} im_extra=${5:-} i host port
+  local work=$1 route=$2 im=$3 route_extra=${4:-} im_extra=${5:-} i host port redis_line
+  redis_line="redis_url = \"redis://127.0.0.1:$REDIS_PORT\""
+  [[ -n ${REDIS_SETTINGS:-} ]] && redis_line=$REDIS_SETTINGS
   RPORT=$(free_port)
   cat >"$work/route.toml" <<TOML
 host = "127.0.0.1"
@@ -90,7 +92,7 @@ worker_num = 2
 pid_file = "$work/route.pid"
 log_file = "$work/route.log"
 log_level = "warn"
-${REDIS_SETTINGS:-redis_url = "redis://127.0.0.1:$REDIS_PORT"}
+$redis_line
 $route_extra
 TOML
   timeout 30 "$route" start -d -c "$work/route.toml" || { echo "the Route did not start" >&2; return 1; }
@@ -106,7 +108,7 @@ worker_num = 2
 pid_file = "$work/im$i.pid"
 log_file = "$work/im$i.log"
 log_level = "warn"
-${REDIS_SETTINGS:-redis_url = "redis://127.0.0.1:$REDIS_PORT"}
+$redis_line
 route_url = "ws://127.0.0.1:$RPORT/"
 service_name = "IM_$i"
 max_conn = 20000

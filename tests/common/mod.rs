@@ -32,7 +32,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -253,23 +253,16 @@ impl RedisServer {
         let log_path = self.dir.path().join("redis.log");
         let log = fs::File::create(&log_path).map_err(|e| e.to_string())?;
         let log_err = log.try_clone().map_err(|e| e.to_string())?;
-        let spawned = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--bind", "127.0.0.1", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn();
-        let child = match spawned {
-            Ok(c) => c,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => panic!(
-                "redis-server is not on PATH: run scripts/setup.sh to install the test dependencies"
-            ),
-            Err(e) => panic!("cannot spawn redis-server: {e}"),
-        };
+        let child = topology::spawn_redis_server(
+            Command::new("redis-server")
+                .args(["--port", &self.port.to_string()])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--bind", "127.0.0.1", "--daemonize", "no"])
+                .arg("--dir")
+                .arg(self.dir.path()),
+            log,
+            log_err,
+        );
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

@@ -93,19 +93,7 @@ impl Instance {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => return Err(format!("{}: {e}", log_path.display())),
         };
-        let spawned = Command::new("redis-server")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn();
-        let child = match spawned {
-            Ok(c) => c,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => panic!(
-                "redis-server is not on PATH: run scripts/setup.sh to install the test dependencies"
-            ),
-            Err(e) => panic!("cannot spawn redis-server: {e}"),
-        };
+        let child = spawn_redis_server(Command::new("redis-server").args(args), log, log_err);
         let pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + SPAWN_TIMEOUT;
@@ -280,5 +268,21 @@ fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<T, Strin
             panic!("timed out after {timeout:?} waiting for {what}; last: {last}");
         }
         thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Spawns `cmd` (a `redis-server` command line) with its output in `log`;
+/// a missing binary is a clear panic that names the setup script.
+pub fn spawn_redis_server(
+    cmd: &mut Command,
+    log: fs::File,
+    log_err: fs::File,
+) -> std::process::Child {
+    match cmd.stdin(Stdio::null()).stdout(log).stderr(log_err).spawn() {
+        Ok(c) => c,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => panic!(
+            "redis-server is not on PATH: run scripts/setup.sh to install the test dependencies"
+        ),
+        Err(e) => panic!("cannot spawn redis-server: {e}"),
     }
 }
