@@ -115,6 +115,7 @@ pub struct Settings {
     pub max_wait_time: f64,
     /// Redis the workers connect to in on_worker_start; none: no Redis.
     pub redis_url: Option<String>,
+<<<<<<< HEAD
     /// Redis Sentinel addresses (`redis://host:port`, …): the master named
     /// `redis_sentinel_master` is discovered and followed through
     /// failovers. Takes precedence over `redis_url`.
@@ -128,6 +129,10 @@ pub struct Settings {
     /// or `classic` (PUBLISH, copied to every node; for comparison).
     pub redis_cluster_pubsub: String,
     /// Prefix of every Redis key the applications write.
+=======
+    /// Prefix of every Redis key and channel the applications use (no `{`
+    /// or `}`: the key schema sets the hash tags).
+>>>>>>> keys
     pub redis_prefix: String,
     /// Seconds a Redis request may go unanswered before the worker's link
     /// is declared broken (every pending callback then fails and it
@@ -466,6 +471,12 @@ impl Settings {
                 Ok(_) => {}
             }
         }
+        if self.redis_prefix.contains(['{', '}']) {
+            return Err(bad(
+                "redis_prefix",
+                "must not contain { or }: the key schema sets the hash tags (README, Key schema and slot plan)",
+            ));
+        }
         if let Some(url) = &self.redis_url {
             if let Err(e) = redis::Client::open(url.as_str()) {
                 return Err(bad("redis_url", &e.to_string()));
@@ -571,6 +582,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`worker_num`") && e.contains("1..=1024"), "{e}");
+        let p = write(dir.path(), "redis_prefix = \"{app}:\"\n");
+        let e = load::<App>(toml::Table::new(), Some(&p), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`redis_prefix`") && e.contains("hash tags"),
+            "{e}"
+        );
         let p = write(dir.path(), "log_level = \"loud\"\n");
         let e = load::<App>(toml::Table::new(), Some(&p), &[])
             .unwrap_err()

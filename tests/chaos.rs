@@ -13,7 +13,7 @@
 //! system reacted: a respawned worker, a registry change) and *recovery*
 //! (every invariant holds and every user is reachable again), each within
 //! [`DEADLINE`]. Invariants: the registry (`SMEMBERS im_server` and
-//! `im_server:details`) is exactly the live, unfrozen servers; no orphan or
+//! `{im_server}:details`) is exactly the live, unfrozen servers; no orphan or
 //! zombie process of our daemons; each daemon's total fd count within
 //! [`FD_SLACK`] of its start; and every user can be sent to (`/api/send`
 //! answers `delivered`).
@@ -107,7 +107,7 @@ fn registry(c: &Cluster) -> Option<(HashSet<String>, HashSet<String>)> {
         .query(&mut con)
         .ok()?;
     let det: Vec<String> = redis::cmd("HKEYS")
-        .arg("im_server:details")
+        .arg("{im_server}:details")
         .query(&mut con)
         .ok()?;
     Some((set.into_iter().collect(), det.into_iter().collect()))

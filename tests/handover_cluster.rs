@@ -89,7 +89,7 @@ fn im_users_keep_connections_and_messages_across_three_reloads() {
     assert_eq!(online["connections"], 1, "{online}");
     let mut redis = c.redis.client();
     let fields: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg("im_user:u7")
+        .arg("im_user:{u7}")
         .query(&mut redis)
         .unwrap();
     assert_eq!(fields.len(), 1, "{fields:?}");
@@ -108,7 +108,7 @@ fn a_route_reload_keeps_registrations_in_place() {
     let mut redis = c.redis.client();
     let details = |r: &mut redis::Connection| -> HashMap<String, serde_json::Value> {
         let m: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg("im_server:details")
+            .arg("{im_server}:details")
             .query(r)
             .unwrap();
         m.into_iter()
@@ -124,7 +124,7 @@ fn a_route_reload_keeps_registrations_in_place() {
         let client = redis::Client::open(url).unwrap();
         let mut conn = client.get_connection().unwrap();
         let mut ps = conn.as_pubsub();
-        ps.subscribe("im_server:events").unwrap();
+        ps.subscribe("{im_server}:events").unwrap();
         l2.store(true, Ordering::SeqCst);
         while let Ok(m) = ps.get_message() {
             ev2.lock().unwrap().push(m.get_payload().unwrap());

@@ -32,11 +32,11 @@ fn members(c: &mut redis::Connection, key: &str) -> Vec<String> {
 type Res<T> = redis::RedisResult<T>;
 
 fn register(c: &mut redis::Connection, r: &Registry, e: &ServerEntry, until: u64) -> Res<()> {
-    common::redis_run::<i64>(c, r.register(e, until)).map(drop)
+    common::redis_run::<i64>(c, r.register(e, until, "PUBLISH")).map(drop)
 }
 
 fn remove(c: &mut redis::Connection, r: &Registry, m: &str, owner: &str, cause: &str) -> Res<bool> {
-    common::redis_run::<i64>(c, r.remove(m, owner, cause)).map(|n| n == 1)
+    common::redis_run::<i64>(c, r.remove(m, owner, cause, "PUBLISH")).map(|n| n == 1)
 }
 
 fn renew(
@@ -46,11 +46,11 @@ fn renew(
     owner: &str,
     rn: &Renew,
 ) -> Res<Renewal> {
-    common::redis_run::<i64>(c, r.renew(m, owner, rn)).map(Renewal::from_code)
+    common::redis_run::<i64>(c, r.renew(m, owner, rn, "PUBLISH")).map(Renewal::from_code)
 }
 
 fn reap(c: &mut redis::Connection, r: &Registry, now: u64) -> Res<Vec<String>> {
-    common::redis_run(c, r.reap(now))
+    common::redis_run(c, r.reap(now, "PUBLISH"))
 }
 
 fn list(c: &mut redis::Connection, r: &Registry) -> Res<Vec<ServerEntry>> {
@@ -173,14 +173,14 @@ fn a_prefix_moves_every_key() {
     let a = ServerEntry::new(&reg("IM_1", "127.0.0.2", 9000), "n", 0, "o", 1);
     register(&mut c, &r, &a, 10).unwrap();
     let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut c).unwrap();
-    keys.sort();
+    keys.sort_by(|a, b| a.trim_start_matches('{').cmp(b.trim_start_matches('{')));
     assert_eq!(
         keys,
         vec![
             "app1:im_server",
-            "app1:im_server:by_name",
-            "app1:im_server:details",
-            "app1:im_server:lease"
+            "{app1:im_server}:by_name",
+            "{app1:im_server}:details",
+            "{app1:im_server}:lease"
         ]
     );
 }

@@ -160,12 +160,12 @@ fn a_rogue_without_the_secret_registers_nothing_and_receives_nothing() {
     assert!(!members[0].contains("127.0.0.66"), "{members:?}");
     assert!(members[0].contains(real_member.as_str().unwrap()));
     let details: Vec<String> = redis::cmd("HKEYS")
-        .arg("im_server:details")
+        .arg("{im_server}:details")
         .query(&mut con)
         .unwrap();
     assert_eq!(details, members);
     let by_name: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
-        .arg("im_server:by_name")
+        .arg("{im_server}:by_name")
         .query(&mut con)
         .unwrap();
     assert_eq!(by_name.len(), 1, "{by_name:?}");

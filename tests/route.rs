@@ -83,7 +83,7 @@ fn members(redis: &RedisServer) -> Vec<String> {
 
 fn details(redis: &RedisServer, member: &str) -> Option<serde_json::Value> {
     let j: Option<String> = redis::cmd("HGET")
-        .arg("im_server:details")
+        .arg("{im_server}:details")
         .arg(member)
         .query(&mut redis.client())
         .ok()?;
@@ -163,9 +163,9 @@ fn route_answers_from_the_picker_and_records_the_choice_with_its_expiry() {
     assert_eq!(v["port"], 9000);
     assert_eq!(v["serviceName"], "IM_1");
     assert_eq!(v["url"], "ws://192.168.100.153:9000/?uid=alice");
-    wait_until(Duration::from_secs(2), "im_route:alice written", || {
+    wait_until(Duration::from_secs(2), "im_route:{alice} written", || {
         redis::cmd("GET")
-            .arg("im_route:alice")
+            .arg("im_route:{alice}")
             .query::<Option<String>>(&mut redis.client())
             .ok()
             .flatten()
@@ -173,7 +173,7 @@ fn route_answers_from_the_picker_and_records_the_choice_with_its_expiry() {
             == Some(SEED)
     });
     let ttl: i64 = redis::cmd("TTL")
-        .arg("im_route:alice")
+        .arg("im_route:{alice}")
         .query(&mut redis.client())
         .unwrap();
     assert!(ttl > 3000, "the record expires in an hour: {ttl}");

@@ -38,17 +38,17 @@ fn registry(
         .query(&mut c)
         .unwrap();
     let lease: Vec<String> = redis::cmd("ZRANGE")
-        .arg("im_server:lease")
+        .arg("{im_server}:lease")
         .arg(0)
         .arg(-1)
         .query(&mut c)
         .unwrap();
     let details: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg("im_server:details")
+        .arg("{im_server}:details")
         .query(&mut c)
         .unwrap();
     let names: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg("im_server:by_name")
+        .arg("{im_server}:by_name")
         .query(&mut c)
         .unwrap();
     let details = details

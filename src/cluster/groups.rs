@@ -14,9 +14,19 @@
 //! | `P user_groups:{U}` | SET | the groups of `U` (read at connect) |
 //!
 //! Every script touches one group's keys (tag `{G}`) or one user's (tag
-//! `{U}`, the inbox's slot), so each runs on one slot of a Redis Cluster.
-//! A join is two steps, the user's set first (its limit) then the group's
-//! (its limit, undone from the user's set when refused).
+//! `{U}`, the inbox's slot), all passed as KEYS (none is built inside
+//! Lua), so each runs on one slot of a Redis Cluster. Joining and leaving
+//! touch both a user's set and a group's keys, so each is two steps, in
+//! the order that keeps the user's set a superset of the groups whose
+//! member the user is (the group's keys are the truth: a send and a
+//! connect check the member set; the user's set says where to look): a
+//! join writes the user's set first (its limit), then the group's (its
+//! limit, undone from the user's set when refused); a leave writes the
+//! group's first, then, once that succeeded, the user's set. A step that
+//! fails half-way leaves at worst a group in the user's set that the user
+//! is not a member of (a connect finds it is not, and ignores it; the
+//! next join or leave of it repairs the set), never a member whose server
+//! does not know it.
 
 use redis::RedisResult;
 use serde::{Deserialize, Serialize};
@@ -451,6 +461,32 @@ mod tests {
         assert_eq!(g.stream_key("r"), "p:group:{r}");
         assert_eq!(g.members_key("r"), "p:group:{r}:members");
         assert_eq!(g.user_key("u"), "p:user_groups:{u}");
+    }
+
+    #[test]
+    fn every_script_call_is_one_slot() {
+        use crate::cluster::keys::slots::one_slot;
+        use crate::reactor::redis::slot_of;
+        let g = Groups::new("p:", GroupLimits::default());
+        let (gs, us) = (slot_of(b"room"), slot_of(b"u1"));
+        let data = serde_json::json!(1);
+        for req in [
+            g.join("room", "u1").into(),
+            g.leave("room", "u1").into(),
+            g.send("room", "id", "u1", &data, Some("u1")).into(),
+            g.head("room", "u1").into(),
+            g.count("room", "f", 1).into(),
+            g.ack("room", "u1", 3).into(),
+            g.range("room", 1, 2, 10),
+            g.meta("room"),
+            g.are_members("room", &["u1".into()]),
+            g.members_page("room", "0", 10),
+        ] {
+            assert_eq!(one_slot(&req), gs, "{req:?}");
+        }
+        assert_eq!(one_slot(&g.user_join("room", "u1").into()), us);
+        assert_eq!(one_slot(&g.user_leave("room", "u1")), us);
+        assert_eq!(one_slot(&g.of_user("u1")), us);
     }
 
     #[test]

@@ -21,13 +21,14 @@
 //! is told `resync` instead of being handed a silent gap.
 
 use std::collections::hash_map::RandomState;
+use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use redis::Value;
 use serde::Serialize;
 
-use crate::reactor::redis::{Request, Script, ScriptCall};
+use crate::reactor::redis::{slot_of, Request, Script, ScriptCall};
 
 /// Default `inbox_max_len`: entries kept per user.
 pub const DEFAULT_MAX_LEN: u64 = 10_000;
@@ -90,8 +91,8 @@ return {m[1], tonumber(m[2]), tonumber(m[3])}
 /// Raises `dlv` and `acked` of each user (KEYS: their meta hashes; ARGV:
 /// `epoch, dlv, acked` per key, then the meta TTL), never past `seq`,
 /// only within the epoch; an ack also renews the hash's life (a store and
-/// a connect do too). One call marks a whole flush's users: on a Redis
-/// Cluster the batch must be split per slot (each key is its user's own).
+/// a connect do too). One call marks up to [`MARKS_PER_CALL`] users; on a
+/// Redis Cluster only users of one slot ([`Inbox::mark_calls`]).
 const MARK: &str = r"
 local ttl = ARGV[#ARGV]
 for i = 1, #KEYS do
@@ -296,6 +297,33 @@ impl Inbox {
         call.arg(self.meta_ttl_ms())
     }
 
+    /// The calls that write a flush's `marks` (as [`Self::mark`]): up to
+    /// [`MARKS_PER_CALL`] users each, and with `by_slot` (a Redis Cluster,
+    /// where a script's keys must share a slot) only users whose meta
+    /// hashes share a slot. On a cluster that is about one call per user
+    /// (the users of a flush rarely share one of 16384 slots); none is
+    /// waited for.
+    pub fn mark_calls<'a>(
+        &self,
+        marks: impl IntoIterator<Item = (&'a str, &'a str, u64, u64)>,
+        by_slot: bool,
+    ) -> Vec<ScriptCall> {
+        let mut batches: BTreeMap<u16, Vec<(&str, &str, u64, u64)>> = BTreeMap::new();
+        for m in marks {
+            let slot = if by_slot {
+                slot_of(self.meta_key(m.0).as_bytes())
+            } else {
+                0
+            };
+            batches.entry(slot).or_default().push(m);
+        }
+        batches
+            .values()
+            .flat_map(|b| b.chunks(MARKS_PER_CALL))
+            .map(|chunk| self.mark(chunk.iter().copied()))
+            .collect()
+    }
+
     /// Up to `count` entries of `uid` from seq `from` through `to` (None:
     /// the newest); parses with [`parse_entries`].
     pub fn range(&self, uid: &str, from: u64, to: Option<u64>, count: usize) -> Request {
@@ -417,6 +445,60 @@ mod tests {
         assert_eq!(i.stream_key("u1"), "p:inbox:{u1}");
         assert_eq!(i.meta_key("u1"), "p:inbox:{u1}:meta");
         assert_eq!(i.meta_ttl_ms(), 60_000 * META_TTL_FACTOR);
+    }
+
+    #[test]
+    fn every_script_call_is_one_slot() {
+        use crate::cluster::keys::slots::one_slot;
+        let i = Inbox::new(
+            "p:",
+            Limits {
+                max_len: 5,
+                ttl: 60,
+            },
+        );
+        let u = slot_of(b"u1");
+        let data = serde_json::json!({"x": 1});
+        assert_eq!(
+            one_slot(&i.store("u1", "id", "u2", &data, Some("r")).into()),
+            u
+        );
+        assert_eq!(one_slot(&i.hello("u1").into()), u);
+        assert_eq!(one_slot(&i.range("u1", 1, None, 10)), u);
+        assert_eq!(one_slot(&i.meta("u1")), u);
+        assert_eq!(one_slot(&i.mark([("u1", "e", 1, 1)]).into()), u);
+    }
+
+    #[test]
+    fn marks_are_split_by_slot_on_a_cluster_only() {
+        use crate::cluster::keys::slots::{one_slot, script_keys};
+        let i = Inbox::new(
+            "",
+            Limits {
+                max_len: 5,
+                ttl: 60,
+            },
+        );
+        let uids: Vec<String> = (0..600).map(|n| format!("user{n}")).collect();
+        let marks = || uids.iter().map(|u| (u.as_str(), "e", 2, 1));
+        // A single server: today's batches of MARKS_PER_CALL.
+        let calls = i.mark_calls(marks(), false);
+        let sizes: Vec<usize> = calls.iter().map(|c| script_keys(c).len()).collect();
+        assert_eq!(sizes, vec![256, 256, 88]);
+        // A cluster: every call one slot, every user once.
+        let calls = i.mark_calls(marks(), true);
+        let mut seen = 0;
+        for c in &calls {
+            one_slot(&c.clone().into());
+            seen += script_keys(c).len();
+        }
+        assert_eq!(seen, uids.len());
+        // Users of one slot share a call, still at most MARKS_PER_CALL
+        // (names no uid may have, all tagged `{t`).
+        let same: Vec<String> = (0..300).map(|n| format!("{{t}}{n}")).collect();
+        let calls = i.mark_calls(same.iter().map(|u| (u.as_str(), "e", 2, 1)), true);
+        let sizes: Vec<usize> = calls.iter().map(|c| script_keys(c).len()).collect();
+        assert_eq!(sizes, vec![256, 44]);
     }
 
     #[test]

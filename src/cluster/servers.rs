@@ -22,7 +22,7 @@ pub fn member(ip: &str, port: u16) -> String {
     super::encode(&Member { ip, port })
 }
 
-/// What the Route knows of one IM server (`im_server:details`).
+/// What the Route knows of one IM server (`{im_server}:details`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerEntry {
     /// The seed's `serviceName`.

@@ -255,15 +255,20 @@ impl Feeds {
     }
 
     /// Writes the marks gathered since the last flush (one script call per
-    /// [`inbox::MARKS_PER_CALL`] users, not waited for).
+    /// [`inbox::MARKS_PER_CALL`] users, on a Redis Cluster per slot too:
+    /// [`Inbox::mark_calls`]), not waited for.
     pub fn flush<A: Holds<Feeds>>(&mut self, srv: &mut Server<A>) {
+        if self.marks.is_empty() {
+            return;
+        }
         let marks: Vec<(String, Marks)> = self.marks.drain().collect();
-        for chunk in marks.chunks(inbox::MARKS_PER_CALL) {
-            let call = self.inbox.mark(
-                chunk
-                    .iter()
-                    .map(|(u, m)| (u.as_str(), m.epoch.as_str(), m.delivered, m.acked)),
-            );
+        let calls = self.inbox.mark_calls(
+            marks
+                .iter()
+                .map(|(u, m)| (u.as_str(), m.epoch.as_str(), m.delivered, m.acked)),
+            srv.redis_cluster(),
+        );
+        for call in calls {
             srv.redis_send(call);
         }
     }

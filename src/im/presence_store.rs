@@ -84,16 +84,17 @@ impl PresenceStore {
     }
 
     /// Records connection `fd` of `uid` and announces it. Redis: HSET +
-    /// EXPIRE + PUBLISH in MULTI, durable: a user who connects while Redis
-    /// is away is recorded, and announced (so the Routes forget where it
-    /// was), as soon as Redis is back, before anything later of its own.
+    /// EXPIRE (+ PUBLISH, see [`presence::Announced`]), durable: a user who
+    /// connects while Redis is away is recorded, and announced (so the
+    /// Routes forget where it was), as soon as Redis is back, before
+    /// anything later of its own.
     pub fn record<A: App>(&self, srv: &mut Server<A>, uid: &str, fd: Fd) {
         let p = self.record_of(srv, fd);
-        srv.redis_durable(presence::add(&self.keys, uid, &p, self.ttl_secs));
+        Self::send(srv, presence::add(&self.keys, uid, &p, self.ttl_secs));
     }
 
     /// Moves `uid`'s record from `old_fd` to `new_fd` (handover). Redis:
-    /// HDEL + HSET + EXPIRE + PUBLISH in MULTI, durable (kept and sent
+    /// HDEL + HSET + EXPIRE in MULTI (+ PUBLISH), durable (kept and sent
     /// again if Redis is away).
     pub fn rekey<A: App>(&self, srv: &mut Server<A>, uid: &str, old_fd: Fd, new_fd: Fd) {
         let new = self.record_of(srv, new_fd);
@@ -101,7 +102,29 @@ impl PresenceStore {
             fd: old_fd,
             ..new.clone()
         };
-        srv.redis_durable(presence::rekey(&self.keys, uid, &old, &new, self.ttl_secs));
+        let a = presence::rekey(&self.keys, uid, &old, &new, self.ttl_secs);
+        Self::send(srv, a);
+    }
+
+    /// Sends a presence write and its event, durable. A single Redis
+    /// server gets both in one MULTI; a Redis Cluster gets the write, and
+    /// the event once the write's reply is in (whatever it was: an event
+    /// only makes a Route read the user again), so that it never overtakes
+    /// the write ([`presence::Announced`]). The cost there: a worker that
+    /// ends before its last replies arrive leaves their events unsent, and
+    /// the Routes serve those users' old locations until their next event
+    /// or at most [`crate::route::locations::MAX_AGE`].
+    fn send<A: App>(srv: &mut Server<A>, a: presence::Announced) {
+        if !srv.redis_cluster() {
+            return srv.redis_durable(a.together());
+        }
+        let (write, event) = a.split();
+        srv.redis_durable_then(
+            write,
+            move |_: &mut A, srv, _: redis::RedisResult<redis::Value>| {
+                srv.redis_durable(event);
+            },
+        );
     }
 
     /// Rewrites the records of every connection in `users` (so a Redis
@@ -122,11 +145,11 @@ impl PresenceStore {
         refresh_step(srv, self.keys.clone(), self.ttl_secs, records);
     }
 
-    /// Forgets connection `fd` of `uid` and announces it. Redis: HDEL +
-    /// PUBLISH, durable.
+    /// Forgets connection `fd` of `uid` and announces it. Redis: HDEL
+    /// (+ PUBLISH, see [`presence::Announced`]), durable.
     pub fn forget<A: App>(&self, srv: &mut Server<A>, uid: &str, fd: Fd) {
         let p = self.record_of(srv, fd);
-        srv.redis_durable(presence::remove(&self.keys, uid, &p));
+        Self::send(srv, presence::remove(&self.keys, uid, &p));
     }
 
     /// Keeps a copy of the registry so that a draining worker can point

@@ -126,7 +126,8 @@ impl Delivery {
     }
 
     /// Subscribes this worker to its relay channel, the broadcast channel
-    /// and the presence events.
+    /// and the presence events (all [`crate::cluster::keys::PRESENCE_PARTITIONS`]
+    /// of their channels).
     pub fn start<A: DeliveryHost>(&self, srv: &mut Server<A>, node_pid: &str) {
         for ch in [
             self.keys.worker_channel(node_pid),
@@ -137,10 +138,13 @@ impl Delivery {
                 d.on_relay(regs, srv, payload);
             });
         }
-        srv.redis_subscribe(self.keys.presence_channel(), |app: &mut A, _srv, uid| {
-            let (d, _, _) = app.delivery_parts();
-            d.locations.invalidate(&String::from_utf8_lossy(uid));
-        });
+        // Every presence partition (an event is on its uid's partition).
+        for ch in self.keys.presence_channels() {
+            srv.redis_subscribe(ch.as_str(), |app: &mut A, _srv, uid| {
+                let (d, _, _) = app.delivery_parts();
+                d.locations.invalidate(&String::from_utf8_lossy(uid));
+            });
+        }
     }
 
     /// Called now and then: when this worker's subscriber connection was

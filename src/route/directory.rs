@@ -35,7 +35,7 @@ pub struct Directory {
     /// `/api/servers` serialised for a cache generation (refreshes, connected).
     servers_body: Option<((u64, bool), Vec<u8>)>,
     /// uid → server records not sent yet (see [`Self::record_route`]).
-    /// (`im_route:<uid>`, member) each.
+    /// (`im_route:{<uid>}`, member) each.
     records: Vec<(String, String)>,
     /// Whether the records' flush timer is armed.
     flush_armed: bool,
@@ -207,7 +207,7 @@ impl Directory {
         Some((slot.answer(uid, token), slot.member.clone()))
     }
 
-    /// Remembers that `uid` was sent to `member` (`im_route:<uid>`,
+    /// Remembers that `uid` was sent to `member` (`im_route:{<uid>}`,
     /// expiring): the SET joins this worker's batch, sent as one pipeline
     /// by [`Self::flush_records`] within [`RECORD_FLUSH_MS`] (or at once
     /// past [`RECORD_FLUSH_AT`] records) and never waited for. Sending each

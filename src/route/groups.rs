@@ -71,7 +71,9 @@ fn group_and_uid(req: &Request) -> Result<(String, String), Response> {
 }
 
 /// `POST /api/groups/join {"group","uid"}`: the user's set (its limit),
-/// then the group's (its limit); answers `{"group","uid","members"}`.
+/// then the group's (its limit; refused: undone from the user's set);
+/// answers `{"group","uid","members"}`. Two steps in two slots, in the
+/// order [`leave`] explains.
 pub fn join<A: DeliveryHost>(srv: &mut Server<A>, d: &Delivery, req: &Request) -> Response {
     let (group, uid) = match group_and_uid(req) {
         Ok(x) => x,
@@ -131,14 +133,21 @@ pub fn join<A: DeliveryHost>(srv: &mut Server<A>, d: &Delivery, req: &Request) -
     Response::later()
 }
 
-/// `POST /api/groups/leave {"group","uid"}`: answers `{"group","uid","members"}`.
+/// `POST /api/groups/leave {"group","uid"}`: the group's side, then (once
+/// that is done) the user's set; answers `{"group","uid","members"}`.
+///
+/// Two steps in two slots (`group:{G}…`, `user_groups:{U}`), in this order
+/// so that a failure between them leaves the group in the user's set, which
+/// a connect ignores (not a member) and a repeated leave removes; the other
+/// order could leave a member missing from its set, whose server would not
+/// count it and so not receive the group's messages (see
+/// [`crate::cluster::groups`]).
 pub fn leave<A: DeliveryHost>(srv: &mut Server<A>, d: &Delivery, req: &Request) -> Response {
     let (group, uid) = match group_and_uid(req) {
         Ok(x) => x,
         Err(r) => return r,
     };
     let http = req.fd;
-    srv.redis_send(d.groups().user_leave(&group, &uid));
     srv.redis(
         d.groups().leave(&group, &uid),
         move |app: &mut A, srv, r: RedisResult<(u64, u64, u64, i64)>| {
@@ -146,6 +155,7 @@ pub fn leave<A: DeliveryHost>(srv: &mut Server<A>, d: &Delivery, req: &Request) 
             let resp = match r {
                 Err(e) => bad(503, "unavailable", &format!("Redis: {e}")),
                 Ok((members, gseq, mver, removed)) => {
+                    srv.redis_send(d.groups().user_leave(&group, &uid));
                     let epoch = String::new();
                     let m = Membership {
                         group,

@@ -152,7 +152,8 @@ impl Registrations {
             draining: None,
             now_ms: now,
         };
-        let req = self.registry.renew(&member, &owner, &probe);
+        let publish = srv.redis_publish_command();
+        let req = self.registry.renew(&member, &owner, &probe, publish);
         srv.redis(req, move |app: &mut A, srv, r: redis::RedisResult<i64>| {
             app.part().readmit_probed(srv, fd, &member, r, until);
         });
@@ -250,7 +251,7 @@ impl Registrations {
             self.renew_peer(srv, fd, now, until);
         }
         srv.redis(
-            self.registry.reap(now),
+            self.registry.reap(now, srv.redis_publish_command()),
             |_: &mut A, srv, r: redis::RedisResult<Vec<String>>| {
                 for m in r.unwrap_or_default() {
                     stats::removed(srv.row(), "lease");
@@ -300,7 +301,8 @@ impl Registrations {
             now_ms: now,
         };
         let (member, owner) = (held.entry.member().to_string(), held.entry.owner.clone());
-        let req = self.registry.renew(&member, &owner, &r);
+        let publish = srv.redis_publish_command();
+        let req = self.registry.renew(&member, &owner, &r, publish);
         srv.redis(req, move |app: &mut A, srv, r: redis::RedisResult<i64>| {
             app.part().renewed(srv, fd, &member, r, until);
         });

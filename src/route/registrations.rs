@@ -234,9 +234,10 @@ impl Registrations {
         self.save_held(srv, fd);
         self.hold_connection(srv, fd);
         if stored {
+            let (publish, now) = (srv.redis_publish_command(), now_ms());
             let req = self
                 .registry
-                .rehome(&member, &old_owner, &new_owner, worker, now_ms());
+                .rehome(&member, &old_owner, &new_owner, worker, now, publish);
             srv.redis(req, move |app: &mut A, srv, r: redis::RedisResult<i64>| {
                 app.part().rehomed(srv, fd, &member, &name, r);
             });
@@ -452,7 +453,8 @@ impl Registrations {
             draining: Some(true),
             now_ms: now_ms(),
         };
-        srv.redis_durable(self.registry.renew(&member, &owner, &r));
+        let publish = srv.redis_publish_command();
+        srv.redis_durable(self.registry.renew(&member, &owner, &r, publish));
         self.save_held(srv, fd);
     }
 
@@ -483,7 +485,8 @@ impl Registrations {
         cause: &'static str,
     ) {
         let (member, name) = (e.member().to_string(), e.service_name.clone());
-        let req = self.registry.remove(&member, &e.owner, cause);
+        let publish = srv.redis_publish_command();
+        let req = self.registry.remove(&member, &e.owner, cause, publish);
         srv.redis_durable_then(req, move |_: &mut A, srv, r: redis::RedisResult<i64>| {
             if r == Ok(1) {
                 stats::removed(srv.row(), cause);
@@ -507,7 +510,8 @@ impl Registrations {
             h.storing = true;
             h.entry = entry.clone();
         }
-        let req = self.registry.register(entry, until);
+        let publish = srv.redis_publish_command();
+        let req = self.registry.register(entry, until, publish);
         srv.redis(req, move |app: &mut A, srv, r: redis::RedisResult<i64>| {
             app.part().stored(srv, fd, &member, why, r.map(drop));
         });
