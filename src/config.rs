@@ -115,24 +115,17 @@ pub struct Settings {
     pub max_wait_time: f64,
     /// Redis the workers connect to in on_worker_start; none: no Redis.
     pub redis_url: Option<String>,
-<<<<<<< HEAD
-    /// Redis Sentinel addresses (`redis://host:port`, …): the master named
-    /// `redis_sentinel_master` is discovered and followed through
-    /// failovers. Takes precedence over `redis_url`.
+    /// Sentinels (`redis://h:p`, …) naming `redis_sentinel_master`; wins
+    /// over `redis_url` (see `reactor::redis::target`).
     pub redis_sentinels: Vec<String>,
     /// The master's name at the Sentinels.
     pub redis_sentinel_master: Option<String>,
-    /// Redis Cluster seed nodes (`redis://host:port`, …): the slot map is
-    /// read from them and kept current. Takes precedence over `redis_url`.
+    /// Redis Cluster seed nodes (`redis://h:p`, …); wins over the others.
     pub redis_cluster: Vec<String>,
-    /// Pub/sub on a cluster: `sharded` (SPUBLISH/SSUBSCRIBE, the default)
-    /// or `classic` (PUBLISH, copied to every node; for comparison).
+    /// Cluster pub/sub: `sharded` (the default) or `classic`.
     pub redis_cluster_pubsub: String,
-    /// Prefix of every Redis key the applications write.
-=======
     /// Prefix of every Redis key and channel the applications use (no `{`
     /// or `}`: the key schema sets the hash tags).
->>>>>>> keys
     pub redis_prefix: String,
     /// Seconds a Redis request may go unanswered before the worker's link
     /// is declared broken (every pending callback then fails and it
@@ -300,22 +293,22 @@ pub fn parse_override(arg: &str) -> Result<(String, toml::Value), ConfigError> {
     Ok((k.to_string(), value))
 }
 
+/// Framework keys whose default (`None`) does not serialize.
+const OPTIONAL_KEYS: [&str; 5] = [
+    "log_file",
+    "redis_url",
+    "redis_sentinel_master",
+    "control_socket",
+    "admin_listen",
+];
+
 /// The framework's key names.
 fn framework_keys() -> Vec<String> {
     match toml::Value::try_from(Settings::default()) {
         Ok(toml::Value::Table(t)) => t
             .keys()
             .cloned()
-            .chain(
-                [
-                    "log_file",
-                    "redis_url",
-                    "redis_sentinel_master",
-                    "control_socket",
-                    "admin_listen",
-                ]
-                .map(String::from),
-            )
+            .chain(OPTIONAL_KEYS.map(String::from))
             .collect(),
         _ => Vec::new(),
     }
@@ -469,17 +462,6 @@ impl Settings {
                     return Err(bad("admin_listen", "must differ from host:port"))
                 }
                 Ok(_) => {}
-            }
-        }
-        if self.redis_prefix.contains(['{', '}']) {
-            return Err(bad(
-                "redis_prefix",
-                "must not contain { or }: the key schema sets the hash tags (README, Key schema and slot plan)",
-            ));
-        }
-        if let Some(url) = &self.redis_url {
-            if let Err(e) = redis::Client::open(url.as_str()) {
-                return Err(bad("redis_url", &e.to_string()));
             }
         }
         if let Err((key, why)) = crate::reactor::redis::target::Plan::check(self) {

@@ -153,8 +153,15 @@ impl Plan {
         }
     }
 
-    /// Validation for the settings loader.
+    /// Validation for the settings loader: the URLs, and a prefix that
+    /// leaves the key schema's hash tags alone.
     pub fn check(s: &Settings) -> Result<(), (&'static str, String)> {
+        if s.redis_prefix.contains(['{', '}']) {
+            return Err((
+                "redis_prefix",
+                "must not contain { or }: the key schema sets the hash tags (README, Key schema and slot plan)".into(),
+            ));
+        }
         Plan::of(s).map(|_| ())
     }
 }
