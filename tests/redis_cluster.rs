@@ -154,7 +154,7 @@ fn kill_master(c: &mut RedisCluster, t: &Traffic, name: &str, key: &str) -> Outa
     Outage {
         name: name.into(),
         kill,
-        failover: Some(failover.1),
+        redis: Some(failover.1),
         reachable,
     }
 }
@@ -387,11 +387,28 @@ fn a_master_restarted_on_a_new_port_is_redialled() {
         back.master && back.addr() == addr,
         "no failover meanwhile: {back:?}"
     );
+    // Every worker (the Route's 2, each IM server's 2) dialled it there:
+    // a command connection each, besides its replica and this query.
+    let clients = c.cli(&back, &["CLIENT", "LIST"]);
+    let ours = clients
+        .lines()
+        .filter(|l| !l.contains("flags=S") && !l.contains("cmd=client|list"))
+        .count();
+    assert!(ours >= 6, "the daemons' connections on {addr}: {clients}");
+    // What the Route's log says about the old and the new address.
+    let ports = [victim.port.to_string(), back.port.to_string()];
+    let log = n.routes[0].log();
+    let about = log
+        .lines()
+        .filter(|l| ports.iter().any(|p| l.contains(p.as_str())));
+    for l in about.take(12) {
+        eprintln!("new port: route-a log: {l}");
+    }
     t.steady(Duration::from_secs(1));
     let outages = [Outage {
         name: "restart".into(),
         kill,
-        failover: Some(restarted),
+        redis: Some(restarted),
         reachable,
     }];
     let report = t.finish("cluster_new_port", &outages);

@@ -87,7 +87,7 @@ fn the_user_path_then_the_master_killed_under_traffic() {
     let outages = [Outage {
         name: "master".into(),
         kill,
-        failover: Some(switch),
+        redis: Some(switch),
         reachable,
     }];
     let report = t.finish("sentinel_master_kill", &outages);

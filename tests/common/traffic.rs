@@ -66,8 +66,9 @@ pub struct Traffic {
 pub struct Outage {
     pub name: String,
     pub kill: Instant,
-    /// The Redis side's own failover (the harness's view), if any.
-    pub failover: Option<Duration>,
+    /// The Redis side's own recovery as the harness saw it: a replica
+    /// promoted (failover), a node back on its new port (restart).
+    pub redis: Option<Duration>,
     /// Until each user had a probe delivered (the last of them).
     pub reachable: Duration,
 }
@@ -305,7 +306,7 @@ impl Traffic {
             let red_between = |node: Option<usize>, a: Instant, b: Instant| {
                 samples.iter().any(|s| {
                     !s.green
-                        && node.is_none_or(|n| n == s.node)
+                        && node.map_or(true, |n| n == s.node)
                         && s.at + READY_EVERY >= a
                         && s.at <= b + 2 * READY_EVERY
                 })
@@ -346,12 +347,12 @@ impl Traffic {
         let ms = |d: Option<Duration>| d.map_or("never".to_string(), |d| d.as_millis().to_string());
         for (o, f) in outages.iter().zip(&figures) {
             eprintln!(
-                "FIGURES {test}_{} detect_ms={} failover_ms={} reachable_ms={} ready_green_ms={} \
+                "FIGURES {test}_{} detect_ms={} redis_ms={} reachable_ms={} ready_green_ms={} \
                  accepted={} delivered={} resynced={} lost={} api_failed={} api_failed_while_green={} \
                  refused={} red_while_failing={}",
                 o.name,
                 ms(f.detect),
-                ms(o.failover),
+                ms(o.redis),
                 o.reachable.as_millis(),
                 ms(f.ready_green),
                 f.accepted,
