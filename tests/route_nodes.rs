@@ -15,57 +15,12 @@ use std::time::{Duration, Instant};
 
 use common::cluster::SECRET;
 use common::nodes::{node_id, recv_data, Nodes};
-use common::{metric, wait_until, ws_connect, WsClient};
+use common::{metric, wait_until, ws_connect};
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
 /// How fast an IM server must be registered with the surviving node.
 const FAILOVER_BUDGET: Duration = Duration::from_secs(3);
-
-/// `per_server` users on each of the two IM servers (uids `<prefix>N`,
-/// asking `/route` of each node in turn; the balancer is consistent
-/// hashing, so some uids land on each); returns uid → (socket,
-/// serviceName).
-fn users(n: &Nodes, prefix: &str, per_server: usize) -> BTreeMap<String, (WsClient, String)> {
-    let mut out = BTreeMap::new();
-    let mut count: HashMap<String, usize> = HashMap::new();
-    for i in 0..200 {
-        if count.len() == 2 && count.values().all(|&c| c >= per_server) {
-            return out;
-        }
-        let uid = format!("{prefix}{i}");
-        let server = n.route_for(i % n.routes.len(), &uid)["serviceName"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        if count.get(&server).is_some_and(|&c| c >= per_server) {
-            continue;
-        }
-        let (ws, r) = n.connect_user(i % n.routes.len(), &uid);
-        assert_eq!(r["serviceName"], server.as_str(), "consistent hashing");
-        *count.entry(server.clone()).or_default() += 1;
-        out.insert(uid, (ws, server));
-    }
-    panic!("not {per_server} users on each IM server: {count:?}");
-}
-
-/// Every user gets a message sent through `/api/send` of `node`.
-#[track_caller]
-fn reach_all(n: &Nodes, node: usize, users: &mut BTreeMap<String, (WsClient, String)>, tag: &str) {
-    for (uid, (ws, server)) in users.iter_mut() {
-        let data = json!(format!("{tag} {uid} via {}", node_id(node)));
-        let (status, v) = n.api_send(node, uid, data.clone());
-        assert_eq!(status, 200, "{v}");
-        assert_eq!(v["status"], "delivered", "{uid} on {server}: {v}");
-        let got = recv_data(
-            ws,
-            Duration::from_secs(3),
-            &format!("{uid} on {server}"),
-            &data,
-        );
-        assert_eq!(got["from"], "api", "{got}");
-    }
-}
 
 /// The registry in Redis: set members, lease members, details (member →
 /// entry) and names, read directly.
@@ -77,7 +32,7 @@ fn registry(
     HashMap<String, Value>,
     usize,
 ) {
-    let mut c = n.redis.client();
+    let mut c = n.redis().client();
     let set: BTreeSet<String> = redis::cmd("SMEMBERS")
         .arg("im_server")
         .query(&mut c)
@@ -136,7 +91,7 @@ fn expect_held(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 fn any_node_answers_for_the_whole_cluster() {
     let n = Nodes::start(2, 2, "");
     let (a, b) = (node_id(0), node_id(1));
-    let mut us = users(&n, "any", 3);
+    let mut us = n.users("any", 3);
     for node in 0..2 {
         // /api/servers: both IM servers, the node holding each, both nodes.
         let doc = n.servers(node, false);
@@ -161,7 +116,7 @@ fn any_node_answers_for_the_whole_cluster() {
         assert!(text.contains("Route nodes: 2"), "{text}");
         assert!(text.contains(&a) && text.contains(&b), "{text}");
         // /api/send through this node reaches users on both IM servers.
-        reach_all(&n, node, &mut us, "api");
+        n.reach_all(node, &mut us, "api");
     }
     // User to user across IM servers held by different nodes: IM_0 →
     // route-a → (Redis pub/sub) → route-b → IM_1, and back.
@@ -185,7 +140,7 @@ fn any_node_answers_for_the_whole_cluster() {
 fn a_killed_node_is_replaced_within_3_s_and_leaves_nothing_behind() {
     let n = Nodes::start(2, 2, "");
     let (a, b) = (node_id(0), node_id(1));
-    let mut us = users(&n, "kill", 3);
+    let mut us = n.users("kill", 3);
     // A registration that will not come back (a raw client on route-a,
     // like an IM server dying with it): only its lease expiring removes it.
     let mut ghost = ws_connect(&format!("ws://{}/", n.routes[0].addr())).unwrap();
@@ -238,7 +193,7 @@ fn a_killed_node_is_replaced_within_3_s_and_leaves_nothing_behind() {
     );
     assert_ne!(a, b);
     // Every user, still connected to its IM server, through route-b.
-    reach_all(&n, 1, &mut us, "after the kill");
+    n.reach_all(1, &mut us, "after the kill");
     let doc = n.servers(1, false);
     assert_eq!(
         doc["nodes"],
@@ -259,7 +214,7 @@ fn a_killed_node_is_replaced_within_3_s_and_leaves_nothing_behind() {
 fn a_frozen_node_is_left_after_route_timeout_and_takes_nothing_back() {
     let n = Nodes::start(2, 2, "route_timeout = 1.5");
     let a = node_id(0);
-    let mut us = users(&n, "frozen", 3);
+    let mut us = n.users("frozen", 3);
     n.signal_node(1, Signal::SIGSTOP);
     let t0 = Instant::now();
     let all_on_a = expect_held(&[("IM_0", &a), ("IM_1", &a)]);
@@ -275,7 +230,7 @@ fn a_frozen_node_is_left_after_route_timeout_and_takes_nothing_back() {
     );
     assert!(failover < FAILOVER_BUDGET, "{failover:?}");
     n.wait_held(0, &all_on_a, Duration::from_secs(5), false);
-    reach_all(&n, 0, &mut us, "while route-b is frozen");
+    n.reach_all(0, &mut us, "while route-b is frozen");
     // Thawed, route-b finds its link closed and takes nothing back.
     n.signal_node(1, Signal::SIGCONT);
     n.wait_held(1, &all_on_a, Duration::from_secs(10), false);
@@ -283,7 +238,7 @@ fn a_frozen_node_is_left_after_route_timeout_and_takes_nothing_back() {
         common::http_get(n.routes[1].addr(), "/ready").is_ok_and(|r| r.0 == 200)
     });
     registry_is_exactly(&n, &a);
-    reach_all(&n, 1, &mut us, "through the thawed route-b");
+    n.reach_all(1, &mut us, "through the thawed route-b");
     let log = n.ims[1].log();
     assert!(log.contains("not even a pong"), "IM_1 says why it left");
 }
@@ -292,7 +247,7 @@ fn a_frozen_node_is_left_after_route_timeout_and_takes_nothing_back() {
 fn a_node_that_comes_back_gets_work_only_at_the_next_failover() {
     let n = Nodes::start(2, 2, "");
     let (a, b) = (node_id(0), node_id(1));
-    let mut us = users(&n, "back", 2);
+    let mut us = n.users("back", 2);
     n.signal_node(0, Signal::SIGKILL);
     let all_on_b = expect_held(&[("IM_0", &b), ("IM_1", &b)]);
     wait_until(FAILOVER_BUDGET, "both on route-b", || {
@@ -343,5 +298,5 @@ fn a_node_that_comes_back_gets_work_only_at_the_next_failover() {
     );
     n.wait_held(0, &all_on_a, Duration::from_secs(5), false);
     registry_is_exactly(&n, &a);
-    reach_all(&n, 0, &mut us, "back on route-a");
+    n.reach_all(0, &mut us, "back on route-a");
 }

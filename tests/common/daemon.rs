@@ -28,7 +28,8 @@ impl Daemon {
     ///
     /// The Route and IM binaries default `redis_url` to 127.0.0.1:6379, the
     /// machine's shared Redis. A test must never reach it, so a daemon of
-    /// theirs whose `settings` give no `redis_url` gets one on a port where
+    /// theirs whose `settings` name no Redis (`redis_url`, `redis_cluster`,
+    /// `redis_sentinels`) gets a `redis_url` on a port where
     /// nothing listens (Redis down); tests that need Redis pass
     /// [`RedisServer::url`](super::RedisServer::url).
     pub fn on_host(bin: &str, host: &str, settings: &str) -> Daemon {
@@ -45,7 +46,10 @@ impl Daemon {
             dir.path().join("swocloud.pid").display(),
             dir.path().join("swocloud.log").display()
         );
-        if defaults_to_shared_redis(bin) && !settings.contains("redis_url") {
+        let names_redis = ["redis_url", "redis_cluster", "redis_sentinels"]
+            .iter()
+            .any(|k| settings.contains(k));
+        if defaults_to_shared_redis(bin) && !names_redis {
             text.push_str(&format!(
                 "redis_url = \"redis://127.0.0.1:{}/\"\n",
                 free_port()
