@@ -52,7 +52,6 @@ pub struct Node<A, S> {
     pub sub: Subscriber,
     probe_seq: u64,         // probe payload counter
     sharded: bool,          // SPUBLISH probes
-    was_down: bool,         // for "is back" notes
     pub(crate) probe: bool, // a probe is due on the command link
     pub(crate) fresh: bool, // never dialled: requests wait for the first dial
 }
@@ -109,7 +108,6 @@ impl<A, S> Node<A, S> {
             addr,
             probe_seq: 0,
             sharded: spec.sharded,
-            was_down: false,
             probe: false,
             fresh: true,
         }
@@ -131,7 +129,6 @@ impl<A, S> Node<A, S> {
     fn cmd_broken(&mut self, why: String, timed_out: bool, now: Instant, notes: &mut Vec<Note>) {
         self.cmd.link.fail(now);
         self.cmd.on_broken(&why, timed_out);
-        self.was_down = true;
         notes.push(Note::Down(why));
     }
 
@@ -156,7 +153,6 @@ impl<A, S> Node<A, S> {
             Ok(false) => {}
             Err(e) => {
                 self.fresh = false;
-                self.was_down = true;
                 notes.push(Note::Down(e));
             }
         }
@@ -202,9 +198,6 @@ impl<A, S> Node<A, S> {
         if matches!(self.cmd.link.state, LinkState::Connecting { .. }) {
             match self.cmd.link.finish_connect() {
                 Ok(true) => {
-                    if self.was_down {
-                        self.was_down = false;
-                    }
                     notes.push(Note::Up);
                 }
                 Ok(false) => return,
