@@ -299,3 +299,95 @@ fn inbox_group_and_presence_requests_run_on_a_cluster() {
     let many = presence::add_many(&keys, &[("a".into(), p(1)), ("b".into(), p(2))], 60);
     let _: Value = run(&mut c, many);
 }
+
+/// The audit of an accepted message ([`swocloud::cluster::audit`]), on a
+/// cluster node: kept, moved on, lost (past the last seq given, or its seq
+/// holding another message: what a master that died before its replica
+/// had the write leaves), trimmed. A loss starts a new epoch carrying what
+/// the user had not acknowledged, renumbered from 1.
+#[test]
+fn the_audit_tells_kept_from_lost_messages() {
+    use swocloud::cluster::audit::{audit_call, Verdict, AUDIT};
+    use swocloud::cluster::inbox::Stamp;
+    use swocloud::reactor::redis::Script;
+
+    let node = ClusterNode::start();
+    let mut c = node.client();
+    let inbox = Inbox::new(
+        "",
+        Limits {
+            max_len: 3,
+            ttl: 60,
+        },
+    );
+    let script = Script::new(AUDIT);
+    let data = serde_json::json!({"n": 1});
+    let store = |c: &mut redis::Connection, to: &str, id: &str| -> Stamp {
+        let v: (String, u64, String, u8) = run(c, inbox.store(to, id, "s", &data, None));
+        swocloud::cluster::inbox::parse_stored(v).0
+    };
+    let audit = |c: &mut redis::Connection, uid: &str, s: &Stamp| -> Verdict {
+        Verdict::from_reply(run(c, audit_call(&script, &inbox, uid, s)))
+    };
+    let ids = |c: &mut redis::Connection, uid: &str| -> Vec<(u64, String)> {
+        let v: Value = run(c, inbox.range(uid, 1, None, 100));
+        swocloud::cluster::inbox::parse_entries(v)
+            .into_iter()
+            .map(|e| (e.seq, e.id))
+            .collect()
+    };
+    let meta = |c: &mut redis::Connection, uid: &str| -> (String, u64) {
+        let (e, s, _, _): (String, u64, u64, u64) = run(c, inbox.meta(uid));
+        (e, s)
+    };
+
+    let s: Vec<Stamp> = ["m1", "m2", "m3"]
+        .iter()
+        .map(|id| store(&mut c, "u9", id))
+        .collect();
+    assert_eq!(audit(&mut c, "u9", &s[1]), Verdict::Kept);
+    let elsewhere = Stamp {
+        epoch: "another".into(),
+        ..s[1].clone()
+    };
+    assert_eq!(audit(&mut c, "u9", &elsewhere), Verdict::Moved);
+
+    // Accepted as seq 4, which this node never had: lost. Nothing was
+    // acknowledged, so all three move to the new epoch.
+    let past = Stamp {
+        seq: 4,
+        id: "m4".into(),
+        ..s[0].clone()
+    };
+    assert_eq!(audit(&mut c, "u9", &past), Verdict::Lost);
+    let (e2, seq) = meta(&mut c, "u9");
+    assert_ne!(e2, s[0].epoch);
+    assert_eq!(seq, 3);
+    let want: Vec<(u64, String)> = vec![(1, "m1".into()), (2, "m2".into()), (3, "m3".into())];
+    assert_eq!(ids(&mut c, "u9"), want);
+    // The old epoch's stamps are now "moved on".
+    assert_eq!(audit(&mut c, "u9", &s[2]), Verdict::Moved);
+
+    // Seq 3 holds another message than the one accepted as seq 3 (the
+    // node lost it, and the next store took its seq): lost. The user had
+    // acknowledged seq 1; seqs 2 and 3 are carried over as 1 and 2.
+    let _: i64 = run(&mut c, inbox.mark([("u9", e2.as_str(), 1, 1)]));
+    let other = Stamp {
+        epoch: e2.clone(),
+        seq: 3,
+        id: "not-m3".into(),
+    };
+    assert_eq!(audit(&mut c, "u9", &other), Verdict::Lost);
+    let (e3, seq) = meta(&mut c, "u9");
+    assert!(e3 != e2 && seq == 2, "{e3} {seq}");
+    assert_eq!(ids(&mut c, "u9"), vec![(1, "m2".into()), (2, "m3".into())]);
+    let next = store(&mut c, "u9", "m5");
+    assert_eq!((next.epoch.as_str(), next.seq), (e3.as_str(), 3));
+
+    // Trimmed by inbox_max_len (3) since it was accepted: kept.
+    let t: Vec<Stamp> = (1..=5)
+        .map(|n| store(&mut c, "u8", &format!("t{n}")))
+        .collect();
+    assert_eq!(audit(&mut c, "u8", &t[0]), Verdict::Kept);
+    assert_eq!(audit(&mut c, "u8", &t[4]), Verdict::Kept);
+}

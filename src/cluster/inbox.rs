@@ -241,7 +241,13 @@ impl Inbox {
         format!("{}inbox:{{{uid}}}:meta", self.prefix)
     }
 
-    fn meta_ttl_ms(&self) -> u64 {
+    /// Its bounds.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Milliseconds the meta hash lives after its last store, connect or ack.
+    pub fn meta_ttl_ms(&self) -> u64 {
         self.limits.ttl.saturating_mul(1000 * META_TTL_FACTOR)
     }
 

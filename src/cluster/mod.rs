@@ -8,6 +8,8 @@
 //! - [`keys`]: the Redis key schema (every key and channel name).
 //! - [`ids`]: uid and serviceName validation.
 //! - [`inbox`]: every user's stored messages (ids, seq, epochs, acks).
+//! - [`audit`]: accepted messages verified after a Redis failover (a loss
+//!   starts a new epoch: `resync`, never silence).
 //! - [`groups`]: group membership, group streams (`gseq`), per-server counts.
 //! - [`servers`]: the registry's record format ([`servers::ServerEntry`],
 //!   the seed's set member) and its reads.
@@ -16,6 +18,7 @@
 //! - [`admin`]: which HTTP paths the admin address keeps, for both apps.
 
 pub mod admin;
+pub mod audit;
 pub mod error;
 pub mod groups;
 pub mod ids;

@@ -63,6 +63,7 @@ impl ImApp {
                         // A repeat (same ref) is confirmed with its first copy's
                         // seq and sent on again: each feed drops what it has.
                         let (stamp, _repeated) = inbox::parse_stored(v);
+                        app.feeds.accepted(&msg.to, &stamp);
                         if let Some(r) = reference {
                             let sent = Sent {
                                 sent: r,

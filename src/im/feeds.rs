@@ -10,8 +10,11 @@
 //! inbox; for the last message before a quiet spell, connections are
 //! *checked* (their user's head read again, and caught up): 1 s and 5 s
 //! after they connect, all of them when the Route link was re-established
-//! or the Route says it may have dropped relays (`check`), and every one
-//! once per `inbox_check_interval` in a background sweep.
+//! or the Route says it may have dropped relays (`check`), 2 s and 6 s
+//! after a Redis disruption (an audit may have moved a user to a new
+//! epoch: [`crate::cluster::audit`]), and every one once per
+//! `inbox_check_interval` in a background sweep. This worker's accepted
+//! messages are audited here too.
 //!
 //! Nothing here blocks: every read is a callback on the worker's Redis
 //! client. A connection whose head cannot be read (Redis away) is told so
@@ -19,11 +22,13 @@
 //! feed that could not be verified.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use redis::RedisResult;
 
+use crate::cluster::audit::Audit;
 use crate::cluster::error::{ErrorCode, ProtocolError};
-use crate::cluster::inbox::{self, Head, Inbox};
+use crate::cluster::inbox::{self, Head, Inbox, Stamp};
 use crate::cluster::user::{error_frame, Resume};
 use crate::event::Holds;
 use crate::im::feed::{Feed, Live, Step, PAGE};
@@ -41,6 +46,9 @@ pub const FLUSH_MS: u64 = 100;
 /// milliseconds later: a live copy routed by a location a moment old (the
 /// user had just moved) is caught up from the inbox.
 const CHECKS_MS: [u64; 2] = [1_000, 5_000];
+/// Every connection is checked this many milliseconds after the last
+/// Redis disruption (see [`crate::cluster::audit`]).
+const RECHECK_MS: [u64; 2] = [2_000, 6_000];
 /// Milliseconds before a failed inbox read is tried again.
 const RETRY_MS: u64 = 250;
 /// Close code for a connection whose inbox could not be read.
@@ -75,6 +83,11 @@ pub struct Feeds {
     sweep: VecDeque<Fd>,
     /// Milliseconds for one sweep over every connection (0: no sweep).
     sweep_ms: u64,
+    /// The messages this worker accepted, audited after a disruption.
+    audit: Audit,
+    /// The Redis disruption count last seen, and the checks of every
+    /// connection it scheduled ([`RECHECK_MS`]).
+    disrupted: (u64, Vec<Instant>),
 }
 
 /// Connections checked per tick after a `check`.
@@ -91,6 +104,8 @@ impl Feeds {
             urgent: VecDeque::new(),
             sweep: VecDeque::new(),
             sweep_ms: (check_interval.max(0.0) * 1000.0) as u64,
+            audit: Audit::new(stats::AUDITED, stats::AUDIT_LOST),
+            disrupted: (0, Vec::new()),
         }
     }
 
@@ -104,6 +119,9 @@ impl Feeds {
     /// connections due (after a `check`, and the sweep's share).
     pub fn tick<A: Holds<Feeds>>(&mut self, srv: &mut Server<A>) {
         self.flush(srv);
+        self.audit
+            .tick(srv, &self.inbox, |app: &mut A| &mut app.part().audit);
+        self.after_disruption(srv);
         for _ in 0..URGENT_PER_TICK {
             let Some(fd) = self.urgent.pop_front() else {
                 break;
@@ -122,6 +140,31 @@ impl Feeds {
                 Some(fd) => self.check(srv, fd),
                 None => break,
             }
+        }
+    }
+
+    /// A message this worker stored was accepted: kept for an audit.
+    pub fn accepted(&mut self, uid: &str, stamp: &Stamp) {
+        self.audit.accepted(uid, stamp);
+    }
+
+    /// After a Redis disruption of this worker's own client, every
+    /// connection is checked [`RECHECK_MS`] later: an audit elsewhere may
+    /// have moved its user to a new epoch (a loss), which it must hear.
+    fn after_disruption<A: Holds<Feeds>>(&mut self, srv: &Server<A>) {
+        let now = Instant::now();
+        let d = srv.redis_disruptions();
+        if d != self.disrupted.0 {
+            self.disrupted = (
+                d,
+                RECHECK_MS
+                    .map(|ms| now + Duration::from_millis(ms))
+                    .to_vec(),
+            );
+        }
+        if self.disrupted.1.first().is_some_and(|t| *t <= now) {
+            self.disrupted.1.remove(0);
+            self.check_all();
         }
     }
 

@@ -23,6 +23,10 @@ pub const ROUTE_FAILOVERS: usize = 5;
 /// Group messages this server received from the Route (one per message
 /// per server, however many members it holds).
 pub const GROUP_IN: usize = 6;
+/// Accepted messages this server verified after a Redis disruption.
+pub const AUDITED: usize = 7;
+/// Of those, the ones Redis had lost (their recipient starts a new epoch).
+pub const AUDIT_LOST: usize = 8;
 
 /// The IM server's counters as `/metrics` exports them (summed over workers).
 pub const COUNTERS: &[AppCounter] = &[
@@ -60,6 +64,18 @@ pub const COUNTERS: &[AppCounter] = &[
         index: GROUP_IN,
         name: "swocloud_im_group_messages_received_total",
         help: "Group messages received from the Route (one per message for the whole server).",
+        label: None,
+    },
+    AppCounter {
+        index: AUDITED,
+        name: "swocloud_im_audited_total",
+        help: "Messages this server accepted that it verified in Redis after a disruption (a link broke, a failover).",
+        label: None,
+    },
+    AppCounter {
+        index: AUDIT_LOST,
+        name: "swocloud_im_audit_lost_total",
+        help: "Audited messages Redis had lost (asynchronous replication): their recipients were moved to a new epoch and told resync.",
         label: None,
     },
 ];

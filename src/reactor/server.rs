@@ -509,6 +509,13 @@ impl<A: App> Server<A> {
             .map_or("PUBLISH", |c| c.publish_command())
     }
 
+    /// Counts the Redis events after which acknowledged writes may be
+    /// missing (a link broke, a failover, a slot moved): see
+    /// [`crate::reactor::redis::RedisClient::disruptions`].
+    pub fn redis_disruptions(&self) -> u64 {
+        self.redis.as_ref().map_or(0, |c| c.disruptions())
+    }
+
     /// Requests on the wire plus durable ones waiting (for stats).
     pub fn redis_backlog(&self) -> (usize, usize) {
         self.redis.as_ref().map_or((0, 0), |c| c.backlog())

@@ -20,8 +20,9 @@
 
 use std::collections::HashMap;
 
+use crate::cluster::audit::Audit;
 use crate::cluster::groups::Groups;
-use crate::cluster::inbox::Inbox;
+use crate::cluster::inbox::{Inbox, Stamp};
 use crate::cluster::keys::Keys;
 use crate::cluster::link::{Addressed, Broadcast, Offline, RouteFrame};
 use crate::cluster::presence::{self, Presence};
@@ -32,6 +33,7 @@ use crate::route::answers::{answer, bad, Accepted, Online, Refusal, Sent};
 use crate::route::cache::Cache;
 use crate::route::locations::{Locations, Route};
 use crate::route::registrations::Registrations;
+use crate::route::stats;
 
 /// A relayed frame: push `frame` to IM-server connection `fd` (or to all).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -107,6 +109,7 @@ pub struct Delivery {
     topology: u64,                         // the registry cache's topology the locations hold for
     sub_generation: u64,                   // the subscriber connection they hold for
     relay_generation: u64,                 // the subscriber connection relays were last checked for
+    audit: Audit, // /api/send messages accepted, audited after a disruption
 }
 
 impl Delivery {
@@ -122,6 +125,21 @@ impl Delivery {
             topology: 0,
             sub_generation: 0,
             relay_generation: 0,
+            audit: Audit::new(stats::AUDITED, stats::AUDIT_LOST),
+        }
+    }
+
+    /// An `/api/send` message was accepted: kept for an audit.
+    pub fn accepted(&mut self, uid: &str, stamp: &Stamp) {
+        self.audit.accepted(uid, stamp);
+    }
+
+    /// Every [`crate::cluster::audit::TICK_MS`]: audits the accepted
+    /// messages after a Redis disruption.
+    pub fn audit_tick<A: DeliveryHost>(&mut self, srv: &mut Server<A>) {
+        if let Some(inbox) = &self.inbox {
+            self.audit
+                .tick(srv, inbox, |app: &mut A| &mut app.delivery_parts().0.audit);
         }
     }
 

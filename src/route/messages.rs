@@ -46,6 +46,9 @@ pub fn send<A: DeliveryHost>(
                     crate::route::stats::count(srv.row(), crate::route::stats::STORED);
                 }
                 let (d, cache, regs) = app.delivery_parts();
+                if let Some(stamp) = &msg.stamp {
+                    d.accepted(&uid, stamp);
+                }
                 d.submit(srv, cache, regs, &uid, Waiting::Send { msg, http });
             }
             Err(e) => {

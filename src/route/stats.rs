@@ -33,6 +33,10 @@ pub const REMOVED_REPLACED: usize = 7;
 pub const READMISSIONS: usize = 8;
 /// `/api/send` messages stored in an inbox.
 pub const STORED: usize = 9;
+/// `/api/send` messages verified after a Redis disruption.
+pub const AUDITED: usize = 10;
+/// Of those, the ones Redis had lost (their recipient starts a new epoch).
+pub const AUDIT_LOST: usize = 11;
 
 const REMOVALS_HELP: &str = "IM servers removed from the registry, by cause.";
 
@@ -96,6 +100,18 @@ pub const COUNTERS: &[AppCounter] = &[
         index: STORED,
         name: "swocloud_route_messages_stored_total",
         help: "/api/send messages stored in the user's inbox.",
+        label: None,
+    },
+    AppCounter {
+        index: AUDITED,
+        name: "swocloud_route_audited_total",
+        help: "/api/send messages this node verified in Redis after a disruption (a link broke, a failover).",
+        label: None,
+    },
+    AppCounter {
+        index: AUDIT_LOST,
+        name: "swocloud_route_audit_lost_total",
+        help: "Audited messages Redis had lost (asynchronous replication): their recipients were moved to a new epoch and told resync.",
         label: None,
     },
 ];

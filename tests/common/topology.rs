@@ -126,6 +126,14 @@ impl Instance {
         }
     }
 
+    /// Sends `sig` to the process by pid (SIGSTOP, SIGCONT).
+    #[track_caller]
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let child = self.child.as_ref().expect("a running redis-server");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        nix::sys::signal::kill(pid, sig).unwrap();
+    }
+
     fn log_path(&self) -> PathBuf {
         self.dir.path().join("redis.log")
     }

@@ -58,22 +58,30 @@ impl SlotMap {
         }
     }
 
-    /// Moves `slot` to node `i` (a `MOVED` answer).
-    pub fn set(&mut self, slot: u16, i: usize) {
-        if let Some(o) = self.owner.get_mut(usize::from(slot)) {
-            *o = i as u16;
+    /// Moves `slot` to node `i` (a `MOVED` answer); whether it had
+    /// another node before.
+    pub fn set(&mut self, slot: u16, i: usize) -> bool {
+        match self.owner.get_mut(usize::from(slot)) {
+            Some(o) => {
+                let moved = *o != NONE && usize::from(*o) != i;
+                *o = i as u16;
+                moved
+            }
+            None => false,
         }
     }
 
-    /// Replaces the map: `ranges` are `(first, last, node index)`.
-    pub fn replace(&mut self, ranges: &[(u16, u16, usize)]) {
-        self.owner.iter_mut().for_each(|o| *o = NONE);
+    /// Replaces the map: `ranges` are `(first, last, node index)`; whether
+    /// a slot moved from one node to another.
+    pub fn replace(&mut self, ranges: &[(u16, u16, usize)]) -> bool {
+        let before = std::mem::replace(&mut self.owner, vec![NONE; SLOTS]);
         for &(a, b, i) in ranges {
             for s in a..=b.min(SLOTS as u16 - 1) {
                 self.owner[usize::from(s)] = i as u16;
             }
         }
         self.known = true;
+        (before.iter().zip(&self.owner)).any(|(&was, &is)| was != NONE && is != NONE && was != is)
     }
 
     /// Whether every slot has a node.

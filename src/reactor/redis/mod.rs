@@ -110,6 +110,7 @@ pub struct RedisClient<A, S> {
     retired: Counts,                                   // counters of nodes that left
     retired_probes: u64,                               // their failed probes
     generation_base: u64,                              // their subscriber connections
+    disruptions: u64,                                  // see disruptions()
 }
 
 impl<A, S> std::fmt::Debug for RedisClient<A, S> {
@@ -156,6 +157,7 @@ impl<A: 'static, S: 'static> RedisClient<A, S> {
             retired: Counts::default(),
             retired_probes: 0,
             generation_base: 0,
+            disruptions: 0,
         };
         match plan.target {
             Target::Single(addr) => {
@@ -274,6 +276,17 @@ impl<A: 'static, S: 'static> RedisClient<A, S> {
                 .sum::<u64>()
     }
 
+    /// Counts the events after which Redis may have lost acknowledged
+    /// writes: a command link broke (a crash, a restart, a failover), a
+    /// node left the topology, a slot moved to another master, Sentinel
+    /// named a new master. Replication is asynchronous: what a master
+    /// acknowledged just before such an event may be missing on whoever
+    /// serves its keys now, so callers verify their recent writes when the
+    /// count changes ([`crate::cluster::audit`]).
+    pub fn disruptions(&self) -> u64 {
+        self.disruptions
+    }
+
     /// Requests on the wire, and requests waiting (durable or unroutable).
     pub fn backlog(&self) -> (usize, usize) {
         let (mut on_wire, mut queued) = (0, self.waiting.len());
@@ -387,6 +400,7 @@ impl<A: 'static, S: 'static> RedisClient<A, S> {
                     }
                 }
                 Note::Down(why) => {
+                    self.disruptions += 1;
                     self.row.redis_errors.fetch_add(1, Relaxed);
                     if !self.outage_logged {
                         log::warn!(

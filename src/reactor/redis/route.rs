@@ -83,6 +83,7 @@ impl<A: 'static, S: 'static> RedisClient<A, S> {
             n.name()
         );
         n.break_links("its node left the topology", now);
+        self.disruptions += 1;
         self.ready.append(&mut n.cmd.ready);
         self.messages.append(&mut n.sub.ready);
         let c = n.cmd.counts;
@@ -314,7 +315,9 @@ impl<A: 'static, S: 'static> RedisClient<A, S> {
             (ErrorKind::Moved, Some((addr, slot))) => {
                 if let Some(i) = self.node_for(&addr) {
                     if let Topo::Cluster(m) = &mut self.topo {
-                        m.set(slot, i);
+                        if m.set(slot, i) {
+                            self.disruptions += 1;
+                        }
                         m.soon(Duration::ZERO);
                     }
                     self.send_to(i, req, cb, durable, hops + 1);
@@ -387,7 +390,9 @@ impl<A: 'static, S: 'static> RedisClient<A, S> {
         let Topo::Cluster(m) = &mut self.topo else {
             return;
         };
-        m.replace(&map);
+        if m.replace(&map) {
+            self.disruptions += 1;
+        }
         let keep = m.nodes();
         let tags: Vec<(usize, Option<String>)> = keep.iter().map(|&i| (i, m.tag_for(i))).collect();
         for i in 0..self.nodes.len() {

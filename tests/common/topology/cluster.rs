@@ -347,6 +347,16 @@ impl RedisCluster {
         self.killed.insert(node.port, Killed { at, slots });
     }
 
+    /// Freezes (`on`: SIGSTOP) or thaws (SIGCONT) `node`'s process. A
+    /// frozen replica receives nothing of its master's stream: what the
+    /// master acknowledges meanwhile is on the master alone.
+    #[track_caller]
+    pub fn freeze(&mut self, node: &Node, on: bool) {
+        use nix::sys::signal::Signal;
+        let sig = if on { Signal::SIGSTOP } else { Signal::SIGCONT };
+        self.instance(node.port).signal(sig);
+    }
+
     /// Waits until every running node agrees that the slots of the master
     /// `killed_addr` (killed by [`kill`](Self::kill)) are served by one
     /// other master, names no dead node in `CLUSTER SLOTS`, and reports
