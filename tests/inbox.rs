@@ -125,7 +125,12 @@ fn queued_messages_arrive_after_welcome_then_ack_and_status() {
         assert_eq!(f["id"], st["id"], "the frame's id is the stored one");
     }
     wait_status(&c, "newbie", 5, "delivered");
-    ws.send_json(&json!({"ack": 3})).unwrap();
+    // An ack of another epoch (sent before a `resync` the client had not
+    // read yet) is stale: ignored, so 4 and 5 stay unacknowledged.
+    ws.send_json(&json!({"ack": 5, "epoch": "not-this-one"}))
+        .unwrap();
+    ws.send_json(&json!({"ack": 3, "epoch": welcome["epoch"]}))
+        .unwrap();
     wait_status(&c, "newbie", 3, "acked");
     assert_eq!(
         c.message_status("newbie", 1).1["status"],

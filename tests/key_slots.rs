@@ -391,3 +391,52 @@ fn the_audit_tells_kept_from_lost_messages() {
     assert_eq!(audit(&mut c, "u8", &t[0]), Verdict::Kept);
     assert_eq!(audit(&mut c, "u8", &t[4]), Verdict::Kept);
 }
+
+/// The audit of an accepted group message: kept, or lost (the group then
+/// starts a new epoch from gseq 0, its join points and acks reset).
+#[test]
+fn the_group_audit_tells_kept_from_lost_messages() {
+    use swocloud::cluster::audit::{group_audit_call, Verdict, GROUP_AUDIT};
+    use swocloud::cluster::groups::{parse_sent, Sent};
+    use swocloud::reactor::redis::Script;
+
+    let node = ClusterNode::start();
+    let mut c = node.client();
+    let g = Groups::new("", GroupLimits::default());
+    let script = Script::new(GROUP_AUDIT);
+    let data = serde_json::json!({"n": 1});
+    let _: i64 = run(&mut c, g.user_join("room", "u1"));
+    let _: Value = run(&mut c, g.join("room", "u1"));
+    let sent = |c: &mut redis::Connection, id: &str| {
+        let v: Vec<Value> = run(c, g.send("room", id, "api", &data, None));
+        match parse_sent(Ok(v)).unwrap() {
+            Sent::Stored { stamp, .. } => stamp,
+            other => panic!("{other:?}"),
+        }
+    };
+    let s1 = sent(&mut c, "g1");
+    let s2 = sent(&mut c, "g2");
+    let _: i64 = run(&mut c, g.ack("room", "u1", 1));
+    let audit = |c: &mut redis::Connection, s: &swocloud::cluster::inbox::Stamp| {
+        Verdict::from_reply(run(c, group_audit_call(&script, &g, "room", s)))
+    };
+    assert_eq!(audit(&mut c, &s2), Verdict::Kept);
+    let past = swocloud::cluster::inbox::Stamp {
+        seq: 3,
+        id: "g3".into(),
+        ..s1.clone()
+    };
+    assert_eq!(audit(&mut c, &past), Verdict::Lost);
+    assert_eq!(
+        audit(&mut c, &s1),
+        Verdict::Moved,
+        "the group left that epoch"
+    );
+    let (epoch, gseq, from): (String, u64, u64) = run(&mut c, g.head("room", "u1"));
+    assert!(
+        epoch != s1.epoch && gseq == 0 && from == 0,
+        "{epoch} {gseq} {from}"
+    );
+    let s3 = sent(&mut c, "g3");
+    assert_eq!((s3.epoch, s3.seq), (epoch, 1));
+}

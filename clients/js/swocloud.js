@@ -322,12 +322,13 @@ export class SwocloudClient {
     else if (!this._ackTimer) this._ackTimer = setTimeout(() => this._flushAck(), this.ackDelay);
   }
 
-  /** Sends `{"ack": seq}` when something is unacked. */
+  /** Sends `{"ack": seq, "epoch": epoch}` when something is unacked (the
+   * epoch makes an ack sent just before a `resync` harmless). */
   _flushAck() {
     this._cancelAck();
     if (this.seq <= this._acked || !this._ws || this.state !== 'open') return;
     try {
-      this._ws.send(JSON.stringify({ ack: this.seq }));
+      this._ws.send(JSON.stringify({ ack: this.seq, epoch: this.epoch }));
       this._acked = this.seq;
     } catch { /* the close handler reconnects; since= acks on resume */ }
   }

@@ -28,16 +28,21 @@
 //! disruption of their own). The loss is logged with the message's id and
 //! counted (`swocloud_*_audit_lost_total`).
 //!
+//! Group messages (stored by the Route) are audited the same way with
+//! [`GROUP_AUDIT`]; a group that lost one starts a new group epoch, and
+//! its members hear `resync` at the group's next message or their next
+//! connect (group feeds have no periodic check).
+//!
 //! What this does not see: a write acknowledged more than [`WINDOW`]
 //! before the disruption that the new master still lacks (a replica that
-//! was disconnected that long; Redis's `min-replicas-to-write` bounds it),
-//! and group messages (their streams are not audited yet).
+//! was disconnected that long; Redis's `min-replicas-to-write` bounds it).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use redis::RedisResult;
 
+use crate::cluster::groups::Groups;
 use crate::cluster::inbox::{new_epoch, Inbox, Stamp};
 use crate::event::App;
 use crate::reactor::redis::{Script, ScriptCall};
@@ -78,6 +83,32 @@ end
 redis.call('HSET', KEYS[2], 'epoch', ARGV[4], 'seq', #keep, 'dlv', 0, 'acked', 0)
 if #keep > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
+return 2
+";
+
+/// Checks one accepted group message (KEYS: stream, meta, joined,
+/// acked; ARGV: epoch, gseq, id, a new epoch). The checks are
+/// [`AUDIT`]'s; after a loss the group starts a new epoch from gseq 0 (its
+/// stream, join points and acks start over: its members are told
+/// `resync` by the next group message, or at their next connect).
+pub const GROUP_AUDIT: &str = r"
+local m = redis.call('HMGET', KEYS[2], 'epoch', 'seq')
+if m[1] ~= ARGV[1] then return 0 end
+local seq = tonumber(ARGV[2])
+local e = redis.call('XRANGE', KEYS[1], seq .. '-0', seq .. '-0')
+if e[1] then
+  local f = e[1][2]
+  for i = 1, #f, 2 do
+    if f[i] == 'id' and f[i + 1] == ARGV[3] then return 1 end
+  end
+elseif tonumber(m[2]) >= seq then
+  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+  if not first[1] or tonumber((string.gsub(first[1][1], '-%d+$', ''))) > seq then
+    return 1
+  end
+end
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
+redis.call('HSET', KEYS[2], 'epoch', ARGV[4], 'seq', 0)
 return 2
 ";
 
@@ -122,11 +153,51 @@ pub fn audit_call(script: &Script, inbox: &Inbox, uid: &str, stamp: &Stamp) -> S
         .arg(inbox.meta_ttl_ms())
 }
 
+/// The group audit call for the message `stamp` of group `g`.
+pub fn group_audit_call(script: &Script, groups: &Groups, g: &str, stamp: &Stamp) -> ScriptCall {
+    let mut call = script.call();
+    for k in groups.audit_keys(g) {
+        call = call.key(k);
+    }
+    call.arg(&stamp.epoch)
+        .arg(stamp.seq)
+        .arg(&stamp.id)
+        .arg(new_epoch())
+}
+
+/// Whose stream an accepted message is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    /// A user's inbox.
+    User(String),
+    /// A group's stream.
+    Group(String),
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::User(u) => f.write_str(u),
+            Subject::Group(g) => write!(f, "group {g}"),
+        }
+    }
+}
+
+/// Where an audit's keys and scripts come from: the inbox for users'
+/// messages, the groups for group messages (None: not accepted here).
+#[derive(Debug, Clone, Copy)]
+pub struct Streams<'a> {
+    /// The inbox.
+    pub inbox: Option<&'a Inbox>,
+    /// The groups.
+    pub groups: Option<&'a Groups>,
+}
+
 /// One accepted message, kept for an audit.
 #[derive(Debug)]
 struct Kept {
     at: Instant,
-    uid: String,
+    subject: Subject,
     stamp: Stamp,
 }
 
@@ -134,7 +205,8 @@ struct Kept {
 /// Redis client counts a disruption.
 #[derive(Debug)]
 pub struct Audit {
-    script: Script,
+    script: Script,       // AUDIT
+    group_script: Script, // GROUP_AUDIT
     kept: VecDeque<Kept>,
     retry: Vec<Kept>,     // audits whose request failed: sent again
     seen: u64,            // the disruption count last acted on
@@ -148,6 +220,7 @@ impl Audit {
     pub fn new(audited: usize, lost: usize) -> Audit {
         Audit {
             script: Script::new(AUDIT),
+            group_script: Script::new(GROUP_AUDIT),
             kept: VecDeque::new(),
             retry: Vec::new(),
             seen: 0,
@@ -158,19 +231,27 @@ impl Audit {
 
     /// `uid`'s message `stamp` was accepted (its sender told so).
     pub fn accepted(&mut self, uid: &str, stamp: &Stamp) {
+        self.keep(Subject::User(uid.to_string()), stamp);
+    }
+
+    /// Group `g`'s message `stamp` was accepted.
+    pub fn accepted_group(&mut self, g: &str, stamp: &Stamp) {
+        self.keep(Subject::Group(g.to_string()), stamp);
+    }
+
+    fn keep(&mut self, subject: Subject, stamp: &Stamp) {
         let now = Instant::now();
         while let Some(k) = self.kept.front() {
-            if now.duration_since(k.at) <= WINDOW && self.kept.len() < MAX_KEPT {
+            let young = now.duration_since(k.at) <= WINDOW;
+            if young && self.kept.len() < MAX_KEPT {
                 break;
             }
-            if now.duration_since(k.at) <= WINDOW {
-                self.dropped += 1;
-            }
+            self.dropped += u64::from(young);
             self.kept.pop_front();
         }
         self.kept.push_back(Kept {
             at: now,
-            uid: uid.to_string(),
+            subject,
             stamp: stamp.clone(),
         });
     }
@@ -186,16 +267,16 @@ impl Audit {
     }
 
     /// Every [`TICK_MS`]: after a disruption, audits every stamp of the
-    /// window against `inbox`; `part` finds this audit in the app (for
+    /// window against `streams`; `part` finds this audit in the app (for
     /// the replies).
     pub fn tick<A: App>(
         &mut self,
         srv: &mut Server<A>,
-        inbox: &Inbox,
+        streams: Streams<'_>,
         part: fn(&mut A) -> &mut Audit,
     ) {
         for k in std::mem::take(&mut self.retry) {
-            self.submit(srv, inbox, part, k);
+            self.submit(srv, streams, part, k);
         }
         let d = srv.redis_disruptions();
         if d == self.seen {
@@ -221,25 +302,31 @@ impl Audit {
             .into_iter()
             .filter(|k| now.duration_since(k.at) <= WINDOW)
         {
-            self.submit(srv, inbox, part, k);
+            self.submit(srv, streams, part, k);
         }
     }
 
     fn submit<A: App>(
         &self,
         srv: &mut Server<A>,
-        inbox: &Inbox,
+        streams: Streams<'_>,
         part: fn(&mut A) -> &mut Audit,
         k: Kept,
     ) {
-        let call = audit_call(&self.script, inbox, &k.uid, &k.stamp);
+        let call = match (&k.subject, streams.inbox, streams.groups) {
+            (Subject::User(u), Some(inbox), _) => audit_call(&self.script, inbox, u, &k.stamp),
+            (Subject::Group(g), _, Some(groups)) => {
+                group_audit_call(&self.group_script, groups, g, &k.stamp)
+            }
+            _ => return,
+        };
         srv.redis_durable_then(call, move |app: &mut A, srv, r: RedisResult<i64>| {
             part(app).audited(srv, k, r);
         });
     }
 
     fn audited<A: App>(&mut self, srv: &Server<A>, k: Kept, r: RedisResult<i64>) {
-        let (uid, s) = (&k.uid, &k.stamp);
+        let (who, s) = (&k.subject, &k.stamp);
         let row = srv.row();
         let count = |i: usize| {
             if let Some(c) = row.app.get(i) {
@@ -254,18 +341,18 @@ impl Audit {
             Ok(Verdict::Lost) => {
                 count(self.counters[1]);
                 log::warn!(
-                    "audit: Redis lost message {} to {uid} (epoch {} seq {}) in a failover; {uid} starts a new epoch and is told resync",
+                    "audit: Redis lost message {} to {who} (epoch {} seq {}) in a failover; {who} starts a new epoch and is told resync",
                     s.id,
                     s.epoch,
                     s.seq
                 );
             }
             Ok(Verdict::Unknown(v)) => {
-                log::error!("audit: the audit of message {} to {uid} replied {v}", s.id);
+                log::error!("audit: the audit of message {} to {who} replied {v}", s.id);
             }
             Err(e) => {
                 log::warn!(
-                    "audit: message {} to {uid} (epoch {} seq {}) could not be verified yet: {e}",
+                    "audit: message {} to {who} (epoch {} seq {}) could not be verified yet: {e}",
                     s.id,
                     s.epoch,
                     s.seq

@@ -227,6 +227,17 @@ impl Groups {
         self.key(g, "")
     }
 
+    /// `g`'s stream, meta hash, joined and acked hashes (what an audit of
+    /// one of its messages reads and, after a loss, starts over).
+    pub fn audit_keys(&self, g: &str) -> [String; 4] {
+        [
+            self.stream_key(g),
+            self.key(g, ":meta"),
+            self.key(g, ":joined"),
+            self.key(g, ":acked"),
+        ]
+    }
+
     /// `g`'s member set.
     pub fn members_key(&self, g: &str) -> String {
         self.key(g, ":members")

@@ -3,9 +3,9 @@
 //!
 //! ```text
 //! user → {"to":"U2","data":…[,"ref":"r"]}             [`UserSend`]
-//! user → {"ack":N}                                    [`UserFrame::Ack`]: everything ≤ N is processed
+//! user → {"ack":N[,"epoch":E]}                       [`UserFrame::Ack`]: everything ≤ N (of epoch E) is processed
 //! user → {"group":G,"data":…[,"ref":"r"]}             a message for a group (the user's)
-//! user → {"ack":N,"group":G}                          a group's cumulative ack (gseq)
+//! user → {"ack":N,"group":G[,"epoch":E]}             a group's cumulative ack (gseq)
 //! user ← {"method":"group","group","epoch","gseq"}    a group's head, after welcome (one per group)
 //! user ← {"group":G,"from","data","gseq","id"}         a group message
 //! user ← {"method":"join"|"leave","group","uid"}       a group's presence event
@@ -50,8 +50,15 @@ pub struct UserSend {
 pub enum UserFrame {
     /// A message for another user.
     Send(UserSend),
-    /// A cumulative ack: every message up to this seq is processed.
-    Ack(u64),
+    /// A cumulative ack: every message up to `seq` is processed.
+    Ack {
+        /// The last seq processed.
+        seq: u64,
+        /// The epoch the client counts `seq` in (optional): an ack of
+        /// another epoch than the connection's is stale (sent before the
+        /// client read a `resync`) and is ignored.
+        epoch: Option<String>,
+    },
     /// A message for a group the user belongs to.
     GroupSend {
         /// The group.
@@ -67,6 +74,9 @@ pub enum UserFrame {
         group: String,
         /// Everything up to this gseq is processed.
         gseq: u64,
+        /// The group epoch the client counts `gseq` in (optional; as
+        /// [`UserFrame::Ack`]'s).
+        epoch: Option<String>,
     },
 }
 
@@ -138,9 +148,24 @@ pub fn parse_user(text: &str) -> Result<UserFrame, Refused> {
         }
     };
     if let Some(a) = o.get("ack") {
+        let epoch = match o.get("epoch") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(e)) => Some(e.clone()),
+            Some(e) => {
+                return Err(Refused::new(
+                    ErrorCode::BadRequest,
+                    format!("`epoch` must be a string, not {e}"),
+                    reference,
+                ))
+            }
+        };
         return match (a.as_u64(), group) {
-            (Some(n), Some(group)) => Ok(UserFrame::GroupAck { group, gseq: n }),
-            (Some(n), None) => Ok(UserFrame::Ack(n)),
+            (Some(n), Some(group)) => Ok(UserFrame::GroupAck {
+                group,
+                gseq: n,
+                epoch,
+            }),
+            (Some(seq), None) => Ok(UserFrame::Ack { seq, epoch }),
             (None, _) => Err(Refused::new(
                 ErrorCode::BadRequest,
                 format!("`ack` must be a non-negative integer seq, not {a}"),
@@ -369,7 +394,20 @@ mod tests {
                 reference: None,
             })
         );
-        assert_eq!(parse_user(r#"{"ack":12}"#).unwrap(), UserFrame::Ack(12));
+        assert_eq!(
+            parse_user(r#"{"ack":12}"#).unwrap(),
+            UserFrame::Ack {
+                seq: 12,
+                epoch: None
+            }
+        );
+        assert_eq!(
+            parse_user(r#"{"ack":12,"epoch":"e1"}"#).unwrap(),
+            UserFrame::Ack {
+                seq: 12,
+                epoch: Some("e1".into())
+            }
+        );
         let r = parse_user(r#"{"to":"a b","data":1,"ref":"r9"}"#).unwrap_err();
         assert_eq!(r.reference.as_deref(), Some("r9"));
         assert_eq!(
@@ -380,6 +418,7 @@ mod tests {
         assert_eq!(code(r#"{"ack":-1}"#), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"ack":"x"}"#), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"ack":1.5}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"ack":1,"epoch":7}"#), ErrorCode::BadRequest);
         assert_eq!(
             code(r#"{"to":"u2","data":1,"ref":7}"#),
             ErrorCode::BadRequest

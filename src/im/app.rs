@@ -348,7 +348,11 @@ impl App for ImApp {
         }
         if !srv.is_task_worker() && self.cfg.inbox {
             srv.tick(feeds::FLUSH_MS, |app: &mut ImApp, srv, _| {
-                app.feeds.tick(srv);
+                if app.feeds.tick(srv) {
+                    // After a Redis disruption: a master that came back
+                    // empty lost these users' presence too.
+                    app.presence.refresh(srv, app.sessions.all());
+                }
             });
         }
     }
@@ -413,14 +417,18 @@ impl App for ImApp {
         };
         match user::parse_user(&text) {
             Ok(UserFrame::Send(m)) => self.route_message(srv, fd, from, m),
-            Ok(UserFrame::Ack(n)) if self.cfg.inbox => self.feeds.ack(srv, fd, n),
-            Ok(UserFrame::Ack(_)) => {} // nothing is stored, nothing to ack
+            Ok(UserFrame::Ack { seq, epoch }) if self.cfg.inbox => {
+                self.feeds.ack(srv, fd, seq, epoch.as_deref());
+            }
+            Ok(UserFrame::Ack { .. }) => {} // nothing is stored, nothing to ack
             Ok(UserFrame::GroupSend {
                 group,
                 data,
                 reference,
             }) => self.group_send(srv, fd, from, group, data, reference),
-            Ok(UserFrame::GroupAck { group, gseq }) => self.groups.ack(srv, fd, &group, gseq),
+            Ok(UserFrame::GroupAck { group, gseq, epoch }) => {
+                self.groups.ack(srv, fd, &group, gseq, epoch.as_deref());
+            }
             Err(e) => {
                 srv.push(fd, Message::Text(e.to_frame()));
             }

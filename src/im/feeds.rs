@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use redis::RedisResult;
 
-use crate::cluster::audit::Audit;
+use crate::cluster::audit::{Audit, Streams};
 use crate::cluster::error::{ErrorCode, ProtocolError};
 use crate::cluster::inbox::{self, Head, Inbox, Stamp};
 use crate::cluster::user::{error_frame, Resume};
@@ -117,11 +117,19 @@ impl Feeds {
 
     /// Every [`FLUSH_MS`]: writes the marks, and checks the next
     /// connections due (after a `check`, and the sweep's share).
-    pub fn tick<A: Holds<Feeds>>(&mut self, srv: &mut Server<A>) {
+    ///
+    /// Returns true when it just scheduled the checks that follow a Redis
+    /// disruption (2 s and 6 s after it): the caller rewrites presence
+    /// then too, as a master that came back empty lost it.
+    pub fn tick<A: Holds<Feeds>>(&mut self, srv: &mut Server<A>) -> bool {
         self.flush(srv);
+        let streams = Streams {
+            inbox: Some(&self.inbox),
+            groups: None,
+        };
         self.audit
-            .tick(srv, &self.inbox, |app: &mut A| &mut app.part().audit);
-        self.after_disruption(srv);
+            .tick(srv, streams, |app: &mut A| &mut app.part().audit);
+        let recheck = self.after_disruption(srv);
         for _ in 0..URGENT_PER_TICK {
             let Some(fd) = self.urgent.pop_front() else {
                 break;
@@ -129,7 +137,7 @@ impl Feeds {
             self.check(srv, fd);
         }
         if self.sweep_ms == 0 || self.conns.is_empty() {
-            return;
+            return recheck;
         }
         let due = (self.conns.len() as u64 * FLUSH_MS).div_ceil(self.sweep_ms) as usize;
         for _ in 0..due {
@@ -141,6 +149,7 @@ impl Feeds {
                 None => break,
             }
         }
+        recheck
     }
 
     /// A message this worker stored was accepted: kept for an audit.
@@ -151,7 +160,7 @@ impl Feeds {
     /// After a Redis disruption of this worker's own client, every
     /// connection is checked [`RECHECK_MS`] later: an audit elsewhere may
     /// have moved its user to a new epoch (a loss), which it must hear.
-    fn after_disruption<A: Holds<Feeds>>(&mut self, srv: &Server<A>) {
+    fn after_disruption<A: Holds<Feeds>>(&mut self, srv: &Server<A>) -> bool {
         let now = Instant::now();
         let d = srv.redis_disruptions();
         if d != self.disrupted.0 {
@@ -165,7 +174,9 @@ impl Feeds {
         if self.disrupted.1.first().is_some_and(|t| *t <= now) {
             self.disrupted.1.remove(0);
             self.check_all();
+            return true;
         }
+        false
     }
 
     /// The inbox (its keys and scripts).
@@ -277,13 +288,18 @@ impl Feeds {
         }
     }
 
-    /// `{"ack":n}` on connection `fd`: refused past what it was pushed,
-    /// else remembered for the next flush.
-    pub fn ack<A: Holds<Feeds>>(&mut self, srv: &mut Server<A>, fd: Fd, n: u64) {
+    /// `{"ack":n[,"epoch":e]}` on connection `fd`: ignored when `e` is
+    /// not the connection's epoch (sent before the client read a
+    /// `resync`: its seq counts in the epoch left), refused past what it
+    /// was pushed, else remembered for the next flush.
+    pub fn ack<A: Holds<Feeds>>(&mut self, srv: &mut Server<A>, fd: Fd, n: u64, of: Option<&str>) {
         let Some(c) = self.conns.get(&fd) else {
             return;
         };
         let (epoch, last) = c.feed.position();
+        if of.is_some_and(|e| e != epoch) {
+            return;
+        }
         if c.feed.is_opening() || n > last {
             let e = ProtocolError::new(
                 ErrorCode::BadRequest,

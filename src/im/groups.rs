@@ -485,11 +485,25 @@ impl GroupFeeds {
         }
     }
 
-    /// `{"ack":N,"group":G}` from `fd`: refused when it does not follow
-    /// `g` or N is past what it was pushed.
-    pub fn ack<A: Holds<GroupFeeds>>(&mut self, srv: &mut Server<A>, fd: Fd, g: &str, n: u64) {
+    /// `{"ack":N,"group":G[,"epoch":E]}` from `fd`: ignored when E is not
+    /// the feed's group epoch (stale: sent before a `resync`), refused
+    /// when it does not follow `g` or N is past what it was pushed.
+    pub fn ack<A: Holds<GroupFeeds>>(
+        &mut self,
+        srv: &mut Server<A>,
+        fd: Fd,
+        g: &str,
+        n: u64,
+        of: Option<&str>,
+    ) {
         let Some(c) = self.conns.get(&fd) else { return };
-        let last = c.feeds.get(g).map(|f| f.position().1);
+        let feed = c.feeds.get(g);
+        if let (Some(f), Some(e)) = (feed, of) {
+            if f.position().0 != e {
+                return;
+            }
+        }
+        let last = feed.map(|f| f.position().1);
         match last {
             Some(last) if n <= last => srv.redis_send(self.groups.ack(g, &c.uid, n)),
             _ => {

@@ -152,14 +152,13 @@ impl App for RouteApp {
             app.regs.sweep(srv);
             app.delivery.watch_relays(srv, &app.regs);
         });
-        if self.cfg.inbox {
-            srv.tick(
-                crate::cluster::audit::TICK_MS,
-                |app: &mut RouteApp, srv, _| {
-                    app.delivery.audit_tick(srv);
-                },
-            );
-        }
+        // The audit of accepted messages (`/api/send`, group sends).
+        srv.tick(
+            crate::cluster::audit::TICK_MS,
+            |app: &mut RouteApp, srv, _| {
+                app.delivery.audit_tick(srv);
+            },
+        );
     }
 
     fn on_open(&mut self, srv: &mut Server<Self>, fd: Fd, _req: &Request) {

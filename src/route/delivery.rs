@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 
-use crate::cluster::audit::Audit;
+use crate::cluster::audit::{Audit, Streams};
 use crate::cluster::groups::Groups;
 use crate::cluster::inbox::{Inbox, Stamp};
 use crate::cluster::keys::Keys;
@@ -109,7 +109,7 @@ pub struct Delivery {
     topology: u64,                         // the registry cache's topology the locations hold for
     sub_generation: u64,                   // the subscriber connection they hold for
     relay_generation: u64,                 // the subscriber connection relays were last checked for
-    audit: Audit, // /api/send messages accepted, audited after a disruption
+    audit: Audit, // /api/send and group messages accepted, audited after a disruption
 }
 
 impl Delivery {
@@ -134,13 +134,21 @@ impl Delivery {
         self.audit.accepted(uid, stamp);
     }
 
+    /// A group message was accepted: kept for an audit.
+    pub fn accepted_group(&mut self, g: &str, stamp: &Stamp) {
+        self.audit.accepted_group(g, stamp);
+    }
+
     /// Every [`crate::cluster::audit::TICK_MS`]: audits the accepted
-    /// messages after a Redis disruption.
+    /// messages (`/api/send`, group sends) after a Redis disruption.
     pub fn audit_tick<A: DeliveryHost>(&mut self, srv: &mut Server<A>) {
-        if let Some(inbox) = &self.inbox {
-            self.audit
-                .tick(srv, inbox, |app: &mut A| &mut app.delivery_parts().0.audit);
-        }
+        let streams = Streams {
+            inbox: self.inbox.as_ref(),
+            groups: Some(&self.groups),
+        };
+        self.audit.tick(srv, streams, |app: &mut A| {
+            &mut app.delivery_parts().0.audit
+        });
     }
 
     /// Subscribes this worker to its relay channel, the broadcast channel

@@ -306,6 +306,7 @@ fn store_and_fan_out<A: DeliveryHost>(
                         mver,
                         servers,
                     } => {
+                        d.accepted_group(&group, stamp);
                         let msg = GroupMessage {
                             group,
                             from,

@@ -323,7 +323,11 @@ impl Client {
             }
             let ack = self.last.min(pos);
             if welcomed && now >= next_ack && ack > self.acked {
-                if ws.send_json(&json!({ "ack": ack })).is_err() {
+                let epoch = self.epoch.clone().unwrap_or_default();
+                if ws
+                    .send_json(&json!({ "ack": ack, "epoch": epoch }))
+                    .is_err()
+                {
                     break "ack failed".into();
                 }
                 self.acked = ack;

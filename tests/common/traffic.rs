@@ -254,6 +254,12 @@ impl Traffic {
     pub fn finish(mut self, test: &str, outages: &[Outage]) -> Report {
         self.sh.stop_sending.store(true, Relaxed);
         let t_stop = Instant::now();
+        // The `/api/send` sender (the last thread) ends with its last call
+        // answered: a message accepted after the clients quit would be
+        // counted lost.
+        if let Some(api) = self.threads.pop() {
+            let _ = api.join();
+        }
         while t_stop.elapsed() < SETTLE {
             let answered = self.sh.pending.load(Relaxed) <= 0 || t_stop.elapsed() > ANSWER;
             if answered && self.sh.fates().iter().all(|(_, f)| *f != Fate::Lost) {
