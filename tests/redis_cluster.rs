@@ -372,22 +372,8 @@ fn messages_a_failover_lost_are_reported_by_resync() {
         report.resyncs.len()
     );
     assert!(!alone_only.is_empty(), "traffic reached the master alone");
-    for (u, epoch) in &alone_only {
-        assert!(
-            report
-                .resyncs
-                .iter()
-                .any(|(x, old, new)| x == u && old == epoch && new != old),
-            "{u}'s inbox lost writes of epoch {epoch} and {u} was never told: {:?}",
-            report.resyncs
-        );
-    }
-    for (u, old, _) in &report.resyncs {
-        assert!(
-            on_it.contains(u),
-            "{u} resynced from {old}; its inbox was not on the killed master"
-        );
-    }
+    let told = alone_only.iter().map(|(u, e)| (u.as_str(), e.as_str()));
+    report.assert_resynced(told, &on_it, "lost writes in the failover");
     // The audits said so in /metrics (Route: /api/send, IM: user to user).
     let audit =
         |d: &common::daemon::Daemon, name: &str| common::metric(d.addr(), name).unwrap_or(0.0);
@@ -524,21 +510,6 @@ fn a_master_restarted_on_a_new_port_is_redialled() {
     report.assert_nothing_silently_lost(&outages);
     // Every user whose inbox was on it was told its epoch is gone (the
     // probes made a new one); nobody else was.
-    for u in &on_it {
-        let old = before.get(u).expect("an epoch before the restart");
-        assert!(
-            report
-                .resyncs
-                .iter()
-                .any(|(x, o, new)| x == u && o == old && new != old),
-            "{u} never told that epoch {old} is gone: {:?}",
-            report.resyncs
-        );
-    }
-    for (u, old, _) in &report.resyncs {
-        assert!(
-            on_it.contains(u),
-            "{u} resynced from {old}, its inbox was not on the restarted master"
-        );
-    }
+    let told = (on_it.iter()).map(|u| (u.as_str(), before[u].as_str()));
+    report.assert_resynced(told, &on_it, "was on the restarted master");
 }

@@ -55,10 +55,14 @@ pub const MAX_KEPT: usize = 100_000;
 /// Milliseconds between looks at the disruption count.
 pub const TICK_MS: u64 = 100;
 
-/// Checks one accepted message (KEYS: stream, meta, refs; ARGV: epoch,
-/// seq, id, a new epoch, the stream's and the meta hash's TTL in ms).
-/// Replies as the module's table says.
-pub const AUDIT: &str = r"
+/// The checks both audits share (KEYS[1]: the stream, KEYS[2]: the meta
+/// hash; ARGV: epoch, seq, id): `0` when the meta hash is in another
+/// epoch, `1` when the entry at seq has the id or was trimmed since; else
+/// the script goes on to its loss (`m` holds the meta hash's epoch, seq
+/// and acked).
+macro_rules! audit_checks {
+    () => {
+        r"
 local m = redis.call('HMGET', KEYS[2], 'epoch', 'seq', 'acked')
 if m[1] ~= ARGV[1] then return 0 end
 local seq = tonumber(ARGV[2])
@@ -74,7 +78,16 @@ elseif tonumber(m[2]) >= seq then
     return 1
   end
 end
-local from = (tonumber(m[3]) or 0) + 1
+"
+    };
+}
+
+/// Checks one accepted message (KEYS: stream, meta, refs; ARGV: epoch,
+/// seq, id, a new epoch, the stream's and the meta hash's TTL in ms).
+/// Replies as the module's table says.
+pub const AUDIT: &str = concat!(
+    audit_checks!(),
+    r"local from = (tonumber(m[3]) or 0) + 1
 local keep = redis.call('XRANGE', KEYS[1], from .. '-0', '+')
 redis.call('DEL', KEYS[1], KEYS[3])
 for n, r in ipairs(keep) do
@@ -84,33 +97,21 @@ redis.call('HSET', KEYS[2], 'epoch', ARGV[4], 'seq', #keep, 'dlv', 0, 'acked', 0
 if #keep > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
 return 2
-";
+"
+);
 
 /// Checks one accepted group message (KEYS: stream, meta, joined,
 /// acked; ARGV: epoch, gseq, id, a new epoch). The checks are
 /// [`AUDIT`]'s; after a loss the group starts a new epoch from gseq 0 (its
 /// stream, join points and acks start over: its members are told
 /// `resync` by the next group message, or at their next connect).
-pub const GROUP_AUDIT: &str = r"
-local m = redis.call('HMGET', KEYS[2], 'epoch', 'seq')
-if m[1] ~= ARGV[1] then return 0 end
-local seq = tonumber(ARGV[2])
-local e = redis.call('XRANGE', KEYS[1], seq .. '-0', seq .. '-0')
-if e[1] then
-  local f = e[1][2]
-  for i = 1, #f, 2 do
-    if f[i] == 'id' and f[i + 1] == ARGV[3] then return 1 end
-  end
-elseif tonumber(m[2]) >= seq then
-  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
-  if not first[1] or tonumber((string.gsub(first[1][1], '-%d+$', ''))) > seq then
-    return 1
-  end
-end
-redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
+pub const GROUP_AUDIT: &str = concat!(
+    audit_checks!(),
+    r"redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
 redis.call('HSET', KEYS[2], 'epoch', ARGV[4], 'seq', 0)
 return 2
-";
+"
+);
 
 /// What an audit found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

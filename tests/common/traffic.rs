@@ -449,6 +449,31 @@ pub struct Report {
 }
 
 impl Report {
+    /// Each `(uid, epoch)` of `told` was told `resync` away from that
+    /// epoch, and nobody outside `only` was told `resync` at all (`what`:
+    /// what happened to their inboxes, for the messages).
+    #[track_caller]
+    pub fn assert_resynced<'a>(
+        &self,
+        told: impl IntoIterator<Item = (&'a str, &'a str)>,
+        only: &std::collections::BTreeSet<String>,
+        what: &str,
+    ) {
+        for (u, epoch) in told {
+            assert!(
+                (self.resyncs.iter()).any(|(x, old, new)| x == u && old == epoch && new != old),
+                "{u}'s inbox {what} (epoch {epoch}) and {u} was never told: {:?}",
+                self.resyncs
+            );
+        }
+        for (u, old, _) in &self.resyncs {
+            assert!(
+                only.contains(u),
+                "{u} resynced from {old}, and its inbox was not the one that {what}"
+            );
+        }
+    }
+
     /// The assertions every fault under traffic shares: no protocol
     /// violation; nothing accepted is lost (a loss must be reported by
     /// `resync`); per outage, `/ready` went red and was red while
