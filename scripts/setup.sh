@@ -7,8 +7,8 @@
 # `redis-server CONF --sentinel`, the same binary), a C compiler for
 # crates with C parts, curl and php-cli (the client examples in
 # examples/clients/ are tested for real); systemd-analyze (package systemd)
-# and Python's prometheus_client (PyPI) for tests/ops.rs, which verify the
-# units and parse /metrics; Node.js with the ws package (npm) for the
+# for tests/ops.rs, which verifies the units, and Python's prometheus_client
+# (PyPI) for tests/ops_metrics.rs, which parses /metrics; Node.js with the ws package (npm) for the
 # permessage-deflate test in tests/frames.rs; Debian's chromium and the
 # playwright-core package (npm; it downloads no browser) for the chat page
 # test in tests/browser.rs.
