@@ -64,13 +64,18 @@ const REDIS_FAILOVER: Duration = Duration::from_secs(15);
 static SHARED: Mutex<Option<RedisCluster>> = Mutex::new(None);
 static AT_EXIT: Once = Once::new();
 
-/// Stops the shared cluster when the binary exits (statics are not dropped).
+/// Stops the shared cluster when the binary exits (statics are not
+/// dropped), also after a test failed holding it (the lock is poisoned).
+/// One `try_lock`: in an `if let … else if let` chain the first guard
+/// would live through the `else` and make the second one fail, which
+/// once leaked a failed run's nodes.
 extern "C" fn stop_shared() {
-    if let Ok(mut g) = SHARED.try_lock() {
-        drop(g.take());
-    } else if let Err(std::sync::TryLockError::Poisoned(p)) = SHARED.try_lock() {
-        drop(p.into_inner().take());
-    }
+    let mut g = match SHARED.try_lock() {
+        Ok(g) => g,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return,
+    };
+    drop(g.take());
 }
 
 /// The binary's cluster, for this test alone while the guard lives: every
