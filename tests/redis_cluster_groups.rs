@@ -16,27 +16,14 @@ use std::time::{Duration, Instant};
 
 use common::nodes::{Nodes, RedisSetting};
 use common::topology::RedisCluster;
-use common::{http_request, wait_for, WsClient};
+use common::{wait_for, WsClient};
 use serde_json::{json, Value};
-
-/// `POST path` on the Route: (status, JSON).
-fn post(n: &Nodes, path: &str, body: Value) -> (u16, Value) {
-    let (st, _, b) = http_request(
-        n.routes[0].addr(),
-        "POST",
-        path,
-        &[("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-    )
-    .unwrap();
-    (st, serde_json::from_str(&b).unwrap_or(Value::Null))
-}
 
 /// Sends `data` to group `g`, retried until the Route stores it (it
 /// answers 503 while the group's slot has no master); its gseq.
 fn gsend(n: &Nodes, g: &str, data: &str) -> u64 {
     wait_for(Duration::from_secs(20), "a group send stored", || {
-        let (st, v) = post(n, "/api/groups/send", json!({"group": g, "data": data}));
+        let (st, v) = n.post(0, "/api/groups/send", &json!({"group": g, "data": data}));
         (st == 200).then(|| v["gseq"].as_u64().unwrap())
     })
 }
@@ -73,7 +60,7 @@ fn a_group_that_lost_messages_in_a_failover_is_resynced() {
     let mut members: Vec<WsClient> = ["m1", "m2"]
         .iter()
         .map(|uid| {
-            let (st, v) = post(&n, "/api/groups/join", json!({"group": g, "uid": uid}));
+            let (st, v) = n.post(0, "/api/groups/join", &json!({"group": g, "uid": uid}));
             assert_eq!(st, 200, "{v}");
             n.connect_user(0, uid).0
         })

@@ -257,16 +257,6 @@ impl Audit {
         });
     }
 
-    /// Stamps kept now.
-    pub fn len(&self) -> usize {
-        self.kept.len()
-    }
-
-    /// Whether no stamp is kept.
-    pub fn is_empty(&self) -> bool {
-        self.kept.is_empty()
-    }
-
     /// Every [`TICK_MS`]: after a disruption, audits every stamp of the
     /// window against `streams`; `part` finds this audit in the app (for
     /// the replies).

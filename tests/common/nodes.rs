@@ -226,18 +226,26 @@ impl Nodes {
         (ws, r)
     }
 
-    /// `POST /api/send` on node `node`.
-    pub fn api_send(&self, node: usize, uid: &str, data: Value) -> (u16, Value) {
-        let body = serde_json::json!({"uid": uid, "data": data}).to_string();
+    /// `POST path` with the JSON `body` on node `node`: (status, JSON).
+    pub fn post(&self, node: usize, path: &str, body: &Value) -> (u16, Value) {
         let (status, _, text) = http_request(
             self.routes[node].addr(),
             "POST",
-            "/api/send",
+            path,
             &[("Content-Type", "application/json")],
-            body.as_bytes(),
+            body.to_string().as_bytes(),
         )
-        .expect("POST /api/send");
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"));
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// `POST /api/send` on node `node`.
+    pub fn api_send(&self, node: usize, uid: &str, data: Value) -> (u16, Value) {
+        self.post(
+            node,
+            "/api/send",
+            &serde_json::json!({"uid": uid, "data": data}),
+        )
     }
 
     /// As [`Nodes::connect_user`] with `query` appended to the URL (e.g.
