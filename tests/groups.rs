@@ -1,8 +1,9 @@
 //! Groups end to end (real Route, real IM servers, real Redis): fan-out
 //! only to the IM servers holding members (counted from their metrics),
 //! every member's every connection once, joins and leaves while messages
-//! flow, resume by gseq after an IM server's SIGKILL, kick, limits, bad
-//! names, and a non-member's send.
+//! flow, resume by gseq after an IM server's SIGKILL, a message sent while
+//! the members' server was out of the registry, kick, limits, bad names,
+//! and a non-member's send.
 
 // Tests report failures by panicking: unwrap and expect are the assertions.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -228,13 +229,7 @@ fn sigkill_of_an_im_server_members_resume_by_gseq_and_miss_nothing() {
     }
     drop(probe);
     let i: usize = victim_server[3..].parse().unwrap();
-    let master = c.ims[i].master_pid().unwrap();
-    for p in std::iter::once(master)
-        .chain(descendants_of(master))
-        .collect::<Vec<_>>()
-    {
-        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-    }
+    signal_im(&c, i, Signal::SIGKILL);
     for i in 3..10 {
         gsend(&c, "ops", json!(i));
     }
@@ -249,6 +244,39 @@ fn sigkill_of_an_im_server_members_resume_by_gseq_and_miss_nothing() {
         );
     }
     assert_eq!(got, (3..10).collect::<Vec<_>>(), "the rest, once, in order");
+}
+
+/// Sends `sig` to IM server `i`'s master and all its descendants.
+fn signal_im(c: &Cluster, i: usize, sig: Signal) {
+    let master = c.ims[i].master_pid().unwrap();
+    for p in std::iter::once(master)
+        .chain(descendants_of(master))
+        .collect::<Vec<_>>()
+    {
+        let _ = kill(Pid::from_raw(p), sig);
+    }
+}
+
+#[test]
+fn a_message_sent_while_the_members_server_was_out_of_the_registry_still_reaches_them() {
+    let c = Cluster::start(1, 1, 1, "");
+    let (mut ws, _) = c.connect_user("away1");
+    join(&c, "away", "away1");
+    gsend(&c, "away", json!("before"));
+    next_group_msg(&mut ws, "away", "before");
+    // Frozen past heartbeat_idle_time: the Route takes it out of the
+    // registry, and the next message is fanned out to no server at all.
+    signal_im(&c, 0, Signal::SIGSTOP);
+    wait_until(Duration::from_secs(10), "IM_0 out of the cache", || {
+        c.servers()["servers"].as_array().is_some_and(Vec::is_empty)
+    });
+    let v = gsend(&c, "away", json!("while away"));
+    assert_eq!(v["servers"], 0, "stored, fanned out nowhere: {v}");
+    signal_im(&c, 0, Signal::SIGCONT);
+    // Back, its group feeds are checked against the group's head.
+    let f = next_group_msg(&mut ws, "away", "the message sent while away");
+    assert_eq!(f["data"], "while away", "{f}");
+    assert_eq!(f["gseq"], v["gseq"], "{f}");
 }
 
 fn users_on_server(uid: &str, c: &Cluster) -> String {

@@ -13,7 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
-use common::{http_get, http_request, wait_for, wait_until, Proc, RedisServer};
+use common::seed::SeedClient;
+use common::{http_get, http_request, wait_for, wait_until, RedisServer};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -98,32 +99,6 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
         .value
 }
 
-fn seed_client(d: &Daemon) -> (Proc, std::sync::mpsc::Receiver<String>) {
-    use std::io::{BufRead, BufReader};
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/seed_client");
-    let mut cmd = Command::new(path);
-    cmd.arg("--url")
-        .arg(format!("ws://{}/", d.addr()))
-        .args(["--ping-ms", "300"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut proc = Proc::spawn(&mut cmd);
-    let out = proc.child_mut().stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    (proc, rx)
-}
-
 #[test]
 fn metrics_parse_as_prometheus_and_move_with_traffic() {
     let redis = RedisServer::start();
@@ -201,10 +176,8 @@ fn metrics_parse_as_prometheus_and_move_with_traffic() {
     eprintln!("requests per worker after 23 requests + scrapes: {served:?}");
 
     // A registration, then its removal when the IM server closes.
-    let (mut im, lines) = seed_client(&d);
-    let reply = lines
-        .recv_timeout(Duration::from_secs(5))
-        .expect("seed client reply");
+    let mut im = SeedClient::start(&d, &[]);
+    let reply = im.line();
     assert!(reply.contains("registered"), "{reply}");
     wait_until(
         Duration::from_secs(3),
@@ -230,8 +203,8 @@ fn metrics_parse_as_prometheus_and_move_with_traffic() {
     );
     assert!(text.contains("Redis: ok"), "{text}");
 
-    im.signal(Signal::SIGKILL).unwrap();
-    let _ = im.wait_timeout(Duration::from_secs(2));
+    im.proc.signal(Signal::SIGKILL).unwrap();
+    let _ = im.proc.wait_timeout(Duration::from_secs(2));
     wait_until(
         Duration::from_secs(3),
         "removal{cause=closed} counted",

@@ -5,7 +5,8 @@
 //! Without an audit the next message would take a lost one's gseq in the
 //! same epoch and every member would drop it as a duplicate; with it
 //! (`swocloud::cluster::audit`), the group starts a new epoch and every
-//! member is told `resync` for the group before the next message.
+//! member is told `resync` for the group before the next message. The
+//! registry lives on another master: its leases are renewed throughout.
 
 // Tests report failures by panicking: unwrap and expect are the assertions.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -104,4 +105,11 @@ fn a_group_that_lost_messages_in_a_failover_is_resynced() {
             "member {i}: a group resync before the message: {seen:?}"
         );
     }
+    // The registry's master never stopped: every lease was renewed
+    // through the other master's failover, none reaped.
+    let reaped = common::metric(
+        n.routes[0].addr(),
+        "swocloud_route_removals_total{cause=\"lease\"}",
+    );
+    assert_eq!(reaped, Some(0.0), "{}", n.routes[0].log());
 }

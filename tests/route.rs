@@ -8,13 +8,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
-use common::{http_get, pid_alive, wait_for, wait_until, ws_connect, Proc, RedisServer};
+use common::seed::SeedClient;
+use common::{http_get, pid_alive, wait_for, wait_until, ws_connect, RedisServer};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tungstenite::Message;
@@ -35,41 +33,6 @@ fn route(redis: &RedisServer, extra: &str) -> Daemon {
     );
     d.start();
     d
-}
-
-/// A seed client process and the lines it prints.
-struct SeedClient {
-    proc: Proc,
-    lines: mpsc::Receiver<String>,
-}
-
-impl SeedClient {
-    fn start(d: &Daemon, args: &[&str]) -> SeedClient {
-        let mut cmd = Command::new(common::example_bin("seed_client"));
-        cmd.arg("--url")
-            .arg(format!("ws://{}/", d.addr()))
-            .arg("--ping-ms")
-            .arg("300")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        let mut proc = Proc::spawn(&mut cmd);
-        let out = proc.child_mut().stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-        SeedClient { proc, lines }
-    }
-
-    /// The next printed line.
-    fn line(&self) -> String {
-        self.lines
-            .recv_timeout(Duration::from_secs(5))
-            .expect("the client printed a reply")
-    }
 }
 
 fn members(redis: &RedisServer) -> Vec<String> {
@@ -315,50 +278,48 @@ fn an_im_server_frozen_beyond_the_grace_time_is_closed() {
     d.stop();
 }
 
+/// The Route worker (pid) holding `member`, from its registry owner.
+fn owner_pid(redis: &RedisServer, member: &str) -> i32 {
+    details(redis, member).unwrap()["owner"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Two seed clients registered through two different workers of `d`:
+/// (client, member, owner pid) each.
+fn on_two_workers(d: &Daemon, redis: &RedisServer) -> [(SeedClient, String, i32); 2] {
+    let a = SeedClient::start(
+        d,
+        &["--name", "IM_A", "--ip", "127.0.0.2", "--port", "9001"],
+    );
+    assert!(a.line().contains("registered"));
+    let a_member = r#"{"ip":"127.0.0.2","port":9001}"#.to_string();
+    let a_pid = owner_pid(redis, &a_member);
+    for i in 0..40 {
+        let (name, port) = (format!("IM_B{i}"), format!("{}", 9100 + i));
+        let args = ["--name", &name, "--ip", "127.0.0.3", "--port", &port];
+        let b = SeedClient::start(d, &args);
+        assert!(b.line().contains("registered"));
+        let m = format!(r#"{{"ip":"127.0.0.3","port":{port}}}"#);
+        let pid = owner_pid(redis, &m);
+        if pid != a_pid {
+            return [(a, a_member, a_pid), (b, m, pid)];
+        }
+    }
+    panic!("no client landed on the other worker");
+}
+
 #[test]
 fn a_dead_route_worker_leaves_nothing_stale_and_touches_no_other_entry() {
     let redis = RedisServer::start();
     let d = route(&redis, "");
-    // Two IM servers held by two different Route workers.
-    let a = SeedClient::start(
-        &d,
-        &["--name", "IM_A", "--ip", "127.0.0.2", "--port", "9001"],
-    );
-    assert!(a.line().contains("registered"));
-    let a_member = r#"{"ip":"127.0.0.2","port":9001}"#;
-    let owner_pid = |m: &str| -> i32 {
-        details(&redis, m).unwrap()["owner"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    let a_pid = owner_pid(a_member);
-    let mut b = None;
-    for i in 0..40 {
-        let port = format!("{}", 9100 + i);
-        let c = SeedClient::start(
-            &d,
-            &[
-                "--name",
-                &format!("IM_B{i}"),
-                "--ip",
-                "127.0.0.3",
-                "--port",
-                &port,
-            ],
-        );
-        assert!(c.line().contains("registered"));
-        let m = format!(r#"{{"ip":"127.0.0.3","port":{port}}}"#);
-        if owner_pid(&m) != a_pid {
-            b = Some((c, m));
-            break;
-        }
-    }
-    let (_b, b_member) = b.expect("a client landed on the other worker");
+    let [(_a, a_member, a_pid), (_b, b_member, _)] = on_two_workers(&d, &redis);
+    let a_member = a_member.as_str();
     let b_before = details(&redis, &b_member).unwrap();
     kill(Pid::from_raw(a_pid), Signal::SIGKILL).unwrap();
     let t0 = Instant::now();
@@ -384,6 +345,62 @@ fn a_dead_route_worker_leaves_nothing_stale_and_touches_no_other_entry() {
         "B untouched"
     );
     assert_eq!(b_after["owner"], b_before["owner"]);
+    d.stop();
+}
+
+/// `member`'s lease expiry in ms (its score in `{im_server}:lease`).
+fn lease_until(redis: &RedisServer, member: &str) -> Option<u64> {
+    redis::cmd("ZSCORE")
+        .arg("{im_server}:lease")
+        .arg(member)
+        .query(&mut redis.client())
+        .ok()?
+}
+
+fn now_ms() -> u64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    t.unwrap().as_millis() as u64
+}
+
+#[test]
+fn an_outage_longer_than_the_lease_reaps_nobody_when_redis_is_back() {
+    let mut redis = RedisServer::start();
+    let d = route(&redis, "");
+    let [(_a, a, _), (_b, b, _)] = on_two_workers(&d, &redis);
+    let at = |r: &RedisServer, m: &str| details(r, m).unwrap()["registered_at_ms"].clone();
+    let registered = [at(&redis, &a), at(&redis, &b)];
+    let lapse = lease_until(&redis, &a)
+        .max(lease_until(&redis, &b))
+        .unwrap();
+    // Down with its data saved: the leases it keeps lapse while it is away.
+    let _ = redis::cmd("SHUTDOWN")
+        .arg("SAVE")
+        .query::<()>(&mut redis.client());
+    wait_until(Duration::from_secs(5), "Redis down", || !redis.is_up());
+    redis.stop();
+    wait_until(Duration::from_secs(5), "both workers saw it", || {
+        d.log().matches("Redis is unreachable").count() == 2
+    });
+    wait_until(Duration::from_secs(10), "every lease lapsed", || {
+        now_ms() > lapse + 500
+    });
+    redis.restart();
+    assert!(
+        lease_until(&redis, &a).is_some_and(|t| t < now_ms()),
+        "lapsed"
+    );
+    // Each worker renews its own before anyone reaps: nobody was gone.
+    wait_until(Duration::from_secs(5), "both leases renewed", || {
+        let now = now_ms();
+        [&a, &b]
+            .iter()
+            .all(|m| lease_until(&redis, m).is_some_and(|t| t > now))
+    });
+    let reaped = common::metric(d.addr(), "swocloud_route_removals_total{cause=\"lease\"}");
+    assert_eq!(reaped, Some(0.0), "{}", d.log());
+    assert!(!d.log().contains("reaped"), "{}", d.log());
+    let now = [at(&redis, &a), at(&redis, &b)];
+    assert_eq!(now, registered, "the same registrations");
     d.stop();
 }
 

@@ -30,8 +30,9 @@
 //!
 //! Group messages (stored by the Route) are audited the same way with
 //! [`GROUP_AUDIT`]; a group that lost one starts a new group epoch, and
-//! its members hear `resync` at the group's next message or their next
-//! connect (group feeds have no periodic check).
+//! its members hear `resync` at the next check of their group feeds
+//! ([`crate::im::groups`]: 2 s and 6 s after their server's disruption),
+//! the group's next message or their next connect.
 //!
 //! What this does not see: a write acknowledged more than [`WINDOW`]
 //! before the disruption that the new master still lacks (a replica that
@@ -104,7 +105,7 @@ return 2
 /// acked; ARGV: epoch, gseq, id, a new epoch). The checks are
 /// [`AUDIT`]'s; after a loss the group starts a new epoch from gseq 0 (its
 /// stream, join points and acks start over: its members are told
-/// `resync` by the next group message, or at their next connect).
+/// `resync` at the next check of their group feeds).
 pub const GROUP_AUDIT: &str = concat!(
     audit_checks!(),
     r"redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])

@@ -117,7 +117,8 @@ impl ImApp {
                 ),
                 &member,
                 &epoch,
-            ),
+            )
+            .with_sweep(cfg.inbox_check_interval),
             feeds: Feeds::new(
                 Inbox::new(redis_prefix, cfg.inbox_limits()),
                 cfg.inbox_check_interval,
@@ -247,6 +248,7 @@ impl ImApp {
     /// Every connection of this server is checked against its inbox.
     fn check_feeds(&mut self, srv: &mut Server<Self>) {
         self.feeds.check_all();
+        self.groups.check_all();
         workers::to_siblings(srv, &WorkerMsg::Check);
     }
 
@@ -350,9 +352,12 @@ impl App for ImApp {
             srv.tick(feeds::FLUSH_MS, |app: &mut ImApp, srv, _| {
                 if app.feeds.tick(srv) {
                     // After a Redis disruption: a master that came back
-                    // empty lost these users' presence too.
+                    // empty lost these users' presence too, and an audit
+                    // may have started a group over.
                     app.presence.refresh(srv, app.sessions.all());
+                    app.groups.check_all();
                 }
+                app.groups.tick(srv);
             });
         }
     }
@@ -482,7 +487,10 @@ impl App for ImApp {
     fn on_pipe_message(&mut self, srv: &mut Server<Self>, from: usize, data: Vec<u8>) {
         match WorkerMsg::parse(&data) {
             Ok(WorkerMsg::Deliver(m)) => self.deliver_local(srv, &m),
-            Ok(WorkerMsg::Check) => self.feeds.check_all(),
+            Ok(WorkerMsg::Check) => {
+                self.feeds.check_all();
+                self.groups.check_all();
+            }
             Ok(WorkerMsg::GroupDeliver(m)) => self.group_deliver(srv, m),
             Ok(WorkerMsg::GroupJoined(m)) => self.group_joined(srv, &m),
             Ok(WorkerMsg::GroupLeft(m)) => self.group_left(srv, &m),

@@ -17,6 +17,10 @@
 //!   from the gseq of the join, and are caught up from the stream (a
 //!   message may have gone by before the news came).
 //! - `group_left` and close: forgotten, and uncounted.
+//! - Checks ([`check`]): every group with members here is read again
+//!   when the user feeds are checked and in a sweep; a message that
+//!   reached no feed here (fanned out while this server was out of the
+//!   registry) is caught up, a new group epoch is a `resync`.
 //! - Messages that arrive out of gseq order (two Route workers relaying at
 //!   once) are put back in order here, once for all local members
 //!   ([`Order`]).
@@ -31,6 +35,9 @@ use crate::cluster::user::Resume;
 use crate::event::Holds;
 use crate::im::feed::{Feed, Live, Step, PAGE};
 use crate::reactor::{Fd, Message, Server};
+
+#[path = "groups_check.rs"]
+mod check;
 
 /// Connection attribute: its group feeds' positions.
 pub const ATTR_GROUPS: &str = "im.groups";
@@ -86,6 +93,7 @@ pub struct GroupFeeds {
     field: String,
     by_group: HashMap<String, Local>,
     conns: HashMap<Fd, ConnGroups>,
+    checks: check::Checks,
 }
 
 impl GroupFeeds {
@@ -97,6 +105,7 @@ impl GroupFeeds {
             field: format!("{member}|{epoch}"),
             by_group: HashMap::new(),
             conns: HashMap::new(),
+            checks: check::Checks::default(),
         }
     }
 
@@ -190,18 +199,18 @@ impl GroupFeeds {
             self.groups.head(g, &c.uid),
             move |app: &mut A, srv, r: RedisResult<Vec<redis::Value>>| {
                 let me = app.part();
-                let head = r.ok().and_then(|v| {
-                    let (e, s, f) =
-                        redis::from_redis_value::<(String, u64, u64)>(&redis::Value::Array(v))
-                            .ok()?;
-                    Some(Head {
-                        epoch: e,
-                        seq: s,
-                        acked: f,
-                    })
-                });
-                let Some(head) = head else {
-                    // Not a member any more (or Redis away): not followed.
+                let v = match r {
+                    Ok(v) => v,
+                    Err(e) => {
+                        // Never followed silently without this group.
+                        log::warn!("im: the head of group {group} for fd {fd}: {e}");
+                        srv.disconnect(fd, 1013, "groups unavailable");
+                        return;
+                    }
+                };
+                let head = redis::from_redis_value::<(String, u64, u64)>(&redis::Value::Array(v));
+                let Ok((epoch, seq, acked)) = head else {
+                    // Not a member any more: not followed.
                     me.remove(srv, fd, &group);
                     return;
                 };
@@ -212,7 +221,7 @@ impl GroupFeeds {
                 let Some(feed) = c.feeds.get_mut(&group) else {
                     return;
                 };
-                let steps = feed.welcomed(&uid, head);
+                let steps = feed.welcomed(&uid, Head { epoch, seq, acked });
                 me.run(srv, fd, &group, steps);
             },
         );
@@ -441,29 +450,8 @@ impl GroupFeeds {
                 &m.group,
                 Feed::adopted_group(&m.group, m.epoch.clone(), m.gseq),
             );
-            self.catch_up(srv, *fd, &m.group);
+            self.check(srv, &m.group, Some(*fd));
         }
-    }
-
-    /// Reads `g`'s head and catches `fd`'s feed up to it.
-    fn catch_up<A: Holds<GroupFeeds>>(&mut self, srv: &mut Server<A>, fd: Fd, g: &str) {
-        let group = g.to_string();
-        srv.redis(
-            self.groups.meta(g),
-            move |app: &mut A, srv, r: RedisResult<Vec<Option<String>>>| {
-                let me = app.part();
-                let Ok(v) = r else { return };
-                let (Some(Some(epoch)), Some(Some(seq))) = (v.first(), v.get(1)) else {
-                    return;
-                };
-                let seq = seq.parse().unwrap_or(0);
-                let Some(feed) = me.conns.get_mut(&fd).and_then(|c| c.feeds.get_mut(&group)) else {
-                    return;
-                };
-                let steps = feed.checked(epoch, seq);
-                me.run(srv, fd, &group, steps);
-            },
-        );
     }
 
     /// `uid` left `m.group`: its connections `fds` here are no members.
@@ -585,7 +573,7 @@ impl GroupFeeds {
             if opening {
                 self.head(srv, fd, g);
             } else {
-                self.catch_up(srv, fd, g);
+                self.check(srv, g, Some(fd));
             }
         }
     }

@@ -485,6 +485,14 @@ impl<A: App> Server<A> {
         self.redis.as_ref().is_some_and(|c| c.is_up())
     }
 
+    /// Whether requests for `key` flow (on a cluster: its slot's master
+    /// is connected, whatever the other masters do).
+    pub fn redis_ok_for(&self, key: &str) -> bool {
+        self.redis
+            .as_ref()
+            .is_some_and(|c| c.is_up_for(key.as_bytes()))
+    }
+
     /// `Ok` while commands flow and every subscription is verified by its
     /// probe; otherwise why not (for `/ready`).
     pub fn redis_ready(&self) -> Result<(), &'static str> {

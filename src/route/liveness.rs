@@ -22,7 +22,9 @@
 //! phases, renews the leases of live ones (re-registering any that Redis
 //! lost, so a Redis restarted empty is rebuilt within one sweep), stores
 //! registrations that arrived while Redis was away, and reaps expired
-//! leases left by dead workers or nodes. Every renewal, store and the reap
+//! leases left by dead workers or nodes ([`Reach`]: not within one lease
+//! after the registry came back, since nobody could renew while it was
+//! away). Every renewal, store and the reap
 //! are requests sent together: one write, one round trip, whatever the
 //! number of peers; nothing waits for Redis.
 
@@ -35,6 +37,23 @@ use crate::route::registrations::{Registrations, Store};
 use crate::route::registry::{Renew, Renewal};
 use crate::route::settings;
 use crate::route::stats;
+
+/// Whether this worker reaches the registry's Redis (on a cluster: the
+/// registry slot's master; a failover of another master changes nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Renewals and the reap go out.
+    Up,
+    /// Nothing goes out; peers are served from memory.
+    Unreachable,
+    /// Back since the last sweep: renewals go out, but no lease is reaped
+    /// yet, as the other holders could not renew while Redis was away
+    /// either.
+    Back {
+        /// One lease after the return: reaping starts again.
+        reap_from_ms: u64,
+    },
+}
 
 /// A registered peer's liveness phase.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -238,17 +257,28 @@ impl Registrations {
         }
         let now = now_ms();
         self.check_liveness(srv, now);
-        if !srv.redis_ok() {
+        if !srv.redis_ok_for(&self.registry.keys().set) {
             self.note_outage();
             return;
         }
-        if std::mem::take(&mut self.redis_outage_logged) {
-            log::info!("route: Redis is back");
-        }
-        let until = now + settings::lease(srv.settings()).as_millis() as u64;
+        let lease_ms = settings::lease(srv.settings()).as_millis() as u64;
+        self.reach = match self.reach {
+            Reach::Unreachable => {
+                log::info!("route: Redis is back");
+                Reach::Back {
+                    reap_from_ms: now + lease_ms,
+                }
+            }
+            Reach::Back { reap_from_ms } if now < reap_from_ms => self.reach,
+            Reach::Back { .. } | Reach::Up => Reach::Up,
+        };
+        let until = now + lease_ms;
         let fds: Vec<Fd> = self.peers.keys().copied().collect();
         for fd in fds {
             self.renew_peer(srv, fd, now, until);
+        }
+        if self.reach != Reach::Up {
+            return; // the other holders' renewals may not have landed yet
         }
         srv.redis(
             self.registry.reap(now, srv.redis_publish_command()),
@@ -261,6 +291,14 @@ impl Registrations {
                 }
             },
         );
+    }
+
+    /// The registry could not be reached (logged once per outage).
+    pub(super) fn note_outage(&mut self) {
+        if self.reach != Reach::Unreachable {
+            self.reach = Reach::Unreachable;
+            log::warn!("route: Redis is unreachable; serving from memory and retrying");
+        }
     }
 
     /// One live peer's part of the sweep: renew its lease, or store it

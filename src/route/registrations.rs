@@ -93,7 +93,8 @@ pub struct Registrations {
     /// Owner tokens of adopted connections (`<node>/<old pid>/<old fd>`)
     /// → their fd here, for messages relayed to the previous worker.
     adopted: HashMap<String, Fd>,
-    pub(super) redis_outage_logged: bool,
+    /// Whether the registry was reachable at the last sweep.
+    pub(super) reach: crate::route::liveness::Reach,
 }
 
 impl Registrations {
@@ -105,7 +106,7 @@ impl Registrations {
             node: String::new(),
             peers: HashMap::new(),
             adopted: HashMap::new(),
-            redis_outage_logged: false,
+            reach: crate::route::liveness::Reach::Up,
         }
     }
 
@@ -469,13 +470,6 @@ impl Registrations {
         }
     }
 
-    pub(super) fn note_outage(&mut self) {
-        if !self.redis_outage_logged {
-            self.redis_outage_logged = true;
-            log::warn!("route: Redis is unreachable; serving from memory and retrying");
-        }
-    }
-
     /// Removes `e` from the registry if this connection still owns it:
     /// durable, so an outage delays it but never loses it.
     pub(super) fn remove_entry<A: App>(
@@ -565,6 +559,11 @@ impl Registrations {
                 if ack {
                     let lease = settings::lease(srv.settings());
                     srv.push(fd, Message::Text(registered_frame(&entry, lease)));
+                }
+                if matches!(why, Store::Rebuild | Store::Readmit) && !entry.epoch.is_empty() {
+                    // A swocloud IM server out of the registry a while: group
+                    // messages skipped it; its feeds must look for themselves.
+                    srv.push(fd, Message::Text(RouteFrame::Check.to_text()));
                 }
                 self.save_held(srv, fd);
             }

@@ -26,6 +26,7 @@ pub mod frames;
 pub mod inproc;
 pub mod nodes;
 pub mod proxy;
+pub mod seed;
 pub mod topology;
 mod ws;
 

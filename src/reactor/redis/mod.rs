@@ -216,6 +216,16 @@ impl<A: 'static, S: 'static> RedisClient<A, S> {
         }
     }
 
+    /// Whether requests for `key` flow: as [`Self::is_up`], except that on
+    /// a cluster only the master of `key`'s slot counts (a failover
+    /// elsewhere does not stop this key's requests).
+    pub fn is_up_for(&self, key: &[u8]) -> bool {
+        match &self.topo {
+            Topo::Cluster(m) => m.owner(slot_of(key)).is_some_and(|i| self.node_up(i)),
+            _ => self.is_up(),
+        }
+    }
+
     /// `Ok` when commands flow and every subscriber is verified by its
     /// probe; otherwise the reason (for `/ready`).
     pub fn ready(&self) -> Result<(), &'static str> {
