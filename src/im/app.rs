@@ -348,7 +348,9 @@ impl App for ImApp {
                 app.presence.refresh(srv, app.sessions.all());
             });
         }
-        if !srv.is_task_worker() && self.cfg.inbox {
+        if !srv.is_task_worker() {
+            // Also without the inbox (no feeds then): the disruption
+            // schedule below rewrites presence and checks the groups.
             srv.tick(feeds::FLUSH_MS, |app: &mut ImApp, srv, _| {
                 if app.feeds.tick(srv) {
                     // After a Redis disruption: a master that came back

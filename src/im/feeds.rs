@@ -21,7 +21,7 @@
 //! and closed with 1013 (try again later): it is never welcomed into a
 //! feed that could not be verified.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use redis::RedisResult;
@@ -33,6 +33,7 @@ use crate::cluster::user::{error_frame, Resume};
 use crate::event::Holds;
 use crate::im::feed::{Feed, Live, Step, PAGE};
 use crate::im::stats;
+use crate::im::sweep::Sweep;
 use crate::reactor::{Fd, Message, Server};
 
 /// Connection attribute: the feed's epoch, for the worker adopting it.
@@ -77,21 +78,15 @@ pub struct Feeds {
     inbox: Inbox,
     conns: HashMap<Fd, Conn>,
     marks: HashMap<String, Marks>,
-    /// Connections to check soon (after a `check`), in order.
-    urgent: VecDeque<Fd>,
-    /// The background sweep's round, in order.
-    sweep: VecDeque<Fd>,
-    /// Milliseconds for one sweep over every connection (0: no sweep).
-    sweep_ms: u64,
+    /// Connections to check: soon (after a `check`), and the background
+    /// sweep's round.
+    checks: Sweep<Fd>,
     /// The messages this worker accepted, audited after a disruption.
     audit: Audit,
     /// The Redis disruption count last seen, and the checks of every
     /// connection it scheduled ([`RECHECK_MS`]).
     disrupted: (u64, Vec<Instant>),
 }
-
-/// Connections checked per tick after a `check`.
-const URGENT_PER_TICK: usize = 200;
 
 impl Feeds {
     /// Feeds over `inbox`, sweeping every connection once per
@@ -101,9 +96,7 @@ impl Feeds {
             inbox,
             conns: HashMap::new(),
             marks: HashMap::new(),
-            urgent: VecDeque::new(),
-            sweep: VecDeque::new(),
-            sweep_ms: (check_interval.max(0.0) * 1000.0) as u64,
+            checks: Sweep::new(check_interval, FLUSH_MS),
             audit: Audit::new(stats::AUDITED, stats::AUDIT_LOST),
             disrupted: (0, Vec::new()),
         }
@@ -112,7 +105,7 @@ impl Feeds {
     /// Every connection may have missed a live copy: check them all, a few
     /// hundred per tick.
     pub fn check_all(&mut self) {
-        self.urgent = self.conns.keys().copied().collect();
+        self.checks.all(self.conns.keys().copied());
     }
 
     /// Every [`FLUSH_MS`]: writes the marks, and checks the next
@@ -130,24 +123,12 @@ impl Feeds {
         self.audit
             .tick(srv, streams, |app: &mut A| &mut app.part().audit);
         let recheck = self.after_disruption(srv);
-        for _ in 0..URGENT_PER_TICK {
-            let Some(fd) = self.urgent.pop_front() else {
-                break;
-            };
+        let conns = &self.conns;
+        let due = self
+            .checks
+            .due(conns.len(), || conns.keys().copied().collect::<Vec<_>>());
+        for fd in due {
             self.check(srv, fd);
-        }
-        if self.sweep_ms == 0 || self.conns.is_empty() {
-            return recheck;
-        }
-        let due = (self.conns.len() as u64 * FLUSH_MS).div_ceil(self.sweep_ms) as usize;
-        for _ in 0..due {
-            if self.sweep.is_empty() {
-                self.sweep = self.conns.keys().copied().collect();
-            }
-            match self.sweep.pop_front() {
-                Some(fd) => self.check(srv, fd),
-                None => break,
-            }
         }
         recheck
     }

@@ -105,7 +105,7 @@ impl GroupFeeds {
             field: format!("{member}|{epoch}"),
             by_group: HashMap::new(),
             conns: HashMap::new(),
-            checks: check::Checks::default(),
+            checks: check::Checks::new(0.0, crate::im::feeds::FLUSH_MS),
         }
     }
 

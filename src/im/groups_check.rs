@@ -15,63 +15,38 @@
 //! disruption), and every one once per `inbox_check_interval` in a
 //! background sweep, a share of them per tick.
 
-use std::collections::VecDeque;
-
 use redis::RedisResult;
 
 use super::GroupFeeds;
 use crate::event::Holds;
 use crate::im::feeds::FLUSH_MS;
+use crate::im::sweep::Sweep;
 use crate::reactor::{Fd, Server};
 
-/// Groups checked per tick at most when all are due at once.
-const URGENT_PER_TICK: usize = 200;
-
 /// The groups waiting for a check.
-#[derive(Debug, Default)]
-pub(super) struct Checks {
-    /// Due now (after a `check` or a disruption), a share per tick.
-    urgent: VecDeque<String>,
-    /// The background sweep's round.
-    sweep: VecDeque<String>,
-    /// Milliseconds per sweep round (0: no sweep).
-    sweep_ms: u64,
-}
+pub(super) type Checks = Sweep<String>;
 
 impl GroupFeeds {
     /// Sweeps every group once per `secs` seconds (0: never).
     pub fn with_sweep(mut self, secs: f64) -> GroupFeeds {
-        self.checks.sweep_ms = (secs.max(0.0) * 1000.0) as u64;
+        self.checks = Sweep::new(secs, FLUSH_MS);
         self
     }
 
     /// Every group with members here may have missed a message: check
     /// them all, a few hundred per tick.
     pub fn check_all(&mut self) {
-        self.checks.urgent = self.by_group.keys().cloned().collect();
+        self.checks.all(self.by_group.keys().cloned());
     }
 
     /// Every [`FLUSH_MS`]: checks the next groups due.
     pub fn tick<A: Holds<GroupFeeds>>(&mut self, srv: &mut Server<A>) {
-        for _ in 0..URGENT_PER_TICK {
-            let Some(g) = self.checks.urgent.pop_front() else {
-                break;
-            };
+        let groups = &self.by_group;
+        let due = self
+            .checks
+            .due(groups.len(), || groups.keys().cloned().collect::<Vec<_>>());
+        for g in due {
             self.check(srv, &g, None);
-        }
-        let c = &self.checks;
-        if c.sweep_ms == 0 || self.by_group.is_empty() {
-            return;
-        }
-        let due = (self.by_group.len() as u64 * FLUSH_MS).div_ceil(c.sweep_ms) as usize;
-        for _ in 0..due {
-            if self.checks.sweep.is_empty() {
-                self.checks.sweep = self.by_group.keys().cloned().collect();
-            }
-            match self.checks.sweep.pop_front() {
-                Some(g) => self.check(srv, &g, None),
-                None => break,
-            }
         }
     }
 

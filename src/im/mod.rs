@@ -10,6 +10,8 @@
 //!   (welcome, replay, gap fill, acks) over the inbox.
 //! - [`groups`]: this worker's group members, their feeds of the group
 //!   streams and this server's member counts.
+//! - [`sweep`]: the paced checks of both (after a `check`, and a
+//!   background round once per `inbox_check_interval`).
 //! - [`directory`]: which worker of this server holds which user.
 //! - [`presence_store`]: this server's Redis calls (presence, registry read).
 //! - [`route_link`]: worker 0's link to the Route (register, heartbeat,
@@ -33,6 +35,7 @@ pub mod route_link;
 pub mod sessions;
 pub mod settings;
 pub mod stats;
+pub mod sweep;
 pub mod workers;
 
 pub use app::ImApp;
