@@ -88,7 +88,9 @@ pub struct Figures {
     pub ready_green: Option<Duration>,
     /// Whether a node's `/ready` was red at some point while the sender's
     /// `/api/send` calls failed (between the first failure's start and the
-    /// last one's end), or there was no failure.
+    /// last one's end, or the first red sample if that came later: calls
+    /// in flight at the kill fail before it can be seen), or there was no
+    /// failure.
     pub red_while_failing: bool,
     pub accepted: usize,
     pub delivered: usize,
@@ -325,8 +327,13 @@ impl Traffic {
                 failed.iter().map(|t| t.start).min(),
                 failed.iter().map(|t| t.end).max(),
             );
+            // A call in flight when the master died fails at once, before
+            // anyone can see it (that lag is `detect`, reported): the span
+            // reaches at least to the first red sample. Calls that fail
+            // later must overlap red.
+            let seen = f.detect.map(|d| o.kill + d);
             f.red_while_failing = match span {
-                (Some(a), Some(b)) => red_between(None, a, b),
+                (Some(a), Some(b)) => red_between(None, a, seen.map_or(b, |s| b.max(s))),
                 _ => true,
             };
             f.refused = refused.iter().filter(|&&t| row_of(t) == Some(i)).count();
