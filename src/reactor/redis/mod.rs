@@ -83,6 +83,10 @@ enum Topo {
     Cluster(SlotMap),
 }
 
+/// How long after a `TRYAGAIN` (or `CLUSTERDOWN`, `MASTERDOWN`,
+/// `READONLY`) answer the client reports itself not ready.
+pub const SETTLING: Duration = Duration::from_millis(500);
+
 /// A request that no node can take yet (no master known, its slot being
 /// failed over, a `TRYAGAIN`).
 struct Waiting<A, S> {
@@ -111,6 +115,7 @@ pub struct RedisClient<A, S> {
     retired_probes: u64,                               // their failed probes
     generation_base: u64,                              // their subscriber connections
     disruptions: u64,                                  // see disruptions()
+    settling_until: Option<Instant>,                   // see ready(): a TRYAGAIN & co. lately
 }
 
 impl<A, S> std::fmt::Debug for RedisClient<A, S> {
@@ -158,6 +163,7 @@ impl<A: 'static, S: 'static> RedisClient<A, S> {
             retired_probes: 0,
             generation_base: 0,
             disruptions: 0,
+            settling_until: None,
         };
         match plan.target {
             Target::Single(addr) => {
@@ -227,7 +233,11 @@ impl<A: 'static, S: 'static> RedisClient<A, S> {
     }
 
     /// `Ok` when commands flow and every subscriber is verified by its
-    /// probe; otherwise the reason (for `/ready`).
+    /// probe; otherwise the reason (for `/ready`). A node that answered
+    /// `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN` or `READONLY` within the
+    /// last [`SETTLING`] counts as not ready: its link is up, yet
+    /// requests fail (a master just restarted, a slot migrating, a
+    /// demoted master).
     pub fn ready(&self) -> Result<(), &'static str> {
         if !self.is_up() {
             return Err(match &self.topo {
@@ -245,6 +255,12 @@ impl<A: 'static, S: 'static> RedisClient<A, S> {
             .any(|n| n.sub.wanted() && !n.sub.verified());
         if unverified || (!self.handlers.is_empty() && self.placed() < self.handlers.len()) {
             return Err("redis pub/sub not verified");
+        }
+        if self.settling_until.is_some_and(|t| Instant::now() < t) {
+            return Err(match &self.topo {
+                Topo::Cluster(_) => "redis cluster: a node answers TRYAGAIN/CLUSTERDOWN (settling)",
+                _ => "redis master answers READONLY/MASTERDOWN (failing over?)",
+            });
         }
         Ok(())
     }

@@ -332,7 +332,9 @@ impl<A: 'static, S: 'static> RedisClient<A, S> {
             }
             _ => {
                 // TRYAGAIN, CLUSTERDOWN, MASTERDOWN, READONLY: the
-                // topology is changing; ask it again and retry shortly.
+                // topology is changing; ask it again and retry shortly,
+                // and say so in /ready meanwhile.
+                self.settling_until = Some(now + super::SETTLING);
                 match &mut self.topo {
                     Topo::Cluster(m) => m.soon(Duration::ZERO),
                     Topo::Sentinel { link, .. } => link.rediscover(now),
