@@ -20,6 +20,8 @@ use crate::inbox_client::{send_api, spawn_user, Accepted, Fate, Ledger};
 const SEND_EVERY: Duration = Duration::from_millis(40);
 /// How often each node's `/ready` is asked.
 const READY_EVERY: Duration = Duration::from_millis(50);
+/// How long [`Traffic::finish`] waits for every `/ready` to be green.
+const GREEN_WAIT: Duration = Duration::from_secs(10);
 /// A message accepted this shortly before a fault counts in its row.
 const IN_FLIGHT: Duration = Duration::from_millis(250);
 /// Once sending stops, each accepted message is received or resynced
@@ -242,18 +244,37 @@ impl Traffic {
         last - kill
     }
 
+    /// Whether each node's newest `/ready` sample is green.
+    fn all_green_now(&self) -> bool {
+        let samples = self.samples.lock().unwrap();
+        (0..self.routes.len()).all(|node| {
+            samples
+                .iter()
+                .rev()
+                .find(|s| s.node == node)
+                .is_some_and(|s| s.green)
+        })
+    }
+
     /// Lets traffic run `d` (steady state between faults; nothing to wait
     /// for).
     pub fn steady(&self, d: Duration) {
         std::thread::sleep(d);
     }
 
-    /// Stops sending, waits until each accepted message is received or
+    /// Lets traffic run until every node's `/ready` is green (at most
+    /// [`GREEN_WAIT`]), stops sending, waits until each accepted message is received or
     /// resynced away (at most [`SETTLE`]), ends every thread, and computes
     /// each outage's figures. Prints a `FIGURES <test>_<outage> …` line per
     /// outage and one for the whole run, and every lost message with its
     /// user's history.
     pub fn finish(mut self, test: &str, outages: &[Outage]) -> Report {
+        // Traffic runs on until every node's `/ready` is green again (at
+        // most GREEN_WAIT): the last outage's figures need its end.
+        let t_wait = Instant::now();
+        while t_wait.elapsed() < GREEN_WAIT && !self.all_green_now() {
+            std::thread::sleep(READY_EVERY);
+        }
         self.sh.stop_sending.store(true, Relaxed);
         let t_stop = Instant::now();
         // The `/api/send` sender (the last thread) ends with its last call
