@@ -267,12 +267,10 @@ impl RedisServer {
             log,
             log_err,
         );
+        let pid = child.id().to_string();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if redis_ping(self.port) {
-                return Ok(());
-            }
             let exited = self
                 .child
                 .as_mut()
@@ -284,6 +282,14 @@ impl RedisServer {
                     self.port,
                     read_tail(&log_path)
                 ));
+            }
+            // Ours, not another test's server that took the port first
+            // (ours then exits: "address already in use").
+            if redis_ping(self.port) {
+                let info = topology::query_text(self.port, &["INFO", "server"]).unwrap_or_default();
+                if topology::field(&info, "process_id") == Some(pid.as_str()) {
+                    return Ok(());
+                }
             }
             if Instant::now() >= deadline {
                 self.stop();

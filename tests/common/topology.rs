@@ -218,7 +218,7 @@ fn query(port: u16, args: &[&str]) -> Result<redis::Value, String> {
 }
 
 /// Like [`query`], for a reply that is one string (INFO, CLUSTER NODES, …).
-fn query_text(port: u16, args: &[&str]) -> Result<String, String> {
+pub(crate) fn query_text(port: u16, args: &[&str]) -> Result<String, String> {
     query(port, args).map(|v| text(&v))
 }
 
@@ -237,7 +237,7 @@ fn text(v: &redis::Value) -> String {
 }
 
 /// The value of `name:value` in an INFO-style reply.
-fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+pub(crate) fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
     info.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .map(str::trim)
