@@ -4,6 +4,8 @@
 //! one), users on both. Any node's API reaches every user and shows the
 //! whole registry; a node SIGKILLed or frozen is left by its IM servers
 //! for the other node within 3 s, and nothing of it stays in the registry.
+//! Every worker's registry cache follows a registration made while its
+//! change subscription was reconnecting.
 
 // Tests report failures by panicking: unwrap and expect are the assertions.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -299,4 +301,65 @@ fn a_node_that_comes_back_gets_work_only_at_the_next_failover() {
     n.wait_held(0, &all_on_a, Duration::from_secs(5), false);
     registry_is_exactly(&n, &a);
     n.reach_all(0, &mut us, "back on route-a");
+}
+
+/// Every Route worker answers from the same registry: a registration made
+/// while a worker's change subscription is down (its subscriber connection
+/// killed, reconnecting after its 100 ms backoff) reaches that worker's
+/// cache within 1 s, though `cache_refresh` is 30 s. Before the cache
+/// re-read on a new subscriber connection, the worker served the old list
+/// until its next refresh: in CI, two workers of one node answered two
+/// servers for one uid.
+#[test]
+fn a_registration_missed_while_the_subscriber_reconnects_reaches_the_cache() {
+    let redis = common::RedisServer::start();
+    let d = common::daemon::Daemon::new(
+        env!("CARGO_BIN_EXE_swocloud"),
+        &format!(
+            "worker_num = 1\nredis_url = \"{}\"\ncache_refresh = 30.0\n",
+            redis.url()
+        ),
+    );
+    d.start();
+    let cached = || -> BTreeSet<String> {
+        let (status, _, body) = common::http_get(d.addr(), "/api/servers").unwrap();
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["serviceName"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let register = |ws: &mut common::WsClient, name: &str, ip: &str| {
+        ws.send_text(format!(
+            r#"{{"method":"register","serviceName":"{name}","ip":"{ip}","port":9000}}"#
+        ))
+        .unwrap();
+        assert_eq!(ws.recv_text_json()["method"], "registered", "{name}");
+    };
+    let url = format!("ws://{}/", d.addr());
+    let mut a = ws_connect(&url).unwrap();
+    register(&mut a, "IM_A", "127.0.0.2");
+    // Read through the event: the subscription is up and trusted.
+    wait_until(Duration::from_secs(5), "IM_A in the cache", || {
+        cached().contains("IM_A")
+    });
+    let mut b = ws_connect(&url).unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut redis.client())
+        .unwrap();
+    assert!(killed >= 1, "no subscriber connection to kill");
+    register(&mut b, "IM_B", "127.0.0.3");
+    let t = Instant::now();
+    wait_until(Duration::from_secs(1), "IM_B in the cache", || {
+        cached().contains("IM_B")
+    });
+    eprintln!("IM_B cached {:?} after its registration", t.elapsed());
+    drop((a, b));
+    d.stop();
 }

@@ -8,6 +8,20 @@
 //! entries). Reads are coalesced: a change that arrives while one is under
 //! way only asks for one more afterwards. While Redis is unreachable the
 //! cache keeps its last content, marked stale.
+//!
+//! A read is *trusted* only if the change channel was proven (its
+//! subscriber verified by a probe, [`Server::redis_ready`]) when the read
+//! went out and the subscriber did not reconnect before the answer came:
+//! every later change then reaches the cache as an event. Any other read
+//! may have missed a change published while the subscription was not up:
+//! a worker's first read races its own SUBSCRIBE (and the registration it
+//! takes next is announced on that very channel), and a subscriber that
+//! reconnects misses what was published in between. A watcher every
+//! [`WATCH_EVERY`] reads again as soon as the channel is proven and the
+//! last trusted read is not of the current subscriber connection. Without
+//! it such a worker routed by a registry missing a server for up to a
+//! whole `cache_refresh` (seen in CI: two Route workers of one node
+//! answering two servers for one uid).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -16,6 +30,10 @@ use crate::cluster::keys::Keys;
 use crate::cluster::servers::{self, ServerEntry};
 use crate::event::App;
 use crate::reactor::Server;
+
+/// How often the cache checks that its last trusted read covers the
+/// current subscriber connection (two integer compares when it does).
+pub const WATCH_EVERY: Duration = Duration::from_millis(50);
 
 /// Where the reads stand.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +54,8 @@ pub struct Cache {
     pub entries: Vec<ServerEntry>,
     /// When the last successful refresh happened.
     pub refreshed_at: Option<Instant>,
-    /// Whether the last read succeeded and the change channel is verified.
+    /// Whether the last read succeeded and was trusted (see the module
+    /// doc): the change channel was verified all along.
     pub connected: bool,
     /// The last error, if any.
     pub last_error: Option<String>,
@@ -49,6 +68,9 @@ pub struct Cache {
     /// when only loads change.
     pub topology: u64,
     reading: Reading, // coalesces reads
+    /// The subscriber generation ([`Server::redis_sub_generation`]) the
+    /// last trusted read was made under.
+    trusted_gen: Option<u64>,
 }
 
 /// How the cache's owner finds it in its application.
@@ -89,11 +111,29 @@ impl Cache {
             Cache::reload(app, srv, &k, of);
         });
         let k = keys.clone();
-        Cache::reload_now(srv, &k, of);
+        // Through `reload`, so that the first read is coalesced too.
+        srv.after(0, move |app: &mut A, srv, _| {
+            Cache::reload(app, srv, &k, of)
+        });
+        let k = keys.clone();
         let ms = (refresh.as_secs_f64().max(0.05) * 1000.0) as u64;
         srv.tick(ms, move |app: &mut A, srv, _| {
             Cache::reload(app, srv, &k, of)
         });
+        let k = keys.clone();
+        srv.tick(
+            WATCH_EVERY.as_millis() as u64,
+            move |app: &mut A, srv, _| {
+                let c = of(app);
+                let current = Some(srv.redis_sub_generation());
+                if c.trusted_gen != current
+                    && c.reading == Reading::Idle
+                    && srv.redis_ready().is_ok()
+                {
+                    Cache::reload(app, srv, &k, of);
+                }
+            },
+        );
     }
 
     /// Asks for a re-read (coalesced with one under way).
@@ -110,10 +150,17 @@ impl Cache {
 
     fn reload_now<A: App>(srv: &mut Server<A>, keys: &Keys, of: CacheOf<A>) {
         let k = keys.clone();
+        // The subscriber generation this read is covered by, if the change
+        // channel is proven now.
+        let covered_by = srv
+            .redis_ready()
+            .is_ok()
+            .then(|| srv.redis_sub_generation());
         srv.redis(
             servers::list(keys),
             move |app: &mut A, srv, r: redis::RedisResult<HashMap<String, String>>| {
-                let verified = srv.redis_ready().is_ok();
+                let trusted = covered_by == Some(srv.redis_sub_generation())
+                    && srv.redis_ready().is_ok();
                 let c = of(app);
                 match r {
                     Ok(map) => {
@@ -123,7 +170,15 @@ impl Cache {
                         if c.last_error.take().is_some() {
                             log::info!("registry cache: Redis is back");
                         }
-                        c.connected = verified;
+                        c.connected = trusted;
+                        if trusted {
+                            c.trusted_gen = covered_by;
+                        }
+                        log::debug!(
+                            "registry cache: read {} servers ({})",
+                            c.entries.len(),
+                            if trusted { "trusted" } else { "to be read again" }
+                        );
                     }
                     Err(e) => {
                         if c.connected || c.last_error.is_none() {

@@ -1,6 +1,7 @@
 //! Driving a swocloud daemon binary from tests: a private directory with a
 //! settings file, a free port, `start -d` / `stop` / `reload` / `status`,
-//! and a guard that kills the whole tree if a test fails half-way.
+//! and a guard that kills the whole tree if a test fails half-way (and
+//! prints the tail of the daemon's log).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -197,8 +198,28 @@ fn defaults_to_shared_redis(bin: &str) -> bool {
     matches!(name, Some("swocloud" | "swocloud-im"))
 }
 
+/// Lines of a daemon's log that a failing test prints ([`Daemon`]'s drop).
+const LOG_TAIL: usize = 80;
+
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // A failing test takes its temp dir, and the log in it, along: the
+        // log's tail goes to the test's captured output first, so a CI
+        // failure can be read after the fact.
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let from = lines.len().saturating_sub(LOG_TAIL);
+            eprintln!(
+                "--- {} on {}: last {} of {} log lines ---\n{}\n--- end of {} ---",
+                self.bin.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
+                self.addr(),
+                lines.len() - from,
+                lines.len(),
+                lines[from..].join("\n"),
+                self.addr()
+            );
+        }
         if let Some(m) = self.master_pid() {
             if pid_alive(m)
                 && super::proc_cmdline(m)
