@@ -33,6 +33,30 @@ fn free_port_is_bindable() {
 }
 
 #[test]
+fn free_ports_are_handed_out_once_and_below_the_ephemeral_range() {
+    let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
+    let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+    assert_eq!(distinct.len(), ports.len(), "a port handed out twice");
+    let (p, q) = {
+        let p = free_port_and(10000);
+        (p, p + 10000)
+    };
+    let _both = (
+        TcpListener::bind(("127.0.0.1", p)).expect("p bindable"),
+        TcpListener::bind(("127.0.0.1", q)).expect("p + 10000 bindable"),
+    );
+    // Where the kernel's ephemeral range leaves room (it does on Debian's
+    // default 32768-60999), nothing handed out is in it.
+    if let Some((lo, hi)) = port_pool() {
+        for port in ports.iter().chain([&p, &q]) {
+            assert!((lo..hi).contains(port), "{port} outside {lo}..{hi}");
+        }
+        let connected = std::net::TcpStream::connect(("127.0.0.1", q)).unwrap();
+        assert!(connected.local_addr().unwrap().port() >= hi);
+    }
+}
+
+#[test]
 #[should_panic(expected = "still in use")]
 fn assert_port_free_panics_while_listening() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -3,7 +3,8 @@
 //! This module owns everything a test needs to drive real processes over
 //! loopback without an async runtime:
 //!
-//! * ports and temporary directories: [`free_port`], [`free_port_on`],
+//! * ports and temporary directories: [`free_port`], [`free_port_on`]
+//!   (below the ephemeral range, each handed out once: [`port_pool`]),
 //!   [`temp_dir`], [`assert_port_free`], [`port_accepts`];
 //! * a private, throw-away Redis: [`RedisServer`] (`redis_server.rs`); a real local Redis
 //!   Cluster and a Redis Sentinel set: [`topology`];
@@ -35,11 +36,14 @@ mod ws;
 pub use redis_server::RedisServer;
 pub use ws::*;
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus};
+use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -76,22 +80,102 @@ pub fn health_daemon_bin() -> String {
     example_bin("health_daemon").display().to_string()
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-///
-/// The port is found by binding port 0 and dropping the listener, so another
-/// process may grab it before the caller does; callers that spawn servers
-/// should be prepared to retry on "address in use".
+/// A TCP port on 127.0.0.1 that is free, from [`port_pool`].
 pub fn free_port() -> u16 {
     free_port_on(IpAddr::V4(Ipv4Addr::LOCALHOST))
 }
 
-/// A TCP port on `ip` that was free a moment ago (see [`free_port`]).
+/// The first port tests hand out: below it are the machine's own services.
+const POOL_START: u16 = 16384;
+
+/// Where [`free_port_on`] takes ports from: `[POOL_START, the kernel's
+/// ephemeral range)`, `None` when the ephemeral range leaves no room.
+///
+/// Outgoing connections take their local ports from the ephemeral range
+/// (`net.ipv4.ip_local_port_range`, 32768–60999 by default), and so does
+/// binding port 0. A port found by binding port 0 and dropping the
+/// listener could therefore be taken a moment later as the source port of
+/// another test's connection (a connection storm makes thousands), and
+/// the daemon then failed to start with "address already in use" (seen in
+/// CI). Below the ephemeral range only listeners take ports, and those are
+/// ours: handed out once each.
+pub fn port_pool() -> Option<(u16, u16)> {
+    static POOL: OnceLock<Option<(u16, u16)>> = OnceLock::new();
+    *POOL.get_or_init(|| {
+        let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+        let low: u16 = range.split_whitespace().next()?.parse().ok()?;
+        (low >= POOL_START + 2048).then_some((POOL_START, low))
+    })
+}
+
+/// A TCP port on `ip` that is free now and that no other call in this
+/// process has handed out (see [`port_pool`]): the pool is walked from a
+/// per-process offset (so that two test processes at once rarely meet),
+/// skipping ports something listens on. Without a pool, a port found by
+/// binding port 0 (free a moment ago).
 pub fn free_port_on(ip: impl Into<IpAddr>) -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
     let ip = ip.into();
-    TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .unwrap_or_else(|e| panic!("cannot bind {ip}:0 to find a free port: {e}"))
-        .port()
+    let Some((lo, hi)) = port_pool() else {
+        return TcpListener::bind((ip, 0))
+            .and_then(|l| l.local_addr())
+            .unwrap_or_else(|e| panic!("cannot bind {ip}:0 to find a free port: {e}"))
+            .port();
+    };
+    let span = u32::from(hi - lo);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(2_654_435_761) % span,
+        SeqCst,
+        SeqCst,
+    );
+    for _ in 0..span {
+        let port = lo + (NEXT.fetch_add(1, SeqCst) % span) as u16;
+        if TcpListener::bind((ip, port)).is_ok() && take_port(port) {
+            return port;
+        }
+    }
+    panic!("no free port on {ip} in {lo}..{hi}");
+}
+
+/// A free port `p` on 127.0.0.1 with `p + offset` free too (a Redis
+/// Cluster node and its bus port), both taken from the pool, so both below
+/// the ephemeral range. Without a pool: ports found by binding port 0,
+/// below 65536 - `offset`.
+pub fn free_port_and(offset: u16) -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let local = Ipv4Addr::LOCALHOST;
+    let free = |p: u16| TcpListener::bind((local, p)).is_ok();
+    let pool = port_pool().filter(|(lo, hi)| hi - lo > offset + 64);
+    let Some((lo, hi)) = pool else {
+        for _ in 0..1000 {
+            let p = free_port();
+            if p.checked_add(offset)
+                .is_some_and(|q| free(q) && take_port(q))
+            {
+                return p;
+            }
+        }
+        panic!("no free port P with P+{offset} free");
+    };
+    let span = u32::from(hi - offset - lo);
+    let start = std::process::id().wrapping_mul(40_503) % span;
+    for _ in 0..span {
+        let p = lo + ((start + NEXT.fetch_add(1, SeqCst)) % span) as u16;
+        let q = p + offset;
+        // A taken `p` whose `q` is not free stays taken: one port lost.
+        if free(p) && free(q) && take_port(p) && take_port(q) {
+            return p;
+        }
+    }
+    panic!("no free port P with P+{offset} free in {lo}..{hi}");
+}
+
+/// Marks `port` handed out (by [`free_port_on`], or a companion port such
+/// as a Redis Cluster node's bus port); false if it already was.
+pub fn take_port(port: u16) -> bool {
+    static TAKEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    TAKEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port)
 }
 
 /// A fresh temporary directory, removed when the returned guard drops.

@@ -2,14 +2,13 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{
-    connect, field, free_port, poll, port_of, query, query_text, redis_cli, redis_ping, run,
-    server_args, Instance, SETTLE_TIMEOUT,
+    connect, field, poll, port_of, query, query_text, redis_cli, redis_ping, run, server_args,
+    Instance, SETTLE_TIMEOUT,
 };
 
 /// Hash slots of a Redis Cluster.
@@ -199,15 +198,10 @@ fn node_args(port: u16, dir: &Path, timeout_ms: &str) -> Vec<OsString> {
     server_args(port, dir, &cluster)
 }
 
-/// A free port below 55536 whose cluster bus port (+10000) is free too.
+/// A free port whose cluster bus port (+10000) is free too (see
+/// [`super::super::free_port_and`]).
 fn cluster_port() -> u16 {
-    for _ in 0..1000 {
-        let p = free_port();
-        if p <= u16::MAX - 10000 && TcpListener::bind((Ipv4Addr::LOCALHOST, p + 10000)).is_ok() {
-            return p;
-        }
-    }
-    panic!("no free port P below 55536 with P+10000 free");
+    super::super::free_port_and(10000)
 }
 
 impl RedisCluster {
