@@ -109,66 +109,53 @@ pub fn port_pool() -> Option<(u16, u16)> {
 }
 
 /// A TCP port on `ip` that is free now and that no other call in this
-/// process has handed out (see [`port_pool`]): the pool is walked from a
-/// per-process offset (so that two test processes at once rarely meet),
-/// skipping ports something listens on. Without a pool, a port found by
-/// binding port 0 (free a moment ago).
+/// process has handed out (see [`port_pool`]). Without a pool, a port
+/// found by binding port 0 (free a moment ago).
 pub fn free_port_on(ip: impl Into<IpAddr>) -> u16 {
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let ip = ip.into();
-    let Some((lo, hi)) = port_pool() else {
-        return TcpListener::bind((ip, 0))
-            .and_then(|l| l.local_addr())
-            .unwrap_or_else(|e| panic!("cannot bind {ip}:0 to find a free port: {e}"))
-            .port();
-    };
-    let span = u32::from(hi - lo);
-    let _ = NEXT.compare_exchange(
-        u32::MAX,
-        std::process::id().wrapping_mul(2_654_435_761) % span,
-        SeqCst,
-        SeqCst,
-    );
-    for _ in 0..span {
-        let port = lo + (NEXT.fetch_add(1, SeqCst) % span) as u16;
-        if TcpListener::bind((ip, port)).is_ok() && take_port(port) {
-            return port;
-        }
-    }
-    panic!("no free port on {ip} in {lo}..{hi}");
+    pool_port(ip.into(), 0)
 }
 
 /// A free port `p` on 127.0.0.1 with `p + offset` free too (a Redis
-/// Cluster node and its bus port), both taken from the pool, so both below
-/// the ephemeral range. Without a pool: ports found by binding port 0,
-/// below 65536 - `offset`.
+/// Cluster node and its bus port), both taken, so both below the
+/// ephemeral range when there is a pool.
 pub fn free_port_and(offset: u16) -> u16 {
+    pool_port(IpAddr::V4(Ipv4Addr::LOCALHOST), offset)
+}
+
+/// The one port search: walks the pool (`[lo, hi - offset)`) from a
+/// per-process offset, so that two test processes at once rarely meet,
+/// and returns the first `p` such that `p` and (if `offset` > 0)
+/// `p + offset` are bindable on `ip` and not handed out yet; takes both.
+/// A `p` whose companion is not free stays taken: one port lost.
+fn pool_port(ip: IpAddr, offset: u16) -> u16 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let local = Ipv4Addr::LOCALHOST;
-    let free = |p: u16| TcpListener::bind((local, p)).is_ok();
-    let pool = port_pool().filter(|(lo, hi)| hi - lo > offset + 64);
-    let Some((lo, hi)) = pool else {
-        for _ in 0..1000 {
-            let p = free_port();
-            if p.checked_add(offset)
+    let free = |p: u16| TcpListener::bind((ip, p)).is_ok();
+    let companion_ok = |p: u16| {
+        offset == 0
+            || p.checked_add(offset)
                 .is_some_and(|q| free(q) && take_port(q))
-            {
+    };
+    let Some((lo, hi)) = port_pool().filter(|(lo, hi)| hi - lo > offset + 64) else {
+        for _ in 0..1000 {
+            let p = TcpListener::bind((ip, 0))
+                .and_then(|l| l.local_addr())
+                .unwrap_or_else(|e| panic!("cannot bind {ip}:0 to find a free port: {e}"))
+                .port();
+            if take_port(p) && companion_ok(p) {
                 return p;
             }
         }
-        panic!("no free port P with P+{offset} free");
+        panic!("no free port P on {ip} with P+{offset} free");
     };
     let span = u32::from(hi - offset - lo);
-    let start = std::process::id().wrapping_mul(40_503) % span;
+    let start = std::process::id().wrapping_mul(2_654_435_761) % span;
     for _ in 0..span {
         let p = lo + ((start + NEXT.fetch_add(1, SeqCst)) % span) as u16;
-        let q = p + offset;
-        // A taken `p` whose `q` is not free stays taken: one port lost.
-        if free(p) && free(q) && take_port(p) && take_port(q) {
+        if free(p) && take_port(p) && companion_ok(p) {
             return p;
         }
     }
-    panic!("no free port P with P+{offset} free in {lo}..{hi}");
+    panic!("no free port P on {ip} with P+{offset} free in {lo}..{hi}");
 }
 
 /// Marks `port` handed out (by [`free_port_on`], or a companion port such
