@@ -35,7 +35,8 @@ struct ClusterNode {
 impl ClusterNode {
     fn start() -> ClusterNode {
         let dir = common::temp_dir();
-        let port = common::free_port();
+        // A cluster node also listens on its bus port, port + 10000.
+        let port = common::free_port_and(10000);
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
